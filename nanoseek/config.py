@@ -1,0 +1,280 @@
+"""ModelConfig: every hyper-parameter of a DeepSeek-V2/V3 model, named as transformers names them.
+
+Field names are those of transformers' DeepseekV3Config / DeepseekV2Config so that a published `config.json`
+maps onto this dataclass one to one (`ModelConfig.from_hf`) and back (`to_hf`). The presets hold the published
+values of V2-Lite, V2 and V3 (DeepSeek-V2 report Table/Appendix, DeepSeek-V3 report Section 4.2) and three small
+shapes of our own for tests, the CPU demo and a one-GPU run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class ModelConfig:
+    model_type: str = "deepseek_v3"          # "deepseek_v3" or "deepseek_v2": picks the checkpoint flavour
+    vocab_size: int = 129280
+    hidden_size: int = 7168
+    intermediate_size: int = 18432           # width of the dense SwiGLU MLP (layers < first_k_dense_replace)
+    moe_intermediate_size: int = 2048        # width of one routed (or shared) expert
+    num_hidden_layers: int = 61
+    num_attention_heads: int = 128
+    num_key_value_heads: int = 128           # kept for transformers; MLA has no GQA
+    # --- MLA (DeepSeek-V2 Section 2.1) ---
+    q_lora_rank: int | None = 1536           # None: a single q_proj (V2-Lite)
+    kv_lora_rank: int = 512                  # d_c, the latent that the cache holds
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64               # the decoupled RoPE part, shared k_pe across heads
+    v_head_dim: int = 128
+    # --- DeepSeekMoE (V2 Section 2.2, V3 Section 2.1.2) ---
+    n_routed_experts: int | None = 256
+    n_shared_experts: int | None = 1
+    num_experts_per_tok: int | None = 8      # K_r, routed experts per token
+    n_group: int | None = 8                  # expert groups (node-limited routing)
+    topk_group: int | None = 4               # groups kept per token
+    routed_scaling_factor: float = 2.5
+    norm_topk_prob: bool = True              # V3 normalises the top-k weights; V2 does not
+    topk_method: str = "noaux_tc"            # greedy | group_limited_greedy | noaux_tc
+    scoring_func: str = "sigmoid"            # softmax (V2) | sigmoid (V3)
+    first_k_dense_replace: int = 3           # the first k layers use a dense MLP
+    moe_layer_freq: int = 1
+    aux_loss_alpha: float = 0.0001           # sequence-wise balance loss weight (V3 eq. 17-20)
+    seq_aux: bool = True
+    # --- multi-token prediction (V3 Section 2.2) ---
+    num_nextn_predict_layers: int = 0
+    # --- positions: RoPE + YaRN ---
+    max_position_embeddings: int = 163840
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None         # {"type": "yarn", "factor", "original_max_position_embeddings", ...}
+    rope_interleave: bool = True             # weights rotate adjacent pairs (V3 as published); False: half-split
+    # --- the rest ---
+    hidden_act: str = "silu"
+    rms_norm_eps: float = 1e-6
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    attention_dropout: float = 0.0
+    bos_token_id: int | None = 0
+    eos_token_id: int | None = 1
+    pad_token_id: int | None = None
+    torch_dtype: str | None = None
+    quantization_config: dict | None = None  # FP8 block quantisation of published V3/R1 (dequantised on load)
+    extra: dict = field(default_factory=dict, repr=False)  # unknown keys of config.json, written back by to_hf
+
+    def __post_init__(self):
+        if self.q_lora_rank == 0:
+            self.q_lora_rank = None
+        if self.model_type not in ("deepseek_v3", "deepseek_v2"):
+            raise ValueError(f"model_type {self.model_type!r} is not supported: expected 'deepseek_v3' or 'deepseek_v2'")
+        if self.topk_method not in ("greedy", "group_limited_greedy", "noaux_tc"):
+            raise ValueError(f"topk_method {self.topk_method!r}: expected greedy, group_limited_greedy or noaux_tc")
+        if self.scoring_func not in ("softmax", "sigmoid"):
+            raise ValueError(f"scoring_func {self.scoring_func!r}: expected softmax or sigmoid")
+        if self.n_routed_experts and self.n_group and self.n_routed_experts % self.n_group:
+            raise ValueError(f"n_routed_experts={self.n_routed_experts} is not divisible by n_group={self.n_group}")
+        if self.n_routed_experts and self.num_experts_per_tok and self.num_experts_per_tok > self.n_routed_experts:
+            raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok} > n_routed_experts={self.n_routed_experts}")
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def is_moe(self) -> bool:
+        return bool(self.n_routed_experts)
+
+    def is_moe_layer(self, i: int) -> bool:
+        return self.is_moe and i >= self.first_k_dense_replace and i % max(self.moe_layer_freq, 1) == 0
+
+    @property
+    def softmax_scale(self) -> float:
+        """(d_nope + d_rope)^-0.5, times mscale^2 under YaRN (the attention temperature of YaRN, V2 Appendix)."""
+        scale = self.qk_head_dim ** -0.5
+        rs = self.rope_scaling or {}
+        if rs.get("type", rs.get("rope_type")) == "yarn":
+            m = yarn_get_mscale(rs.get("factor", 1.0), rs.get("mscale_all_dim", 0.0) or 0.0)
+            scale = scale * m * m
+        return scale
+
+    @property
+    def kv_cache_elems_per_token(self) -> int:
+        """Elements one token costs in the MLA latent cache, per layer: kv_lora_rank + qk_rope_head_dim."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+    @property
+    def mha_cache_elems_per_token(self) -> int:
+        """Per layer, what a classic MHA cache of the same heads would hold: K (heads x qk_head_dim) + V."""
+        return self.num_attention_heads * (self.qk_head_dim + self.v_head_dim)
+
+    def num_params(self, include_mtp: bool = False) -> dict:
+        """Total and activated (per token) parameter counts, computed from the shapes alone.
+
+        Activated counts the embedding and the head once each, attention, dense MLPs, shared experts and
+        num_experts_per_tok routed experts per MoE layer, as the DeepSeek reports count "activated parameters".
+        """
+        h, L = self.hidden_size, self.num_hidden_layers
+        H = self.num_attention_heads
+        if self.q_lora_rank:
+            q = h * self.q_lora_rank + self.q_lora_rank + self.q_lora_rank * H * self.qk_head_dim
+        else:
+            q = h * H * self.qk_head_dim
+        kv = h * (self.kv_lora_rank + self.qk_rope_head_dim) + self.kv_lora_rank
+        kv += self.kv_lora_rank * H * (self.qk_nope_head_dim + self.v_head_dim)
+        attn = q + kv + H * self.v_head_dim * h
+        norms = 2 * h
+        dense = 3 * h * self.intermediate_size
+        expert = 3 * h * self.moe_intermediate_size
+        total = active = 0
+        for i in range(L):
+            total += attn + norms
+            active += attn + norms
+            if self.is_moe_layer(i):
+                shared = (self.n_shared_experts or 0) * expert
+                gate = self.n_routed_experts * h + (self.n_routed_experts if self.topk_method == "noaux_tc" else 0)
+                total += gate + shared + self.n_routed_experts * expert
+                active += gate + shared + self.num_experts_per_tok * expert
+            else:
+                total += dense
+                active += dense
+        emb = self.vocab_size * h
+        head = 0 if self.tie_word_embeddings else self.vocab_size * h
+        total += emb + head + h
+        active += emb + head + h
+        if include_mtp and self.num_nextn_predict_layers:
+            # enorm + hnorm + eh_proj + one MoE block + shared_head.norm (embedding and head are shared)
+            block = attn + norms + self.n_routed_experts * h + 3 * h * self.moe_intermediate_size * (
+                (self.n_shared_experts or 0) + self.n_routed_experts)
+            per = 2 * h + 2 * h * h + block + h
+            total += per * self.num_nextn_predict_layers
+        return {"total": total, "activated": active}
+
+    # ------------------------------------------------------------------ conversion
+    @classmethod
+    def from_hf(cls, d: dict[str, Any]) -> ModelConfig:
+        """Build from a config.json dict: published DeepSeek configs and transformers >= 5 (`rope_parameters`)."""
+        d = dict(d)
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        mt = d.get("model_type", "deepseek_v3")
+        if mt not in ("deepseek_v3", "deepseek_v2"):
+            raise ValueError(f"config.json has model_type={mt!r}; nanoseek reads deepseek_v3 and deepseek_v2 models")
+        rp = d.pop("rope_parameters", None)
+        if rp:  # transformers >= 5 keeps rope_theta and the YaRN values together
+            rp = dict(rp)
+            d.setdefault("rope_theta", rp.pop("rope_theta", 10000.0))
+            rtype = rp.pop("rope_type", rp.pop("type", "default"))
+            if rtype and rtype != "default" and not d.get("rope_scaling"):
+                d["rope_scaling"] = {"type": rtype, **rp}
+        if d.get("rope_scaling"):
+            rs = dict(d["rope_scaling"])
+            rs["type"] = rs.pop("rope_type", rs.get("type"))
+            if rs["type"] in (None, "default"):
+                rs = None
+            d["rope_scaling"] = rs
+        if mt == "deepseek_v2":
+            d.setdefault("topk_method", "greedy")
+            d.setdefault("scoring_func", "softmax")
+            d.setdefault("norm_topk_prob", False)
+            # transformers' DeepseekV2 applies RoPE to interleaved pairs (complex multiply), as published
+            d.setdefault("rope_interleave", True)
+        else:
+            d.setdefault("topk_method", "noaux_tc")
+            d.setdefault("scoring_func", "sigmoid")
+        if d.get("n_routed_experts") is None:
+            d["n_routed_experts"] = None
+        if isinstance(d.get("eos_token_id"), list):
+            d["eos_token_id"] = d["eos_token_id"][0]
+        kwargs = {k: v for k, v in d.items() if k in known}
+        extra = {k: v for k, v in d.items() if k not in known}
+        return cls(**kwargs, extra=extra)
+
+    def to_hf(self) -> dict[str, Any]:
+        """A config.json dict that transformers (>= 5) and published-style loaders both read."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        for k in ("torch_dtype", "quantization_config"):
+            if d[k] is None:
+                d.pop(k)
+        d["q_lora_rank"] = self.q_lora_rank
+        # transformers >= 5 reads rope_parameters; older readers and vLLM read rope_theta / rope_scaling
+        rp = {"rope_theta": self.rope_theta, "rope_type": "default"}
+        if self.rope_scaling:
+            rs = dict(self.rope_scaling)
+            rp.update({k: v for k, v in rs.items() if k not in ("type", "rope_type")})
+            rp["rope_type"] = rs.get("type", "yarn")
+        d["rope_parameters"] = rp
+        d["architectures"] = ["DeepseekV3ForCausalLM" if self.model_type == "deepseek_v3" else "DeepseekV2ForCausalLM"]
+        d.update({k: v for k, v in self.extra.items() if k not in d})
+        return d
+
+    def replace(self, **kw) -> ModelConfig:
+        return dataclasses.replace(self, **kw)
+
+    # ------------------------------------------------------------------ presets
+    @classmethod
+    def preset(cls, name: str, **overrides) -> ModelConfig:
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+        kw = dict(PRESETS[name])
+        kw.update(overrides)
+        return cls(**kw)
+
+
+def yarn_get_mscale(scale: float = 1.0, mscale: float = 1.0) -> float:
+    """YaRN's attention-temperature factor: 0.1 * mscale * ln(scale) + 1 (1 when not extending)."""
+    if scale <= 1:
+        return 1.0
+    return 0.1 * mscale * math.log(scale) + 1.0
+
+
+_YARN_V3 = {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1,
+            "mscale": 1.0, "mscale_all_dim": 1.0}
+_YARN_V2 = {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1,
+            "mscale": 0.707, "mscale_all_dim": 0.707}
+
+PRESETS: dict[str, dict] = {
+    # tests: a few hundred thousand parameters, every feature on (q_lora, noaux_tc groups, dense first, MTP)
+    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=32,
+                 kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8,
+                 n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1, routed_scaling_factor=1.0,
+                 first_k_dense_replace=1, num_nextn_predict_layers=1, max_position_embeddings=512,
+                 rope_interleave=True),
+    # the CPU speedrun: ~3M parameters, trains in minutes on two cores
+    "cpu": dict(vocab_size=1024, hidden_size=128, intermediate_size=384, moe_intermediate_size=64,
+                num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=64,
+                kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=8,
+                n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=2, routed_scaling_factor=1.0,
+                first_k_dense_replace=1, num_nextn_predict_layers=1, max_position_embeddings=1024),
+    # one GPU: ~100M total parameters, V3 shape scaled down
+    "small": dict(vocab_size=32768, hidden_size=512, intermediate_size=1536, moe_intermediate_size=256,
+                  num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8, q_lora_rank=256,
+                  kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, n_routed_experts=32,
+                  n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+                  first_k_dense_replace=1, num_nextn_predict_layers=1, max_position_embeddings=4096),
+    "v2-lite": dict(model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, intermediate_size=10944,
+                    moe_intermediate_size=1408, num_hidden_layers=27, num_attention_heads=16,
+                    num_key_value_heads=16, q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128,
+                    qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=64, n_shared_experts=2,
+                    num_experts_per_tok=6, n_group=1, topk_group=1, routed_scaling_factor=1.0, norm_topk_prob=False,
+                    topk_method="greedy", scoring_func="softmax", first_k_dense_replace=1, aux_loss_alpha=0.001,
+                    max_position_embeddings=163840, rope_scaling=_YARN_V2, bos_token_id=100000,
+                    eos_token_id=100001),
+    "v2": dict(model_type="deepseek_v2", vocab_size=102400, hidden_size=5120, intermediate_size=12288,
+               moe_intermediate_size=1536, num_hidden_layers=60, num_attention_heads=128, num_key_value_heads=128,
+               q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+               n_routed_experts=160, n_shared_experts=2, num_experts_per_tok=6, n_group=8, topk_group=3,
+               routed_scaling_factor=16.0, norm_topk_prob=False, topk_method="group_limited_greedy",
+               scoring_func="softmax", first_k_dense_replace=1, aux_loss_alpha=0.003,
+               max_position_embeddings=163840, rope_scaling=_YARN_V2, bos_token_id=100000, eos_token_id=100001),
+    "v3": dict(model_type="deepseek_v3", vocab_size=129280, hidden_size=7168, intermediate_size=18432,
+               moe_intermediate_size=2048, num_hidden_layers=61, num_attention_heads=128, num_key_value_heads=128,
+               q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+               n_routed_experts=256, n_shared_experts=1, num_experts_per_tok=8, n_group=8, topk_group=4,
+               routed_scaling_factor=2.5, norm_topk_prob=True, topk_method="noaux_tc", scoring_func="sigmoid",
+               first_k_dense_replace=3, num_nextn_predict_layers=1, max_position_embeddings=163840,
+               rope_scaling=_YARN_V3, bos_token_id=0, eos_token_id=1),
+}

@@ -1,0 +1,111 @@
+"""Multi-head Latent Attention (DeepSeek-V2 Section 2.1).
+
+Keys and values are compressed into one latent per token, c_kv = RMSNorm(W_DKV h) of kv_lora_rank dims, plus one
+rotary key k_pe shared by all heads. Two ways to compute the same attention:
+
+* full path (training, and prefill without a cache): up-project c_kv with kv_b_proj into per-head k_nope and v,
+  concatenate k_pe, run ordinary attention. Cheap when T is large and every position is a query.
+* absorbed path (decode, DeepSeek's serving path): W_UK is folded into the query and W_UV into the output, so
+  attention runs directly against the cached latent [c_kv, k_pe] (kv_lora_rank + qk_rope_head_dim per token)
+  as multi-query attention with one 576-dim "key" (V3) and the 512-dim latent as "value".
+
+tests/test_model.py checks the two paths give the same output.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .rope import apply_rope
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        y = x.float()
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * y.to(x.dtype)
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.num_attention_heads
+        self.q_lora_rank = cfg.q_lora_rank
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.nope, self.rope, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.qk_dim = self.nope + self.rope
+        self.softmax_scale = cfg.softmax_scale
+        self.interleave = cfg.rope_interleave
+        h, bias = cfg.hidden_size, cfg.attention_bias
+        if self.q_lora_rank:
+            self.q_a_proj = nn.Linear(h, self.q_lora_rank, bias=bias)         # W_DQ
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, self.n_heads * self.qk_dim, bias=False)  # W_UQ, W_QR
+        else:
+            self.q_proj = nn.Linear(h, self.n_heads * self.qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(h, self.kv_lora_rank + self.rope, bias=bias)  # W_DKV and W_KR
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.n_heads * (self.nope + self.v_dim), bias=False)  # W_UK, W_UV
+        self.o_proj = nn.Linear(self.n_heads * self.v_dim, h, bias=bias)
+
+    def queries(self, x, cos, sin):
+        B, T, _ = x.shape
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora_rank else self.q_proj(x)
+        q = q.view(B, T, self.n_heads, self.qk_dim)
+        q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)  # (B, T, H, nope), (B, T, H, rope)
+        return q_nope, apply_rope(q_pe, cos, sin, self.interleave)
+
+    def latent(self, x, cos, sin):
+        """The per-token cache entry: normalised c_kv (B, T, kv_lora_rank) and roped k_pe (B, T, rope)."""
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope], dim=-1)
+        return self.kv_a_layernorm(c_kv), apply_rope(k_pe, cos, sin, self.interleave)
+
+    def forward(self, x, cos, sin, cache=None, layer: int = 0):
+        """x (B, T, hidden) -> (B, T, hidden). With `cache`, attend through it on the absorbed path.
+
+        cache.update(layer, c_kv, k_pe) stores this step's latents and returns every visible latent
+        (B, S, kv_lora_rank), (B, S, rope) and a boolean mask (B, 1, T, S) (True = may attend) or None.
+        """
+        q_nope, q_pe = self.queries(x, cos, sin)
+        c_kv, k_pe = self.latent(x, cos, sin)
+        if cache is None:
+            return self.full_attention(q_nope, q_pe, c_kv, k_pe)
+        c_kv, k_pe, mask = cache.update(layer, c_kv, k_pe)
+        return self.absorbed_attention(q_nope, q_pe, c_kv, k_pe, mask)
+
+    def full_attention(self, q_nope, q_pe, c_kv, k_pe):
+        """Causal attention with per-head keys/values expanded from the latent (the training path)."""
+        B, T, H, _ = q_nope.shape
+        kv = self.kv_b_proj(c_kv).view(B, T, H, self.nope + self.v_dim)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)                         # (B, H, T, qk_dim)
+        k = torch.cat([k_nope, k_pe[:, :, None, :].expand(B, T, H, self.rope)], dim=-1).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=T > 1, scale=self.softmax_scale)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, H * self.v_dim))
+
+    def absorbed_attention(self, q_nope, q_pe, c_kv, k_pe, mask=None):
+        """Attention computed against the latent cache: scores = (q_nope W_UK) . c_kv + q_pe . k_pe."""
+        B, T, H, _ = q_nope.shape
+        w = self.kv_b_proj.weight.view(H, self.nope + self.v_dim, self.kv_lora_rank)
+        w_uk, w_uv = w[:, : self.nope], w[:, self.nope:]                              # (H, nope, r), (H, v, r)
+        q_lat = torch.einsum("bthd,hdr->bhtr", q_nope, w_uk)                           # (B, H, T, r)
+        q = torch.cat([q_lat, q_pe.transpose(1, 2)], dim=-1)                          # (B, H, T, r + rope)
+        k = torch.cat([c_kv, k_pe], dim=-1).unsqueeze(1)                              # (B, 1, S, r + rope)
+        v = c_kv.unsqueeze(1)                                                          # (B, 1, S, r)
+        if mask is None and T > 1:
+            S = k.shape[2]
+            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        out = F.scaled_dot_product_attention(q, k.expand(B, H, -1, -1), v.expand(B, H, -1, -1), attn_mask=mask,
+                                             scale=self.softmax_scale)               # (B, H, T, r)
+        out = torch.einsum("bhtr,hvr->bthv", out, w_uv)                                # (B, T, H, v)
+        return self.o_proj(out.reshape(B, T, H * self.v_dim))

@@ -1,0 +1,151 @@
+"""DeepSeekMoE: shared experts + fine-grained routed experts (V2 Section 2.2, V3 Section 2.1.2).
+
+The gate scores every routed expert (softmax in V2, sigmoid in V3), selects num_experts_per_tok of them
+(greedy, V2's group-limited greedy, or V3's noaux_tc where `e_score_correction_bias` steers SELECTION ONLY),
+and mixes the chosen experts' outputs with weights taken from the unbiased scores. Routed experts are computed
+batched: tokens are sorted by expert and each expert runs one matmul over all of its tokens.
+
+Load balancing (V3 Section 2.1.2): `update_bias` is the auxiliary-loss-free rule applied after each optimizer
+step, and `MoE.balance_loss` the small sequence-wise balance loss (eq. 17-20).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)). Dense layers and shared experts."""
+
+    def __init__(self, dim: int, inter: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, inter, bias=False)
+        self.up_proj = nn.Linear(dim, inter, bias=False)
+        self.down_proj = nn.Linear(inter, dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Gate(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.top_k, self.n_experts = cfg.num_experts_per_tok, cfg.n_routed_experts
+        self.n_group, self.topk_group = cfg.n_group or 1, cfg.topk_group or 1
+        self.topk_method, self.scoring_func = cfg.topk_method, cfg.scoring_func
+        self.norm_topk_prob, self.scale = cfg.norm_topk_prob, cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(self.n_experts, cfg.hidden_size))
+        # b_i of V3 eq. 16: added to the scores for choosing experts, never to the mixing weights. A buffer, not a
+        # parameter: it is moved by update_bias, not by the gradient.
+        self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor):
+        """x (N, hidden) -> weights (N, k), expert indices (N, k), scores (N, E)."""
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        if self.topk_method == "greedy":
+            choice = scores
+        else:
+            choice = scores + self.e_score_correction_bias if self.topk_method == "noaux_tc" else scores
+            grouped = choice.view(-1, self.n_group, self.n_experts // self.n_group)
+            if self.topk_method == "noaux_tc":  # a group's strength: the sum of its two best (biased) scores
+                group_scores = grouped.topk(2, dim=-1).values.sum(-1)
+            else:                                # group_limited_greedy: its best score
+                group_scores = grouped.amax(dim=-1)
+            keep = group_scores.topk(self.topk_group, dim=-1).indices  # (N, topk_group)
+            group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+            fill = float("-inf") if self.topk_method == "noaux_tc" else 0.0
+            choice = grouped.masked_fill(~group_mask[..., None], fill).flatten(1)
+        idx = choice.topk(self.top_k, dim=-1).indices
+        weights = scores.gather(1, idx)
+        if self.norm_topk_prob and self.top_k > 1:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return weights * self.scale, idx, scores
+
+
+class Experts(nn.Module):
+    """n_routed_experts SwiGLU experts stored stacked, (E, out, in), for batched computation.
+
+    The checkpoint keeps one tensor per expert (mlp.experts.E.gate_proj.weight ...); checkpoint.py maps between
+    the two layouts.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        E, h, inter = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.gate_proj = nn.Parameter(torch.empty(E, inter, h))
+        self.up_proj = nn.Parameter(torch.empty(E, inter, h))
+        self.down_proj = nn.Parameter(torch.empty(E, h, inter))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """x (N, hidden), weights/idx (N, k) -> (N, hidden): sort the N*k (token, expert) pairs by expert and run
+        each expert once on its contiguous slice."""
+        N, k = idx.shape
+        flat = idx.flatten()
+        order = flat.argsort(stable=True)
+        token = order // k                                       # which token each sorted pair belongs to
+        counts = torch.bincount(flat, minlength=self.gate_proj.shape[0]).tolist()
+        xs = x[token]                                            # (N*k, hidden), grouped by expert
+        outs = []
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            xe = xs[start:start + n]
+            h = F.silu(xe @ self.gate_proj[e].t()) * (xe @ self.up_proj[e].t())
+            outs.append(h @ self.down_proj[e].t())
+            start += n
+        ys = torch.cat(outs) * weights.flatten()[order, None].to(x.dtype)
+        return torch.zeros_like(x).index_add_(0, token, ys)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate = Gate(cfg)
+        self.experts = Experts(cfg)
+        self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+                               if cfg.n_shared_experts else None)
+        self.aux_loss_alpha = cfg.aux_loss_alpha
+        self.load: torch.Tensor | None = None           # tokens routed to each expert in the last forward
+        self.balance_loss: torch.Tensor | None = None   # sequence-wise balance loss of the last training forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        flat = x.reshape(-1, D)
+        weights, idx, scores = self.gate(flat)
+        y = self.experts(flat, weights, idx)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(flat)
+        with torch.no_grad():
+            self.load = torch.bincount(idx.flatten(), minlength=scores.shape[1])
+        if self.training and self.aux_loss_alpha > 0:
+            self.balance_loss = sequence_balance_loss(scores.view(B, T, -1), idx.view(B, T, -1), self.aux_loss_alpha)
+        return y.view(B, T, D)
+
+
+def sequence_balance_loss(scores: torch.Tensor, idx: torch.Tensor, alpha: float) -> torch.Tensor:
+    """V3 eq. 17-20: alpha * sum_i f_i P_i per sequence, averaged over the batch.
+
+    f_i = E / (K T) * (number of tokens choosing expert i); P_i = mean over tokens of the normalised score
+    s_i / sum_j s_j. Minimal (= alpha) when routing is uniform within every sequence.
+    """
+    B, T, E = scores.shape
+    K = idx.shape[-1]
+    counts = torch.zeros(B, E, device=scores.device).scatter_add_(1, idx.reshape(B, -1),
+                                                                  torch.ones(B, T * K, device=scores.device))
+    f = counts * E / (K * T)
+    p = (scores / scores.sum(-1, keepdim=True)).mean(1)
+    return alpha * (f * p).sum(-1).mean()
+
+
+@torch.no_grad()
+def update_bias(gate: Gate, load: torch.Tensor, gamma: float) -> None:
+    """Auxiliary-loss-free balancing (V3 eq. 16 and after): after a training step, push overloaded experts down
+    and underloaded experts up by gamma: b_i += gamma * sign(mean_load - load_i)."""
+    load = load.float()
+    gate.e_score_correction_bias += gamma * torch.sign(load.mean() - load)

@@ -1,0 +1,81 @@
+"""Rotary position embedding with YaRN context extension, applied to the decoupled RoPE part of q and k only.
+
+DeepSeek-V2 Section 2.1.3: RoPE is incompatible with the low-rank KV compression, so a separate
+`qk_rope_head_dim` slice of each query head and ONE shared key slice (k_pe) carry the positions.
+YaRN (Peng et al. 2023, used by V2/V3 to extend 4K -> 128K): frequencies whose wavelength is long compared with
+the original context are interpolated (divided by `factor`), short ones are kept, with a linear ramp between the
+`beta_fast`/`beta_slow` correction dimensions; cos/sin get an attention factor mscale(factor, mscale) /
+mscale(factor, mscale_all_dim).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig, yarn_get_mscale
+
+
+def rope_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (qk_rope_head_dim // 2,) and the cos/sin attention factor."""
+    dim, base = cfg.qk_rope_head_dim, cfg.rope_theta
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    rs = cfg.rope_scaling or {}
+    if rs.get("type", rs.get("rope_type")) != "yarn":
+        return inv_freq, 1.0
+    factor = float(rs["factor"])
+    original = rs.get("original_max_position_embeddings", 4096)
+    beta_fast, beta_slow = rs.get("beta_fast") or 32, rs.get("beta_slow") or 1
+
+    def correction_dim(num_rotations):  # the dimension whose wavelength makes num_rotations turns in `original`
+        return dim * math.log(original / (num_rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(correction_dim(beta_fast)), 0)
+    high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # 1: keep the original frequency (extrapolate), 0: interpolate
+    inv_freq = inv_freq / factor * (1 - keep) + inv_freq * keep
+    mscale, mscale_all_dim = rs.get("mscale"), rs.get("mscale_all_dim")
+    if rs.get("attention_factor") is not None:
+        attn = float(rs["attention_factor"])
+    elif mscale and mscale_all_dim:
+        attn = yarn_get_mscale(factor, mscale) / yarn_get_mscale(factor, mscale_all_dim)
+    else:
+        attn = yarn_get_mscale(factor)
+    return inv_freq, attn
+
+
+class RotaryEmbedding(nn.Module):
+    """Maps positions (B, T) to (cos, sin), each (B, T, qk_rope_head_dim // 2)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        inv_freq, self.attention_factor = rope_frequencies(cfg)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.interleave = cfg.rope_interleave
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions[..., None].float() * self.inv_freq  # (B, T, d/2)
+        return freqs.cos() * self.attention_factor, freqs.sin() * self.attention_factor
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
+    """Rotate x (B, T, [heads,] d) by the angles in cos/sin (B, T, d/2).
+
+    interleave=True: pairs are adjacent dims (x0, x1), (x2, x3)... as DeepSeek's published weights (a complex
+    multiply). interleave=False: pairs are (x_i, x_{i+d/2}) (the "rotate_half" layout). Either way the layout of
+    the output equals the input's, so q_pe . k_pe is the same dot product transformers computes.
+    """
+    if x.dim() == 4:
+        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    if interleave:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
