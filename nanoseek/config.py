@@ -114,8 +114,9 @@ class ModelConfig:
     def num_params(self, include_mtp: bool = False) -> dict:
         """Total and activated (per token) parameter counts, computed from the shapes alone.
 
-        Activated counts the embedding and the head once each, attention, dense MLPs, shared experts and
-        num_experts_per_tok routed experts per MoE layer, as the DeepSeek reports count "activated parameters".
+        Activated counts what a token multiplies through: attention, dense MLPs, the gate, shared experts,
+        num_experts_per_tok routed experts per MoE layer, norms and the output head; the embedding table is a lookup
+        and is not counted. This reproduces the reports' 37B (V3) and 2.4B (V2-Lite) activated parameters.
         """
         h, L = self.hidden_size, self.num_hidden_layers
         H = self.num_attention_heads
@@ -144,7 +145,7 @@ class ModelConfig:
         emb = self.vocab_size * h
         head = 0 if self.tie_word_embeddings else self.vocab_size * h
         total += emb + head + h
-        active += emb + head + h
+        active += head + h
         if include_mtp and self.num_nextn_predict_layers:
             # enorm + hnorm + eh_proj + one MoE block + shared_head.norm (embedding and head are shared)
             block = attn + norms + self.n_routed_experts * h + 3 * h * self.moe_intermediate_size * (
@@ -252,7 +253,7 @@ PRESETS: dict[str, dict] = {
     # one GPU: ~100M total parameters, V3 shape scaled down
     "small": dict(vocab_size=32768, hidden_size=512, intermediate_size=1536, moe_intermediate_size=256,
                   num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8, q_lora_rank=256,
-                  kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, n_routed_experts=32,
+                  kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, n_routed_experts=24,
                   n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2, routed_scaling_factor=2.5,
                   first_k_dense_replace=1, num_nextn_predict_layers=1, max_position_embeddings=4096),
     "v2-lite": dict(model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, intermediate_size=10944,
