@@ -1,0 +1,129 @@
+"""GRPO: the math against hand-computed numbers, then the trainer on a tiny model."""
+
+import math
+
+import pytest
+import torch
+
+from nanoseek.train.grpo import group_advantages, k3_kl, policy_loss, token_logprobs, zero_std_groups
+
+# ---------------------------------------------------------------------------------------------- advantages
+REWARDS = torch.tensor([[1.0, 0.0, 0.0, 1.0],
+                        [1.0, 1.0, 1.0, 1.0]])
+
+
+def test_group_advantage_matches_hand_computation():
+    # group 0: mean 0.5, sample std sqrt(4 * 0.25 / 3) = 0.57735; group 1: all equal -> 0 (no signal)
+    a = group_advantages(REWARDS, "group", eps=1e-4)
+    s = 0.5 / (math.sqrt(1 / 3) + 1e-4)
+    assert torch.allclose(a, torch.tensor([[s, -s, -s, s], [0.0, 0.0, 0.0, 0.0]]), atol=1e-6)
+
+
+def test_batch_advantage_divides_by_the_std_of_all_rewards():
+    # centred within each group, divided by the sample std of all 8 rewards: sqrt((6 * 0.75^2... ) )
+    # rewards 1,0,0,1,1,1,1,1: mean 0.75, sum of squared deviations 6 * 0.0625 + 2 * 0.5625 = 1.5, std sqrt(1.5 / 7)
+    a = group_advantages(REWARDS, "batch", eps=0.0)
+    s = 0.5 / math.sqrt(1.5 / 7)
+    assert torch.allclose(a, torch.tensor([[s, -s, -s, s], [0.0, 0.0, 0.0, 0.0]]), atol=1e-6)
+
+
+def test_no_scaling_keeps_raw_centred_rewards():
+    a = group_advantages(REWARDS, "none")
+    assert torch.equal(a, torch.tensor([[0.5, -0.5, -0.5, 0.5], [0.0, 0.0, 0.0, 0.0]]))
+
+
+def test_zero_std_groups_are_detected():
+    assert zero_std_groups(REWARDS).tolist() == [False, True]
+
+
+def test_unknown_scale_rewards_is_rejected():
+    with pytest.raises(ValueError, match="group, batch, none"):
+        group_advantages(REWARDS, "median")
+
+
+# ---------------------------------------------------------------------------------------------- the loss
+# Two completions, three token slots. ratio rho = exp(logp - old_logp) chosen by hand; row 1's last token is
+# masked (padding or a truncated tail).
+RATIO = torch.tensor([[1.0, 1.5, 0.5], [1.0, 1.1, 0.7]])
+MASK = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+ADV = torch.tensor([1.0, -2.0])
+OLD = torch.full((2, 3), -1.0)
+LOGP = OLD + RATIO.log()
+# per token -min(rho A, clip(rho, 0.8, 1.2) A):
+#   row 0 (A = 1):  -1, -min(1.5, 1.2) = -1.2 (clipped), -min(0.5, 0.8) = -0.5
+#   row 1 (A = -2): 2, -min(-2.2, -2.2) = 2.2, masked
+PER_TOKEN = torch.tensor([[-1.0, -1.2, -0.5], [2.0, 2.2, 0.0]])
+
+
+@pytest.mark.parametrize("loss_type,expected", [
+    ("grpo", ((-2.7 / 3) + (4.2 / 2)) / 2),   # mean over each completion's tokens, then over completions = 0.6
+    ("dapo", 1.5 / 5),                         # all unmasked tokens together: sum 1.5 over 5 tokens = 0.3
+    ("dr_grpo", 1.5 / (2 * 4)),                # sum / (N * max_tokens) with a completion budget of 4
+])
+def test_each_loss_type_matches_hand_computation(loss_type, expected):
+    out = policy_loss(LOGP, OLD, ADV, MASK, loss_type=loss_type, eps_low=0.2, eps_high=0.2, max_tokens=4)
+    assert torch.allclose(out.per_token, PER_TOKEN, atol=1e-6)
+    assert out.loss.item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_clip_fraction_counts_tokens_where_clipping_stops_the_gradient():
+    # only row 0 token 1 (rho 1.5 > 1.2 with A > 0); row 1 token 2 (rho 0.7 < 0.8, A < 0) is clipped but masked,
+    # row 0 token 2 (rho 0.5 with A > 0) is below the range but the unclipped branch is the min: not clipped
+    out = policy_loss(LOGP, OLD, ADV, MASK, eps_low=0.2, eps_high=0.2)
+    assert out.clip_frac.item() == pytest.approx(1 / 5)
+    logp = LOGP.clone().requires_grad_(True)
+    policy_loss(logp, OLD, ADV, MASK, loss_type="dapo").loss.backward()
+    assert logp.grad[0, 1].item() == 0.0 and logp.grad[1, 2].item() == 0.0
+    assert logp.grad[0, 0].item() != 0.0 and logp.grad[0, 2].item() != 0.0
+
+
+def test_clip_higher_lets_positive_advantages_grow_further():
+    # eps_high = 0.6 (DAPO's clip-higher, exaggerated): rho 1.5 is now inside the range, so it is not clipped
+    out = policy_loss(LOGP, OLD, ADV, MASK, loss_type="dapo", eps_low=0.2, eps_high=0.6)
+    assert out.per_token[0, 1].item() == pytest.approx(-1.5)
+    assert out.clip_frac.item() == 0.0
+
+
+def test_on_policy_gradient_is_minus_advantage_over_length():
+    # num_iterations = 1: old = logp.detach(), ratio = 1, the GRPO gradient wrt logp_it is -A_i / |o_i| / N
+    logp = LOGP.clone().requires_grad_(True)
+    policy_loss(logp, logp.detach(), ADV, MASK, loss_type="grpo").loss.backward()
+    expected = torch.tensor([[-1 / 3, -1 / 3, -1 / 3], [2 / 2, 2 / 2, 0.0]]) / 2
+    assert torch.allclose(logp.grad, expected, atol=1e-6)
+
+
+def test_micro_batches_with_global_denominators_sum_to_the_full_batch_loss():
+    for lt in ("grpo", "dapo", "dr_grpo"):
+        full = policy_loss(LOGP, OLD, ADV, MASK, loss_type=lt, max_tokens=4).loss
+        parts = sum(policy_loss(LOGP[i:i + 1], OLD[i:i + 1], ADV[i:i + 1], MASK[i:i + 1], loss_type=lt,
+                                max_tokens=4, num_seqs=2, num_tokens=MASK.sum()).loss for i in range(2))
+        assert parts.item() == pytest.approx(full.item(), abs=1e-6), lt
+
+
+# ---------------------------------------------------------------------------------------------- KL
+def test_kl_is_zero_when_policy_equals_reference():
+    logp = torch.log_softmax(torch.randn(3, 5), -1)
+    assert torch.equal(k3_kl(logp, logp), torch.zeros(3, 5))
+    with_kl = policy_loss(logp, logp, torch.ones(3), torch.ones(3, 5), beta=0.04, ref_logp=logp)
+    without = policy_loss(logp, logp, torch.ones(3), torch.ones(3, 5), beta=0.0)
+    assert with_kl.kl.item() == 0.0 and with_kl.loss.item() == without.loss.item()
+
+
+def test_k3_kl_matches_hand_computation():
+    # pi_ref / pi = 2: 2 - ln 2 - 1 = 0.306853
+    kl = k3_kl(torch.tensor([math.log(0.25)]), torch.tensor([math.log(0.5)]))
+    assert kl.item() == pytest.approx(2 - math.log(2) - 1, abs=1e-6)
+
+
+def test_kl_term_adds_beta_times_k3_per_token():
+    logp, ref = torch.full((1, 2), math.log(0.25)), torch.full((1, 2), math.log(0.5))
+    out = policy_loss(logp, logp, torch.zeros(1), torch.ones(1, 2), beta=0.1, ref_logp=ref, loss_type="dapo")
+    assert out.loss.item() == pytest.approx(0.1 * (1 - math.log(2)), abs=1e-6)
+
+
+def test_token_logprobs_use_the_sampling_temperature():
+    logits = torch.tensor([[[2.0, 0.0, -1.0]]])
+    lp, ent = token_logprobs(logits, torch.tensor([[0]]), temperature=0.5)
+    ref = torch.log_softmax(logits / 0.5, -1)
+    assert lp.item() == pytest.approx(ref[0, 0, 0].item(), abs=1e-6)
+    assert ent.item() == pytest.approx(-(ref.exp() * ref).sum().item(), abs=1e-6)
