@@ -1,0 +1,415 @@
+"""Byte-level BPE tokenizer with DeepSeek's special tokens and an R1-style chat template.
+
+The tokenizer itself is a Hugging Face `tokenizers.Tokenizer` (Rust, fast); this module adds what a model folder
+needs around it: the special tokens at fixed ids, the chat template (rendered with jinja2 exactly as transformers
+renders it), and save/load of the standard files (tokenizer.json, tokenizer_config.json, special_tokens_map.json)
+so that `transformers.AutoTokenizer.from_pretrained(folder)` loads our folders and we load published ones.
+
+Choices, and why:
+- Byte-level (GPT-2's 256-symbol byte alphabet): any Unicode string round-trips exactly, no unknown token.
+- No normalizer: NFC/NFKC would change text (combining marks, full-width forms), breaking the round trip.
+- Digits are split one per token before BPE (as DeepSeek-LLM and Llama do; V3 groups up to three). The verifiable
+  tasks are digit-by-digit arithmetic, and a small model learns column sums far more easily from single digits.
+- Special tokens first, so bos=0 and eos=1 match ModelConfig's defaults (and DeepSeek-V3's own ids).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from .errors import UsageError
+
+# DeepSeek-R1's chat format, written as a transformers chat template. Variables (the same names transformers
+# passes): messages, add_generation_prompt, bos_token, eos_token; plus `thinking` (default on), the "deep think"
+# switch: off, the prompt ends with an empty think block so the model answers directly.
+# An assistant turn is always `<think>\n{reasoning}\n</think>\n\n{content}<eos>`, so the generation prompt (with
+# thinking on) is a prefix of the rendered conversation: SFT can mask the prompt by its length.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- for message in messages if message['role'] == 'system' -%}{{ message['content'] }}{%- endfor -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{{ '<｜User｜>' + message['content'] }}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{%- set reasoning = message.get('reasoning_content') or '' -%}"
+    "{{ '<｜Assistant｜><think>\\n' + reasoning + '\\n</think>\\n\\n' + (message['content'] or '') + eos_token }}"
+    "{%- elif message['role'] != 'system' -%}"
+    "{{ raise_exception('unknown role ' + message['role'] + ': expected system, user or assistant') }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{%- if thinking is not defined or thinking -%}{{ '<｜Assistant｜><think>\\n' }}"
+    "{%- else -%}{{ '<｜Assistant｜><think>\\n\\n</think>\\n\\n' }}{%- endif -%}"
+    "{%- endif -%}"
+)
+
+# The names transformers uses for a message's reasoning; the first is what templates read.
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+def _jinja_env():
+    """A jinja2 environment configured like transformers' (sandboxed, trim/lstrip blocks, same helpers)."""
+    import jinja2
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    def strftime_now(fmt):
+        from datetime import datetime
+        return datetime.now().strftime(fmt)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = strftime_now
+    return env
+
+
+_TEMPLATES: dict[str, object] = {}
+
+
+def render_chat(messages: list[dict], template: str = CHAT_TEMPLATE, add_generation_prompt: bool = True,
+                **variables) -> str:
+    """Render a chat template as transformers does (no tokenizer needed: the corpus generator uses this too)."""
+    import jinja2
+    compiled = _TEMPLATES.get(template)
+    if compiled is None:
+        compiled = _TEMPLATES[template] = _jinja_env().from_string(template)
+    chat = []
+    for m in messages:
+        if not isinstance(m, dict) or "role" not in m:
+            raise UsageError(f"a chat message must be a dict with 'role' and 'content', got {m!r}")
+        reasoning = next((m[k] for k in _REASONING_FIELDS if m.get(k) is not None), None)
+        chat.append({**m, "reasoning_content": reasoning} if reasoning is not None else dict(m))
+    variables.setdefault("bos_token", Tokenizer.BOS)
+    variables.setdefault("eos_token", Tokenizer.EOS)
+    try:
+        return compiled.render(messages=chat, tools=None, documents=None,
+                               add_generation_prompt=add_generation_prompt, **variables)
+    except jinja2.exceptions.TemplateError as e:
+        raise UsageError(f"chat template failed: {e}") from e
+
+
+def _token_str(v) -> str | None:
+    """tokenizer_config.json stores a special token as a string or as {"content": ..., ...} (AddedToken)."""
+    if isinstance(v, dict):
+        return v.get("content")
+    return v if isinstance(v, str) else None
+
+
+class Tokenizer:
+    """A byte-level BPE tokenizer: `Tokenizer.train(...)` or `Tokenizer.load(folder)`, then encode/decode/chat."""
+
+    BOS = "<｜begin▁of▁sentence｜>"
+    EOS = "<｜end▁of▁sentence｜>"
+    PAD = "<｜▁pad▁｜>"
+    USER = "<｜User｜>"
+    ASSISTANT = "<｜Assistant｜>"
+    THINK_START = "<think>"
+    THINK_END = "</think>"
+    # Order = ids of a trained tokenizer: bos 0, eos 1 (ModelConfig's defaults), pad 2, ...
+    SPECIAL_TOKENS = (BOS, EOS, PAD, USER, ASSISTANT, THINK_START, THINK_END)
+
+    def __init__(self, tokenizer, chat_template: str | None = CHAT_TEMPLATE, bos_token: str | None = BOS,
+                 eos_token: str | None = EOS, pad_token: str | None = PAD, model_max_length: int = 131072):
+        self._tk = tokenizer  # tokenizers.Tokenizer
+        self.chat_template = chat_template
+        self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
+        self.model_max_length = model_max_length
+        tid = self._tk.token_to_id
+        self.bos_id = tid(bos_token) if bos_token else None
+        self.eos_id = tid(eos_token) if eos_token else None
+        self.pad_id = tid(pad_token) if pad_token else None
+        self.think_start_id = tid(self.THINK_START)
+        self.think_end_id = tid(self.THINK_END)
+
+    # ---------------------------------------------------------------- training
+    @classmethod
+    def train(cls, files_or_iterator: Iterable[str] | str | os.PathLike, vocab_size: int,
+              min_frequency: int = 2, progress: bool = True) -> Tokenizer:
+        """Train byte-level BPE on text files (paths) or an iterator of strings; returns a ready tokenizer.
+
+        `vocab_size` counts everything: 7 special tokens + 256 bytes + merges. Special-token strings met in the
+        training text are cut out (so they never become merges)."""
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, pre_tokenizers, trainers
+
+        minimum = len(cls.SPECIAL_TOKENS) + 256
+        if not isinstance(vocab_size, int) or vocab_size < minimum:
+            raise UsageError(f"vocab size {vocab_size} is too small: a byte-level tokenizer needs at least {minimum} "
+                             f"({len(cls.SPECIAL_TOKENS)} special tokens + 256 bytes); pass --vocab-size >= {minimum}")
+        if isinstance(files_or_iterator, (str, os.PathLike)):
+            files_or_iterator = [files_or_iterator]
+        items = files_or_iterator
+        if isinstance(items, (list, tuple)) and items and all(isinstance(f, os.PathLike) for f in items):
+            texts = iter_files(items)
+        elif isinstance(items, (list, tuple)) and items and all(isinstance(f, str) for f in items) \
+                and all(len(f) < 4096 and "\n" not in f and Path(f).is_file() for f in items):
+            texts = iter_files(items)  # a list of existing paths
+        else:
+            texts = iter(items)
+
+        tk = HFTokenizer(models.BPE())
+        tk.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ])
+        tk.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, min_frequency=min_frequency, show_progress=progress,
+            special_tokens=list(cls.SPECIAL_TOKENS), initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        seen = {"n": 0}
+
+        def pieces() -> Iterator[str]:
+            split = re.compile("|".join(re.escape(s) for s in cls.SPECIAL_TOKENS))
+            for text in texts:
+                if not isinstance(text, str):
+                    raise UsageError(f"tokenizer training data must be strings, got {type(text).__name__}")
+                for piece in split.split(text):
+                    if piece:
+                        seen["n"] += 1
+                        yield piece
+
+        tk.train_from_iterator(pieces(), trainer=trainer)
+        if seen["n"] == 0:
+            raise UsageError("no text to train the tokenizer on: the data is empty; pass files with text in them")
+        tok = cls(tk)
+        tok._set_post_processor()
+        ids = [tok._tk.token_to_id(s) for s in cls.SPECIAL_TOKENS]
+        assert ids == list(range(len(ids))), f"special tokens must come first, got ids {ids}"
+        return tok
+
+    def _set_post_processor(self):
+        """`encode(text, add_special_tokens=True)` (transformers' default) prepends bos, as DeepSeek's does."""
+        from tokenizers import processors
+        if self.bos_id is None:
+            return
+        self._tk.post_processor = processors.TemplateProcessing(
+            single=f"{self.bos_token} $A", pair=f"{self.bos_token} $A {self.bos_token} $B",
+            special_tokens=[(self.bos_token, self.bos_id)])
+
+    # ---------------------------------------------------------------- files
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> Tokenizer:
+        """Load any Hugging Face tokenizer folder (tokenizer.json [+ tokenizer_config.json, chat_template.jinja]).
+
+        Published DeepSeek folders work: bos/eos/pad and the chat template come from their tokenizer_config.json
+        (a `chat_template.jinja` file, which transformers >= 5 writes, takes precedence)."""
+        from tokenizers import Tokenizer as HFTokenizer
+        folder = Path(folder)
+        path = folder / "tokenizer.json"
+        if not path.is_file():
+            raise UsageError(f"no tokenizer in {folder}: expected {path} (train one with `nanoseek tokenizer "
+                             "--data FILE --vocab-size N --out DIR`, or copy a Hugging Face tokenizer.json there)")
+        try:
+            tk = HFTokenizer.from_file(str(path))
+        except Exception as e:  # the Rust parser's own message says what is wrong
+            raise UsageError(f"cannot read {path}: {e}") from e
+        config = {}
+        if (folder / "tokenizer_config.json").is_file():
+            try:
+                config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+            except json.JSONDecodeError as e:
+                raise UsageError(f"{folder / 'tokenizer_config.json'} is not valid JSON: {e}") from e
+        special_map = {}
+        if (folder / "special_tokens_map.json").is_file():
+            try:
+                special_map = json.loads((folder / "special_tokens_map.json").read_text(encoding="utf-8"))
+            except json.JSONDecodeError:
+                special_map = {}
+
+        def special(key: str) -> str | None:
+            return _token_str(config.get(key)) or _token_str(special_map.get(key))
+
+        template = config.get("chat_template")
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default") or next(iter(named.values()), None)
+        if (folder / "chat_template.jinja").is_file():
+            template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        max_len = config.get("model_max_length")
+        if not isinstance(max_len, int) or max_len > 10**9:  # transformers writes a huge sentinel for "unknown"
+            max_len = 131072
+        return cls(tk, chat_template=template, bos_token=special("bos_token"), eos_token=special("eos_token"),
+                   pad_token=special("pad_token"), model_max_length=max_len)
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        """Write tokenizer.json, tokenizer_config.json (with the chat template), special_tokens_map.json and
+        chat_template.jinja: a folder that transformers.AutoTokenizer loads and encodes identically."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self._tk.save(str(folder / "tokenizer.json"))
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "pad_token": self.pad_token,
+            "add_bos_token": self.bos_id is not None,
+            "add_eos_token": False,
+            "clean_up_tokenization_spaces": False,
+            "model_max_length": self.model_max_length,
+            "chat_template": self.chat_template,
+        }
+        config = {k: v for k, v in config.items() if v is not None}
+        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
+                                                      encoding="utf-8")
+        smap = {k: config[k] for k in ("bos_token", "eos_token", "pad_token") if k in config}
+        (folder / "special_tokens_map.json").write_text(json.dumps(smap, indent=2, ensure_ascii=False) + "\n",
+                                                        encoding="utf-8")
+        # transformers >= 5 reads the template from here first; keep it in step with tokenizer_config.json
+        jinja = folder / "chat_template.jinja"
+        if self.chat_template is not None:
+            jinja.write_text(self.chat_template, encoding="utf-8")
+        elif jinja.exists():
+            jinja.unlink()
+        return folder
+
+    # ---------------------------------------------------------------- encode / decode
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids, special tokens included (the model's vocab_size must be at least this)."""
+        return self._tk.get_vocab_size(with_added_tokens=True)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def encode(self, text: str | list[str], add_bos: bool = False) -> list[int] | list[list[int]]:
+        """Text -> ids (a list of texts -> a list of id lists, encoded in parallel). Special-token strings inside
+        the text become their special ids, as in transformers."""
+        if isinstance(text, (list, tuple)):
+            return self.encode_batch(text, add_bos=add_bos)
+        ids = self._tk.encode(text, add_special_tokens=False).ids
+        return [self.bos_id, *ids] if add_bos and self.bos_id is not None else ids
+
+    def encode_batch(self, texts: list[str], add_bos: bool = False) -> list[list[int]]:
+        encs = self._tk.encode_batch_fast(list(texts), add_special_tokens=False) \
+            if hasattr(self._tk, "encode_batch_fast") else self._tk.encode_batch(list(texts), add_special_tokens=False)
+        if add_bos and self.bos_id is not None:
+            return [[self.bos_id, *e.ids] for e in encs]
+        return [e.ids for e in encs]
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        """ids -> text. An incomplete UTF-8 sequence at the end decodes to U+FFFD (stream with care)."""
+        if hasattr(ids, "tolist"):
+            ids = ids.tolist()
+        return self._tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def decode_batch(self, batch, skip_special_tokens: bool = False) -> list[str]:
+        return self._tk.decode_batch([list(x) for x in batch], skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tk.token_to_id(token)
+
+    def id_to_token(self, i: int) -> str | None:
+        return self._tk.id_to_token(i)
+
+    @property
+    def special_ids(self) -> set[int]:
+        return set(self._tk.get_added_tokens_decoder()) if hasattr(self._tk, "get_added_tokens_decoder") else set()
+
+    # ---------------------------------------------------------------- chat
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, tokenize: bool = False,
+                            thinking: bool = True, **variables) -> str | list[int]:
+        """Render messages with the chat template (as transformers does; `thinking` is a template variable).
+
+        tokenize=True returns ids; the template already writes bos, so none is added again."""
+        if self.chat_template is None:
+            raise UsageError("this tokenizer has no chat template (tokenizer_config.json has no chat_template and "
+                             "there is no chat_template.jinja); add one or use a model folder that has it")
+        special = {"bos_token": self.bos_token or "", "eos_token": self.eos_token or "",
+                   "pad_token": self.pad_token or ""}
+        text = render_chat(messages, self.chat_template, add_generation_prompt=add_generation_prompt,
+                           thinking=thinking, **{**special, **variables})
+        return self.encode(text) if tokenize else text
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_token!r}, eos={self.eos_token!r})"
+
+
+# ---------------------------------------------------------------- data files
+def iter_files(paths: Iterable[str | os.PathLike]) -> Iterator[str]:
+    """Yield the documents of text files: .jsonl ("text", or chat "messages" rendered), .parquet ("text"
+    column), anything else as plain text (in chunks of lines, so huge files stream)."""
+    paths = [Path(p) for p in paths]
+    for p in paths:
+        if not p.is_file():
+            raise UsageError(f"data file {p} does not exist (or is not a file); pass existing text/jsonl files")
+        if p.stat().st_size == 0:
+            raise UsageError(f"data file {p} is empty; pass a file with text in it")
+    for p in paths:
+        if p.suffix == ".jsonl":
+            with open(p, encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        obj = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise UsageError(f"{p}:{n} is not valid JSON ({e}); one JSON object per line expected") from e
+                    if isinstance(obj, dict) and isinstance(obj.get("text"), str):
+                        yield obj["text"]
+                    elif isinstance(obj, dict) and isinstance(obj.get("messages"), list):
+                        yield render_chat(obj["messages"], add_generation_prompt=False)
+                    else:
+                        raise UsageError(f"{p}:{n} has neither a \"text\" string nor a \"messages\" list")
+        elif p.suffix == ".parquet":
+            try:
+                import pyarrow.parquet as pq
+            except ImportError as e:
+                raise UsageError("reading .parquet needs pyarrow: pip install 'nanoseek[parquet]'") from e
+            table = pq.read_table(p, columns=["text"])
+            for batch in table.to_batches():
+                yield from (t for t in batch.column(0).to_pylist() if t)
+        else:
+            with open(p, encoding="utf-8", errors="replace") as f:
+                chunk: list[str] = []
+                for line in f:
+                    chunk.append(line)
+                    if len(chunk) >= 1000:
+                        yield "".join(chunk)
+                        chunk = []
+                if chunk:
+                    yield "".join(chunk)
+
+
+# ---------------------------------------------------------------- CLI
+def add_arguments(parser) -> None:
+    parser.add_argument("--data", nargs="*", default=None, metavar="FILE",
+                        help="text / .jsonl / .parquet files (default: the embedded task corpus, offline)")
+    parser.add_argument("--vocab-size", type=int, default=1024, help="total vocabulary, special tokens included")
+    parser.add_argument("--out", required=True, help="folder to write tokenizer.json etc. into")
+    parser.add_argument("--corpus-docs", type=int, default=20000,
+                        help="documents of the embedded corpus to train on when --data is not given")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the embedded corpus")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing tokenizer in --out")
+
+
+def main(args) -> int:
+    out = Path(args.out)
+    if (out / "tokenizer.json").exists() and not args.force:
+        raise UsageError(f"{out / 'tokenizer.json'} already exists; choose another --out or pass --force")
+    if args.data:
+        for p in map(Path, args.data):
+            if not p.is_file():
+                raise UsageError(f"data file {p} does not exist; pass existing text/jsonl/parquet files")
+            if p.stat().st_size == 0:
+                raise UsageError(f"data file {p} is empty; pass a file with text in it")
+        source = iter_files(args.data)
+        what = ", ".join(args.data)
+    else:
+        from .data.tasks import corpus_documents
+        source = corpus_documents(args.corpus_docs, seed=args.seed)
+        what = f"{args.corpus_docs} documents of the embedded task corpus"
+    tok = Tokenizer.train(source, args.vocab_size)
+    tok.save(out)
+    print(f"trained a {tok.vocab_size}-token byte-level BPE on {what}; wrote {out}/tokenizer.json")
+    return 0
