@@ -133,3 +133,171 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
     return logp, entropy
 
 
+
+
+# ---------------------------------------------------------------------------------------------------- rewards
+def accuracy_reward(problems, texts, task) -> list[float]:
+    """The task's strict grader: 1.0 when the final answer is right."""
+    return [float(task.grade(p, t)) for p, t in zip(problems, texts)]
+
+
+def format_reward(problems, texts, task) -> list[float]:
+    """The task's format check (think/answer structure well formed)."""
+    return [float(task.format_reward(t)) for t in texts]
+
+
+# ---------------------------------------------------------------------------------------------------- config
+@dataclass
+class GRPOConfig:
+    model: str = ""                 # policy (and reference) model folder
+    task: str = ""
+    out: str = ""
+    difficulty: int | None = None   # None: the task's default level
+    steps: int = 100                # rollout steps (each: sample, score, num_iterations optimizer steps)
+    prompts_per_step: int = 8       # P prompts per step
+    group_size: int = 8             # G completions per prompt
+    max_tokens: int = 128           # completion budget (dr_grpo's L)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    lr: float = 1e-5
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    beta: float = 0.0               # k3 KL weight; 0 keeps no reference model
+    eps_low: float = 0.2
+    eps_high: float = 0.28          # DAPO's clip-higher
+    loss_type: str = "dapo"
+    scale_rewards: str = "group"
+    num_iterations: int = 1         # optimizer steps per rollout batch (mu of GRPO); > 1 uses the old-policy ratio
+    dynamic_sampling: bool = True   # drop groups whose rewards are all equal
+    mask_truncated: bool = True     # completions cut at max_tokens get no loss (DAPO overlong filtering)
+    accuracy_weight: float = 1.0
+    format_weight: float = 0.1
+    micro_batch: int = 32           # completions per forward/backward
+    seed: int = 0
+    save_every: int = 50
+    sample_every: int = 10          # completions to OUT/samples.jsonl every N steps
+    keep_checkpoints: int = 2
+    resume: bool = False
+    progress: bool = True
+
+
+@dataclass
+class Rollout:
+    """One step's samples: P*G completions, flattened group by group."""
+    problems: list                  # (P,)
+    prompts: list                   # (P,) prompt token ids
+    completions: list               # (P*G,) engine Completions
+    rewards: torch.Tensor           # (P, G) weighted reward
+    parts: dict                     # reward name -> (P, G)
+
+
+def rollout(engine, tok, task, problems: list, cfg: GRPOConfig, step: int, reward_funcs, reward_weights) -> Rollout:
+    """Sample G completions for each prompt through the engine (one batched call) and score them."""
+    from ..eval import prompt_ids
+    from ..infer.engine import SamplingParams
+
+    P, G = len(problems), cfg.group_size
+    prompts = [prompt_ids(tok, task, p) for p in problems]
+    # one seed per completion, a pure function of (seed, step, index): sampling replays exactly on resume
+    params = [SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
+                             seed=(cfg.seed * 1_000_003 + step) * 4096 + i, logprobs=True) for i in range(P * G)]
+    comps = engine.generate([pr for pr in prompts for _ in range(G)], params)
+    flat_problems = [p for p in problems for _ in range(G)]
+    texts = [c.text for c in comps]
+    parts = {}
+    total = torch.zeros(P * G)
+    for fn, w in zip(reward_funcs, reward_weights):
+        r = torch.tensor(fn(flat_problems, texts, task), dtype=torch.float32)
+        parts[getattr(fn, "__name__", "reward")] = r.view(P, G)
+        total += w * r
+    return Rollout(problems, prompts, comps, total.view(P, G), parts)
+
+
+def _rows(comps, idx, pad_id):
+    """Completions `idx` as right-padded rows prompt + completion -> (inputs, targets, completion mask, engine
+    logprobs) (n, T); the completion's tokens are the targets at positions len(prompt) - 1 onwards."""
+    seqs = [list(comps[i].prompt_token_ids) + list(comps[i].token_ids) for i in idx]
+    T = max(len(s) for s in seqs) - 1
+    n = len(idx)
+    inputs = torch.full((n, T), pad_id, dtype=torch.long)
+    targets = torch.full((n, T), pad_id, dtype=torch.long)
+    mask = torch.zeros((n, T))
+    eng_lp = torch.zeros((n, T))
+    for r, (i, s) in enumerate(zip(idx, seqs)):
+        L = len(s) - 1
+        inputs[r, :L] = torch.tensor(s[:-1])
+        targets[r, :L] = torch.tensor(s[1:])
+        start, k = len(comps[i].prompt_token_ids) - 1, len(comps[i].token_ids)
+        mask[r, start:start + k] = 1.0
+        if comps[i].logprobs and k:
+            eng_lp[r, start:start + k] = torch.tensor([float(x) for x in comps[i].logprobs[:k]])
+    return inputs, targets, mask, eng_lp
+
+
+def forward_logprobs(model, inputs, targets, temperature: float):
+    """Training forward of right-padded rows -> per-token log-probs and entropies (N, T) of the targets."""
+    logits = model(inputs)
+    return token_logprobs(logits, targets, temperature)
+
+
+def train_on_rollout(model, optimizer, ro: Rollout, cfg: GRPOConfig, pad_id: int, ref_model=None,
+                     scheduler=None) -> dict:
+    """num_iterations optimizer steps on one rollout batch; returns the step's statistics.
+
+    Old log-probs (the denominator of rho) are the policy's own, recorded without gradient in the first iteration,
+    before any update: exactly the policy that sampled. The engine's sampling log-probs are compared to them
+    (`logprob_gap`: ~0 when engine and training forward agree; large values mean the ratio is off-policy noise).
+    """
+    P, G = ro.rewards.shape
+    adv = group_advantages(ro.rewards, cfg.scale_rewards).flatten()             # (P*G,)
+    zero = zero_std_groups(ro.rewards)                                          # (P,)
+    keep_group = ~zero if cfg.dynamic_sampling else torch.ones(P, dtype=torch.bool)
+    truncated = torch.tensor([c.finish_reason == "length" for c in ro.completions])
+    idx = [i for i in range(P * G) if keep_group[i // G]]
+    stats = {"frac_zero_std": zero.float().mean().item(), "groups_kept": int(keep_group.sum()),
+             "truncated_frac": truncated.float().mean().item()}
+    # loss mask per completion: dropped for truncated ones (they would be graded wrong for being cut, DAPO 3.3)
+    seq_ok = ~truncated if cfg.mask_truncated else torch.ones(P * G, dtype=torch.bool)
+    idx = [i for i in idx if seq_ok[i]]
+    if not idx:
+        stats.update({"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": float("nan"), "logprob_gap": float("nan"),
+                      "trained_tokens": 0, "skipped": 1})
+        return stats
+    idx.sort(key=lambda i: len(ro.completions[i].prompt_token_ids) + len(ro.completions[i].token_ids))
+    chunks = [idx[j:j + cfg.micro_batch] for j in range(0, len(idx), cfg.micro_batch)]
+    rows = [_rows(ro.completions, c, pad_id) for c in chunks]
+    num_tokens = sum(r[2].sum() for r in rows).clamp(min=1.0)
+    ref = []
+    if cfg.beta != 0.0:
+        with torch.no_grad():
+            ref = [forward_logprobs(ref_model, r[0], r[1], cfg.temperature)[0] for r in rows]
+    old: list[torch.Tensor] = []
+    agg = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": 0.0, "logprob_gap": 0.0}
+    for it in range(cfg.num_iterations):
+        optimizer.zero_grad(set_to_none=True)
+        for j, (c, (inputs, targets, mask, eng_lp)) in enumerate(zip(chunks, rows)):
+            logp, ent = forward_logprobs(model, inputs, targets, cfg.temperature)
+            if it == 0:
+                old.append(logp.detach())
+                gap = ((logp.detach() - eng_lp).abs() * mask).max().item()
+                agg["logprob_gap"] = max(agg["logprob_gap"], gap)
+                agg["entropy"] += (ent * mask).sum().item()
+            out = policy_loss(logp, old[j], adv[c], mask, loss_type=cfg.loss_type, eps_low=cfg.eps_low,
+                              eps_high=cfg.eps_high, beta=cfg.beta, ref_logp=ref[j] if ref else None,
+                              max_tokens=cfg.max_tokens, num_seqs=len(idx), num_tokens=num_tokens)
+            out.loss.backward()
+            w = mask.sum().item() / num_tokens.item()
+            if it == cfg.num_iterations - 1:
+                agg["loss"] += out.loss.item()
+                agg["kl"] += out.kl.item() * w
+                agg["clip_frac"] += out.clip_frac.item() * w
+        if cfg.grad_clip:
+            stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+    agg["entropy"] /= num_tokens.item()
+    stats.update(agg)
+    stats["trained_tokens"] = int(num_tokens.item())
+    return stats

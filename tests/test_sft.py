@@ -1,0 +1,64 @@
+"""SFT: assistant-only loss masks on a rendered conversation, packing, bad input, a short run."""
+
+import json
+
+import pytest
+import torch
+
+import nanoseek as ns
+from nanoseek.errors import UsageError
+from nanoseek.tokenizer import Tokenizer
+from nanoseek.train.sft import IGNORE, SegmentMask, pack, read_jsonl, render
+
+CONV = [{"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "What is 12+7?"},
+        {"role": "assistant", "reasoning_content": "2+7=9, 1 carried 0, so 19", "content": "19"},
+        {"role": "user", "content": "And 3+4?"},
+        {"role": "assistant", "reasoning_content": "3+4=7", "content": "7"}]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    text = ["What is 12+7? 2+7=9, 1 carried 0, so 19. And 3+4? You are terse."] * 20
+    return Tokenizer.train(text, 300, progress=False)
+
+
+def test_trained_tokens_are_exactly_the_assistant_turns(tok):
+    (ids, mask), = render(tok, CONV)
+    assert ids == tok.apply_chat_template(CONV, add_generation_prompt=False, tokenize=True)
+    trained = tok.decode([i for i, m in zip(ids, mask) if m])
+    masked = tok.decode([i for i, m in zip(ids, mask) if not m])
+    # each assistant turn: reasoning, the closing think tag, the answer and EOS (the generation prompt's
+    # "<Assistant><think>\n" is prompt, the model never has to write it)
+    a1 = "2+7=9, 1 carried 0, so 19\n</think>\n\n19" + Tokenizer.EOS
+    a2 = "3+4=7\n</think>\n\n7" + Tokenizer.EOS
+    assert trained == a1 + a2
+    assert masked == (Tokenizer.BOS + "You are terse." + Tokenizer.USER + "What is 12+7?" + Tokenizer.ASSISTANT
+                      + "<think>\n" + Tokenizer.USER + "And 3+4?" + Tokenizer.ASSISTANT + "<think>\n")
+    assert mask[-1] and ids[-1] == tok.eos_id
+
+
+def test_packed_examples_do_not_see_each_other():
+    # two examples in one row with the block-diagonal mask give the logits each gives alone (float32 rounding)
+    torch.manual_seed(0)
+    model = ns.Transformer(ns.ModelConfig.preset("tiny")).eval()
+    a, b = torch.randint(0, 512, (7,)).tolist(), torch.randint(0, 512, (5,)).tolist()
+    batch = pack([[(a, [True] * 7), (b, [False, False] + [True] * 3)]], 16)
+    with torch.no_grad():
+        packed = model(batch.input_ids, positions=batch.positions, cache=SegmentMask(batch.segments))
+        alone_a, alone_b = model(torch.tensor([a])), model(torch.tensor([b]))
+    assert torch.allclose(packed[0, :7], alone_a[0], atol=1e-5)
+    assert torch.allclose(packed[0, 7:12], alone_b[0], atol=1e-5)
+    # targets: next token inside each example, only where the next token is trained; nothing across examples
+    t = batch.targets[0].tolist()
+    assert t[:6] == a[1:] and t[6] == IGNORE
+    assert t[7:12] == [IGNORE, b[2], b[3], b[4], IGNORE] and set(t[12:]) == {IGNORE}
+
+
+def test_malformed_jsonl_lines_are_listed(tmp_path):
+    p = tmp_path / "data.jsonl"
+    good = json.dumps({"messages": CONV[1:3]})
+    p.write_text("\n".join([good, "{not json", good, json.dumps({"text": "x"}),
+                            json.dumps({"messages": [{"role": "user", "content": "no answer"}]})]) + "\n")
+    with pytest.raises(UsageError, match=r"malformed line\(s\) 2, 4, 5"):
+        read_jsonl(p)
