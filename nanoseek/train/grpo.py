@@ -19,9 +19,14 @@ tested against hand-computed numbers in tests/test_grpo.py; the training loop be
 
 from __future__ import annotations
 
+import json
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+
+from ..errors import UsageError
 
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
 SCALE_REWARDS = ("group", "batch", "none")
@@ -301,3 +306,184 @@ def train_on_rollout(model, optimizer, ro: Rollout, cfg: GRPOConfig, pad_id: int
     stats.update(agg)
     stats["trained_tokens"] = int(num_tokens.item())
     return stats
+
+
+# ---------------------------------------------------------------------------------------------------- the loop
+def grpo(cfg: GRPOConfig | dict, reward_funcs=None, reward_weights=None, model=None, tokenizer=None) -> Path:
+    """Run GRPO and return OUT/final (a model folder with the tokenizer).
+
+    reward_funcs: callables fn(problems, texts, task) -> list[float] (one score per completion); default the task's
+    accuracy and format graders weighted by cfg.accuracy_weight and cfg.format_weight. reward_weights: one weight
+    per function (default 1.0 each for user functions).
+    """
+    import copy
+
+    from ..data.tasks import get_task
+    from ..eval import draw_problems, train_rng
+    from ..infer.engine import Engine
+    from . import loop
+    from .sft import _check_out, load_model_and_tokenizer
+
+    if isinstance(cfg, dict):
+        cfg = GRPOConfig(**cfg)
+    if cfg.loss_type not in LOSS_TYPES:
+        raise UsageError(f"--loss-type {cfg.loss_type!r}: expected one of {', '.join(LOSS_TYPES)}")
+    if cfg.scale_rewards not in SCALE_REWARDS:
+        raise UsageError(f"--scale-rewards {cfg.scale_rewards!r}: expected one of {', '.join(SCALE_REWARDS)}")
+    if cfg.group_size < 2:
+        raise UsageError(f"--group-size must be >= 2 (advantages are relative to the group), got {cfg.group_size}")
+    out = Path(cfg.out)
+    _check_out(out, cfg.resume)
+    task = get_task(cfg.task)
+    if model is None:
+        model, tokenizer = load_model_and_tokenizer(cfg.model)
+    if reward_funcs is None:
+        reward_funcs, reward_weights = [accuracy_reward, format_reward], [cfg.accuracy_weight, cfg.format_weight]
+    reward_weights = list(reward_weights or [1.0] * len(reward_funcs))
+    if len(reward_weights) != len(reward_funcs):
+        raise UsageError(f"{len(reward_funcs)} reward functions but {len(reward_weights)} reward weights")
+    difficulty = cfg.difficulty if cfg.difficulty is not None else getattr(task, "default_difficulty", 1)
+    torch.manual_seed(cfg.seed)
+    model.float().eval()   # no dropout anywhere; eval mode skips the MoE balance-loss bookkeeping
+    # the frozen reference pi_ref: only when the KL term is on (beta = 0 keeps no second model in memory)
+    ref_model = copy.deepcopy(model).requires_grad_(False) if cfg.beta != 0.0 else None
+    opt = torch.optim.AdamW(loop.param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.99))
+    step = 0
+    ckpt = loop.find_resume_checkpoint(out) if cfg.resume else None
+    if ckpt is not None:
+        loop.load_model_weights(ckpt, model)
+        doc = loop.load_trainer_state(ckpt, model, opt)
+        step = doc["step"]
+        if ref_model is not None:   # pi_ref is the starting model, not the checkpoint
+            ref_model.load_state_dict(load_model_and_tokenizer(cfg.model)[0].state_dict())
+        print(f"[grpo] resuming from {ckpt} (step {step})")
+    out.mkdir(parents=True, exist_ok=True)
+    logger = loop.MetricsLogger(out / "metrics.jsonl", resume_step=step if ckpt else None)
+    # the engine runs on the policy's own parameters: every update is seen by the next rollout
+    engine = Engine(model, tokenizer, max_batch=min(256, cfg.prompts_per_step * cfg.group_size))
+    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    bar = loop.progress(cfg.steps, step, "grpo", cfg.progress)
+    tokens_seen = int(logger.rows[-1].get("tokens_seen", 0)) if logger.rows else 0
+    with loop.StopOnSigint() as stop:
+        while step < cfg.steps:
+            t0 = time.time()
+            problems = draw_problems(task, train_rng(cfg.seed, "grpo", step), difficulty, cfg.prompts_per_step)
+            ro = rollout(engine, tokenizer, task, problems, cfg, step, reward_funcs, reward_weights)
+            t_sample = time.time() - t0
+            lr = loop.lr_at(step, total=cfg.steps, lr=cfg.lr, warmup=cfg.warmup_steps, schedule="cosine",
+                            min_lr_ratio=1.0)
+            loop.set_lr(opt, lr)
+            stats = train_on_rollout(model, opt, ro, cfg, pad_id, ref_model)
+            engine.reset_prefix_cache()   # cached prefixes hold latents of the old weights
+            step += 1
+            lengths = torch.tensor([float(c.completion_tokens) for c in ro.completions])
+            tokens_seen += sum(len(c.prompt_token_ids) + len(c.token_ids) for c in ro.completions)
+            row = {"step": step, "reward_mean": ro.rewards.mean().item(), "reward_std": ro.rewards.std().item(),
+                   "completion_len": lengths.mean().item(), "completion_len_max": lengths.max().item(),
+                   "lr": lr, "sample_s": t_sample, "step_s": time.time() - t0, "tokens_seen": tokens_seen}
+            for name, r in ro.parts.items():
+                row[{"accuracy_reward": "accuracy", "format_reward": "format_rate"}.get(name, name)] = r.mean().item()
+            row.update(stats)
+            logger.log(row)
+            if cfg.sample_every and (step == 1 or step % cfg.sample_every == 0):
+                _write_samples(out / "samples.jsonl", step, ro, cfg.group_size)
+            bar.update(1)
+            bar.set_postfix(reward=f"{row['reward_mean']:.2f}", acc=f"{row.get('accuracy', 0):.2f}")
+            if step % cfg.save_every == 0 or stop.requested or step == cfg.steps:
+                loop.save_checkpoint(out, step, model, model, opt, tokenizer=tokenizer, keep=cfg.keep_checkpoints,
+                                     state={"tokens_seen": tokens_seen, "config": vars(cfg)})
+            if stop.requested:
+                print(f"[grpo] stopped at step {step}; continue with --resume")
+                break
+    bar.close()
+    logger.close()
+    plot_rewards(logger.rows, out / "reward.png")
+    final = out / "final"
+    if step >= cfg.steps:
+        from ..checkpoint import save as save_model
+        save_model(model, final, tokenizer=tokenizer)
+        print(f"[grpo] wrote {final}")
+    return final
+
+
+def _write_samples(path: Path, step: int, ro: Rollout, G: int, groups: int = 2):
+    with open(path, "a") as f:
+        for p in range(min(groups, len(ro.problems))):
+            for g in range(G):
+                c = ro.completions[p * G + g]
+                f.write(json.dumps({"step": step, "question": ro.problems[p].question, "answer": str(ro.problems[p].answer),
+                                    "completion": c.text, "reward": ro.rewards[p, g].item(),
+                                    "finish_reason": c.finish_reason}) + "\n")
+
+
+def plot_rewards(rows: list[dict], path: Path) -> Path | None:
+    """OUT/reward.png: reward and accuracy per step (raw and a moving average)."""
+    if not rows:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    for key, color in (("reward_mean", "#4d6bfe"), ("accuracy", "#e07b39")):
+        ys = [r.get(key) if r.get(key) is not None else float("nan") for r in rows]
+        k = max(1, len(ys) // 20)
+        smooth = [sum(ys[max(0, i - k + 1):i + 1]) / len(ys[max(0, i - k + 1):i + 1]) for i in range(len(ys))]
+        ax.plot(steps, ys, color=color, alpha=0.25)
+        ax.plot(steps, smooth, color=color, label=key)
+    ax.set_xlabel("GRPO step")
+    ax.set_ylim(-0.05, 1.15)
+    ax.legend()
+    ax.set_title("GRPO: reward and accuracy on training prompts")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+# Tuned for the cpu speedrun (see the issue-5 report and docs/benchmarks.md); keys are CLI flags.
+SPEEDRUN_DEFAULTS: dict = {}
+
+
+def add_arguments(p):
+    p.add_argument("--model", help="policy model folder (with tokenizer.json)")
+    p.add_argument("--task", help="task whose generator gives prompts and whose grader gives rewards")
+    p.add_argument("--out", help="run folder (metrics.jsonl, samples.jsonl, reward.png, ckpt/, final/)")
+    p.add_argument("--config", help="TOML file with any of the options below (command line wins)")
+    p.add_argument("--difficulty", type=int)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--prompts-per-step", type=int, help="P prompts per step")
+    p.add_argument("--group-size", type=int, help="G completions per prompt")
+    p.add_argument("--max-tokens", type=int, help="completion budget")
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--warmup-steps", type=int)
+    p.add_argument("--beta", type=float, help="k3 KL weight (0: no reference model)")
+    p.add_argument("--eps-low", type=float)
+    p.add_argument("--eps-high", type=float)
+    p.add_argument("--loss-type", choices=LOSS_TYPES)
+    p.add_argument("--scale-rewards", choices=SCALE_REWARDS)
+    p.add_argument("--num-iterations", type=int)
+    p.add_argument("--dynamic-sampling", metavar="BOOL", help="drop groups whose rewards are all equal (true/false)")
+    p.add_argument("--mask-truncated", metavar="BOOL", help="no loss on completions cut at --max-tokens")
+    p.add_argument("--accuracy-weight", type=float)
+    p.add_argument("--format-weight", type=float)
+    p.add_argument("--micro-batch", type=int)
+    p.add_argument("--save-every", type=int)
+    p.add_argument("--sample-every", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--resume", action="store_true", default=None, help="continue from the newest checkpoint")
+
+
+def main(args) -> int:
+    from .sft import make_config
+
+    cfg = make_config(GRPOConfig, args)
+    for k in ("model", "task", "out"):
+        if not getattr(cfg, k):
+            raise UsageError(f"--{k} is required")
+    grpo(cfg)
+    return 0

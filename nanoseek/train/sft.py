@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -266,3 +267,199 @@ class ExampleStream:
                         return pack(rows, self.seq_len, pad_id=self.tok.pad_id or 0)
                 cur.append(ex)
                 used += L
+
+
+# ---------------------------------------------------------------------------------------------------- config
+@dataclass
+class SFTConfig:
+    model: str = ""                 # model folder to fine-tune (with tokenizer.json)
+    out: str = ""
+    data: str | None = None         # jsonl of {"messages": [...]}
+    task: str | None = None         # or: a task's worked solutions, generated fresh every step
+    difficulty: int | None = None   # task difficulty (None: the task's default)
+    steps: int = 300
+    batch_size: int = 16            # packed rows per optimizer step
+    seq_len: int = 512              # tokens per row
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 20
+    schedule: str = "cosine"
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    mtp_lambda: float = 0.3         # weight of the MTP loss (V3 uses 0.3 early in training), when the model has MTP
+    bias_update_speed: float = 0.0  # V3's routing-bias gamma; 0 keeps the pretrained routing as it is
+    seed: int = 0
+    save_every: int = 100
+    keep_checkpoints: int = 2
+    resume: bool = False
+    progress: bool = True
+
+
+def parse_bool(v) -> bool:
+    if isinstance(v, bool):
+        return v
+    s = str(v).strip().lower()
+    if s in ("1", "true", "yes", "on"):
+        return True
+    if s in ("0", "false", "no", "off"):
+        return False
+    raise UsageError(f"expected a boolean (true/false), got {v!r}")
+
+
+def make_config(cls, args=None, **overrides):
+    """dataclass `cls` from its defaults < a --config TOML file < explicit command-line values < overrides."""
+    import dataclasses
+
+    import tomllib
+
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values: dict = {}
+    path = getattr(args, "config", None) if args is not None else None
+    if path:
+        try:
+            doc = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise UsageError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as e:
+            raise UsageError(f"{path}: not valid TOML ({e})") from None
+        unknown = sorted(set(doc) - set(fields))
+        if unknown:
+            raise UsageError(f"{path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(fields)}")
+        values.update(doc)
+    if args is not None:
+        values.update({k: v for k, v in vars(args).items() if k in fields and v is not None})
+    values.update(overrides)
+    for k, f in fields.items():
+        if k in values and f.type in ("bool", bool):
+            values[k] = parse_bool(values[k])
+    return cls(**values)
+
+
+def _check_out(out: Path, resume: bool):
+    if not str(out):
+        raise UsageError("--out is required")
+    if not resume and ((out / "metrics.jsonl").exists() or (out / "final").exists() or (out / "ckpt").exists()):
+        raise UsageError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+
+
+def load_model_and_tokenizer(folder: str | Path):
+    """A model folder -> (model, tokenizer), with UsageError for a missing folder or tokenizer."""
+    from ..checkpoint import load
+    from ..tokenizer import Tokenizer
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UsageError(f"model folder {folder} does not exist")
+    if not (folder / "tokenizer.json").exists():
+        raise UsageError(f"{folder} has no tokenizer.json: post-training needs the model's tokenizer in its folder "
+                         f"(save the model with ns.save(model, folder, tokenizer=tok), or copy tokenizer*.json there)")
+    return load(folder), Tokenizer.load(folder)
+
+
+# ---------------------------------------------------------------------------------------------------- training
+def sft(cfg: SFTConfig | dict, model=None, tokenizer=None) -> Path:
+    """Fine-tune and return OUT/final (a model folder with the tokenizer). `model`/`tokenizer` given: train
+    them in place (distillation's fresh student), else load cfg.model."""
+    from ..data.tasks import get_task
+    from ..model import update_bias
+    from . import loop
+
+    if isinstance(cfg, dict):
+        cfg = SFTConfig(**cfg)
+    out = Path(cfg.out)
+    _check_out(out, cfg.resume)
+    if (cfg.data is None) == (cfg.task is None):
+        raise UsageError("pass exactly one of --data FILE.jsonl or --task NAME")
+    task = get_task(cfg.task) if cfg.task else None
+    convs = read_jsonl(cfg.data) if cfg.data else None
+    if model is None:
+        model, tokenizer = load_model_and_tokenizer(cfg.model)
+    difficulty = cfg.difficulty if cfg.difficulty is not None else getattr(task, "default_difficulty", 1)
+    stream = ExampleStream(tokenizer, cfg.seed, cfg.batch_size, cfg.seq_len, convs=convs, task=task,
+                           difficulty=difficulty)
+    torch.manual_seed(cfg.seed)
+    model.float().train()
+    opt = torch.optim.AdamW(loop.param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
+    step, tokens_seen = 0, 0
+    ckpt = loop.find_resume_checkpoint(out) if cfg.resume else None
+    if ckpt is not None:
+        loop.load_model_weights(ckpt, model)
+        doc = loop.load_trainer_state(ckpt, model, opt)
+        step, tokens_seen = doc["step"], doc["state"].get("tokens_seen", 0)
+        print(f"[sft] resuming from {ckpt} (step {step})")
+    out.mkdir(parents=True, exist_ok=True)
+    logger = loop.MetricsLogger(out / "metrics.jsonl", resume_step=step if ckpt else None)
+    mtp_lambda = cfg.mtp_lambda if len(model.mtp) else 0.0
+    bar = loop.progress(cfg.steps, step, "sft", cfg.progress)
+
+    def save(at):
+        loop.save_checkpoint(out, at, model, model, opt, tokenizer=tokenizer, keep=cfg.keep_checkpoints,
+                             state={"tokens_seen": tokens_seen, "config": vars(cfg)})
+
+    with loop.StopOnSigint() as stop:
+        while step < cfg.steps:
+            t0 = time.time()
+            batch = stream.batch(step)
+            lr = loop.lr_at(step, total=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, schedule=cfg.schedule,
+                            min_lr_ratio=cfg.min_lr_ratio)
+            loop.set_lr(opt, lr)
+            opt.zero_grad(set_to_none=True)
+            parts = sft_losses(model, batch, mtp_lambda)
+            total = parts["loss"] + mtp_lambda * parts["mtp_loss"] + parts["balance_loss"]
+            total.backward()
+            grad_norm = loop.clip_grad(model.parameters(), cfg.grad_clip)
+            opt.step()
+            if cfg.bias_update_speed:
+                for moe in model.moe_layers():
+                    update_bias(moe.gate, moe.load, cfg.bias_update_speed)
+            step += 1
+            n_in = int((batch.segments >= 0).sum())
+            tokens_seen += n_in
+            logger.log({"step": step, "loss": parts["loss"].item(), "mtp_loss": parts["mtp_loss"].item(),
+                        "lr": lr, "grad_norm": grad_norm, "tokens": n_in, "trained_tokens": batch.trained_tokens,
+                        "tokens_seen": tokens_seen, "step_s": time.time() - t0})
+            bar.update(1)
+            bar.set_postfix(loss=f"{parts['loss'].item():.3f}")
+            if step % cfg.save_every == 0 or stop.requested or step == cfg.steps:
+                save(step)
+            if stop.requested:
+                print(f"[sft] stopped at step {step}; continue with --resume")
+                break
+    bar.close()
+    logger.close()
+    final = out / "final"
+    if step >= cfg.steps:
+        from ..checkpoint import save as save_model
+        save_model(model, final, tokenizer=tokenizer)
+        print(f"[sft] wrote {final}")
+    return final
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+def add_arguments(p):
+    p.add_argument("--model", help="model folder to fine-tune (with tokenizer.json)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--data", help="jsonl file, one {\"messages\": [...]} per line")
+    src.add_argument("--task", help="train on a task's generated worked solutions")
+    p.add_argument("--out", help="run folder (metrics.jsonl, ckpt/, final/)")
+    p.add_argument("--config", help="TOML file with any of the options below (command line wins)")
+    p.add_argument("--difficulty", type=int)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--batch-size", type=int, help="packed rows per step")
+    p.add_argument("--seq-len", type=int, help="tokens per packed row")
+    p.add_argument("--warmup", type=int)
+    p.add_argument("--mtp-lambda", type=float)
+    p.add_argument("--save-every", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--resume", action="store_true", default=None, help="continue from the newest checkpoint")
+
+
+def main(args) -> int:
+    cfg = make_config(SFTConfig, args)
+    if not cfg.model:
+        raise UsageError("--model DIR is required")
+    if not cfg.out:
+        raise UsageError("--out DIR is required")
+    sft(cfg)
+    return 0
