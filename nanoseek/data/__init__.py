@@ -1,0 +1,1 @@
+"""Data: pretraining corpora (`corpus.py`) and the verifiable tasks used by SFT, GRPO and eval (`tasks.py`)."""
