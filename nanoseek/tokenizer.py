@@ -150,11 +150,8 @@ class Tokenizer:
         if isinstance(files_or_iterator, (str, os.PathLike)):
             files_or_iterator = [files_or_iterator]
         items = files_or_iterator
-        if isinstance(items, (list, tuple)) and items and all(isinstance(f, os.PathLike) for f in items):
-            texts = iter_files(items)
-        elif isinstance(items, (list, tuple)) and items and all(isinstance(f, str) for f in items) \
-                and all(len(f) < 4096 and "\n" not in f and Path(f).is_file() for f in items):
-            texts = iter_files(items)  # a list of existing paths
+        if isinstance(items, (list, tuple)) and items and all(_is_path(f) for f in items):
+            texts = read_files(items)
         else:
             texts = iter(items)
 
@@ -175,6 +172,12 @@ class Tokenizer:
                 if not isinstance(text, str):
                     raise UsageError(f"tokenizer training data must be strings, got {type(text).__name__}")
                 for piece in split.split(text):
+                    # a whole .txt file is one document: feed it in ~1 MB slices cut at line ends (memory)
+                    while len(piece) > 1 << 20:
+                        cut = piece.rfind("\n", 0, 1 << 20) + 1 or 1 << 20
+                        seen["n"] += 1
+                        yield piece[:cut]
+                        piece = piece[cut:]
                     if piece:
                         seen["n"] += 1
                         yield piece
@@ -336,55 +339,34 @@ class Tokenizer:
 
 
 # ---------------------------------------------------------------- data files
-def iter_files(paths: Iterable[str | os.PathLike]) -> Iterator[str]:
-    """Yield the documents of text files: .jsonl ("text", or chat "messages" rendered), .parquet ("text"
-    column), anything else as plain text (in chunks of lines, so huge files stream)."""
-    paths = [Path(p) for p in paths]
-    for p in paths:
-        if not p.is_file():
-            raise UsageError(f"data file {p} does not exist (or is not a file); pass existing text/jsonl files")
-        if p.stat().st_size == 0:
-            raise UsageError(f"data file {p} is empty; pass a file with text in it")
-    for p in paths:
-        if p.suffix == ".jsonl":
-            with open(p, encoding="utf-8") as f:
-                for n, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        obj = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise UsageError(f"{p}:{n} is not valid JSON ({e}); one JSON object per line expected") from e
-                    if isinstance(obj, dict) and isinstance(obj.get("text"), str):
-                        yield obj["text"]
-                    elif isinstance(obj, dict) and isinstance(obj.get("messages"), list):
-                        yield render_chat(obj["messages"], add_generation_prompt=False)
-                    else:
-                        raise UsageError(f"{p}:{n} has neither a \"text\" string nor a \"messages\" list")
-        elif p.suffix == ".parquet":
-            try:
-                import pyarrow.parquet as pq
-            except ImportError as e:
-                raise UsageError("reading .parquet needs pyarrow: pip install 'nanoseek[parquet]'") from e
-            table = pq.read_table(p, columns=["text"])
-            for batch in table.to_batches():
-                yield from (t for t in batch.column(0).to_pylist() if t)
-        else:
-            with open(p, encoding="utf-8", errors="replace") as f:
-                chunk: list[str] = []
-                for line in f:
-                    chunk.append(line)
-                    if len(chunk) >= 1000:
-                        yield "".join(chunk)
-                        chunk = []
-                if chunk:
-                    yield "".join(chunk)
+def _is_path(x) -> bool:
+    return isinstance(x, os.PathLike) or (isinstance(x, str) and len(x) < 4096 and "\n" not in x
+                                          and (Path(x).exists() or x.startswith("hf:")))
+
+
+class _ChatRenderer:
+    """Renders {"messages": [...]} documents with our chat template while there is no tokenizer yet."""
+
+    def apply_chat_template(self, messages, add_generation_prompt=False, tokenize=False):
+        return render_chat(messages, add_generation_prompt=add_generation_prompt)
+
+
+def read_files(paths: Iterable[str | os.PathLike]) -> Iterator[str]:
+    """The documents of data files or folders, read exactly as `nanoseek pretrain --data` reads them
+    (nanoseek.data.corpus.read_documents: .txt/.md, .jsonl "text" or "messages", .parquet, hf:NAME). Every path
+    is checked (exists, not empty, supported) before any is read, so bad input fails at once."""
+    from itertools import chain
+
+    from .data.corpus import read_documents
+    readers = [read_documents(p, tokenizer=_ChatRenderer()) for p in paths]
+    return chain.from_iterable(readers)
 
 
 # ---------------------------------------------------------------- CLI
 def add_arguments(parser) -> None:
-    parser.add_argument("--data", nargs="*", default=None, metavar="FILE",
-                        help="text / .jsonl / .parquet files (default: the embedded task corpus, offline)")
+    parser.add_argument("--data", nargs="*", default=None, metavar="PATH",
+                        help="files or folders of .txt/.md/.jsonl/.parquet, or hf:DATASET (as pretrain --data); "
+                             "default: the embedded task corpus (offline)")
     parser.add_argument("--vocab-size", type=int, default=1024, help="total vocabulary, special tokens included")
     parser.add_argument("--out", required=True, help="folder to write tokenizer.json etc. into")
     parser.add_argument("--corpus-docs", type=int, default=20000,
@@ -398,12 +380,7 @@ def main(args) -> int:
     if (out / "tokenizer.json").exists() and not args.force:
         raise UsageError(f"{out / 'tokenizer.json'} already exists; choose another --out or pass --force")
     if args.data:
-        for p in map(Path, args.data):
-            if not p.is_file():
-                raise UsageError(f"data file {p} does not exist; pass existing text/jsonl/parquet files")
-            if p.stat().st_size == 0:
-                raise UsageError(f"data file {p} is empty; pass a file with text in it")
-        source = iter_files(args.data)
+        source = read_files(args.data)
         what = ", ".join(args.data)
     else:
         from .data.tasks import corpus_documents

@@ -215,3 +215,19 @@ def test_corpus_documents_mix_styles_tasks_and_are_deterministic():
         assert any(word in d for d in docs), word
     only = list(corpus_documents(20, seed=0, tasks=["sort"], difficulty=1))
     assert all("Sort in ascending order" in d for d in only)
+
+
+def test_readme_examples_of_user_tasks_work():
+    import re
+    from pathlib import Path
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    section = readme.read_text(encoding="utf-8").split("## Add your own task", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL)
+    assert len(blocks) == 2
+    for code in blocks:
+        exec(compile(code, "README.md", "exec"), {})
+    for name in ("multiply", "double"):
+        task = get_task(name)
+        for p in task.problems(20, seed=0, difficulty=2):
+            assert task.grade(p, task.worked_solution(p)) == 1.0
+            assert task.grade(p, answer(p.answer + "1")) == 0.0

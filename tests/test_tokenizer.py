@@ -205,4 +205,4 @@ def test_cli_trains_and_refuses_bad_data_without_overwriting(tmp_path, capsys):
     assert _cli(["--data", str(data), "--out", str(out)]) == 2  # exists: no overwrite
     assert (out / "tokenizer.json").read_bytes() == before
     err = capsys.readouterr().err
-    assert "does not exist" in err and "empty" in err and "at least 263" in err and "already exists" in err
+    assert "missing.txt" in err and "empty" in err and "at least 263" in err and "already exists" in err
