@@ -37,6 +37,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..errors import UsageError
 from .worker import EngineWorker, Metrics, QueueFull, WorkerDead
 
 log = logging.getLogger("nanoseek.serve")
@@ -358,7 +359,10 @@ def create_app(engine, tokenizer, model_name: str = "nanoseek", api_key: str | N
                 kw[name] = getattr(req, name)
         if req.top_k is not None:
             kw["top_k"] = max(0, req.top_k)
-        return sampling_params(**kw)
+        try:
+            return sampling_params(**kw)
+        except (ValueError, UsageError) as e:  # a combination the sampler refuses
+            raise APIError(422, f"invalid parameters: {e}", "invalid_parameter") from None
 
     def submit(prompt: list[int], params, rid: str):
         try:
@@ -379,7 +383,7 @@ def create_app(engine, tokenizer, model_name: str = "nanoseek", api_key: str | N
             return None
         if isinstance(item, WorkerDead):
             raise APIError(503, f"Server overloaded: {item}", "engine_unavailable", headers={"Retry-After": "5"})
-        if isinstance(item, ValueError):
+        if isinstance(item, (ValueError, UsageError)):
             raise APIError(400, f"the engine refused the request: {item}", "invalid_request")
         if isinstance(item, Exception):
             raise APIError(500, f"generation failed: {item}", "engine_error")
@@ -405,13 +409,14 @@ def create_app(engine, tokenizer, model_name: str = "nanoseek", api_key: str | N
         items = entry.items() if isinstance(entry, dict) else entry
         return [(int(t), float(lp)) for t, lp in items]
 
-    def chat_logprobs(comp, top_n: int) -> dict | None:
-        lps = getattr(comp, "logprobs", None)
-        if not lps:
+    def chat_logprobs(x, top_n: int) -> dict | None:
+        """OpenAI's chat logprobs {"content": [{token, logprob, bytes, top_logprobs}]} of a Completion or delta."""
+        lps = getattr(x, "logprobs", None)
+        if lps is None:
             return None
-        tops = getattr(comp, "top_logprobs", None) or [None] * len(lps)
+        tops = getattr(x, "top_logprobs", None) or [None] * len(lps)
         content = []
-        for tid, lp, top in zip(comp.token_ids, lps, tops):
+        for tid, lp, top in zip(x.token_ids, lps, tops):
             s = token_str(tid)
             content.append({"token": s, "logprob": float(lp), "bytes": list(s.encode()),
                             "top_logprobs": [{"token": token_str(t), "logprob": v, "bytes": list(token_str(t).encode())}
@@ -510,6 +515,7 @@ def create_app(engine, tokenizer, model_name: str = "nanoseek", api_key: str | N
             return _sse(c)
 
         async def events():
+            streamed_lp = False   # per-delta logprobs sent (else all of them go with the last chunk)
             yield chunk({"role": "assistant", "content": ""})
             try:
                 while True:
@@ -522,11 +528,14 @@ def create_app(engine, tokenizer, model_name: str = "nanoseek", api_key: str | N
                         delta["reasoning_content"] = d.reasoning_text
                     if d.text:
                         delta["content"] = d.text
-                    if delta:
-                        yield chunk(delta)
+                    lp = chat_logprobs(d, top_n) if req.logprobs and d.token_ids else None
+                    streamed_lp = streamed_lp or lp is not None
+                    if delta or lp:
+                        yield chunk(delta, logprobs=lp)
                     if d.finished:
                         comp = d.completion
-                        yield chunk({}, finish(d.finish_reason), chat_logprobs(comp, top_n) if req.logprobs else None)
+                        lp = chat_logprobs(comp, top_n) if req.logprobs and not streamed_lp else None
+                        yield chunk({}, finish(d.finish_reason), lp)
                         if include_usage:
                             yield _sse({**base, "object": "chat.completion.chunk", "choices": [], "usage": usage(comp)})
                         break
@@ -550,7 +559,8 @@ def create_app(engine, tokenizer, model_name: str = "nanoseek", api_key: str | N
             p = p[0]
         if isinstance(p, str):
             prompt_text = p
-            prompt = tokenizer.encode(p, add_bos=True)
+            bos = getattr(tokenizer, "bos_token", None)
+            prompt = tokenizer.encode(p, add_bos=not (bos and p.startswith(bos)))  # a rendered chat has its bos
         else:
             if vocab and any(not 0 <= t < vocab for t in p):
                 raise APIError(422, f"prompt token ids must be in [0, {vocab})", "invalid_parameter", param="prompt")
@@ -606,9 +616,10 @@ def create_app(engine, tokenizer, model_name: str = "nanoseek", api_key: str | N
         return SSEResponse(events(), on_close=lambda: worker.cancel(job))
 
     def raw_text(d) -> str:
-        # /v1/completions returns the text as generated, tags included: the engine's delta splits it in two
-        # (reasoning, answer) and a delta is all one or all the other, except the one holding </think>.
-        return (d.reasoning_text or "") + (d.text or "")
+        # /v1/completions returns the text as generated, <think> tags included (the delta's raw_text); an engine
+        # without it gets the two halves glued back (tags lost).
+        raw = getattr(d, "raw_text", None)
+        return raw if raw is not None else (d.reasoning_text or "") + (d.text or "")
 
     async def models(request: Request):
         check_key(request)

@@ -247,7 +247,8 @@ class EngineWorker:
         eng = self.engine
         while True:
             with self._cv:
-                while not (self._stop or self._pending or self._aborts or self._running):
+                # (an aborted request's final delta is emitted by the engine's next step: step until it is out)
+                while not (self._stop or self._pending or self._aborts or self._running or eng.has_unfinished()):
                     self._cv.wait()
                 if self._stop:
                     break
