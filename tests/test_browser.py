@@ -1,0 +1,120 @@
+"""The chat page in a real browser: headless Chromium (Debian's /usr/bin/chromium) driven by Playwright.
+
+Same server and memorising tiny model as tests/test_server.py: the page must stream the answer into the
+conversation and show the reasoning in a collapsible "Thinking" section; the deep-think toggle and new chat work,
+and the page fits a phone's width. Skipped (with how to enable it) where Chromium or playwright is missing.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = os.environ.get("NANOSEEK_CHROMIUM", "/usr/bin/chromium")
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--no-first-run"]
+HOWTO = "to run it: apt-get install chromium (Debian) and pip install playwright (`make install` + .ci/run do both)"
+
+
+@pytest.fixture(scope="module")
+def playwright_api():
+    if not (os.path.exists(CHROMIUM) or shutil.which("chromium")):
+        pytest.skip(f"browser test skipped: no Chromium at {CHROMIUM}; {HOWTO}")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip(f"browser test skipped: the playwright package is not installed; {HOWTO}")
+    return sync_playwright
+
+
+def test_chat_page_streams_an_answer_with_a_thinking_section(playwright_api, tmp_path_factory, tmp_path):
+    import torch
+    from test_server import KEY, ServerThread, build_chat_model
+
+    from nanoseek.serve.api import create_app, load_engine
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)     # the tiny model is much faster on one thread of a contended CPU
+    try:
+        model_dir = build_chat_model(tmp_path_factory.getbasetemp())
+        engine, tok = load_engine(model_dir, max_batch=4, device="cpu")
+        app = create_app(engine, tok, model_name="tiny-r1", api_key=KEY)
+        with ServerThread(app) as srv, playwright_api() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM if os.path.exists(CHROMIUM)
+                                        else shutil.which("chromium"), args=ARGS)
+            try:
+                run_page(browser, srv.url, KEY, tmp_path)
+            finally:
+                browser.close()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run_page(browser, url, key, shots):
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(url + "/")
+    assert page.title() == "nanoseek chat"
+    # the key goes in through the settings panel and is remembered by the browser
+    page.click("#settings-toggle")
+    page.fill("#api-key", key)
+    page.press("#api-key", "Tab")                     # "change" fires when the field loses focus
+    page.eval_on_selector("#temperature", "el => { el.value = 0; el.dispatchEvent(new Event('input')); }")
+    page.click("#settings-toggle")
+    page.wait_for_function("document.getElementById('model-name').textContent === 'tiny-r1'")
+    assert key in page.evaluate("localStorage.getItem('nanoseek.settings')")
+
+    # count how many times the answer's text changes while it streams in
+    page.evaluate("""() => {
+        window.__answerUpdates = 0;
+        new MutationObserver(() => { window.__answerUpdates++; })
+            .observe(document.getElementById('conversation'), {subtree: true, childList: true, characterData: true});
+    }""")
+    page.fill("#prompt", "hello")
+    page.press("#prompt", "Enter")
+    page.wait_for_selector(".msg.assistant .answer:not(:empty)", timeout=30000)
+    page.wait_for_selector(".msg.assistant:not(.streaming)", timeout=30000)
+    assert page.inner_text(".msg.user .bubble") == "hello"
+    assert page.inner_text(".msg.assistant .answer") == "Hello! How can I help?"
+    assert page.evaluate("window.__answerUpdates") > 5, "the answer arrived in one piece, not streamed"
+    thinking = page.locator(".msg.assistant details.thinking")
+    assert thinking.is_visible()
+    assert page.inner_text(".msg.assistant summary").startswith("Thought for")
+    assert not thinking.evaluate("d => d.open")          # collapsed once the answer began
+    page.click(".msg.assistant summary")                  # ... and opens on a click
+    assert page.inner_text(".msg.assistant .thinking-text").strip() == "the user greets me"
+    assert "tokens" in page.inner_text(".msg.assistant .meta")
+    page.screenshot(path=str(shots / "desktop.png"), full_page=True)
+
+    # deep think off: the template closes the think block, so no thinking section
+    page.click("#think-toggle")
+    assert page.get_attribute("#think-toggle", "aria-pressed") == "false"
+    page.fill("#prompt", "hello")
+    page.press("#prompt", "Enter")
+    page.wait_for_function("document.querySelectorAll('.msg.assistant').length === 2 && "
+                           "!document.querySelector('.msg.assistant.streaming')", timeout=30000)
+    assert not page.locator(".msg.assistant").nth(1).locator("details.thinking").is_visible()
+
+    # new chat empties the conversation
+    page.click("#new-chat")
+    assert page.locator(".msg").count() == 0 and page.locator("#empty").is_visible()
+
+    # a phone: the same page, one column, nothing wider than the screen
+    phone = browser.new_page(viewport={"width": 390, "height": 844}, is_mobile=True)
+    phone.goto(url + "/")
+    phone.evaluate(f"localStorage.setItem('nanoseek.settings', JSON.stringify({{apiKey: '{key}', temperature: 0}}))")
+    phone.reload()
+    phone.fill("#prompt", "what is 2+3?")
+    phone.press("#prompt", "Enter")
+    phone.wait_for_selector(".msg.assistant:not(.streaming) .answer:not(:empty)", timeout=30000)
+    assert phone.inner_text(".msg.assistant .answer") == "The answer is 5."
+    assert phone.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    box = phone.locator("#composer").bounding_box()
+    assert box["x"] >= 0 and box["x"] + box["width"] <= 390
+    phone.screenshot(path=str(shots / "phone.png"), full_page=True)
+    assert not errors, errors
