@@ -41,7 +41,7 @@ def build_chat_model(root) -> str:
     if (folder / "model.safetensors").is_file():
         return str(folder)
     corpus = [f"{q} {r} {a}" for q, r, a in CONVS] * 20 + [LONG_SYSTEM, "the quick brown fox, café 你好"] * 10
-    tok = Tokenizer.train(corpus, vocab_size=320, progress=False)
+    tok = Tokenizer.train(iter(corpus), vocab_size=320, progress=False)  # texts, not file names
     g = torch.manual_seed(0)
     cfg = ns.ModelConfig.preset("tiny", vocab_size=tok.vocab_size, bos_token_id=tok.bos_id,
                                 eos_token_id=tok.eos_id, max_position_embeddings=512)

@@ -1,0 +1,224 @@
+"""Serving load test: N concurrent streaming clients against `nanoseek serve`, over loopback, same run as its peers.
+
+    .venv/bin/python bench/serve.py [--model DIR | --preset cpu] [--clients 16] [--requests 64] [--max-tokens 64]
+
+Starts the server in this process (uvicorn in a thread on a free 127.0.0.1 port), then measures with vLLM's
+benchmark definitions (shared/spec/api.md): TTFT (request sent -> first streamed token), TPOT ((latency - TTFT) /
+(output tokens - 1)), ITL (gaps between chunks), end-to-end latency, request and output-token throughput, errors.
+Requests use EOS-ignoring sampling with a fixed max_tokens so every run generates the same number of tokens.
+
+Peers, measured in the same run on the same weights and prompts:
+  * 1 client: the same requests one after the other through the server -> the gain of continuous batching;
+  * engine.generate on the same prompts at the same batch size, no HTTP -> what the HTTP/SSE layer costs.
+Bounded: at most --requests requests and --time-limit seconds per phase; loopback only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+WORDS = ("the model reads a prompt and writes an answer one token at a time while the cache keeps the latent of "
+         "every token so that attention over the past costs little memory").split()
+
+
+def build_model(preset: str, folder: Path):
+    """A random-weight model of `preset` with a small BPE tokenizer: enough to time the serving path."""
+    import nanoseek as ns
+    from nanoseek.tokenizer import Tokenizer
+    cfg = ns.ModelConfig.preset(preset)
+    corpus = [" ".join(random.Random(i).choices(WORDS, k=200)) for i in range(50)]
+    tok = Tokenizer.train(iter(corpus), vocab_size=min(cfg.vocab_size, 512), progress=False)
+    torch.manual_seed(0)
+    model = ns.Transformer(cfg.replace(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id))
+    ns.save(model.eval(), folder, tokenizer=tok)
+    return str(folder)
+
+
+def prompts(n: int, words: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choices(WORDS, k=words)) for _ in range(n)]
+
+
+class Server:
+    def __init__(self, app):
+        import uvicorn
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.sock.close()
+
+
+async def one_request(client, url: str, prompt: str, max_tokens: int) -> dict:
+    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "ignore_eos": True,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    first, stamps, usage, error = None, [], None, None
+    try:
+        async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
+            if r.status_code != 200:
+                return {"error": f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"}
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    error = chunk["error"]["message"]
+                    break
+                if chunk.get("usage"):
+                    usage = chunk["usage"]
+                d = chunk["choices"][0]["delta"] if chunk.get("choices") else {}
+                if d.get("content") or d.get("reasoning_content"):
+                    now = time.perf_counter()
+                    first = first or now
+                    stamps.append(now)
+    except Exception as e:  # a load test counts failures, it does not stop at the first
+        error = f"{type(e).__name__}: {e}"
+    end = time.perf_counter()
+    if error or usage is None or first is None:
+        return {"error": error or "no tokens / no usage"}
+    n = usage["completion_tokens"]
+    return {"ttft": first - t0, "latency": end - t0, "tokens": n,
+            "tpot": (end - first) / (n - 1) if n > 1 else 0.0,
+            "itl": [b - a for a, b in zip(stamps, stamps[1:])]}
+
+
+async def load(url: str, texts: list[str], clients: int, max_tokens: int, time_limit: float) -> tuple[list, float]:
+    import httpx
+    queue = list(texts)
+    results = []
+    deadline = time.perf_counter() + time_limit
+
+    async def client_loop(c):
+        while queue and time.perf_counter() < deadline:
+            results.append(await one_request(c, url, queue.pop(), max_tokens))
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(timeout=max(60.0, time_limit), limits=limits) as c:
+        t0 = time.perf_counter()
+        await asyncio.gather(*[client_loop(c) for _ in range(clients)])
+        return results, time.perf_counter() - t0
+
+
+def pct(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))] if xs else float("nan")
+
+
+def summarize(name: str, results: list, secs: float) -> dict:
+    ok = [r for r in results if "error" not in r]
+    errors = [r["error"] for r in results if "error" in r]
+    toks = sum(r["tokens"] for r in ok)
+    itl = [x for r in ok for x in r["itl"]]
+    s = {"name": name, "requests": len(results), "errors": len(errors), "seconds": secs,
+         "req_per_s": len(ok) / secs, "tok_per_s": toks / secs,
+         "ttft_p50": pct([r["ttft"] for r in ok], 50), "ttft_p99": pct([r["ttft"] for r in ok], 99),
+         "tpot_mean": statistics.fmean([r["tpot"] for r in ok]) if ok else float("nan"),
+         "tpot_p99": pct([r["tpot"] for r in ok], 99), "itl_p50": pct(itl, 50), "itl_p99": pct(itl, 99),
+         "e2e_p50": pct([r["latency"] for r in ok], 50)}
+    if errors:
+        print(f"  {name}: {len(errors)} errors, first: {errors[0]}", file=sys.stderr)
+    return s
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="a model folder (default: a random --preset model)")
+    ap.add_argument("--preset", default="cpu")
+    ap.add_argument("--clients", type=int, default=16, help="concurrent streaming clients (= engine batch)")
+    ap.add_argument("--requests", type=int, default=64, help="requests in the concurrent phase")
+    ap.add_argument("--sequential-requests", type=int, default=8, help="requests in the 1-client phase")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--prompt-words", type=int, default=40)
+    ap.add_argument("--time-limit", type=float, default=120.0, help="seconds per phase at most")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: stable timings on a shared machine)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--json", default=None, help="also write the results here")
+    args = ap.parse_args(argv)
+    if not (1 <= args.clients <= 256 and 1 <= args.requests <= 10000 and args.max_tokens >= 2):
+        ap.error("need 1 <= --clients <= 256, 1 <= --requests <= 10000, --max-tokens >= 2")
+    torch.set_num_threads(args.threads)
+
+    from nanoseek.infer.engine import SamplingParams
+    from nanoseek.serve.api import create_app, load_engine
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = args.model or build_model(args.preset, Path(tmp) / "model")
+        ctx = args.prompt_words * 4 + args.max_tokens + 64
+        engine, tok = load_engine(folder, max_batch=args.clients, max_seq_len=ctx, device=args.device)
+    app = create_app(engine, tok, model_name="bench", max_concurrency=args.clients,
+                     max_queue=max(args.requests, args.clients))
+    texts = prompts(args.requests, args.prompt_words)
+    seq_texts = prompts(args.sequential_requests, args.prompt_words, seed=1)
+    # peer: the engine alone, the same prompts through the chat template, batched the same way; timed before and
+    # after the server phases (best of the two: the machine is shared). The prefix cache is emptied before every
+    # phase so that no phase reuses another's prompts.
+    params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
+    ids = [tok.apply_chat_template([{"role": "user", "content": t}], tokenize=True) for t in texts]
+
+    def engine_alone() -> tuple[float, int]:
+        engine.reset_prefix_cache()
+        t0 = time.perf_counter()
+        comps = engine.generate(ids, params)
+        return time.perf_counter() - t0, sum(c.completion_tokens for c in comps)
+
+    engine.generate(ids[:2], SamplingParams(temperature=0, max_tokens=4))                    # warm-up
+    eng_secs, eng_tokens = engine_alone()
+    rows = []
+    with Server(app) as srv:
+        engine.reset_prefix_cache()
+        res, secs = asyncio.run(load(srv.url, seq_texts, 1, args.max_tokens, args.time_limit))
+        rows.append(summarize("server, 1 client", res, secs))
+        engine.reset_prefix_cache()  # (the engine thread is idle between phases)
+        res, secs = asyncio.run(load(srv.url, texts, args.clients, args.max_tokens, args.time_limit))
+        rows.append(summarize(f"server, {args.clients} clients", res, secs))
+    eng_secs = min(eng_secs, engine_alone()[0])
+    eng_tps = eng_tokens / eng_secs
+
+    print(f"\nserve load test: {args.requests} requests x {args.max_tokens} tokens, prompts of ~{args.prompt_words} "
+          f"words, model {args.model or 'random ' + args.preset}, {args.threads} torch thread(s), {args.device}\n")
+    print(f"{'phase':<22}{'reqs':>6}{'errors':>7}{'req/s':>8}{'tok/s':>9}{'TTFT p50':>10}{'TTFT p99':>10}"
+          f"{'TPOT mean':>11}{'TPOT p99':>10}{'ITL p99':>9}")
+    for r in rows:
+        print(f"{r['name']:<22}{r['requests']:>6}{r['errors']:>7}{r['req_per_s']:>8.2f}{r['tok_per_s']:>9.1f}"
+              f"{r['ttft_p50'] * 1e3:>8.0f}ms{r['ttft_p99'] * 1e3:>8.0f}ms{r['tpot_mean'] * 1e3:>9.1f}ms"
+              f"{r['tpot_p99'] * 1e3:>8.1f}ms{r['itl_p99'] * 1e3:>7.1f}ms")
+    print(f"{'engine.generate':<22}{len(ids):>6}{0:>7}{len(ids) / eng_secs:>8.2f}{eng_tps:>9.1f}")
+    seq, conc = rows
+    print(f"\nratio {args.clients} clients / 1 client (continuous batching): "
+          f"{conc['tok_per_s'] / seq['tok_per_s']:.2f}x output tokens/s")
+    print(f"ratio server / engine.generate at batch {args.clients} (HTTP + SSE + worker thread cost): "
+          f"{conc['tok_per_s'] / eng_tps:.2f}x output tokens/s")
+    errors = sum(r["errors"] for r in rows)
+    print(f"errors: {errors}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows, "engine_tok_per_s": eng_tps, "args": vars(args)},
+                                              indent=2))
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
