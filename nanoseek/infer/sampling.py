@@ -1,0 +1,153 @@
+"""SamplingParams and the batched sampler: penalties, temperature, min-p, top-k, top-p, per-request seeds.
+
+Everything runs on (N, vocab) tensors for the whole batch at once; the only Python loop is over requests, to read
+their parameters and draw one uniform number from each request's own torch.Generator (so a seeded request samples
+the same tokens whatever else shares its batch).
+
+Order, as vLLM applies it: penalties on the raw logits (repetition, then frequency/presence), temperature, min-p,
+top-k, top-p, then one draw by inverse CDF. `logprobs` are computed before all of that, from log_softmax(logits /
+temperature) (raw logits when greedy): the quantity a training forward recomputes (GRPO compares the two).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import UsageError
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0          # 0 = greedy
+    top_p: float = 1.0                # nucleus: keep the smallest set of tokens with probability mass >= top_p
+    top_k: int = 0                    # keep the k most likely tokens (0 = all)
+    min_p: float = 0.0                # drop tokens less likely than min_p * p(most likely token)
+    presence_penalty: float = 0.0     # OpenAI: logit -= presence_penalty for every token already generated
+    frequency_penalty: float = 0.0    # OpenAI: logit -= frequency_penalty * (times the token was generated)
+    repetition_penalty: float = 1.0   # CTRL (Keskar et al. 2019): positive logits / r, negative * r, prompt included
+    seed: int | None = None           # per-request generator: the same seed gives the same text in any batch
+    max_tokens: int = 256
+    stop: tuple[str, ...] = ()        # stop strings (not included in the text)
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: bool = False            # report log p(chosen token) per generated token
+    top_logprobs: int = 0             # and the top-n alternatives (0-20)
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = (self.stop,)
+        self.stop = tuple(s for s in (self.stop or ()) if s)
+        self.stop_token_ids = tuple(int(t) for t in (self.stop_token_ids or ()))
+        checks = [
+            (self.temperature >= 0, f"temperature={self.temperature}: expected >= 0 (0 = greedy)"),
+            (0 < self.top_p <= 1, f"top_p={self.top_p}: expected 0 < top_p <= 1"),
+            (self.top_k >= 0, f"top_k={self.top_k}: expected >= 0 (0 = no limit)"),
+            (0 <= self.min_p <= 1, f"min_p={self.min_p}: expected 0 <= min_p <= 1"),
+            (self.repetition_penalty > 0, f"repetition_penalty={self.repetition_penalty}: expected > 0 (1 = off)"),
+            (self.max_tokens >= 1, f"max_tokens={self.max_tokens}: expected >= 1"),
+            (0 <= self.top_logprobs <= 20, f"top_logprobs={self.top_logprobs}: expected 0..20"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise UsageError(msg)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def has_penalties(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+
+@dataclass
+class Sampled:
+    """The sampler's answer for N rows, as Python lists (one device->host copy)."""
+    tokens: list[int]
+    logprobs: list[float] | None = None
+    top_logprobs: list[dict[int, float]] | None = None
+
+
+def apply_penalties(logits: torch.Tensor, params: list[SamplingParams], prompts: list[list[int]],
+                    outputs: list[list[int]]) -> torch.Tensor:
+    """Repetition (prompt + output), then frequency and presence (output only) penalties, in place on rows that
+    ask for them. Counts come from one scatter_add over the padded output ids, not from loops over the vocabulary."""
+    rows = [i for i, p in enumerate(params) if p.has_penalties]
+    if not rows:
+        return logits
+    V, dev = logits.shape[1], logits.device
+    sub = logits[rows]
+    L = max(1, max(len(outputs[i]) for i in rows))
+    ids = torch.tensor([outputs[i] + [V] * (L - len(outputs[i])) for i in rows], device=dev)   # V = padding column
+    counts = torch.zeros(len(rows), V + 1, device=dev).scatter_add_(1, ids, torch.ones(ids.shape, device=dev))[:, :V]
+    rep = torch.tensor([params[i].repetition_penalty for i in rows], device=dev)[:, None]
+    if (rep != 1).any():
+        P = max(len(prompts[i]) for i in rows)
+        pids = torch.tensor([prompts[i] + [V] * (P - len(prompts[i])) for i in rows], device=dev)
+        seen = torch.zeros(len(rows), V + 1, dtype=torch.bool, device=dev).scatter_(1, pids, True)[:, :V]
+        seen |= counts > 0
+        sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
+    freq = torch.tensor([params[i].frequency_penalty for i in rows], device=dev)[:, None]
+    pres = torch.tensor([params[i].presence_penalty for i in rows], device=dev)[:, None]
+    sub = sub - freq * counts - pres * (counts > 0)
+    logits[rows] = sub
+    return logits
+
+
+def _filter(x: torch.Tensor, params: list[SamplingParams]):
+    """Temperature-scaled logits (R, V) -> (filtered logits, sort order or None): min-p, top-k, top-p."""
+    R, V = x.shape
+    dev = x.device
+    min_p = torch.tensor([p.min_p for p in params], device=dev)
+    if (min_p > 0).any():
+        probs = x.softmax(-1)
+        x = x.masked_fill(probs < min_p[:, None] * probs.amax(-1, keepdim=True), float("-inf"))
+    top_k = torch.tensor([p.top_k if p.top_k > 0 else V for p in params], device=dev)
+    top_p = torch.tensor([p.top_p for p in params], device=dev)
+    if not ((top_k < V).any() or (top_p < 1).any()):
+        return x, None
+    x, order = x.sort(-1, descending=True)
+    x = x.masked_fill(torch.arange(V, device=dev) >= top_k[:, None], float("-inf"))
+    probs = x.softmax(-1)
+    # drop a token when the mass strictly before it already reaches top_p (the most likely token always stays)
+    x = x.masked_fill(probs.cumsum(-1) - probs >= top_p[:, None], float("-inf"))
+    return x, order
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+           prompts: list[list[int]], outputs: list[list[int]]) -> Sampled:
+    """Choose one token per row of logits (N, V). generators[i] is request i's RNG (None for greedy rows)."""
+    N, V = logits.shape
+    dev = logits.device
+    logits = logits.float()
+    want_lp = any(p.logprobs or p.top_logprobs for p in params)
+    lp = None
+    if want_lp:
+        t = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=dev)
+        lp = torch.log_softmax(logits / t[:, None], dim=-1)
+    if any(p.has_penalties for p in params):
+        logits = apply_penalties(logits.clone(), params, prompts, outputs)
+    tokens = logits.argmax(-1)
+    rand_rows = [i for i, p in enumerate(params) if not p.greedy]
+    if rand_rows:
+        sub = [params[i] for i in rand_rows]
+        temp = torch.tensor([p.temperature for p in sub], device=dev)
+        x, order = _filter(logits[rand_rows] / temp[:, None], sub)
+        cdf = x.softmax(-1).cumsum(-1)
+        u = torch.stack([torch.rand((), generator=generators[i], device=dev) for i in rand_rows])
+        # inverse CDF: the first token whose cumulative mass exceeds u (right=True skips zero-probability tokens)
+        pos = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp_(max=V - 1)
+        chosen = pos if order is None else order.gather(1, pos)
+        tokens[rand_rows] = chosen[:, 0]
+    out = Sampled(tokens.tolist())
+    if lp is not None:
+        out.logprobs = lp.gather(1, tokens[:, None])[:, 0].tolist()
+        n = max(p.top_logprobs for p in params)
+        if n:
+            vals, idx = lp.topk(n, dim=-1)
+            vals, idx = vals.tolist(), idx.tolist()
+            out.top_logprobs = [dict(zip(idx[i][:p.top_logprobs], vals[i][:p.top_logprobs])) for i, p in
+                                enumerate(params)]
+    return out
