@@ -130,15 +130,18 @@ class ModelConfig:
         norms = 2 * h
         dense = 3 * h * self.intermediate_size
         expert = 3 * h * self.moe_intermediate_size
+        if self.is_moe:
+            shared = (self.n_shared_experts or 0) * expert
+            gate = self.n_routed_experts * h + (self.n_routed_experts if self.topk_method == "noaux_tc" else 0)
+            moe_total = gate + shared + self.n_routed_experts * expert
+            moe_active = gate + shared + self.num_experts_per_tok * expert
         total = active = 0
         for i in range(L):
             total += attn + norms
             active += attn + norms
             if self.is_moe_layer(i):
-                shared = (self.n_shared_experts or 0) * expert
-                gate = self.n_routed_experts * h + (self.n_routed_experts if self.topk_method == "noaux_tc" else 0)
-                total += gate + shared + self.n_routed_experts * expert
-                active += gate + shared + self.num_experts_per_tok * expert
+                total += moe_total
+                active += moe_active
             else:
                 total += dense
                 active += dense
@@ -148,10 +151,8 @@ class ModelConfig:
         active += head + h
         if include_mtp and self.num_nextn_predict_layers:
             # enorm + hnorm + eh_proj + one MoE block + shared_head.norm (embedding and head are shared)
-            block = attn + norms + self.n_routed_experts * h + 3 * h * self.moe_intermediate_size * (
-                (self.n_shared_experts or 0) + self.n_routed_experts)
-            per = 2 * h + 2 * h * h + block + h
-            total += per * self.num_nextn_predict_layers
+            block = attn + norms + (moe_total if self.is_moe else dense)
+            total += (2 * h + 2 * h * h + block + h) * self.num_nextn_predict_layers
         return {"total": total, "activated": active}
 
     # ------------------------------------------------------------------ conversion

@@ -88,10 +88,17 @@ class MLA(nn.Module):
         B, T, H, _ = q_nope.shape
         kv = self.kv_b_proj(c_kv).view(B, T, H, self.nope + self.v_dim)
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
-        q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)                         # (B, H, T, qk_dim)
-        k = torch.cat([k_nope, k_pe[:, :, None, :].expand(B, T, H, self.rope)], dim=-1).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=T > 1, scale=self.softmax_scale)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, H * self.v_dim))
+        q = torch.cat([q_nope, q_pe], dim=-1)                                          # (B, T, H, qk_dim)
+        k = torch.cat([k_nope, k_pe[:, :, None, :].expand(B, T, H, self.rope)], dim=-1)
+        # SDPA's fused (flash) kernels want one head size for q, k and v; with v_head_dim != qk_head_dim (V3: 128
+        # vs 192) it silently falls back to the unfused math path, about 2x slower on CPU with backward. Zero
+        # columns change neither the scores (explicit scale) nor the first v_head_dim output columns.
+        d = max(self.qk_dim, self.v_dim)
+        q, k, v = (F.pad(t, (0, d - t.shape[-1])) if t.shape[-1] < d else t for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             is_causal=T > 1, scale=self.softmax_scale)  # (B, H, T, d)
+        out = out.transpose(1, 2)[..., : self.v_dim]                                     # (B, T, H, v)
+        return self.o_proj(out.reshape(B, T, H * self.v_dim))
 
     def absorbed_attention(self, q_nope, q_pe, c_kv, k_pe, mask=None):
         """Attention computed against the latent cache: scores = (q_nope W_UK) . c_kv + q_pe . k_pe."""

@@ -82,25 +82,53 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(E, h, inter))
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """x (N, hidden), weights/idx (N, k) -> (N, hidden): sort the N*k (token, expert) pairs by expert and run
-        each expert once on its contiguous slice."""
+        """x (N, hidden), weights/idx (N, k) -> (N, hidden).
+
+        The N*k (token, expert) pairs are sorted by expert so that each expert's tokens form one contiguous slice;
+        then every projection is one grouped matmul over all experts (no loop over tokens), and the outputs are
+        scattered back to their tokens with index_add.
+        """
         N, k = idx.shape
         flat = idx.flatten()
-        order = flat.argsort(stable=True)
-        token = order // k                                       # which token each sorted pair belongs to
-        counts = torch.bincount(flat, minlength=self.gate_proj.shape[0]).tolist()
-        xs = x[token]                                            # (N*k, hidden), grouped by expert
-        outs = []
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            xe = xs[start:start + n]
-            h = F.silu(xe @ self.gate_proj[e].t()) * (xe @ self.up_proj[e].t())
-            outs.append(h @ self.down_proj[e].t())
+        order = flat.argsort(stable=True)                        # (N*k,) pairs grouped by expert
+        token = order // k                                       # the token of each sorted pair
+        counts = torch.bincount(flat, minlength=self.gate_proj.shape[0])  # (E,) pairs per expert
+        xs = x[token]                                            # (N*k, hidden)
+        h = F.silu(grouped_linear(xs, self.gate_proj, counts)) * grouped_linear(xs, self.up_proj, counts)
+        # the routing weight g_i scales the expert's output; applied before down_proj it costs inter, not hidden,
+        # multiplies per pair (down_proj is linear, so the result is the same)
+        h = h * weights.flatten()[order, None].to(h.dtype)      # (N*k, inter)
+        ys = grouped_linear(h, self.down_proj, counts)           # (N*k, hidden)
+        return torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))
+
+
+def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """x (S, in) with rows grouped by expert (counts (E,) rows each), w (E, out, in) -> (S, out): x_e @ w_e^T.
+
+    One torch._grouped_mm call where the kernel takes these operands (CPU, or bf16 on a CUDA GPU of compute
+    capability >= 8.0; rows 16-byte aligned); otherwise one matmul per expert that has tokens.
+    """
+    if _grouped_mm_ok(x, w):
+        offs = counts.cumsum(0).to(torch.int32)                  # end row of each expert's slice
+        return torch._grouped_mm(x, w.transpose(1, 2), offs=offs)
+    outs, start = [], 0
+    for e, n in enumerate(counts.tolist()):                     # the host sync: one per expert, not per token
+        if n:
+            outs.append(x[start:start + n] @ w[e].t())
             start += n
-        ys = torch.cat(outs) * weights.flatten()[order, None].to(x.dtype)
-        return torch.zeros_like(x).index_add_(0, token, ys)
+    return torch.cat(outs) if outs else x.new_zeros(0, w.shape[1])
+
+
+def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+    if not hasattr(torch, "_grouped_mm") or x.dtype != w.dtype:
+        return False
+    if x.device.type == "cuda":
+        if x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (8, 0):
+            return False
+    elif x.device.type != "cpu":
+        return False
+    size = x.element_size()  # the kernel wants every row stride and base pointer 16-byte aligned
+    return all(t.stride(-2) * size % 16 == 0 and t.data_ptr() % 16 == 0 and t.stride(-1) == 1 for t in (x, w))
 
 
 class MoE(nn.Module):

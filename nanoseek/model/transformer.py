@@ -118,7 +118,8 @@ class Transformer(nn.Module):
     def losses(self, input_ids: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> dict:
         """Next-token loss, the MTP loss (V3 eq. 24-25: mean over depths) and the sequence-wise balance loss.
 
-        targets[b, i] is the token after input_ids[b, i]; MTP depth k at position i predicts targets[b, i + k].
+        targets[b, i] is the token after input_ids[b, i] (or ignore_index); MTP depth k at position i predicts
+        targets[b, i + k + 1], the token k + 2 places after input_ids[b, i].
         """
         logits, h = self.forward(input_ids, return_hidden=True)
         V = logits.shape[-1]
@@ -128,8 +129,9 @@ class Transformer(nn.Module):
             T = input_ids.shape[1] - (k + 1)
             if T <= 0:
                 break
-            # depth k sees h_i (from depth k-1) and the embedding of t_{i+k+1} = targets[:, i+k]
-            mtp_logits, h = self.mtp_forward(h[:, :T], targets[:, k:k + T], depth=k)
+            # depth k sees h_i (from depth k-1) and the embedding of t_{i+k+1}, read from input_ids (targets may
+            # hold ignore_index where the loss is masked, which is no token to embed)
+            mtp_logits, h = self.mtp_forward(h[:, :T], input_ids[:, k + 1:k + 1 + T], depth=k)
             mtp_losses.append(F.cross_entropy(mtp_logits.reshape(-1, V).float(), targets[:, k + 1:k + 1 + T].reshape(-1),
                                               ignore_index=ignore_index))
         out["mtp_loss"] = torch.stack(mtp_losses).mean() if mtp_losses else logits.new_zeros(())
