@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/serve.py [--model DIR | --preset cpu] [--clients 16] [--requests 64] [--max-tokens 64]
 
-Starts the server in this process (uvicorn in a thread on a free 127.0.0.1 port), then measures with vLLM's
+Starts `nanoseek serve` in a subprocess on a free 127.0.0.1 port, then measures with vLLM's
 benchmark definitions (shared/spec/api.md): TTFT (request sent -> first streamed token), TPOT ((latency - TTFT) /
 (output tokens - 1)), ITL (gaps between chunks), end-to-end latency, request and output-token throughput, errors.
 Requests use EOS-ignoring sampling with a fixed max_tokens so every run generates the same number of tokens.
@@ -18,12 +18,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -52,24 +53,41 @@ def prompts(n: int, words: int, seed: int = 0) -> list[str]:
 
 
 class Server:
-    def __init__(self, app):
-        import uvicorn
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+    """`nanoseek serve` in its own process (as it runs for real: the load generator must not share its GIL)."""
+
+    def __init__(self, folder: str, clients: int, queue: int, max_seq_len: int, threads: int, device: str):
+        with socket.socket() as sk:
+            sk.bind(("127.0.0.1", 0))
+            port = sk.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.cmd = [sys.executable, "-m", "nanoseek", "serve", "--model", folder, "--port", str(port),
+                    "--max-concurrency", str(clients), "--max-queue", str(queue), "--max-seq-len", str(max_seq_len),
+                    "--device", device, "--served-model-name", "bench"]
+        self.env = {**os.environ, "OMP_NUM_THREADS": str(threads), "NANOSEEK_API_KEY": ""}
 
     def __enter__(self):
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.02)
-        return self
+        import httpx
+        self.log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 180
+        while True:
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            if self.proc.poll() is not None or time.time() > deadline:
+                self.log.seek(0)
+                raise RuntimeError("the server did not start:\n" + self.log.read().decode(errors="replace")[-3000:])
+            time.sleep(0.2)
 
     def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(10)
-        self.sock.close()
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
 
 
 async def one_request(client, url: str, prompt: str, max_tokens: int) -> dict:
@@ -163,19 +181,18 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
 
     from nanoseek.infer.engine import SamplingParams
-    from nanoseek.serve.api import create_app, load_engine
+    from nanoseek.serve.api import load_engine
 
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = args.model or build_model(args.preset, Path(tmp) / "model")
-        ctx = args.prompt_words * 4 + args.max_tokens + 64
-        engine, tok = load_engine(folder, max_batch=args.clients, max_seq_len=ctx, device=args.device)
-    app = create_app(engine, tok, model_name="bench", max_concurrency=args.clients,
-                     max_queue=max(args.requests, args.clients))
+    tmp = tempfile.TemporaryDirectory()
+    folder = args.model or build_model(args.preset, Path(tmp.name) / "model")
+    ctx = args.prompt_words * 4 + args.max_tokens + 64
     texts = prompts(args.requests, args.prompt_words)
     seq_texts = prompts(args.sequential_requests, args.prompt_words, seed=1)
-    # peer: the engine alone, the same prompts through the chat template, batched the same way; timed before and
-    # after the server phases (best of the two: the machine is shared). The prefix cache is emptied before every
-    # phase so that no phase reuses another's prompts.
+
+    # peer: the engine alone in this process, on the same weights and prompts (through the chat template), batched
+    # the same way. Timed before and after the server phases (best of the two: the machine is shared); the prefix
+    # cache is emptied first so that no phase reuses another's prompts.
+    engine, tok = load_engine(folder, max_batch=args.clients, max_seq_len=ctx, device=args.device)
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
     ids = [tok.apply_chat_template([{"role": "user", "content": t}], tokenize=True) for t in texts]
 
@@ -188,15 +205,15 @@ def main(argv=None) -> int:
     engine.generate(ids[:2], SamplingParams(temperature=0, max_tokens=4))                    # warm-up
     eng_secs, eng_tokens = engine_alone()
     rows = []
-    with Server(app) as srv:
-        engine.reset_prefix_cache()
+    with Server(folder, args.clients, max(args.requests, args.clients), ctx, args.threads, args.device) as srv:
+        asyncio.run(load(srv.url, prompts(2, args.prompt_words, seed=2), 2, 4, 30))          # warm-up
         res, secs = asyncio.run(load(srv.url, seq_texts, 1, args.max_tokens, args.time_limit))
         rows.append(summarize("server, 1 client", res, secs))
-        engine.reset_prefix_cache()  # (the engine thread is idle between phases)
         res, secs = asyncio.run(load(srv.url, texts, args.clients, args.max_tokens, args.time_limit))
         rows.append(summarize(f"server, {args.clients} clients", res, secs))
     eng_secs = min(eng_secs, engine_alone()[0])
     eng_tps = eng_tokens / eng_secs
+    tmp.cleanup()
 
     print(f"\nserve load test: {args.requests} requests x {args.max_tokens} tokens, prompts of ~{args.prompt_words} "
           f"words, model {args.model or 'random ' + args.preset}, {args.threads} torch thread(s), {args.device}\n")
