@@ -391,7 +391,10 @@ def save_checkpoint(out: str | os.PathLike, step: int, module: torch.nn.Module, 
                                   strict=False, assign=True)
     ckpt_dir = Path(out) / "ckpt"
     final = ckpt_dir / f"step-{step}"
-    if rt.is_main and not final.exists():
+    if rt.is_main and final.exists() and check_checkpoint(final) is not None:
+        # a damaged folder under this name (resume went back to an older one): keep it aside, never delete it
+        os.replace(final, final.with_name(f"{final.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"))
+    if rt.is_main and not final.exists():  # an existing complete step-N holds this very state: keep it
         tmp = ckpt_dir / f".tmp-step-{step}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
