@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import ModelConfig
+from .errors import UsageError
 from .model.rope import RotaryEmbedding
 from .model.transformer import Transformer
 
@@ -31,8 +32,8 @@ _MTP_SHARED = ("embed_tokens.weight", "shared_head.head.weight")  # copies of th
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class CheckpointError(ValueError):
-    """A model folder that cannot be read, with the file and tensor at fault."""
+class CheckpointError(UsageError, ValueError):
+    """A model folder that cannot be read, with the file and tensor at fault (a UsageError: the CLI prints it)."""
 
 
 def hf_to_ours(name: str, cfg: ModelConfig) -> tuple[str, int | None] | None:
@@ -93,24 +94,46 @@ def ours_to_hf(model: Transformer):
         yield f"model.layers.{L + k}.shared_head.head.weight", state["lm_head.weight"]
 
 
+_PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _refuse_pickle(path: Path, where: Path):
+    raise CheckpointError(f"{where}: weights in {path.name} are not safetensors; nanoseek never reads pickled weights "
+                          f"(.bin/.pt: loading them can run arbitrary code). Convert them to safetensors first.")
+
+
+def _keys(f: Path) -> list[str]:
+    """Tensor names in one safetensors file (header only), with a clear error for a file that is not one."""
+    try:
+        with safe_open(f, "pt") as sf:
+            return list(sf.keys())
+    except Exception as e:  # SafetensorError, OSError: say which file, not a Rust backtrace
+        raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
+
+
 def _weight_files(folder: Path) -> dict[str, Path]:
     """name -> file, from the index when sharded."""
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {name: folder / f for name, f in weight_map.items()}
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid index (expected a JSON object with a weight_map: {e})") from None
+        out = {name: folder / f for name, f in weight_map.items()}
+        for f in set(out.values()):
+            if not f.name.endswith(".safetensors"):
+                _refuse_pickle(f, index)
+        return out
     files = sorted(folder.glob("*.safetensors"))
     if not files:
-        pickled = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"))
+        pickled = sorted(p for p in folder.iterdir() if p.suffix in _PICKLED)
         if pickled:
-            raise CheckpointError(f"{folder}: weights are in {', '.join(pickled)}, a pickle format nanoseek never "
-                                  f"reads (it can run code). Convert them to safetensors first.")
+            _refuse_pickle(pickled[0], folder)
         raise CheckpointError(f"{folder}: no *.safetensors weight file found")
     out = {}
     for f in files:
-        with safe_open(f, "pt") as sf:
-            for name in sf.keys():
-                out[name] = f
+        for name in _keys(f):
+            out[name] = f
     return out
 
 
@@ -143,6 +166,8 @@ def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device
         raise CheckpointError(f"{folder}: not a folder (expected a Hugging Face model folder with config.json)")
     cfg = read_config(folder)
     if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise CheckpointError(f"dtype {dtype!r} is not supported: expected one of {', '.join(_DTYPES)}")
         dtype = _DTYPES[dtype]
     if dtype is None:
         dtype = _DTYPES.get(cfg.torch_dtype or cfg.extra.get("dtype") or "float32", torch.float32)
@@ -157,9 +182,14 @@ def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device
     cfg.quantization_config = None  # dequantised on load: what we hold, and save, is plain weights
     cfg.torch_dtype = {v: k for k, v in _DTYPES.items()}[dtype]
 
+    # Shapes and dtype are decided on the meta device, so the one allocation is in the final dtype (no float32
+    # copy of a bf16 model); the routing bias stays float32 whatever the model's dtype, as published.
     with torch.device("meta"):
-        model = Transformer(cfg)
-    model = model.to_empty(device=device or "cpu").to(dtype)
+        model = Transformer(cfg).to(dtype)
+    for m in model.modules():
+        if hasattr(m, "e_score_correction_bias"):
+            m.e_score_correction_bias = m.e_score_correction_bias.float()
+    model = model.to_empty(device=device or "cpu")
     model.rotary = RotaryEmbedding(cfg).to(device or "cpu")
     params = dict(model.named_parameters())
     params.update(dict(model.named_buffers()))
@@ -174,6 +204,7 @@ def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device
     for f, names in by_file.items():
         if not f.exists():
             raise CheckpointError(f"{f}: listed in model.safetensors.index.json but missing")
+        _keys(f)  # a clear error for a corrupt or non-safetensors file
         with safe_open(f, "pt", device="cpu") as sf:
             for name in names:
                 if name.endswith(".weight_scale_inv") or name.endswith("rotary_emb.inv_freq"):
@@ -183,18 +214,28 @@ def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device
                     continue
                 ours, expert = target
                 if ours not in params:
-                    raise CheckpointError(f"{f.name}: tensor {name} does not belong to a {cfg.model_type} model with "
-                                          f"this config.json")
+                    raise CheckpointError(f"{f}: tensor {name} does not belong to a {cfg.model_type} model with this "
+                                          f"config.json (num_hidden_layers={L}, num_nextn_predict_layers="
+                                          f"{cfg.num_nextn_predict_layers}, n_routed_experts={cfg.n_routed_experts})")
                 t = sf.get_tensor(name)
                 if t.dtype == torch.float8_e4m3fn:
                     sname = name.replace(".weight", ".weight_scale_inv")
                     if sname not in files:
-                        raise CheckpointError(f"{f.name}: FP8 tensor {name} has no {sname}")
+                        raise CheckpointError(f"{f}: FP8 tensor {name} has no {sname} (the block scales are needed "
+                                              f"to dequantise it)")
                     with safe_open(files[sname], "pt", device="cpu") as ssf:  # may sit in another shard
-                        t = _dequantize_fp8(t, ssf.get_tensor(sname), block)
+                        scale_inv = ssf.get_tensor(sname)
+                    want = tuple(-(-n // b) for n, b in zip(t.shape, block))  # ceil(out/128), ceil(in/128)
+                    if t.dim() != 2 or tuple(scale_inv.shape) != want:
+                        raise CheckpointError(f"{files[sname]}: {sname} has shape {tuple(scale_inv.shape)}, expected "
+                                              f"{want} for {name} {tuple(t.shape)} in {block[0]}x{block[1]} blocks")
+                    t = _dequantize_fp8(t, scale_inv, block)
+                if expert is not None and expert >= params[ours].shape[0]:
+                    raise CheckpointError(f"{f}: tensor {name} is expert {expert} but config.json has "
+                                          f"n_routed_experts={cfg.n_routed_experts}")
                 dst = params[ours] if expert is None else params[ours][expert]
                 if tuple(t.shape) != tuple(dst.shape):
-                    raise CheckpointError(f"{f.name}: tensor {name} has shape {tuple(t.shape)} but config.json implies "
+                    raise CheckpointError(f"{f}: tensor {name} has shape {tuple(t.shape)} but config.json implies "
                                           f"{tuple(dst.shape)} (check hidden_size, heads, ranks and expert sizes)")
                 with torch.no_grad():
                     dst.copy_(t.to(dst.dtype) if ours.endswith("e_score_correction_bias") else t)
@@ -210,10 +251,9 @@ def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device
         missing = want - filled.get(ours, set())
         if missing:
             hf = next(n for n, _ in ours_to_hf_names(ours, missing, cfg))
-            raise CheckpointError(f"{folder}: tensor {hf} is missing from the weight files")
-    for m in model.modules():  # the routing bias is kept in float32 whatever the model's dtype
-        if hasattr(m, "e_score_correction_bias"):
-            m.e_score_correction_bias.data = m.e_score_correction_bias.data.float()
+            searched = ", ".join(sorted({f.name for f in files.values()}))
+            raise CheckpointError(f"{folder}: tensor {hf} is missing from the weight files ({searched}) although "
+                                  f"config.json implies it")
     return model.eval()
 
 
