@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 import re
+import signal
 import socket
 import threading
 import time
@@ -262,6 +264,9 @@ def test_wrong_key_is_401(served):
     (json.dumps({"messages": [{"role": "user", "content": "hi"}], "stop_token_ids": [10**6]}).encode(), 422),
     (json.dumps({"messages": "hi"}).encode(), 422),
     (json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}).encode(), 422),
+    (json.dumps({"messages": [{"role": "user", "content": "hi"}], "seed": 2**70}).encode(), 422),
+    (json.dumps({"messages": [{"role": "user", "content": "hi"}], "n": 2}).encode(), 422),
+    (b'{"messages": [{"role": "user", "content": "\\ud800"}]}', 400),                        # lone surrogate
     (json.dumps({"messages": [{"role": "user", "content": "hi " * 2000}]}).encode(), 400),   # longer than context
     (b'{"messages": [{"role": "user", "content": "' + b"a" * (2 << 20) + b'"}]}', 400),      # body > 1 MiB
 ])
@@ -418,3 +423,23 @@ def test_serve_cli_rejects_a_folder_that_is_not_a_model(tmp_path):
     assert main(["serve", "--model", str(tmp_path / "missing")]) == 2
     assert main(["chat", "--model", str(tmp_path)]) == 2
 
+
+
+def test_ctrl_c_stops_a_terminal_answer_and_frees_its_blocks(served):
+    from nanoseek.infer.engine import SamplingParams
+    from nanoseek.serve.chat import answer
+    engine = ns.Engine(served.engine.model, served.tok, max_batch=1)
+    prompt = served.tok.apply_chat_template([{"role": "user", "content": "hello"}], tokenize=True)
+    chunks = []
+
+    def write(kind, text):
+        chunks.append(text)
+        if len(chunks) == 5:
+            os.kill(os.getpid(), signal.SIGINT)      # the user presses Ctrl-C while the answer streams
+
+    reasoning, content, reason = answer(engine, prompt, SamplingParams(temperature=0, max_tokens=300,
+                                                                       ignore_eos=True), write)
+    assert reason == "interrupted"
+    assert 5 <= len(chunks) < 300
+    stats = engine.stats()
+    assert stats["running"] == 0 and stats["blocks_used"] == 0 and not engine.has_unfinished()

@@ -128,7 +128,7 @@ class _Sampling(_Open):
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     repetition_penalty: float | None = Field(None, gt=0, le=10)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)   # what torch.Generator.manual_seed accepts
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
@@ -326,6 +326,11 @@ def create_app(engine, tokenizer, model_name: str = "nanoseek", api_key: str | N
             raise APIError(400, f"the request body is not valid JSON: {e}", "invalid_json") from None
         if not isinstance(data, dict):
             raise APIError(400, "the request body must be a JSON object", "invalid_request")
+        try:  # JSON may escape lone UTF-16 surrogates ("\ud800") that no UTF-8 text (or tokenizer) can hold
+            json.dumps(data, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise APIError(400, "the request contains invalid unicode (a lone surrogate escape)", "invalid_unicode") \
+                from None
         try:
             req = schema.model_validate(data)
         except ValidationError as e:

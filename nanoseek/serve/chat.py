@@ -9,7 +9,9 @@ prompt leaves. The engine is driven directly (add_request / step / abort): no se
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 
 DIM, RESET, BOLD = "\033[2m", "\033[0m", "\033[1m"
 HELP = "commands: /reset (new chat), /think on|off (deep think), /exit. Ctrl-C stops an answer."
@@ -29,11 +31,22 @@ def add_arguments(p) -> None:
 
 def answer(engine, prompt: list[int], params, write) -> tuple[str, str, str]:
     """Generate one answer, calling write(kind, text) with kind "reasoning" or "content" as text arrives.
-    Returns (reasoning, content, finish_reason); Ctrl-C aborts the request and returns what came so far."""
+    Returns (reasoning, content, finish_reason). Ctrl-C (SIGINT) stops it between two engine steps (never inside
+    one, so the engine's state stays whole): the request is aborted, its blocks freed, the reason is "interrupted"."""
+    interrupted = threading.Event()
+    handler = None
+    if threading.current_thread() is threading.main_thread():
+        handler = signal.signal(signal.SIGINT, lambda *_: interrupted.set())
     rid = engine.add_request(prompt, params)
     reasoning, content, reason = [], [], None
     try:
         while reason is None and engine.has_unfinished():
+            if interrupted.is_set():
+                engine.abort(rid)
+                while engine.has_unfinished():   # let the engine emit the aborted request's final delta
+                    engine.step()
+                reason = "interrupted"
+                break
             for d in engine.step():
                 if d.request_id != rid:
                     continue
@@ -45,11 +58,9 @@ def answer(engine, prompt: list[int], params, write) -> tuple[str, str, str]:
                     write("content", d.text)
                 if d.finished:
                     reason = d.finish_reason
-    except KeyboardInterrupt:
-        engine.abort(rid)
-        while engine.has_unfinished():   # let the engine emit the aborted request's final delta
-            engine.step()
-        reason = "interrupted"
+    finally:
+        if handler is not None:
+            signal.signal(signal.SIGINT, handler)
     return "".join(reasoning), "".join(content), reason or "abort"
 
 
