@@ -333,7 +333,8 @@ class Arithmetic(Task):
 
     name = "arithmetic"
     description = "multi-digit + - * worked column by column"
-    # level: (digits of a and b for + and -, (digits of a, digits of b) for *, None = no *)
+    # level: (digits of a and b for + and -, (digits of a, digits of b) for *, None = no *); level 1 has no
+    # negative results
     LEVELS = {1: (2, None), 2: (3, (2, 1)), 3: (4, (3, 1)), 4: (5, (3, 2)), 5: (6, (4, 3))}
 
     def generate(self, rng: random.Random, difficulty: int = 1) -> Problem:
@@ -346,6 +347,8 @@ class Arithmetic(Task):
                 b = rng.randrange(10 ** (mul[1] - 1), 10 ** mul[1])
         else:
             a, b = rng.randrange(10 ** add_digits), rng.randrange(10 ** add_digits)
+            if op == "-" and difficulty == 1 and a < b:  # level 1: no negative results (one format fewer to learn)
+                a, b = b, a
         return self.make(a, op, b, difficulty)
 
     def make(self, a: int, op: str, b: int, difficulty: int = 1) -> Problem:
