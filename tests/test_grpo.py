@@ -127,3 +127,78 @@ def test_token_logprobs_use_the_sampling_temperature():
     ref = torch.log_softmax(logits / 0.5, -1)
     assert lp.item() == pytest.approx(ref[0, 0, 0].item(), abs=1e-6)
     assert ent.item() == pytest.approx(-(ref.exp() * ref).sum().item(), abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- the trainer
+@pytest.fixture(scope="module")
+def one_thread():
+    # tiny matmuls gain nothing from a second thread, and on a shared machine OpenMP's spinning threads slow a
+    # busy 2-core box down by 10-40x; restore the setting afterwards
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny(one_thread):
+    """A tiny random model and a 300-token tokenizer trained on a few task documents."""
+    from nanoseek.data.tasks import corpus_documents
+    from nanoseek.tokenizer import Tokenizer
+
+    tok = Tokenizer.train(list(corpus_documents(200)), 300, progress=False)
+    torch.manual_seed(0)
+    return ns_model(tok), tok
+
+
+def ns_model(tok):
+    import nanoseek as ns
+    torch.manual_seed(0)
+    return ns.Transformer(ns.ModelConfig.preset("tiny", vocab_size=tok.vocab_size))
+
+
+def digit_reward(problems, texts, task):
+    """Favours one kind of token: the fraction of the completion's characters that are digits."""
+    return [sum(c.isdigit() for c in t) / max(1, len(t)) for t in texts]
+
+
+def _run(tmp_path, tok, name, **kw):
+    import json
+
+    from nanoseek.train.grpo import GRPOConfig, grpo
+    cfg = dict(task="arithmetic", out=str(tmp_path / name), steps=8, prompts_per_step=4, group_size=8,
+               max_tokens=8, lr=3e-2, temperature=1.0, mask_truncated=False, progress=False, save_every=100)
+    cfg.update(kw)
+    final = grpo(GRPOConfig(**cfg), reward_funcs=[digit_reward], model=ns_model(tok), tokenizer=tok)
+    rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    return final, rows
+
+
+def test_short_grpo_run_raises_reward_and_engine_logprobs_match_training(tmp_path, tiny):
+    _, tok = tiny
+    final, rows = _run(tmp_path, tok, "run")
+    first = sum(r["reward_mean"] for r in rows[:2]) / 2
+    last = sum(r["reward_mean"] for r in rows[-2:]) / 2
+    # a random tiny model writes ~2% digit characters; 8 steps at lr 3e-2 make digits a large share of the text
+    assert last > max(3 * first, 0.2), [r["reward_mean"] for r in rows]
+    # step 0: the engine's sampling log-probs (absorbed MLA over the paged cache) and the training forward (full
+    # MLA) agree to float32 rounding; a mismatch would make every ratio off-policy noise
+    assert rows[0]["logprob_gap"] < 1e-4
+    for key in ("reward_std", "accuracy", "format_rate", "kl", "clip_frac", "completion_len", "entropy",
+                "frac_zero_std", "logprob_gap"):
+        assert key in rows[0]
+    assert (final / "config.json").exists() and (final / "tokenizer.json").exists()
+    assert (tmp_path / "run" / "reward.png").exists() and (tmp_path / "run" / "samples.jsonl").exists()
+
+
+def test_grpo_resume_is_bit_identical(tmp_path, tiny):
+    from safetensors.torch import load_file
+    _, tok = tiny
+    kw = dict(steps=4, beta=0.04, num_iterations=2, loss_type="grpo")   # reference model and old-policy ratio too
+    _run(tmp_path, tok, "straight", **kw)
+    _run(tmp_path, tok, "cut", stop_after=2, **kw)
+    _, rows = _run(tmp_path, tok, "cut", resume=True, **kw)
+    a = load_file(tmp_path / "straight" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "cut" / "final" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]

@@ -184,6 +184,7 @@ class GRPOConfig:
     sample_every: int = 10          # completions to OUT/samples.jsonl every N steps
     keep_checkpoints: int = 2
     resume: bool = False
+    stop_after: int = 0             # stop (with a checkpoint) after this step, as if interrupted
     progress: bool = True
 
 
@@ -210,12 +211,19 @@ def rollout(engine, tok, task, problems: list, cfg: GRPOConfig, step: int, rewar
     comps = engine.generate([pr for pr in prompts for _ in range(G)], params)
     flat_problems = [p for p in problems for _ in range(G)]
     texts = [c.text for c in comps]
-    parts = {}
+    # accuracy and format are always measured (logged as accuracy / format_rate), whatever the reward is made of
+    parts = {"accuracy": torch.tensor(accuracy_reward(flat_problems, texts, task)),
+             "format_rate": torch.tensor(format_reward(flat_problems, texts, task))}
+    known = {accuracy_reward: "accuracy", format_reward: "format_rate"}
     total = torch.zeros(P * G)
     for fn, w in zip(reward_funcs, reward_weights):
-        r = torch.tensor(fn(flat_problems, texts, task), dtype=torch.float32)
-        parts[getattr(fn, "__name__", "reward")] = r.view(P, G)
+        if fn in known:
+            r = parts[known[fn]]
+        else:
+            r = torch.tensor([float(x) for x in fn(flat_problems, texts, task)], dtype=torch.float32)
+            parts[getattr(fn, "__name__", "reward")] = r
         total += w * r
+    parts = {k: v.view(P, G) for k, v in parts.items()}
     return Rollout(problems, prompts, comps, total.view(P, G), parts)
 
 
@@ -346,6 +354,7 @@ def grpo(cfg: GRPOConfig | dict, reward_funcs=None, reward_weights=None, model=N
     torch.manual_seed(cfg.seed)
     model.float().eval()   # no dropout anywhere; eval mode skips the MoE balance-loss bookkeeping
     # the frozen reference pi_ref: only when the KL term is on (beta = 0 keeps no second model in memory)
+    # (copied before a resume loads the checkpoint's weights: pi_ref is the starting model)
     ref_model = copy.deepcopy(model).requires_grad_(False) if cfg.beta != 0.0 else None
     opt = torch.optim.AdamW(loop.param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.99))
     step = 0
@@ -354,9 +363,11 @@ def grpo(cfg: GRPOConfig | dict, reward_funcs=None, reward_weights=None, model=N
         loop.load_model_weights(ckpt, model)
         doc = loop.load_trainer_state(ckpt, model, opt)
         step = doc["step"]
-        if ref_model is not None:   # pi_ref is the starting model, not the checkpoint
-            ref_model.load_state_dict(load_model_and_tokenizer(cfg.model)[0].state_dict())
         print(f"[grpo] resuming from {ckpt} (step {step})")
+        samples = out / "samples.jsonl"
+        if samples.exists():   # rows logged after the checkpoint were lost with the run: drop them
+            keep = [ln for ln in samples.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+            samples.write_text("".join(ln + "\n" for ln in keep))
     out.mkdir(parents=True, exist_ok=True)
     logger = loop.MetricsLogger(out / "metrics.jsonl", resume_step=step if ckpt else None)
     # the engine runs on the policy's own parameters: every update is seen by the next rollout
@@ -381,18 +392,17 @@ def grpo(cfg: GRPOConfig | dict, reward_funcs=None, reward_weights=None, model=N
             row = {"step": step, "reward_mean": ro.rewards.mean().item(), "reward_std": ro.rewards.std().item(),
                    "completion_len": lengths.mean().item(), "completion_len_max": lengths.max().item(),
                    "lr": lr, "sample_s": t_sample, "step_s": time.time() - t0, "tokens_seen": tokens_seen}
-            for name, r in ro.parts.items():
-                row[{"accuracy_reward": "accuracy", "format_reward": "format_rate"}.get(name, name)] = r.mean().item()
+            row.update({name: r.mean().item() for name, r in ro.parts.items()})
             row.update(stats)
             logger.log(row)
             if cfg.sample_every and (step == 1 or step % cfg.sample_every == 0):
                 _write_samples(out / "samples.jsonl", step, ro, cfg.group_size)
             bar.update(1)
             bar.set_postfix(reward=f"{row['reward_mean']:.2f}", acc=f"{row.get('accuracy', 0):.2f}")
-            if step % cfg.save_every == 0 or stop.requested or step == cfg.steps:
+            if step % cfg.save_every == 0 or stop.requested or step in (cfg.steps, cfg.stop_after):
                 loop.save_checkpoint(out, step, model, model, opt, tokenizer=tokenizer, keep=cfg.keep_checkpoints,
                                      state={"tokens_seen": tokens_seen, "config": vars(cfg)})
-            if stop.requested:
+            if stop.requested or step == cfg.stop_after:
                 print(f"[grpo] stopped at step {step}; continue with --resume")
                 break
     bar.close()

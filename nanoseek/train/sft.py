@@ -292,6 +292,7 @@ class SFTConfig:
     save_every: int = 100
     keep_checkpoints: int = 2
     resume: bool = False
+    stop_after: int = 0             # stop (with a checkpoint) after this step, as if interrupted
     progress: bool = True
 
 
@@ -420,9 +421,9 @@ def sft(cfg: SFTConfig | dict, model=None, tokenizer=None) -> Path:
                         "tokens_seen": tokens_seen, "step_s": time.time() - t0})
             bar.update(1)
             bar.set_postfix(loss=f"{parts['loss'].item():.3f}")
-            if step % cfg.save_every == 0 or stop.requested or step == cfg.steps:
+            if step % cfg.save_every == 0 or stop.requested or step in (cfg.steps, cfg.stop_after):
                 save(step)
-            if stop.requested:
+            if stop.requested or step == cfg.stop_after:
                 print(f"[sft] stopped at step {step}; continue with --resume")
                 break
     bar.close()
