@@ -52,10 +52,13 @@ def data_files(path: str | os.PathLike) -> list[Path]:
 
 
 def _messages_text(messages: list[dict], tokenizer=None) -> str:
-    """A chat as one training document: the tokenizer's chat template when there is one, else plain turns."""
+    """A chat as one training document, rendered with the tokenizer's chat template (nanoseek's default template
+    when no tokenizer is given yet, e.g. while training the tokenizer itself)."""
     if tokenizer is not None and hasattr(tokenizer, "apply_chat_template"):
         return tokenizer.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
-    return "\n\n".join(f"{m.get('role', 'user')}: {m.get('content', '')}" for m in messages)
+    from ..tokenizer import render_chat
+
+    return render_chat(messages, add_generation_prompt=False)
 
 
 def _jsonl_documents(f: Path, tokenizer=None) -> Iterator[str]:
