@@ -325,7 +325,7 @@ def test_full_queue_answers_429_at_once_and_the_server_stays_healthy(model_dir, 
     # A second engine on the same weights (the engine shares parameters), one slot and one queue place.
     engine = ns.Engine(served.engine.model, served.tok, max_batch=1)
     app = create_app(engine, served.tok, model_name=MODEL, max_concurrency=1, max_queue=1,
-                     limits=Limits(max_messages=4))
+                     limits=Limits(max_messages=4, keepalive_s=0.05))
     body = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 150, "ignore_eos": True,
             "stream": True, "temperature": 0}
     with ServerThread(app) as srv:
@@ -349,6 +349,8 @@ def test_full_queue_answers_429_at_once_and_the_server_stays_healthy(model_dir, 
             assert secs < slowest_ok, "a 429 must come at once, not after waiting"
         for r in ok:
             assert r[3].endswith(b"data: [DONE]\n\n")
+        # the queued one heard ": keep-alive" comments while it waited (SSE comments, ignored by clients)
+        assert any(b": keep-alive\n\n" in r[3] for r in ok)
         assert httpx.get(srv.url + "/health").status_code == 200
         r = httpx.post(srv.url + "/v1/chat/completions",
                        json={"messages": [{"role": "user", "content": "hello"}], "max_tokens": 60, "temperature": 0})
@@ -357,6 +359,23 @@ def test_full_queue_answers_429_at_once_and_the_server_stays_healthy(model_dir, 
         assert 'nanoseek_requests_total{endpoint="/chat/completions",status="429"} 4' in m
         r = httpx.post(srv.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}] * 5})
         assert r.status_code == 400 and r.json()["error"]["code"] == "too_many_messages"
+
+        # a client that leaves while queued gives its queue place back
+        long = {**body, "max_tokens": 400}
+        with httpx.Client(timeout=60) as c1, httpx.Client(timeout=60) as c2:
+            with c1.stream("POST", srv.url + "/v1/chat/completions", json=long) as running:
+                lines_a = running.iter_lines()       # (keep the iterators: dropping one closes the connection)
+                next(lines_a)
+                with c2.stream("POST", srv.url + "/v1/chat/completions", json=long) as queued:
+                    lines_b = queued.iter_lines()
+                    next(lines_b)
+                    assert "nanoseek_requests_waiting 1\n" in httpx.get(srv.url + "/metrics").text
+                deadline = time.time() + 10
+                while "nanoseek_requests_waiting 0\n" not in httpx.get(srv.url + "/metrics").text:
+                    assert time.time() < deadline, "the queued request that hung up still holds its place"
+                    time.sleep(0.05)
+                with c2.stream("POST", srv.url + "/v1/chat/completions", json=long) as again:
+                    assert again.status_code == 200
 
 
 def test_a_disconnected_stream_frees_its_slot_and_cache_blocks(served):
