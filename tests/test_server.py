@@ -252,6 +252,7 @@ def test_wrong_key_is_401(served):
 @pytest.mark.parametrize("body,status", [
     (b"{not json", 400),
     (b"[1, 2]", 400),
+    (b"[" * 100_000 + b"]" * 100_000, 400),                                                  # nested too deep
     (json.dumps({"model": MODEL}).encode(), 422),                                            # missing messages
     (json.dumps({"messages": []}).encode(), 422),
     (json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": -1}).encode(), 422),

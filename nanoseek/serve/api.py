@@ -322,7 +322,7 @@ def create_app(engine, tokenizer, model_name: str = "nanoseek", api_key: str | N
         raw = await request.body()
         try:
             data = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
+        except (ValueError, RecursionError) as e:  # (RecursionError: nesting too deep for the parser)
             raise APIError(400, f"the request body is not valid JSON: {e}", "invalid_json") from None
         if not isinstance(data, dict):
             raise APIError(400, "the request body must be a JSON object", "invalid_request")
