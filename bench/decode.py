@@ -1,11 +1,12 @@
 """Decode throughput: nanoseek.Engine vs transformers `generate` on the same weights, same run.
 
-    .venv/bin/python bench/decode.py [--preset cpu] [--prompt-len 32] [--new-tokens 64] [--batches 1,16]
+    .venv/bin/python bench/decode.py [--preset cpu] [--prompt-lens 32,512] [--new-tokens 64] [--batches 1,16]
 
-Both sides load one random-weight DeepSeek-V3-shaped checkpoint (written by transformers, read by ns.load), run
-greedy decoding in float32 with EOS ignored, and are timed twice per batch size: generating 1 token (prefill) and
-`--new-tokens` tokens. Decode tokens/s = batch * (new_tokens - 1) / (time difference), so prefill is excluded.
-Prints tokens/s for both and the ratio engine / transformers per batch size.
+Both sides load one random-weight DeepSeek-V3-shaped checkpoint (written by transformers, read by ns.load) and run
+greedy decoding in float32 with EOS ignored, on the same prompts (same length within a batch, so transformers
+needs no padding). Decode time runs from the first generated token (the end of prefill) to the last: transformers
+is timed with a streamer whose put() marks each step, the engine by its steps (the first step is the prefill).
+Decode tokens/s = batch * (new_tokens - 1) / decode time, best of --repeat; the ratio is engine / transformers.
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ import warnings
 import torch
 
 
-def build(preset: str, folder: str, seed: int = 0):
+def build(preset: str, folder: str, seed: int = 0, **overrides):
     import transformers
 
     import nanoseek as ns
-    cfg = ns.ModelConfig.preset(preset, num_nextn_predict_layers=0, initializer_range=0.1)
+    cfg = ns.ModelConfig.preset(preset, num_nextn_predict_layers=0, initializer_range=0.1, **overrides)
     torch.manual_seed(seed)
     hf = transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(**cfg.to_hf())).eval()
     hf.save_pretrained(folder)
@@ -32,21 +33,48 @@ def build(preset: str, folder: str, seed: int = 0):
     return hf, ours
 
 
-def best_of(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+class StepClock:
+    """A transformers streamer that only notes when each step's tokens arrive (the first put is the prompt)."""
+
+    def __init__(self):
+        self.times = []
+
+    def put(self, value):
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        self.times.append(time.perf_counter())
+
+
+def hf_decode_time(hf, prompts, n):
+    clock = StepClock()
+    with torch.inference_mode():
+        hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=n, min_new_tokens=n,
+                    do_sample=False, streamer=clock)
+    return clock.times[-1] - clock.times[1]        # times[1]: the first generated token, after prefill
+
+
+def engine_decode_time(engine, prompts, n):
+    import nanoseek as ns
+    engine.reset_prefix_cache()                    # no help from the previous repetition's prompt blocks
+    sp = ns.SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+    for p in prompts.tolist():
+        engine.add_request(p, sp)
+    engine.step()                                  # admission + prefill + first token
+    t0 = time.perf_counter()
+    while engine.has_unfinished():
+        engine.step()
+    return time.perf_counter() - t0
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="cpu")
-    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--prompt-lens", default="32,512", help="prompt lengths (comma-separated)")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--batches", default="1,16")
+    ap.add_argument("--heads", type=int, default=None, help="override num_attention_heads (MLA's cache does not "
+                    "grow with heads; transformers' does)")
     ap.add_argument("--repeat", type=int, default=3, help="best of N timings (the machine is shared)")
     ap.add_argument("--mtp", action="store_true", help="engine with MTP speculation (random MTP: low acceptance)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: stable timings on a shared machine)")
@@ -55,39 +83,35 @@ def main(argv=None):
 
     import nanoseek as ns
     with tempfile.TemporaryDirectory() as d:
-        hf, model = build(args.preset, d)
+        hf, model = build(args.preset, d, **({"num_attention_heads": args.heads,
+                                               "num_key_value_heads": args.heads} if args.heads else {}))
     hf.generation_config.pad_token_id = 0
-    eng_kw = dict(max_seq_len=args.prompt_len + args.new_tokens + 8, mtp=args.mtp or None)
     V = model.cfg.vocab_size
-    print(f"preset={args.preset} prompt_len={args.prompt_len} new_tokens={args.new_tokens} "
-          f"threads={torch.get_num_threads()} torch={torch.__version__}")
-    print(f"{'batch':>5} {'engine tok/s':>13} {'transformers tok/s':>19} {'ratio':>6}")
+    lens = [int(x) for x in args.prompt_lens.split(",")]
+    print(f"preset={args.preset} heads={model.cfg.num_attention_heads} new_tokens={args.new_tokens} threads={torch.get_num_threads()} "
+          f"torch={torch.__version__} engine kv bytes/token={ns.Engine(model, max_seq_len=64).kv_bytes_per_token} "
+          f"transformers kv bytes/token={model.cfg.num_hidden_layers * model.cfg.mha_cache_elems_per_token * 4}")
+    print(f"{'prompt':>6} {'batch':>5} {'engine tok/s':>13} {'transformers tok/s':>19} {'ratio':>6}")
     rows = []
-    for B in [int(b) for b in args.batches.split(",")]:
-        g = torch.Generator().manual_seed(B)
-        prompts = torch.randint(3, V, (B, args.prompt_len), generator=g)
-        engine = ns.Engine(model, max_batch=max(B, 1), **eng_kw)
-
-        def run_engine(n):
-            sp = ns.SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
-            engine.reset_prefix_cache()          # no help from the previous repetition's prompt blocks
-            return engine.generate(prompts.tolist(), sp)
-
-        def run_hf(n):
+    for P in lens:
+        for B in [int(b) for b in args.batches.split(",")]:
+            g = torch.Generator().manual_seed(B * 1000 + P)
+            prompts = torch.randint(3, V, (B, P), generator=g)
+            engine = ns.Engine(model, max_batch=B, max_seq_len=P + args.new_tokens + 8, mtp=args.mtp or None)
+            # the same tokens first (a guard on the numbers below)
+            a = [c.token_ids for c in engine.generate(prompts.tolist(), ns.SamplingParams(
+                temperature=0, max_tokens=8, ignore_eos=True))]
             with torch.inference_mode():
-                return hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=n,
-                                   min_new_tokens=n, do_sample=False)
-
-        # the same tokens first (a correctness guard for the numbers below)
-        a = [c.token_ids for c in run_engine(8)]
-        b = run_hf(8)[:, args.prompt_len:].tolist()
-        same = sum(x == y for x, y in zip(a, b))
-        n = args.new_tokens
-        te = best_of(lambda: run_engine(n), args.repeat) - best_of(lambda: run_engine(1), args.repeat)
-        th = best_of(lambda: run_hf(n), args.repeat) - best_of(lambda: run_hf(1), args.repeat)
-        tps_e, tps_h = B * (n - 1) / te, B * (n - 1) / th
-        rows.append((B, tps_e, tps_h))
-        print(f"{B:>5} {tps_e:>13.1f} {tps_h:>19.1f} {tps_e / tps_h:>5.2f}x   (greedy tokens equal: {same}/{B})")
+                b = hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=8, min_new_tokens=8,
+                                do_sample=False)[:, P:].tolist()
+            same = sum(x == y for x, y in zip(a, b))
+            n = args.new_tokens
+            te = min(engine_decode_time(engine, prompts, n) for _ in range(args.repeat))
+            th = min(hf_decode_time(hf, prompts, n) for _ in range(args.repeat))
+            tps_e, tps_h = B * (n - 1) / te, B * (n - 1) / th
+            rows.append((P, B, tps_e, tps_h))
+            print(f"{P:>6} {B:>5} {tps_e:>13.1f} {tps_h:>19.1f} {tps_e / tps_h:>5.2f}x   "
+                  f"(greedy tokens equal: {same}/{B})", flush=True)
     return rows
 
 

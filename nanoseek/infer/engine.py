@@ -35,6 +35,7 @@ from .sampling import SamplingParams, sample
 __all__ = ["Engine", "SamplingParams", "Completion", "StreamDelta"]
 
 THINK_START, THINK_END = "<think>", "</think>"
+DEFAULT_CACHE_BYTES = 2 << 30    # default latent pool size cap (pass num_blocks for more)
 
 
 @dataclass
@@ -227,9 +228,13 @@ class Engine:
         self.max_batch, self.block_size = max_batch, block_size
         # default context: the model's, capped at 4096 so the default pool stays small on CPU
         self.max_seq_len = int(max_seq_len or min(cfg.max_position_embeddings, 4096))
-        blocks_per_seq = math.ceil(self.max_seq_len / block_size)
-        num_blocks = num_blocks or max_batch * blocks_per_seq + 1     # + the scratch block
         n_layers = cfg.num_hidden_layers + (1 if self.mtp else 0)      # the MTP layer's cache index is L
+        blocks_per_seq = math.ceil(self.max_seq_len / block_size)
+        if num_blocks is None:
+            # room for max_batch full-length sequences, within DEFAULT_CACHE_BYTES (then fewer run at once)
+            block_bytes = block_size * n_layers * cfg.kv_cache_elems_per_token * self.dtype.itemsize
+            fit = max(blocks_per_seq, DEFAULT_CACHE_BYTES // block_bytes)
+            num_blocks = min(max_batch * blocks_per_seq, fit) + 1       # + the scratch block
         self.cache = PagedLatentCache(cfg, n_layers, num_blocks, block_size, self.dtype, self.device)
         self.pool = self.cache.pool
         self.kv_bytes_per_token = self.cache.bytes_per_token
