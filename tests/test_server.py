@@ -463,3 +463,34 @@ def test_ctrl_c_stops_a_terminal_answer_and_frees_its_blocks(served):
     assert 5 <= len(chunks) < 300
     stats = engine.stats()
     assert stats["running"] == 0 and stats["blocks_used"] == 0 and not engine.has_unfinished()
+
+
+def test_engine_failure_is_a_clean_error_and_a_stopped_engine_is_503(served):
+    class FlakyEngine:
+        """The real engine, except that its first step() raises (a bug, an out-of-memory...)."""
+
+        def __init__(self, engine):
+            self.engine, self.failed = engine, False
+
+        def __getattr__(self, name):
+            return getattr(self.engine, name)
+
+        def step(self):
+            if not self.failed:
+                self.failed = True
+                raise RuntimeError("simulated engine failure")
+            return self.engine.step()
+
+    engine = FlakyEngine(ns.Engine(served.engine.model, served.tok, max_batch=2))
+    app = create_app(engine, served.tok, model_name=MODEL)
+    msg = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 60, "temperature": 0}
+    with ServerThread(app) as srv:
+        r = httpx.post(srv.url + "/v1/chat/completions", json=msg, timeout=60)
+        assert r.status_code == 500 and r.json()["error"]["code"] == "engine_error"
+        r = httpx.post(srv.url + "/v1/chat/completions", json=msg, timeout=60)   # the server recovered
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "Hello! How can I help?"
+        assert engine.engine.stats()["blocks_used"] == 0
+        app.state.worker.stop()
+        assert httpx.get(srv.url + "/health").status_code == 503
+        r = httpx.post(srv.url + "/v1/chat/completions", json=msg, timeout=60)
+        assert r.status_code == 503 and r.headers["retry-after"] and r.json()["error"]["message"]
