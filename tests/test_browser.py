@@ -17,7 +17,7 @@ pytestmark = pytest.mark.browser
 CHROMIUM = os.environ.get("NANOSEEK_CHROMIUM", "/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--no-first-run"]
-HOWTO = "to run it: apt-get install chromium (Debian) and pip install playwright (`make install` + .ci/run do both)"
+HOWTO = "to run it: apt-get install chromium; .venv/bin/pip install playwright (.ci/run does both)"
 
 
 @pytest.fixture(scope="module")
