@@ -317,12 +317,14 @@ def test_partial_newest_checkpoint_is_skipped_for_an_older_complete_one(small_ru
     assert list((run / "ckpt").glob("step-2.damaged-*"))          # the damaged folder is kept aside, not deleted
 
 
-@pytest.mark.parametrize("case", ["empty", "short", "vocab", "preset", "config_key", "existing_out"])
+@pytest.mark.parametrize("case", ["empty", "short", "vocab", "preset", "config_key", "existing_out",
+                                  "resume_other_data"])
 def test_bad_input_is_one_error_line_exit_2_and_nothing_overwritten(case, tmp_path, tok_dir, small_run, capsys):
     out = tmp_path / "out"
     argv = ["--tokenizer", tok_dir, "--out", str(out), "--steps", "2", "--seq-len", "32"]
     expect = {"empty": "empty", "short": "fewer than one training sequence", "vocab": "--vocab-size",
-              "preset": "valid presets: tiny", "config_key": "valid keys:", "existing_out": "--resume"}[case]
+              "preset": "valid presets: tiny", "config_key": "valid keys:", "existing_out": "--resume",
+              "resume_other_data": "resume with the same --data"}[case]
     if case == "empty":
         (tmp_path / "e.txt").write_text("")
         argv += ["--data", str(tmp_path / "e.txt")]
@@ -340,6 +342,11 @@ def test_bad_input_is_one_error_line_exit_2_and_nothing_overwritten(case, tmp_pa
         out = tmp_path / "run"
         shutil.copytree(small_run, out)
         argv += ["--out", str(out), "--corpus-docs", "10"]
+    elif case == "resume_other_data":
+        out = tmp_path / "run"
+        shutil.copytree(small_run, out)
+        (tmp_path / "other.txt").write_text("other text " * 100)
+        argv += ["--out", str(out), "--resume", "--data", str(tmp_path / "other.txt")]
     before = snapshot(out) if out.exists() else None
     rc, err = run_main(argv, capsys)
     assert rc == 2

@@ -186,8 +186,7 @@ def get_tokenizer(cfg: PretrainConfig, out: Path, ckpt: Path | None, rt: loop.Ru
             raise UsageError(f"--tokenizer {folder}: no tokenizer.json there (train one with `nanoseek tokenizer`)")
         tok = Tokenizer.load(folder)
     elif rt.is_main:
-        if rt.is_main:
-            print(f"[pretrain] training a {vocab}-token BPE tokenizer on {_source(cfg)}", flush=True)
+        print(f"[pretrain] training a {vocab}-token BPE tokenizer on {_source(cfg)}", flush=True)
         tok = Tokenizer.train(_documents(cfg), vocab, progress=False)
         out.mkdir(parents=True, exist_ok=True)
         tok.save(out / "tokenizer")
@@ -203,8 +202,8 @@ def get_tokenizer(cfg: PretrainConfig, out: Path, ckpt: Path | None, rt: loop.Ru
     return tok
 
 
-def get_data(cfg: PretrainConfig, tok, out: Path, rt: loop.Runtime):
-    """OUT/data: the packed shards, built once (reused on resume when the source and tokenizer match)."""
+def get_data(cfg: PretrainConfig, tok, out: Path, rt: loop.Runtime, resuming: bool = False):
+    """OUT/data: the packed shards, built once and reused on resume (which must then name the same data)."""
     from ..data.corpus import HEADER, build_shards, open_shards
 
     folder = out / "data"
@@ -214,6 +213,9 @@ def get_data(cfg: PretrainConfig, tok, out: Path, rt: loop.Runtime):
         if (folder / HEADER).exists():
             head = json.loads((folder / HEADER).read_text())
             ok = all(head.get(k) == v for k, v in want.items())
+            if not ok and resuming:
+                raise UsageError(f"--resume: {out} was trained on {head.get('source')} ({head.get('vocab_size')}-token "
+                                 f"tokenizer), not {want['source']}; resume with the same --data")
         if not ok:
             build_shards(_documents(cfg, tok), tok, folder, source=want["source"], progress=cfg.progress)
     rt.barrier()
@@ -225,11 +227,11 @@ def get_data(cfg: PretrainConfig, tok, out: Path, rt: loop.Runtime):
     return ds
 
 
-def _check_out(cfg: PretrainConfig, out: Path) -> Path | None:
+def _check_out(cfg: PretrainConfig, out: Path, rt: loop.Runtime) -> Path | None:
     """Refuse to overwrite a finished or running experiment; on --resume return the checkpoint to load."""
     if cfg.resume:
-        ckpt = loop.find_resume_checkpoint(out)
-        if ckpt is None and out.exists() and any(out.iterdir()):
+        ckpt = loop.find_resume_checkpoint(out, log=print if rt.is_main else (lambda m: None))
+        if ckpt is None and rt.is_main and out.exists() and any(out.iterdir()):
             print(f"[pretrain] --resume: {out} has no checkpoint yet; starting from step 0", flush=True)
         return ckpt
     if out.exists() and any((out / n).exists() for n in ("ckpt", "final", "metrics.jsonl")):
@@ -246,12 +248,12 @@ def pretrain(cfg: PretrainConfig) -> Path:
     out = Path(cfg.out)
     existed = out.exists()
     try:
-        ckpt = _check_out(cfg, out)
+        ckpt = _check_out(cfg, out, rt)
         if cfg.data is not None:
             from ..data.corpus import read_documents
             read_documents(cfg.data)  # missing / empty / unsupported -> UsageError before any work
         tok = get_tokenizer(cfg, out, ckpt, rt)
-        ds = get_data(cfg, tok, out, rt)
+        ds = get_data(cfg, tok, out, rt, resuming=ckpt is not None)
     except UsageError:
         if rt.is_main and not existed and out.exists():
             shutil.rmtree(out, ignore_errors=True)  # only what this failed call created
