@@ -103,7 +103,7 @@ def chat_loop(engine, tokenizer, params, read=input, out=sys.stdout, thinking: b
         if limit and len(prompt) >= limit:
             out.write(f"(the conversation has {len(prompt)} tokens, the context is {limit}: /reset to start over)\n")
             continue
-        state = {"mode": None}
+        state = {"mode": None, "newlines": ""}
 
         def write(kind: str, s: str, state=state) -> None:
             if kind != state["mode"]:
@@ -112,6 +112,10 @@ def chat_loop(engine, tokenizer, params, read=input, out=sys.stdout, thinking: b
                 else:
                     out.write(f"{reset}\n" if state["mode"] == "reasoning" else "")
                 state["mode"] = kind
+            if kind == "reasoning":  # hold back trailing newlines: the thinking ends in one before </think>
+                s = state["newlines"] + s
+                kept = s.rstrip("\n")
+                state["newlines"], s = s[len(kept):], kept
             out.write(s)
             out.flush()
 

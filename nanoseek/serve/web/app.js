@@ -178,7 +178,7 @@ async function send(text) {
         if (firstToken === null) firstToken = performance.now();
         reasoning += d.reasoning_content;
         view.think.hidden = false;
-        view.thinkText.textContent = reasoning;
+        view.thinkText.textContent = reasoning.trim();   // (R1 writes "<think>\n...\n</think>")
       }
       if (d.content) {
         if (firstToken === null) firstToken = performance.now();
