@@ -62,3 +62,32 @@ def test_malformed_jsonl_lines_are_listed(tmp_path):
                             json.dumps({"messages": [{"role": "user", "content": "no answer"}]})]) + "\n")
     with pytest.raises(UsageError, match=r"malformed line\(s\) 2, 4, 5"):
         read_jsonl(p)
+
+
+@pytest.fixture()
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)   # tiny model: a second thread only adds contention on a shared 2-core box
+    yield
+    torch.set_num_threads(n)
+
+
+def test_sft_on_task_lowers_loss_and_resumes_bit_identically(tmp_path, tok, one_thread):
+    from safetensors.torch import load_file
+
+    from nanoseek.train.sft import SFTConfig, sft
+
+    def run(name, **kw):
+        torch.manual_seed(0)
+        model = ns.Transformer(ns.ModelConfig.preset("tiny", vocab_size=tok.vocab_size))
+        cfg = SFTConfig(task="arithmetic", out=str(tmp_path / name), steps=6, batch_size=4, seq_len=192, lr=3e-3,
+                        warmup=0, progress=False, **kw)
+        return sft(cfg, model=model, tokenizer=tok)
+
+    straight = run("a")
+    run("b", stop_after=3)
+    resumed = run("b", resume=True)
+    wa, wb = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    rows = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.5 and all(r["trained_tokens"] > 0 for r in rows)
