@@ -156,6 +156,21 @@ def test_mtp_speculation_gives_exactly_plain_greedy_output(tiny):
            [c.token_ids for c in plain]
 
 
+def test_mtp_auto_mode_switches_off_an_untrained_head(tiny):
+    """The random MTP head's drafts are rejected: in auto mode (mtp=None) the engine stops speculating after its
+    probe, mtp=True keeps speculating; the output is plain greedy either way."""
+    prompts = prompts_of([3, 17, 8], tiny.cfg.vocab_size, seed=4)
+    plain = [c.token_ids for c in ns.Engine(tiny, mtp=False).generate(prompts, greedy(32))]
+    auto, forced = ns.Engine(tiny), ns.Engine(tiny, mtp=True)
+    assert [c.token_ids for c in auto.generate(prompts, greedy(32))] == plain
+    assert [c.token_ids for c in forced.generate(prompts, greedy(32))] == plain
+    a, f = auto.stats(), forced.stats()
+    assert a["mtp_acceptance"] < 0.25 and not a["mtp_active"] and a["mtp_drafts"] < f["mtp_drafts"]
+    assert f["mtp_active"] and f["mtp_drafts"] > 64
+    auto.reset_prefix_cache()
+    assert auto.stats()["mtp_active"]
+
+
 def test_stop_strings_stop_tokens_and_max_tokens(tiny, tok):
     eng = ns.Engine(tiny, tok, mtp=False)
     prompt = "The quick brown"

@@ -14,7 +14,9 @@ MTP speculative decoding (DeepSeek-V3 Section 2.2 / 5.4.3): the MTP module, give
 state h_n and the token t_{n+1}, drafts t_{n+2}. A decode step then feeds [t_{n+1}, draft] at positions [n+1, n+2]:
 the main model's prediction at n+1 verifies the draft (accepted when equal, so greedy output is exactly plain
 greedy decoding), and when accepted its prediction at n+2 is a second new token. Applied to greedy requests without
-penalties; others in the same batch decode one token per step.
+penalties; others in the same batch decode one token per step. A speculative step costs about 1.3 plain steps on
+CPU (two positions and the MTP block), so with mtp=None (auto) speculation switches itself off when fewer than 25%
+of the first 64 drafts are accepted (an untrained MTP head); reset_prefix_cache() (new weights) re-arms it.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ __all__ = ["Engine", "SamplingParams", "Completion", "StreamDelta"]
 
 THINK_START, THINK_END = "<think>", "</think>"
 DEFAULT_CACHE_BYTES = 2 << 30    # default latent pool size cap (pass num_blocks for more)
+MTP_PROBE, MTP_MIN_ACCEPT = 64, 0.25   # auto mode: drafts to judge the MTP head by, and the break-even acceptance
 
 
 @dataclass
@@ -223,6 +226,7 @@ class Engine:
             raise UsageError("mtp=True but this model has no MTP layer (num_nextn_predict_layers=0, or the checkpoint "
                              "was saved without it); use mtp=None or False")
         self.mtp = has_mtp if mtp is None else bool(mtp)
+        self.mtp_active, self._mtp_auto, self._probe = self.mtp, mtp is None, [0, 0]   # probe: drafts, accepted
         if max_batch < 1 or block_size < 1:
             raise UsageError(f"max_batch={max_batch} and block_size={block_size} must be >= 1")
         self.max_batch, self.block_size = max_batch, block_size
@@ -327,11 +331,13 @@ class Engine:
                 "blocks_used": self.pool.num_used(), "blocks_total": self.pool.capacity,
                 "blocks_cached": len(self.pool.cached), "block_size": self.block_size,
                 "kv_bytes_per_token": self.kv_bytes_per_token, **c,
-                "mtp": self.mtp, "mtp_acceptance": c["mtp_accepted"] / c["mtp_drafts"] if c["mtp_drafts"] else 0.0}
+                "mtp": self.mtp, "mtp_active": self.mtp_active, "mtp_acceptance": c["mtp_accepted"] / c["mtp_drafts"] if c["mtp_drafts"] else 0.0}
 
     def reset_prefix_cache(self) -> None:
         """Forget cached prefixes: call after the weights change (their latents are stale)."""
         self.pool.reset_prefix_cache()
+        if self.mtp:                              # new weights: give the MTP head another chance
+            self.mtp_active, self._probe = True, [0, 0]
 
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
                  progress: bool = False) -> list[Completion]:
@@ -491,7 +497,7 @@ class Engine:
         out = self._sample(reqs, self.model.lm_head(h[rows, last]))
         self.counters["prefill_forwards"] += 1
         drafts = [None] * len(reqs)
-        if self.mtp:
+        if self.mtp_active:
             T = inp.shape[1]
             nxt = [r.prompt[s + 1:] + [tok] for r, s, tok in zip(reqs, starts, out.tokens)]
             nxt = torch.tensor([x + [0] * (T - len(x)) for x in nxt], device=self.device)
@@ -506,7 +512,7 @@ class Engine:
 
     def _decode(self, reqs: list[_Request]) -> list[StreamDelta]:
         # speculate only when two more tokens are allowed (the draft's slot stays inside the reservation)
-        spec = [r.spec and r.draft is not None and r.max_new - len(r.output) >= 2 for r in reqs]
+        spec = [self.mtp_active and r.spec and r.draft is not None and r.max_new - len(r.output) >= 2 for r in reqs]
         for r, s in zip(reqs, spec):
             self._ensure_blocks(r, r.num_cached + 1 + s)
         ids = [[r.output[-1], r.draft] if s else [r.output[-1]] for r, s in zip(reqs, spec)]
@@ -529,8 +535,13 @@ class Engine:
                 picks[i].append(B + k)
         self.counters["mtp_drafts"] += len(si)
         self.counters["mtp_accepted"] += sum(accepted)
+        if self._mtp_auto and self._probe[0] < MTP_PROBE:
+            self._probe[0] += len(si)
+            self._probe[1] += sum(accepted)
+            if self._probe[0] >= MTP_PROBE and self._probe[1] < MTP_MIN_ACCEPT * self._probe[0]:
+                self.mtp_active = False          # below break-even: plain decoding is faster
         drafts = [None] * B
-        if self.mtp:
+        if self.mtp_active:
             T = inp.shape[1]
             nxt = torch.tensor([x + [0] * (T - len(x)) for x in new], device=dev)
             cols = torch.tensor([len(x) - 1 for x in new], device=dev)
