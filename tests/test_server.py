@@ -222,13 +222,30 @@ def test_text_completions_keep_think_tags_and_honour_stop_and_echo(client, serve
     assert streamed == "the user greets me\n</think>\n\nHello"
 
 
-def test_logprobs_are_returned_per_token(client):
+def test_logprobs_are_returned_per_token(client, served):
     r = ask(client, "hello", logprobs=True, top_logprobs=3, max_tokens=6)
     content = r.choices[0].logprobs.content
     assert len(content) == r.usage.completion_tokens == 6
     for t in content:
         assert t.logprob <= 0 and len(t.top_logprobs) == 3
         assert t.top_logprobs[0].logprob >= t.logprob - 1e-5   # greedy: the chosen token is the most likely
+    # streamed: the same values, delivered with the chunks
+    chunks = list(ask(client, "hello", logprobs=True, top_logprobs=3, max_tokens=6, stream=True))
+    streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert [t.token for t in streamed] == [t.token for t in content]
+    assert [t.logprob for t in streamed] == pytest.approx([t.logprob for t in content], abs=1e-5)
+    # text completions: OpenAI's legacy format, offsets into the returned text
+    r = client.completions.create(model=MODEL, prompt=served.tok.apply_chat_template([{"role": "user", "content": "hello"}]),
+                                  temperature=0, max_tokens=6, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 6
+    assert "".join(lp.tokens) == r.choices[0].text and lp.text_offset[0] == 0
+    assert all(len(top) == 2 for top in lp.top_logprobs)
+    chunks = list(client.completions.create(model=MODEL, prompt=served.tok.apply_chat_template(
+        [{"role": "user", "content": "hello"}]), temperature=0, max_tokens=6, logprobs=2, stream=True))
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
+    assert [t for x in streamed for t in x.tokens] == lp.tokens
+    assert [o for x in streamed for o in x.text_offset] == lp.text_offset
 
 
 def test_paths_without_v1_prefix_and_health(served):

@@ -595,6 +595,7 @@ def create_app(engine, tokenizer, model_name: str = "nanoseek", api_key: str | N
             return _sse(c)
 
         async def events():
+            pos, streamed_lp = len(echo), False   # text offset of the next token; per-delta logprobs sent
             try:
                 if echo:
                     yield chunk(echo)
@@ -604,11 +605,17 @@ def create_app(engine, tokenizer, model_name: str = "nanoseek", api_key: str | N
                         yield ": keep-alive\n\n"
                         continue
                     text = raw_text(d)
-                    if text:
-                        yield chunk(text)
+                    lp = None
+                    if req.logprobs is not None and d.token_ids and getattr(d, "logprobs", None) is not None:
+                        lp = text_logprobs(d, top_n, pos)
+                        pos = lp["text_offset"][-1] + len(lp["tokens"][-1])
+                        streamed_lp = True
+                    if text or lp:
+                        yield chunk(text, logprobs=lp)
                     if d.finished:
                         comp = d.completion
-                        lp = text_logprobs(comp, top_n, len(echo)) if req.logprobs is not None else None
+                        lp = text_logprobs(comp, top_n, len(echo)) if req.logprobs is not None and not streamed_lp \
+                            else None
                         yield chunk("", finish(d.finish_reason), lp)
                         if include_usage:
                             yield _sse({**base, "object": "text_completion", "choices": [], "usage": usage(comp)})
