@@ -16,6 +16,7 @@ from conftest import YARN, make_hf_model
 import nanoseek as ns
 from nanoseek.errors import UsageError
 from nanoseek.infer import engine as engine_mod
+from nanoseek.infer.cache import BlockPool, block_keys
 from nanoseek.infer.engine import _ReasoningSplit, _TextStream
 from nanoseek.infer.sampling import Sampled, SamplingParams, sample
 
@@ -127,6 +128,23 @@ def test_prefix_cache_reuses_full_blocks_with_identical_output(tiny):
     # generated tokens fill blocks too: a follow-up turn that extends prompt + answer hits them
     follow = eng.generate([p + first.token_ids + [9]], greedy(4))[0]
     assert follow.cached_tokens >= 20
+
+
+def test_block_pool_evicts_least_recently_used_unreferenced_prefixes():
+    pool = BlockPool(num_blocks=4, block_size=2)              # 3 usable blocks (0 is scratch)
+    keys = block_keys([1, 2, 3, 4, 5, 6], 2, 3)
+    blocks = [pool.allocate() for _ in range(3)]
+    for b, k in zip(blocks, keys):
+        pool.register(b, k)
+    assert pool.num_free() == 0
+    for b in (blocks[1], blocks[0], blocks[2]):               # released in this order: LRU = blocks[1]
+        pool.release(b)
+    assert pool.num_free() == 3 and pool.num_used() == 0       # cached but unreferenced blocks are reusable
+    assert pool.lookup(keys[2]) == blocks[2]                  # a hit takes a block out of the evictable set
+    assert pool.allocate() == blocks[1]                       # eviction takes the least recently used
+    assert pool.lookup(keys[1]) is None and pool.lookup(keys[0]) == blocks[0]
+    pool.reset_prefix_cache()
+    assert pool.lookup(keys[2]) is None and pool.cached == {}
 
 
 def test_mtp_speculation_gives_exactly_plain_greedy_output(tiny):
