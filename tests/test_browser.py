@@ -1,14 +1,15 @@
 """The chat page in a real browser: headless Chromium (Debian's /usr/bin/chromium) driven by Playwright.
 
 Same server and memorising tiny model as tests/test_server.py: the page must stream the answer into the
-conversation and show the reasoning in a collapsible "Thinking" section; the deep-think toggle and new chat work,
-and the page fits a phone's width. Skipped (with how to enable it) where Chromium or playwright is missing.
+conversation and show the reasoning in a collapsible "Thinking" section; the deep-think toggle, new chat and the
+stop button work (a stopped answer is cancelled in the engine), and the page fits a phone's width. Skipped (with how to enable it) where Chromium or playwright is missing.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import time
 
 import pytest
 
@@ -42,16 +43,55 @@ def test_chat_page_streams_an_answer_with_a_thinking_section(playwright_api, tmp
     try:
         model_dir = build_chat_model(tmp_path_factory.getbasetemp())
         engine, tok = load_engine(model_dir, max_batch=4, device="cpu")
-        app = create_app(engine, tok, model_name="tiny-r1", api_key=KEY)
+        slow = SlowEngine(engine)
+        app = create_app(slow, tok, model_name="tiny-r1", api_key=KEY)
         with ServerThread(app) as srv, playwright_api() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM if os.path.exists(CHROMIUM)
                                         else shutil.which("chromium"), args=ARGS)
             try:
                 run_page(browser, srv.url, KEY, tmp_path)
+                stop_button_aborts_the_answer(browser, srv.url, KEY, slow)
             finally:
                 browser.close()
     finally:
         torch.set_num_threads(threads)
+
+
+class SlowEngine:
+    """The real engine with an optional pause per step, so that an answer lasts long enough to be stopped."""
+
+    def __init__(self, engine):
+        self.engine, self.delay = engine, 0.0
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def step(self):
+        time.sleep(self.delay)
+        return self.engine.step()
+
+
+def stop_button_aborts_the_answer(browser, url, key, slow):
+    slow.delay = 0.1                                      # ~3 s for the whole answer
+    page = browser.new_page()
+    page.goto(url + "/")
+    page.evaluate(f"localStorage.setItem('nanoseek.settings', JSON.stringify({{apiKey: '{key}', temperature: 0}}))")
+    page.reload()
+    page.fill("#prompt", "hello")
+    page.press("#prompt", "Enter")
+    page.wait_for_selector(".msg.assistant .thinking-text:not(:empty)", timeout=30000)
+    assert page.is_visible("#stop") and not page.is_visible("#send")
+    page.click("#stop")
+    page.wait_for_selector(".msg.assistant:not(.streaming)", timeout=10000)
+    assert page.inner_text(".msg.assistant .meta") == "stopped"
+    assert page.inner_text(".msg.assistant .answer") != "Hello! How can I help?"
+    assert page.is_visible("#send")
+    # the server cancelled the generation: no request left in the engine, its cache blocks freed
+    deadline = time.time() + 10
+    while slow.engine.stats()["running"] or slow.engine.stats()["blocks_used"]:
+        assert time.time() < deadline, "the stopped answer still runs in the engine"
+        time.sleep(0.05)
+    slow.delay = 0.0
 
 
 def run_page(browser, url, key, shots):
