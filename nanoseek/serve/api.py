@@ -3,7 +3,9 @@
     nanoseek serve --model DIR [--host 127.0.0.1] [--port 8000] [--api-key KEY]
 
 Endpoints (each also without the /v1 prefix): POST /v1/chat/completions, POST /v1/completions, GET /v1/models,
-GET /health, GET /metrics (Prometheus text), and the chat page at /. The request and response fields are those of
+GET /health, GET /metrics (Prometheus text), and the chat page at /. With an API key, the /v1 endpoints need
+`Authorization: Bearer KEY`; /health, /metrics and the page (which asks for the key) do not. The request and
+response fields are those of
 DeepSeek's API (docs: shared/spec/api.md): `reasoning_content` carries the text inside <think>...</think>, usage
 reports prompt_cache_hit_tokens / prompt_cache_miss_tokens from the engine's prefix cache.
 
