@@ -5,9 +5,8 @@
 Endpoints (each also without the /v1 prefix): POST /v1/chat/completions, POST /v1/completions, GET /v1/models,
 GET /health, GET /metrics (Prometheus text), and the chat page at /. With an API key, the /v1 endpoints need
 `Authorization: Bearer KEY`; /health, /metrics and the page (which asks for the key) do not. The request and
-response fields are those of
-DeepSeek's API (docs: shared/spec/api.md): `reasoning_content` carries the text inside <think>...</think>, usage
-reports prompt_cache_hit_tokens / prompt_cache_miss_tokens from the engine's prefix cache.
+response fields are those of DeepSeek's API (docs: shared/spec/api.md): `reasoning_content` carries the text inside
+<think>...</think>, usage reports prompt_cache_hit_tokens / prompt_cache_miss_tokens from the engine's prefix cache.
 
 Robustness rules, because a public endpoint meets every kind of client:
 - every request is bounded (body bytes before any JSON parsing, number of messages, prompt tokens against the
