@@ -120,7 +120,8 @@ def evaluate(model_or_dir, task: str, n: int = 100, k: int = 1, difficulty: int 
     prompts = [prompt_ids(tok, t, p) for p in problems]
     was_training = model.training
     model.eval()
-    eng = engine or Engine(model, tok, max_batch=64)
+    # a context just long enough for these prompts and completions keeps the paged cache small
+    eng = engine or Engine(model, tok, max_batch=64, max_seq_len=max(map(len, prompts)) + max_tokens + 1)
     greedy = eng.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens), progress=progress)
     correct = [float(t.grade(p, c.text)) >= 1.0 for p, c in zip(problems, greedy)]
     fmt = [float(t.format_reward(c.text)) for c in greedy]

@@ -60,8 +60,8 @@ def teacher_traces(model, tok, task, problems: list, cfg: DistillConfig, progres
     from ..infer.engine import Engine, SamplingParams
 
     S = cfg.samples_per_problem
-    engine = Engine(model, tok, max_batch=64)
     prompts = [prompt_ids(tok, task, p) for p in problems]
+    engine = Engine(model, tok, max_batch=64, max_seq_len=max(map(len, prompts)) + cfg.max_tokens + 1)
     params = [SamplingParams(temperature=cfg.temperature, max_tokens=cfg.max_tokens, seed=cfg.seed * 1_000_003 + i)
               for i in range(len(problems) * S)]
     comps = engine.generate([pr for pr in prompts for _ in range(S)], params, progress=progress)

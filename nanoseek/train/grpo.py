@@ -327,7 +327,7 @@ def grpo(cfg: GRPOConfig | dict, reward_funcs=None, reward_weights=None, model=N
     import copy
 
     from ..data.tasks import get_task
-    from ..eval import draw_problems, train_rng
+    from ..eval import draw_problems, prompt_ids, train_rng
     from ..infer.engine import Engine
     from . import loop
     from .sft import _check_out, load_model_and_tokenizer
@@ -371,7 +371,11 @@ def grpo(cfg: GRPOConfig | dict, reward_funcs=None, reward_weights=None, model=N
     out.mkdir(parents=True, exist_ok=True)
     logger = loop.MetricsLogger(out / "metrics.jsonl", resume_step=step if ckpt else None)
     # the engine runs on the policy's own parameters: every update is seen by the next rollout
-    engine = Engine(model, tokenizer, max_batch=min(256, cfg.prompts_per_step * cfg.group_size))
+    # context: the longest prompt the task writes (with room to spare) plus the completion budget
+    longest = max(len(prompt_ids(tokenizer, task, p)) for p in draw_problems(task, train_rng(cfg.seed, "len"),
+                                                                            difficulty, 64))
+    engine = Engine(model, tokenizer, max_batch=min(256, cfg.prompts_per_step * cfg.group_size),
+                    max_seq_len=2 * longest + cfg.max_tokens + 16)
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     bar = loop.progress(cfg.steps, step, "grpo", cfg.progress)
     tokens_seen = int(logger.rows[-1].get("tokens_seen", 0)) if logger.rows else 0
