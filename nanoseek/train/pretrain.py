@@ -348,8 +348,8 @@ def _train(cfg: PretrainConfig, rt: loop.Runtime, out: Path, ckpt: Path | None, 
             if peak:
                 row["mfu"] = 100 * fpt * tps / (peak * W)
             logger.log(row)
+            bar.set_postfix(loss=f"{r['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", refresh=False)
             bar.update(1)
-            bar.set_postfix(loss=f"{r['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
             if not math.isfinite(r["loss"]):
                 bar.close()
                 raise UsageError(f"the loss became {r['loss']} at step {step}; lower --lr (now {cfg.lr})")
