@@ -67,6 +67,7 @@ def test_greedy_tokens_equal_transformers_with_continuous_batching(pair):
     hf, model = pair
     prompts = prompts_of([5, 13, 2, 21, 9], model.cfg.vocab_size, seed=1)
     eng = ns.Engine(model, max_batch=3, block_size=4)
+    eng.prefill_tokens = 8                         # long prompts are prefilled in chunks of 4-8 tokens
     arrivals = {0: 2, 2: 1, 3: 1, 5: 1}            # step -> requests added before it
     ids, done, step = [], {}, 0
     while len(done) < len(prompts):
@@ -154,6 +155,7 @@ def test_mtp_speculation_gives_exactly_plain_greedy_output(tiny):
     prompts = prompts_of([3, 17, 8], tiny.cfg.vocab_size, seed=4)
     plain = ns.Engine(tiny, mtp=False, block_size=4).generate(prompts, greedy(16))
     eng = ns.Engine(tiny, block_size=4)
+    eng.prefill_tokens = 8                     # chunked prefill: the MTP layer's cache is filled chunk by chunk
     assert eng.mtp and len(eng.cache.c_kv) == tiny.cfg.num_hidden_layers + 1         # MTP layer cached too
     ref = {eng.add_request(p, greedy(16)): c.token_ids for p, c in zip(prompts, plain)}
     rng, done = random.Random(0), {}
@@ -169,6 +171,7 @@ def test_mtp_speculation_gives_exactly_plain_greedy_output(tiny):
     st = eng.stats()
     assert st["mtp_drafts"] > 10 and 0.3 < st["mtp_acceptance"] < 1.0
     assert st["decode_forwards"] < 15          # accepted drafts saved forwards (plain needs 15)
+    assert st["prefill_forwards"] >= 4         # the 17-token prompt took 4 chunks (4, 4, 8, 1 tokens)
     # with the MTP head's own drafts (no override) the output is plain greedy too
     assert [c.token_ids for c in ns.Engine(tiny, block_size=4).generate(prompts, greedy(16))] == \
            [c.token_ids for c in plain]

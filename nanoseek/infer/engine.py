@@ -38,6 +38,7 @@ __all__ = ["Engine", "SamplingParams", "Completion", "StreamDelta"]
 
 THINK_START, THINK_END = "<think>", "</think>"
 DEFAULT_CACHE_BYTES = 2 << 30    # default latent pool size cap (pass num_blocks for more)
+PREFILL_TOKENS = 4096           # tokens (rows x chunk) per prefill forward; longer prompts are chunked
 MTP_PROBE, MTP_MIN_ACCEPT = 64, 0.25   # auto mode: drafts to judge the MTP head by, and the break-even acceptance
 
 
@@ -230,6 +231,7 @@ class Engine:
         if max_batch < 1 or block_size < 1:
             raise UsageError(f"max_batch={max_batch} and block_size={block_size} must be >= 1")
         self.max_batch, self.block_size = max_batch, block_size
+        self.prefill_tokens = PREFILL_TOKENS
         # default context: the model's, capped at 4096 so the default pool stays small on CPU
         self.max_seq_len = int(max_seq_len or min(cfg.max_position_embeddings, 4096))
         n_layers = cfg.num_hidden_layers + (1 if self.mtp else 0)      # the MTP layer's cache index is L
@@ -480,34 +482,46 @@ class Engine:
         greedy draft of t_{i+2} at (rows, cols)."""
         m = self.model
         hm = m.mtp[0](h, m.embed_tokens(next_ids), *rope, self.cache)
-        return m.lm_head(hm[rows, cols]).argmax(-1).tolist()
+        return m.lm_head(hm[rows, cols]).argmax(-1).tolist() if len(rows) else []
 
     def _sample(self, reqs: list[_Request], logits: torch.Tensor):
         return sample(logits, [r.params for r in reqs], [r.gen for r in reqs], [r.prompt for r in reqs],
                       [r.output for r in reqs])
 
     def _prefill(self, reqs: list[_Request]) -> list[StreamDelta]:
+        """Run the admitted prompts (after their cached prefix) and sample each one's first token.
+
+        Long prompts go in chunks of at most `prefill_tokens / rows` tokens per row and forward: absorbed attention
+        holds (rows, chunk, heads, context) scores, which the chunking bounds. A row's chunks attend to the cache
+        written by its earlier chunks, exactly as decoding does."""
         for r in reqs:
             self._ensure_blocks(r, len(r.prompt))
-        starts = [r.num_cached for r in reqs]
-        inp, pos, lens = self._plan(reqs, [r.prompt[s:] for r, s in zip(reqs, starts)], starts)
-        h, rope = self._trunk(inp, pos)
-        rows = torch.arange(len(reqs), device=self.device)
-        last = torch.tensor(lens, device=self.device) - 1
-        out = self._sample(reqs, self.model.lm_head(h[rows, last]))
-        self.counters["prefill_forwards"] += 1
-        drafts = [None] * len(reqs)
-        if self.mtp_active:
-            T = inp.shape[1]
-            nxt = [r.prompt[s + 1:] + [tok] for r, s, tok in zip(reqs, starts, out.tokens)]
-            nxt = torch.tensor([x + [0] * (T - len(x)) for x in nxt], device=self.device)
-            drafts = self._draft(h, nxt, rope, rows, last)
-        deltas = []
-        for i, r in enumerate(reqs):
-            r.num_cached = len(r.prompt)
-            r.draft = drafts[i]
-            self._register_full_blocks(r)
-            deltas.append(self._emit(r, [out.tokens[i]], _pick(out, [i])))
+        deltas, todo, dev = [], list(reqs), self.device
+        while todo:
+            chunk = max(self.block_size, self.prefill_tokens // len(todo))
+            starts = [r.num_cached for r in todo]
+            inp, pos, lens = self._plan(todo, [r.prompt[s:s + chunk] for r, s in zip(todo, starts)], starts)
+            h, rope = self._trunk(inp, pos)
+            self.counters["prefill_forwards"] += 1
+            ends = [i for i, r in enumerate(todo) if starts[i] + lens[i] == len(r.prompt)]   # prompt done here
+            rows = torch.tensor(ends, device=dev)
+            last = torch.tensor([lens[i] - 1 for i in ends], device=dev)
+            out = self._sample([todo[i] for i in ends], self.model.lm_head(h[rows, last])) if ends else None
+            first = dict(zip(ends, out.tokens)) if ends else {}
+            drafts = [None] * len(ends)
+            if self.mtp_active:   # MTP over the same positions: h_i with t_{i+1} (the new token after the prompt)
+                T = inp.shape[1]
+                nxt = [r.prompt[s + 1:s + 1 + n] + ([first[i]] if i in first else [])
+                       for i, (r, s, n) in enumerate(zip(todo, starts, lens))]
+                nxt = torch.tensor([x + [0] * (T - len(x)) for x in nxt], device=dev)
+                drafts = self._draft(h, nxt, rope, rows, last)
+            for r, s, n in zip(todo, starts, lens):
+                r.num_cached = s + n
+                self._register_full_blocks(r)
+            for k, i in enumerate(ends):
+                todo[i].draft = drafts[k]
+                deltas.append(self._emit(todo[i], [out.tokens[k]], _pick(out, [k])))
+            todo = [r for i, r in enumerate(todo) if i not in first]
         return deltas
 
     def _decode(self, reqs: list[_Request]) -> list[StreamDelta]:
