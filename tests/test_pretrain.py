@@ -32,7 +32,8 @@ from nanoseek.train.pretrain import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = dict(preset="tiny", seq_len=32, batch_size=8, lr=2e-2, corpus_docs=400, progress=False)
+# device="cpu" everywhere: bit-exact comparisons are fp32 CPU claims, even on a machine with a GPU
+FAST = dict(preset="tiny", seq_len=32, batch_size=8, lr=2e-2, corpus_docs=400, progress=False, device="cpu")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -122,7 +123,7 @@ def test_sigkill_while_writing_a_checkpoint_leaves_the_previous_one_loadable(tmp
 
     out = tmp_path / "killed"
     args = ["--tokenizer", tok_dir, "--corpus-docs", "100", "--steps", "4", "--save-every", "2", "--seq-len", "32",
-            "--batch-size", "4", "--out", str(out), "--no-progress"]
+            "--batch-size", "4", "--out", str(out), "--no-progress", "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NANOSEEK_TEST_CKPT_SLEEP": "4:120"}
     proc = subprocess.Popen([sys.executable, "-m", "nanoseek", "pretrain", *args], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -143,7 +144,7 @@ def test_sigkill_while_writing_a_checkpoint_leaves_the_previous_one_loadable(tmp
     ns.load(prev)
     # and the run continues from it
     pretrain(PretrainConfig(out=str(out), steps=4, resume=True, tokenizer=tok_dir, corpus_docs=100, seq_len=32,
-                            batch_size=4, progress=False))
+                            batch_size=4, progress=False, device="cpu"))
     assert [x["step"] for x in rows(out)] == [1, 2, 3, 4]
     assert loop.check_checkpoint(out / "ckpt" / "step-4") is None
 
@@ -151,7 +152,7 @@ def test_sigkill_while_writing_a_checkpoint_leaves_the_previous_one_loadable(tmp
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, tok_dir):
     out = tmp_path / "interrupted"
     args = ["--tokenizer", tok_dir, "--corpus-docs", "100", "--steps", "500", "--seq-len", "32", "--batch-size", "4",
-            "--out", str(out), "--no-progress"]
+            "--out", str(out), "--no-progress", "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "nanoseek", "pretrain", *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -212,11 +213,11 @@ def test_two_process_gloo_runs_match_one_process(tmp_path, tok_dir):
     accumulation steps: the same 4 sequences per step. Losses agree to 1e-4 relative (fp32; only the order of
     the gradient sums differs)."""
     common = dict(tokenizer=tok_dir, corpus_docs=100, seq_len=32, batch_size=2, steps=3, progress=False,
-                  bias_gamma=0.01)
+                  bias_gamma=0.01, device="cpu")
     pretrain(PretrainConfig(out=str(tmp_path / "one"), grad_accum=2, **common))
     ref = rows(tmp_path / "one")
     args = ["--tokenizer", tok_dir, "--corpus-docs", "100", "--seq-len", "32", "--batch-size", "2", "--steps", "3",
-            "--bias-gamma", "0.01", "--no-progress"]
+            "--bias-gamma", "0.01", "--no-progress", "--device", "cpu"]
     for name, extra in (("ddp", []), ("fsdp", ["--fsdp"])):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
                "nanoseek.cli", "pretrain", *args, "--out", str(tmp_path / name), *extra]
@@ -272,19 +273,19 @@ def small_run(tmp_path_factory, tok_dir) -> Path:
     """A finished 2-step run with checkpoints at steps 1 and 2."""
     out = tmp_path_factory.mktemp("small") / "run"
     pretrain(PretrainConfig(out=str(out), steps=2, save_every=1, tokenizer=tok_dir, corpus_docs=100, seq_len=32,
-                            batch_size=2, progress=False))
+                            batch_size=2, progress=False, device="cpu"))
     return out
 
 
 def run_main(argv, capsys) -> tuple[int, str]:
     from nanoseek.cli import main
 
-    rc = main(["pretrain", "--no-progress", *argv])
+    rc = main(["pretrain", "--no-progress", "--device", "cpu", *argv])
     return rc, capsys.readouterr().err
 
 
 def test_missing_data_file_is_one_error_line_exit_2(tmp_path):
-    res = cli(["--data", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "out"), "--steps", "2"])
+    res = cli(["--data", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "out"), "--steps", "2", "--device", "cpu"])
     assert res.returncode == 2
     assert "nope.jsonl" in one_error_line(res.stderr)
     assert not (tmp_path / "out").exists()
@@ -297,7 +298,7 @@ def test_corrupt_checkpoint_on_resume_is_an_error_and_nothing_is_overwritten(sma
     f = run / "ckpt" / "step-2" / "model.safetensors"
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])     # truncated
     before = snapshot(run)
-    res = cli(["--resume", "--out", str(run), "--steps", "4"])
+    res = cli(["--resume", "--out", str(run), "--steps", "4", "--device", "cpu"])
     assert res.returncode == 2
     assert "step-2" in one_error_line(res.stderr)
     assert snapshot(run) == before
@@ -309,7 +310,7 @@ def test_partial_newest_checkpoint_is_skipped_for_an_older_complete_one(small_ru
     (run / "ckpt" / "step-2" / "trainer_state.json").unlink()    # as if copied half-way
     assert loop.check_checkpoint(run / "ckpt" / "step-2") is not None
     pretrain(PretrainConfig(out=str(run), steps=2, resume=True, tokenizer=tok_dir, corpus_docs=100, seq_len=32,
-                            batch_size=2, progress=False))
+                            batch_size=2, progress=False, device="cpu"))
     out = capsys.readouterr().out
     assert "skipping damaged checkpoint" in out and "resumed from" in out and "step-1" in out
     assert rows(run)[-1]["step"] == 2 and rows(run)[-1]["loss"] == rows(small_run)[-1]["loss"]
