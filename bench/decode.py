@@ -6,7 +6,8 @@ Both sides load one random-weight DeepSeek-V3-shaped checkpoint (written by tran
 greedy decoding in float32 with EOS ignored, on the same prompts (same length within a batch, so transformers
 needs no padding). Decode time runs from the first generated token (the end of prefill) to the last: transformers
 is timed with a streamer whose put() marks each step, the engine by its steps (the first step is the prefill).
-Decode tokens/s = batch * (new_tokens - 1) / decode time, best of --repeat; the ratio is engine / transformers.
+Decode tokens/s = batch * (new_tokens - 1) / decode time, best of --repeat interleaved runs; the ratio is
+engine / transformers.
 """
 
 from __future__ import annotations
@@ -106,8 +107,11 @@ def main(argv=None):
                                 do_sample=False)[:, P:].tolist()
             same = sum(x == y for x, y in zip(a, b))
             n = args.new_tokens
-            te = min(engine_decode_time(engine, prompts, n) for _ in range(args.repeat))
-            th = min(hf_decode_time(hf, prompts, n) for _ in range(args.repeat))
+            te, th = [], []
+            for _ in range(args.repeat):    # interleaved, so that load changes on the machine hit both sides
+                te.append(engine_decode_time(engine, prompts, n))
+                th.append(hf_decode_time(hf, prompts, n))
+            te, th = min(te), min(th)
             tps_e, tps_h = B * (n - 1) / te, B * (n - 1) / th
             rows.append((P, B, tps_e, tps_h))
             print(f"{P:>6} {B:>5} {tps_e:>13.1f} {tps_h:>19.1f} {tps_e / tps_h:>5.2f}x   "
