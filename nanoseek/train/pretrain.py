@@ -494,7 +494,10 @@ def read_toml(path: str) -> dict:
     try:
         import tomllib
     except ImportError:  # Python 3.10
-        import tomli as tomllib
+        try:
+            import tomli as tomllib
+        except ImportError:
+            raise UsageError("--config needs Python 3.11+ (tomllib) or `pip install tomli`") from None
     p = Path(path)
     if not p.is_file():
         raise UsageError(f"--config {path}: no such file")
