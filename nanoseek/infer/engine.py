@@ -5,9 +5,9 @@
     for d in eng.stream("Hi", SamplingParams()): print(d.text, end="")
 
 One `step()` = (1) admit waiting requests while a batch slot and enough cache blocks are free (their prompt prefix
-is looked up in the prefix cache first), (2) one batched prefill forward for the admitted prompts (right-padded,
-different lengths), (3) one batched decode forward for the requests already running. Requests leave as soon as they
-finish; their blocks return to the pool. Attention always runs on MLA's absorbed path against the latent cache
+is looked up in the prefix cache first), (2) a batched prefill forward for the admitted prompts (right-padded,
+different lengths; long prompts in chunks), (3) one batched decode forward for the requests already running.
+Requests leave as soon as they finish; their blocks return to the pool. Attention always runs on MLA's absorbed path against the latent cache
 (nanoseek.infer.cache): the engine computes the gather indices and mask once per forward, the layers reuse them.
 
 MTP speculative decoding (DeepSeek-V3 Section 2.2 / 5.4.3): the MTP module, given the main model's last hidden
@@ -344,6 +344,8 @@ class Engine:
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
                  progress: bool = False) -> list[Completion]:
         """Generate for every prompt (str or token ids; a single prompt is accepted too); results in order."""
+        if isinstance(prompts, torch.Tensor):
+            prompts = prompts.tolist()
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = params or SamplingParams()
