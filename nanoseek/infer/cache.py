@@ -126,11 +126,11 @@ class PagedLatentCache:
         self.bytes_per_token = num_layers * (r + rope) * self.c_kv[0].element_size()
         self._write = self._read = self._mask = None
 
-    def set_step(self, write_slots: torch.Tensor, read_slots: torch.Tensor, mask: torch.Tensor) -> None:
+    def set_step(self, write_slots: torch.Tensor, read_slots: torch.Tensor, mask: torch.Tensor | None) -> None:
         """Fix the indices of this forward for every layer.
 
         write_slots (B*T,): slot of each new token (padding -> scratch slot 0); read_slots (B, S): the slots each
-        sequence attends over, padded with 0; mask (B, 1, T, S) bool, True = may attend.
+        sequence attends over, padded with 0; mask (B, 1, T, S) bool, True = may attend (None: all S visible).
         """
         self._write, self._read, self._mask = write_slots, read_slots, mask
 

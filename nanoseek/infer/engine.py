@@ -465,7 +465,9 @@ class Engine:
         write = torch.where(valid, read.gather(1, qpos.clamp(max=S - 1)), 0)
         # causal within the row; padded query rows see the row's real keys only (never an all-masked row)
         mask = (j <= qpos[..., None]) & (j < total[..., None])                                      # (B, T, S)
-        self.cache.set_step(write.view(-1), read, mask[:, None])
+        if T == 1 and min(totals) == S:
+            mask = None          # one new token per row and equal lengths: every key is visible (saves a fill/layer)
+        self.cache.set_step(write.view(-1), read, None if mask is None else mask[:, None])
         inp = torch.tensor([x + [0] * (T - len(x)) for x in ids], device=dev)
         return inp, qpos, lens
 
