@@ -1,7 +1,7 @@
 """Forward+backward throughput of nanoseek's Transformer vs transformers' DeepseekV3ForCausalLM, same weights.
 
     .venv/bin/python bench/forward.py                  # the `cpu` preset shape and a bigger one
-    .venv/bin/python bench/forward.py --shapes cpu --rounds 7
+    .venv/bin/python bench/forward.py --shapes cpu --rounds 7 --threads 1
 
 One training step = zero grads, forward, next-token cross-entropy, backward (no optimizer: it is the same for
 both). Our random model is saved with `ns.save` and loaded by `transformers.AutoModelForCausalLM`, so both hold
@@ -82,11 +82,16 @@ def main():
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--rounds", type=int, default=5, help="alternating rounds; the median is reported")
     p.add_argument("--steps", type=int, default=2, help="training steps per round")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: torch's choice). On a shared, oversubscribed machine use 1: "
+                        "OpenMP threads spinning against other jobs slow both models ~10x and drown the comparison")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     import transformers
 
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
-          f"float32, forward + cross-entropy + backward")
+          f"float32, forward + cross-entropy + backward", flush=True)
     print(f"{'shape':8} {'params':>9} {'active':>9} {'B x T':>9} {'rel.err':>8} {'nanoseek tok/s':>15} "
           f"{'transformers tok/s':>19} {'ratio':>6}")
     for name in args.shapes:

@@ -72,6 +72,9 @@ class ModelConfig:
             raise ValueError(f"model_type {self.model_type!r} is not supported: expected 'deepseek_v3' or 'deepseek_v2'")
         if self.topk_method not in ("greedy", "group_limited_greedy", "noaux_tc"):
             raise ValueError(f"topk_method {self.topk_method!r}: expected greedy, group_limited_greedy or noaux_tc")
+        rope_type = (self.rope_scaling or {}).get("type", (self.rope_scaling or {}).get("rope_type"))
+        if rope_type not in (None, "default", "yarn"):
+            raise ValueError(f"rope_scaling type {rope_type!r} is not supported: DeepSeek models use 'yarn' (or none)")
         if self.scoring_func not in ("softmax", "sigmoid"):
             raise ValueError(f"scoring_func {self.scoring_func!r}: expected softmax or sigmoid")
         if self.n_routed_experts and self.n_group and self.n_routed_experts % self.n_group:

@@ -126,5 +126,7 @@ def test_bad_config_values_are_refused_with_the_reason():
         ns.ModelConfig.preset("tiny", topk_method="top2")
     with pytest.raises(ValueError, match="not divisible by n_group"):
         ns.ModelConfig.preset("tiny", n_routed_experts=6, n_group=4)
+    with pytest.raises(ValueError, match="rope_scaling type 'linear'"):  # silently ignoring it would be wrong
+        ns.ModelConfig.from_hf({**PUBLISHED_V3, "rope_scaling": {"type": "linear", "factor": 2.0}})
     with pytest.raises(ValueError, match="unknown preset"):
         ns.ModelConfig.preset("v4")

@@ -31,6 +31,8 @@ CASES = {
     "v3-no-qlora-yarn-half-split": ("v3", dict(q_lora_rank=None, rope_interleave=False, rope=YARN)),
     # every layer MoE, plain rope, v_head_dim (32) > qk_head_dim (24), 2 groups of 4 experts
     "v3-all-moe-plain-rope-wide-v": ("v3", dict(first_k_dense_replace=0, v_head_dim=32, n_group=2, topk_group=1)),
+    # one routed expert per token: its weight is normalised to 1 (norm_topk_prob) before routed_scaling_factor
+    "v3-top1-two-shared": ("v3", dict(num_experts_per_tok=1, n_shared_experts=2, n_group=1, topk_group=1)),
     # V2-Lite shape: no q_lora, softmax greedy, YaRN with V2's mscale 0.707, no top-k normalisation
     "v2-greedy-no-qlora-yarn": ("v2", dict(q_lora_rank=None, topk_method="greedy",
                                            rope={**YARN, "mscale": 0.707, "mscale_all_dim": 0.707})),

@@ -62,7 +62,7 @@ class Gate(nn.Module):
             choice = grouped.masked_fill(~group_mask[..., None], fill).flatten(1)
         idx = choice.topk(self.top_k, dim=-1).indices
         weights = scores.gather(1, idx)
-        if self.norm_topk_prob and self.top_k > 1:
+        if self.norm_topk_prob:  # also for top_k = 1 (weight 1), as DeepSeek's V3 code and transformers do
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
         return weights * self.scale, idx, scores
 
