@@ -241,6 +241,8 @@ class Engine:
             block_bytes = block_size * n_layers * cfg.kv_cache_elems_per_token * self.dtype.itemsize
             fit = max(blocks_per_seq, DEFAULT_CACHE_BYTES // block_bytes)
             num_blocks = min(max_batch * blocks_per_seq, fit) + 1       # + the scratch block
+        elif num_blocks < 2:
+            raise UsageError(f"num_blocks={num_blocks}: need at least 2 (one is the padding scratch block)")
         self.cache = PagedLatentCache(cfg, n_layers, num_blocks, block_size, self.dtype, self.device)
         self.pool = self.cache.pool
         self.kv_bytes_per_token = self.cache.bytes_per_token
@@ -343,7 +345,10 @@ class Engine:
 
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
                  progress: bool = False) -> list[Completion]:
-        """Generate for every prompt (str or token ids; a single prompt is accepted too); results in order."""
+        """Generate for every prompt (str or token ids; a single prompt is accepted too); results in order.
+
+        generate() and stream() drive step() themselves and drop other requests' deltas: do not mix them with a
+        step() loop of your own on the same engine (the server uses add_request/step only)."""
         if isinstance(prompts, torch.Tensor):
             prompts = prompts.tolist()
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
