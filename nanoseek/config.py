@@ -248,7 +248,7 @@ PRESETS: dict[str, dict] = {
                  n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1, routed_scaling_factor=1.0,
                  first_k_dense_replace=1, num_nextn_predict_layers=1, max_position_embeddings=512,
                  rope_interleave=True),
-    # the CPU speedrun: ~3M parameters, trains in minutes on two cores
+    # the CPU speedrun: 1.3M parameters (0.76M activated), trains in minutes on two cores
     "cpu": dict(vocab_size=1024, hidden_size=128, intermediate_size=384, moe_intermediate_size=64,
                 num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=64,
                 kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=8,

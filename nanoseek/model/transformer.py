@@ -43,7 +43,8 @@ class MTPLayer(nn.Module):
 
     h'_i = M_k [RMSNorm(h_i^{k-1}); RMSNorm(Emb(t_{i+k}))] -> Transformer block -> shared head predicts t_{i+k+1}.
     The embedding and output head are the main model's (shared); checkpoint.py writes copies of them under this
-    layer's names because published checkpoints carry them.
+    layer's names because published checkpoints carry them. The concatenation puts the embedding first, as the
+    published eh_proj weights expect (the order DeepSeek's and vLLM's MTP code use), not the paper's order.
     """
 
     def __init__(self, cfg: ModelConfig, layer: int):
