@@ -388,5 +388,7 @@ def main(args) -> int:
         what = f"{args.corpus_docs} documents of the embedded task corpus"
     tok = Tokenizer.train(source, args.vocab_size)
     tok.save(out)
-    print(f"trained a {tok.vocab_size}-token byte-level BPE on {what}; wrote {out}/tokenizer.json")
+    note = f" (asked for {args.vocab_size}: the data has no more frequent pairs)" if tok.vocab_size < args.vocab_size \
+        else ""
+    print(f"trained a {tok.vocab_size}-token byte-level BPE{note} on {what}; wrote {out}/tokenizer.json")
     return 0

@@ -204,5 +204,8 @@ def test_cli_trains_and_refuses_bad_data_without_overwriting(tmp_path, capsys):
         assert not (tmp_path / "other").exists()
     assert _cli(["--data", str(data), "--out", str(out)]) == 2  # exists: no overwrite
     assert (out / "tokenizer.json").read_bytes() == before
+    # no --data: the embedded task corpus, offline
+    assert _cli(["--out", str(tmp_path / "default"), "--corpus-docs", "200", "--vocab-size", "300"]) == 0
+    assert Tokenizer.load(tmp_path / "default").encode("col1: 7+5+0=12")
     err = capsys.readouterr().err
     assert "missing.txt" in err and "empty" in err and "at least 263" in err and "already exists" in err
