@@ -209,3 +209,15 @@ def test_cli_trains_and_refuses_bad_data_without_overwriting(tmp_path, capsys):
     assert Tokenizer.load(tmp_path / "default").encode("col1: 7+5+0=12")
     err = capsys.readouterr().err
     assert "missing.txt" in err and "empty" in err and "at least 263" in err and "already exists" in err
+
+
+def test_load_a_bare_tokenizer_json_folder(tok, tmp_path):
+    # any HF tokenizer.json works alone (no config): no special-token roles, no chat template until one is given
+    tok._tk.save(str(tmp_path / "tokenizer.json"))
+    bare = Tokenizer.load(tmp_path)
+    assert bare.bos_id is None and bare.encode("hi", add_bos=True) == tok.encode("hi")
+    assert bare.decode(bare.encode(TRICKY[7])) == TRICKY[7]
+    with pytest.raises(UsageError, match="no chat template"):
+        bare.apply_chat_template(MESSAGES)
+    bare.save(tmp_path / "again")
+    assert Tokenizer.load(tmp_path / "again").encode(TRICKY[7]) == tok.encode(TRICKY[7])
