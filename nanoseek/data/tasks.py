@@ -476,7 +476,9 @@ class Countdown(Task):
 
     name = "countdown"
     description = "combine the numbers (each exactly once) with + - * / to reach the target"
-    # level: (how many numbers, largest number, largest target)
+    # level: (how many numbers, largest number, largest target). Level 1 (two one-digit numbers) has only ~220
+    # distinct problems (~25 in eval's held-out eighth): easy to learn, too small to measure held-out gains on;
+    # level 2 has ~9,000.
     LEVELS = {1: (2, 9, 81), 2: (3, 9, 100), 3: (3, 20, 200), 4: (4, 25, 200), 5: (4, 99, 999)}
 
     def generate(self, rng: random.Random, difficulty: int = 1) -> Problem:
