@@ -37,8 +37,10 @@ TINY_HF = dict(vocab_size=128, hidden_size=64, intermediate_size=96, moe_interme
 YARN = dict(factor=4.0, original_max_position_embeddings=16, beta_fast=32, beta_slow=1, mscale=1.0, mscale_all_dim=0.8)
 
 
-def make_hf_model(kind: str = "v3", seed: int = 0, scale: float = 0.3, rope: dict | None = None, **cfg):
-    """A random transformers DeepSeek model (eval, float32). kind: "v3" or "v2"."""
+def make_hf_model(kind: str = "v3", seed: int = 0, scale: float = 0.3, rope: dict | None = None,
+                  experts_implementation: str | None = None, **cfg):
+    """A random transformers DeepSeek model (eval, float32). kind: "v3" or "v2". experts_implementation="eager"
+    for sizes transformers' default grouped_mm path cannot take on CPU (rows not 16-byte aligned)."""
     import transformers
 
     if kind not in ("v3", "v2"):
@@ -54,6 +56,8 @@ def make_hf_model(kind: str = "v3", seed: int = 0, scale: float = 0.3, rope: dic
     else:
         config_cls, model_cls = transformers.DeepseekV2Config, transformers.DeepseekV2ForCausalLM
     model = model_cls(config_cls(**kw)).float().eval()
+    if experts_implementation:
+        model.set_experts_implementation(experts_implementation)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -33,6 +33,10 @@ CASES = {
     "v3-all-moe-plain-rope-wide-v": ("v3", dict(first_k_dense_replace=0, v_head_dim=32, n_group=2, topk_group=1)),
     # one routed expert per token: its weight is normalised to 1 (norm_topk_prob) before routed_scaling_factor
     "v3-top1-two-shared": ("v3", dict(num_experts_per_tok=1, n_shared_experts=2, n_group=1, topk_group=1)),
+    # odd sizes: rope slices at odd offsets (complex views need a copy), expert rows not 16-byte aligned (the
+    # per-expert fallback instead of grouped_mm, which transformers' own default cannot do: it runs eager here)
+    "v3-odd-sizes": ("v3", dict(qk_nope_head_dim=15, kv_lora_rank=31, v_head_dim=17, moe_intermediate_size=30,
+                                rope=YARN, experts_implementation="eager")),
     # V2-Lite shape: no q_lora, softmax greedy, YaRN with V2's mscale 0.707, no top-k normalisation
     "v2-greedy-no-qlora-yarn": ("v2", dict(q_lora_rank=None, topk_method="greedy",
                                            rope={**YARN, "mscale": 0.707, "mscale_all_dim": 0.707})),

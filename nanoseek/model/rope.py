@@ -75,7 +75,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     if interleave:
         # (x0 + i x1) * (cos + i sin): one complex multiply, as DeepSeek's reference code does. About 4x faster
         # forward+backward on CPU than rotating strided even/odd slices. Complex bf16 does not exist: go via fp32.
-        xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+        xf = x.float()
+        if xf.storage_offset() % 2 or any(st % 2 for st in xf.stride()[:-1]):  # complex views need even strides
+            xf = xf.contiguous()
+        xc = torch.view_as_complex(xf.unflatten(-1, (-1, 2)))
         return torch.view_as_real(xc * torch.complex(cos.float(), sin.float())).flatten(-2).to(x.dtype)
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     half = x.shape[-1] // 2
