@@ -635,6 +635,7 @@ def corpus_documents(n: int, seed: int = 0, tasks: list[str] | None = None,
 
     tasks: names (default: every built-in task); difficulty: a level, a list of levels, or None for levels 1-3
     weighted 1 : 1/2 : 1/3 (the levels a small model can learn; higher levels have long traces)."""
+    from ..eval import split_of
     from ..tokenizer import Tokenizer, render_chat
 
     names = tasks or [t for t in ("arithmetic", "countdown", "linear", "sort") if t in _REGISTRY]
@@ -648,6 +649,8 @@ def corpus_documents(n: int, seed: int = 0, tasks: list[str] | None = None,
         else:
             level = difficulty if isinstance(difficulty, int) else rng.choice(list(difficulty))
         p = task.generate(rng, level)
+        while split_of(p) == "eval":  # held-out eval problems never enter training data (see nanoseek.eval)
+            p = task.generate(rng, level)
         style = rng.random()
         if style < 0.4:
             yield task.prompt_r1zero(p) + task.completion_r1zero(p)
