@@ -91,3 +91,31 @@ def test_sft_on_task_lowers_loss_and_resumes_bit_identically(tmp_path, tok, one_
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     rows = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.5 and all(r["trained_tokens"] > 0 for r in rows)
+
+
+def test_distill_splits_teacher_text_like_the_chat_template_and_needs_one_student(tmp_path):
+    from nanoseek.train.distill import DistillConfig, distill, split_completion
+
+    text = "9x+1=46\n9x=46-1=45\nx=45/9=5\n</think>\n\n<answer>5</answer>"
+    assert split_completion(text) == ("9x+1=46\n9x=46-1=45\nx=45/9=5", "<answer>5</answer>")
+    with pytest.raises(UsageError, match="exactly one of --student-preset"):
+        distill(DistillConfig(teacher=str(tmp_path), task="linear", out=str(tmp_path / "o")))
+
+
+def test_config_file_and_command_line_merge(tmp_path):
+    import argparse
+
+    from nanoseek.train.grpo import GRPOConfig
+    from nanoseek.train.grpo import add_arguments as grpo_args
+    from nanoseek.train.sft import make_config
+
+    toml = tmp_path / "g.toml"
+    toml.write_text('lr = 0.5\ngroup_size = 4\ndynamic_sampling = false\n')
+    p = argparse.ArgumentParser()
+    grpo_args(p)
+    args = p.parse_args(["--config", str(toml), "--lr", "0.25", "--mask-truncated", "false"])
+    cfg = make_config(GRPOConfig, args)
+    assert (cfg.lr, cfg.group_size, cfg.dynamic_sampling, cfg.mask_truncated) == (0.25, 4, False, False)
+    toml.write_text("learning_rate = 1\n")
+    with pytest.raises(UsageError, match="unknown key"):
+        make_config(GRPOConfig, p.parse_args(["--config", str(toml)]))
