@@ -31,6 +31,9 @@ def add_arguments(p):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--serve", action="store_true", help="serve the final model with the chat page at the end")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: the cpu preset's matmuls are too small to gain from a second "
+                        "thread, and on a busy machine spinning OpenMP threads slow every step down many times)")
 
 
 class Stages:
@@ -71,11 +74,15 @@ def final_model(stage_dir: Path) -> Path:
 
 
 def main(args) -> int:
+    import torch
+
     from .data.tasks import corpus_documents, get_task
     from .eval import evaluate
     from .train import grpo as grpo_mod
     from .train import sft as sft_mod
 
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     if args.preset not in PRESETS:
         raise UsageError(f"unknown preset {args.preset!r}; known: {', '.join(SCALE)}")
     scale = SCALE[args.preset]

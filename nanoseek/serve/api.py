@@ -383,7 +383,7 @@ def create_app(engine, tokenizer, model_name: str = "nanoseek", api_key: str | N
         """The job's next StreamDelta; None on a keep-alive tick. Raises what the engine thread reported."""
         try:
             item = await asyncio.wait_for(job.queue.get(), limits.keepalive_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             if request is not None and await request.is_disconnected():
                 raise asyncio.CancelledError() from None
             return None

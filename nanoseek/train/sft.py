@@ -314,7 +314,6 @@ def parse_bool(v) -> bool:
 def make_config(cls, args=None, **overrides):
     """dataclass `cls` from its defaults < a --config TOML file < explicit command-line values < overrides."""
     import dataclasses
-
     import tomllib
 
     fields = {f.name: f for f in dataclasses.fields(cls)}
