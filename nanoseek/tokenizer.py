@@ -340,8 +340,17 @@ class Tokenizer:
 
 # ---------------------------------------------------------------- data files
 def _is_path(x) -> bool:
-    return isinstance(x, os.PathLike) or (isinstance(x, str) and len(x) < 4096 and "\n" not in x
-                                          and (Path(x).exists() or x.startswith("hf:")))
+    """A file/folder name (or hf:NAME) rather than a text to train on; a text too long to be a name is a text."""
+    if isinstance(x, os.PathLike):
+        return True
+    if not isinstance(x, str) or len(x) >= 4096 or "\n" in x:
+        return False
+    if x.startswith("hf:"):
+        return True
+    try:
+        return Path(x).exists()
+    except OSError:  # e.g. "File name too long": not a path
+        return False
 
 
 class _ChatRenderer:

@@ -221,3 +221,9 @@ def test_load_a_bare_tokenizer_json_folder(tok, tmp_path):
         bare.apply_chat_template(MESSAGES)
     bare.save(tmp_path / "again")
     assert Tokenizer.load(tmp_path / "again").encode(TRICKY[7]) == tok.encode(TRICKY[7])
+
+
+def test_train_on_a_list_of_long_texts_treats_them_as_texts_not_file_names():
+    # A text longer than the OS's file-name limit used to crash the "is this a path?" check.
+    tok = Tokenizer.train(["x" * 400 + " hello world", "some more text here " * 30], vocab_size=300)
+    assert tok.decode(tok.encode("hello world")) == "hello world"
