@@ -152,10 +152,16 @@ def _experts_case(N=40):
     return experts, x, weights, idx
 
 
-@pytest.mark.parametrize("grouped_mm", [True, False], ids=["grouped_mm", "per-expert-fallback"])
-def test_routed_experts_match_per_token_reference(monkeypatch, grouped_mm):
-    if not grouped_mm:
+def _routed_experts_path(monkeypatch, path: str):
+    """Force one of the three ways Experts.forward computes the same thing (dense: every expert on every token)."""
+    monkeypatch.setattr(moe_mod, "DENSE_EXPERTS_MAX_MACS", float("inf") if path == "dense" else 0)
+    if path == "per-expert-fallback":
         monkeypatch.setattr(moe_mod, "_grouped_mm_ok", lambda x, w: False)
+
+
+@pytest.mark.parametrize("path", ["grouped_mm", "per-expert-fallback", "dense"])
+def test_routed_experts_match_per_token_reference(monkeypatch, path):
+    _routed_experts_path(monkeypatch, path)
     experts, x, weights, idx = _experts_case()
     x.requires_grad_(True)
     got = experts(x, weights, idx)
@@ -178,11 +184,10 @@ class _CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("grouped_mm", [True, False], ids=["grouped_mm", "per-expert-fallback"])
-def test_routed_experts_are_batched_not_per_token(monkeypatch, grouped_mm):
+@pytest.mark.parametrize("path", ["grouped_mm", "per-expert-fallback", "dense"])
+def test_routed_experts_are_batched_not_per_token(monkeypatch, path):
     """The number of tensor operations does not grow with the number of tokens (no Python loop over tokens)."""
-    if not grouped_mm:
-        monkeypatch.setattr(moe_mod, "_grouped_mm_ok", lambda x, w: False)
+    _routed_experts_path(monkeypatch, path)
     counts = []
     for N in (16, 256):
         experts, x, weights, idx = _experts_case(N)
