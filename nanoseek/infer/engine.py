@@ -469,10 +469,10 @@ class Engine:
         valid = t < n_valid
         write = torch.where(valid, read.gather(1, qpos.clamp(max=S - 1)), 0)
         # causal within the row; padded query rows see the row's real keys only (never an all-masked row)
-        mask = (j <= qpos[..., None]) & (j < total[..., None])                                      # (B, T, S)
-        if T == 1 and min(totals) == S:
-            mask = None          # one new token per row and equal lengths: every key is visible (saves a fill/layer)
-        self.cache.set_step(write.view(-1), read, None if mask is None else mask[:, None])
+        mask = None              # one new token per row and equal lengths: every key is visible (saves a fill/layer)
+        if T > 1 or min(totals) < S:
+            mask = ((j <= qpos[..., None]) & (j < total[..., None]))[:, None]                     # (B, 1, T, S)
+        self.cache.set_step(write.view(-1), read, mask)
         inp = torch.tensor([x + [0] * (T - len(x)) for x in ids], device=dev)
         return inp, qpos, lens
 

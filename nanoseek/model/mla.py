@@ -109,7 +109,9 @@ class MLA(nn.Module):
         # the same): no concatenated [c_kv, k_pe] keys and no per-head expansion of the cache, which SDPA's math
         # fallback (q and v head sizes differ) would materialise: 2-5x faster decode attention on CPU.
         S, r = c_kv.shape[1], self.kv_lora_rank
-        q_lat = torch.einsum("bthd,hdr->bthr", q_nope, w_uk).reshape(B, T * H, r)     # heads folded into rows
+        # per head, q_nope @ W_UK as one bmm over heads (einsum costs ~2x as much per call at decode sizes)
+        q_lat = torch.bmm(q_nope.reshape(B * T, H, self.nope).transpose(0, 1), w_uk)   # (H, B*T, r)
+        q_lat = q_lat.transpose(0, 1).reshape(B, T * H, r)                             # heads folded into rows
         scores = torch.baddbmm(q_lat @ c_kv.transpose(1, 2), q_pe.reshape(B, T * H, self.rope),
                                k_pe.transpose(1, 2)).view(B, T, H, S)                 # (B, T, H, S)
         if mask is None and T > 1:
@@ -117,6 +119,6 @@ class MLA(nn.Module):
         if mask is not None:                                                           # (B|1, 1, T, S) or (T, S)
             scores = scores.masked_fill(~mask.reshape(-1, T, 1, S), float("-inf"))
         p = torch.softmax(scores.float() * self.softmax_scale, dim=-1).to(c_kv.dtype)
-        out = (p.view(B, T * H, S) @ c_kv).view(B, T, H, r)                           # (B, T, H, r)
-        out = torch.einsum("bthr,hvr->bthv", out, w_uv)                                # (B, T, H, v)
+        out = (p.view(B, T * H, S) @ c_kv).view(B * T, H, r)
+        out = torch.bmm(out.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)    # (B*T, H, v)
         return self.o_proj(out.reshape(B, T, H * self.v_dim))
