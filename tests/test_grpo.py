@@ -130,18 +130,10 @@ def test_token_logprobs_use_the_sampling_temperature():
 
 
 # ---------------------------------------------------------------------------------------------- the trainer
-@pytest.fixture(scope="module")
-def one_thread():
-    # tiny matmuls gain nothing from a second thread, and on a shared machine OpenMP's spinning threads slow a
-    # busy 2-core box down by 10-40x; restore the setting afterwards
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
-def tiny(one_thread):
+def tiny():
     """A tiny random model and a 300-token tokenizer trained on a few task documents."""
     from nanoseek.data.tasks import corpus_documents
     from nanoseek.tokenizer import Tokenizer

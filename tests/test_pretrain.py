@@ -36,14 +36,6 @@ ROOT = Path(__file__).resolve().parents[1]
 FAST = dict(preset="tiny", seq_len=32, batch_size=8, lr=2e-2, corpus_docs=400, progress=False, device="cpu")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tok_dir(tmp_path_factory) -> str:
     """A 512-token BPE tokenizer trained once on the embedded corpus (what pretrain would train itself)."""

@@ -96,16 +96,7 @@ class ServerThread:
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    # The tiny model is ~10x faster on one thread than on two contended cores.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, one_thread):
+def model_dir(tmp_path_factory):
     return build_chat_model(tmp_path_factory.getbasetemp())
 
 
@@ -459,7 +450,6 @@ def test_serve_cli_rejects_a_folder_that_is_not_a_model(tmp_path):
     from nanoseek.cli import main
     assert main(["serve", "--model", str(tmp_path / "missing")]) == 2
     assert main(["chat", "--model", str(tmp_path)]) == 2
-
 
 
 def test_ctrl_c_stops_a_terminal_answer_and_frees_its_blocks(served):

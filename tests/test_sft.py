@@ -64,15 +64,7 @@ def test_malformed_jsonl_lines_are_listed(tmp_path):
         read_jsonl(p)
 
 
-@pytest.fixture()
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)   # tiny model: a second thread only adds contention on a shared 2-core box
-    yield
-    torch.set_num_threads(n)
-
-
-def test_sft_on_task_lowers_loss_and_resumes_bit_identically(tmp_path, tok, one_thread):
+def test_sft_on_task_lowers_loss_and_resumes_bit_identically(tmp_path, tok):
     from safetensors.torch import load_file
 
     from nanoseek.train.sft import SFTConfig, sft
