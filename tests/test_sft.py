@@ -99,7 +99,7 @@ def test_config_file_and_command_line_merge(tmp_path):
 
     from nanoseek.train.grpo import GRPOConfig
     from nanoseek.train.grpo import add_arguments as grpo_args
-    from nanoseek.train.sft import make_config
+    from nanoseek.train.loop import make_config
 
     toml = tmp_path / "g.toml"
     toml.write_text('lr = 0.5\ngroup_size = 4\ndynamic_sampling = false\n')

@@ -16,7 +16,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from ..errors import UsageError
-from .sft import SFTConfig, load_model_and_tokenizer, make_config, sft
+from .loop import make_config
+from .sft import SFTConfig, load_model_and_tokenizer, sft
 
 
 @dataclass

@@ -500,7 +500,7 @@ def add_arguments(p):
 
 
 def main(args) -> int:
-    from .sft import make_config
+    from .loop import make_config
 
     cfg = make_config(GRPOConfig, args)
     for k in ("model", "task", "out"):

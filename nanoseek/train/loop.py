@@ -540,3 +540,52 @@ def load_trainer_state(path: str | os.PathLike, module: torch.nn.Module, optimiz
     if restore_rng:
         set_rng_state({k: v for k, v in tensors.items() if k.startswith("rng.")}, doc["rng"])
     return doc
+
+
+# ---------------------------------------------------------------------------------------------- configuration
+def parse_bool(v) -> bool:
+    if isinstance(v, bool):
+        return v
+    s = str(v).strip().lower()
+    if s in ("1", "true", "yes", "on"):
+        return True
+    if s in ("0", "false", "no", "off"):
+        return False
+    raise UsageError(f"expected a boolean (true/false), got {v!r}")
+
+
+def make_config(cls, args=None, **overrides):
+    """dataclass `cls` from its defaults < a --config TOML file < explicit command-line values < overrides.
+
+    TOML keys are the option names, with `-` or `_` (`bias-gamma` = `bias_gamma`); an unknown key is an error that
+    lists the valid ones. Every training command (pretrain, sft, grpo, distill) builds its config here.
+    """
+    import dataclasses
+    import tomllib
+
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values: dict = {}
+    path = getattr(args, "config", None) if args is not None else None
+    if path:
+        if not Path(path).is_file():
+            raise UsageError(f"--config {path}: no such file")
+        try:
+            doc = tomllib.loads(Path(path).read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise UsageError(f"--config {path}: not valid TOML ({e})") from None
+        doc = {k.replace("-", "_"): v for k, v in doc.items()}
+        unknown = sorted(set(doc) - set(fields))
+        if unknown:
+            raise UsageError(f"--config {path}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(fields)}")
+        values.update(doc)
+    if args is not None:
+        values.update({k: v for k, v in vars(args).items() if k in fields and v is not None})
+    values.update(overrides)
+    for k, f in fields.items():
+        if k in values and f.type in ("bool", bool):
+            values[k] = parse_bool(values[k])
+    try:
+        return cls(**values)
+    except TypeError as e:
+        raise UsageError(f"bad configuration: {e}") from None
+

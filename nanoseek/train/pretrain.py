@@ -490,38 +490,8 @@ def add_arguments(p) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
 
 
-def read_toml(path: str) -> dict:
-    try:
-        import tomllib
-    except ImportError:  # Python 3.10
-        try:
-            import tomli as tomllib
-        except ImportError:
-            raise UsageError("--config needs Python 3.11+ (tomllib) or `pip install tomli`") from None
-    p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"--config {path}: no such file")
-    try:
-        d = tomllib.loads(p.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise UsageError(f"--config {path}: not valid TOML ({e})") from None
-    d = {k.replace("-", "_"): v for k, v in d.items()}
-    unknown = sorted(set(d) - set(FIELDS))
-    if unknown:
-        raise UsageError(f"--config {path}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(FIELDS)}")
-    return d
-
-
 def config_from_args(args) -> PretrainConfig:
-    values = read_toml(args.config) if getattr(args, "config", None) else {}
-    for name in FIELDS:
-        v = getattr(args, name, None)
-        if v is not None:
-            values[name] = v
-    try:
-        return PretrainConfig(**values)
-    except TypeError as e:
-        raise UsageError(f"bad configuration: {e}") from None
+    return loop.make_config(PretrainConfig, args)
 
 
 def main(args) -> int:

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UsageError
+from .loop import make_config
 
 IGNORE = -100
 
@@ -298,45 +299,6 @@ class SFTConfig:
     resume: bool = False
     stop_after: int = 0             # stop (with a checkpoint) after this step, as if interrupted
     progress: bool = True
-
-
-def parse_bool(v) -> bool:
-    if isinstance(v, bool):
-        return v
-    s = str(v).strip().lower()
-    if s in ("1", "true", "yes", "on"):
-        return True
-    if s in ("0", "false", "no", "off"):
-        return False
-    raise UsageError(f"expected a boolean (true/false), got {v!r}")
-
-
-def make_config(cls, args=None, **overrides):
-    """dataclass `cls` from its defaults < a --config TOML file < explicit command-line values < overrides."""
-    import dataclasses
-    import tomllib
-
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    values: dict = {}
-    path = getattr(args, "config", None) if args is not None else None
-    if path:
-        try:
-            doc = tomllib.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise UsageError(f"config file {path} does not exist") from None
-        except tomllib.TOMLDecodeError as e:
-            raise UsageError(f"{path}: not valid TOML ({e})") from None
-        unknown = sorted(set(doc) - set(fields))
-        if unknown:
-            raise UsageError(f"{path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(fields)}")
-        values.update(doc)
-    if args is not None:
-        values.update({k: v for k, v in vars(args).items() if k in fields and v is not None})
-    values.update(overrides)
-    for k, f in fields.items():
-        if k in values and f.type in ("bool", bool):
-            values[k] = parse_bool(values[k])
-    return cls(**values)
 
 
 def _check_out(out: Path, resume: bool):
