@@ -264,7 +264,10 @@ def test_reasoning_split_streams_tags_safely():
         return "".join(p[0] for p in parts), "".join(p[1] for p in parts)
 
     assert run("<think>\nplan a</think>\n\nanswer <b>", False) == ("plan a", "answer <b>")
-    assert run("plan </thin b\n</think>\n\nok", True) == ("plan </thin b\n", "ok")     # prompt ended in <think>\n
+    assert run("plan </thin b\n</think>\n\nok", True) == ("plan </thin b", "ok")       # prompt ended in <think>\n
+    # newlines held back as a possible "\n</think>" come out when more reasoning follows
+    assert run("a\n\nb\n</think>c", True) == ("a\n\nb", "c")
+    assert run("cut off while thinking\n", True) == ("cut off while thinking\n", "")
     assert run("no tags at all", False) == ("", "no tags at all")
     assert run("<thi", False) == ("", "<thi")
 

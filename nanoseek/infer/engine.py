@@ -75,8 +75,8 @@ class StreamDelta:
 # ----------------------------------------------------------------------------------------------- text output
 class _ReasoningSplit:
     """Routes generated text to reasoning (inside <think>...</think>) or content, streaming-safe: a partial tag
-    at the end of a chunk is held back until the next chunk shows whether it is one. Newlines right after <think>
-    and after </think> are dropped (the R1 format writes "<think>\\n...</think>\\n\\n")."""
+    at the end of a chunk is held back until the next chunk shows whether it is one. Newlines right after <think>,
+    right before </think> and right after </think> are dropped (the R1 format writes "<think>\\n...\\n</think>\\n\\n")."""
 
     def __init__(self, thinking: bool):
         self.state = "think" if thinking else "start"   # "start": nothing seen yet, a <think> may open the output
@@ -102,10 +102,13 @@ class _ReasoningSplit:
             elif self.state == "think":
                 i = self.buf.find(THINK_END)
                 if i >= 0:
-                    reasoning += self.buf[:i]
+                    reasoning += self.buf[:i].rstrip("\n")      # R1 writes "...\n</think>": not part of the reasoning
                     self.buf, self.state, self.lstrip = self.buf[i + len(THINK_END):], "content", True
                     continue
                 keep = 0 if final else _partial_suffix(self.buf, (THINK_END,))
+                if not final:  # trailing newlines may be the ones before "</think>": hold them back too
+                    body = self.buf[:len(self.buf) - keep]
+                    keep += len(body) - len(body.rstrip("\n"))
                 reasoning += self.buf[:len(self.buf) - keep]
                 self.buf = self.buf[len(self.buf) - keep:]
                 break
