@@ -111,3 +111,8 @@ def test_config_file_and_command_line_merge(tmp_path):
     toml.write_text("learning_rate = 1\n")
     with pytest.raises(UsageError, match="unknown key"):
         make_config(GRPOConfig, p.parse_args(["--config", str(toml)]))
+    # a required option given nowhere (neither flag nor TOML) is one clear error; given in the TOML it is enough
+    with pytest.raises(UsageError, match="--model is required"):
+        make_config(GRPOConfig, p.parse_args([]), required=("model",))
+    toml.write_text('model = "some/folder"\n')
+    assert make_config(GRPOConfig, p.parse_args(["--config", str(toml)]), required=("model",)).model == "some/folder"

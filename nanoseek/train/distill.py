@@ -161,9 +161,6 @@ def add_arguments(p):
 
 
 def main(args) -> int:
-    cfg = make_config(DistillConfig, args)
-    for k in ("teacher", "task", "out"):
-        if not getattr(cfg, k):
-            raise UsageError(f"--{k} is required")
+    cfg = make_config(DistillConfig, args, required=("teacher", "task", "out"))
     distill(cfg)
     return 0

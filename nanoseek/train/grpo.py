@@ -502,9 +502,6 @@ def add_arguments(p):
 def main(args) -> int:
     from .loop import make_config
 
-    cfg = make_config(GRPOConfig, args)
-    for k in ("model", "task", "out"):
-        if not getattr(cfg, k):
-            raise UsageError(f"--{k} is required")
+    cfg = make_config(GRPOConfig, args, required=("model", "task", "out"))
     grpo(cfg)
     return 0

@@ -554,8 +554,9 @@ def parse_bool(v) -> bool:
     raise UsageError(f"expected a boolean (true/false), got {v!r}")
 
 
-def make_config(cls, args=None, **overrides):
-    """dataclass `cls` from its defaults < a --config TOML file < explicit command-line values < overrides.
+def make_config(cls, args=None, required: tuple[str, ...] = (), **overrides):
+    """dataclass `cls` from its defaults < a --config TOML file < explicit command-line values < overrides;
+    each field named in `required` must end up set (else "--name is required").
 
     TOML keys are the option names, with `-` or `_` (`bias-gamma` = `bias_gamma`); an unknown key is an error that
     lists the valid ones. Every training command (pretrain, sft, grpo, distill) builds its config here.
@@ -585,7 +586,11 @@ def make_config(cls, args=None, **overrides):
         if k in values and f.type in ("bool", bool):
             values[k] = parse_bool(values[k])
     try:
-        return cls(**values)
+        cfg = cls(**values)
     except TypeError as e:
         raise UsageError(f"bad configuration: {e}") from None
+    for name in required:
+        if not getattr(cfg, name):
+            raise UsageError(f"--{name.replace('_', '-')} is required")
+    return cfg
 

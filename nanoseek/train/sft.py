@@ -422,10 +422,6 @@ def add_arguments(p):
 
 
 def main(args) -> int:
-    cfg = make_config(SFTConfig, args)
-    if not cfg.model:
-        raise UsageError("--model DIR is required")
-    if not cfg.out:
-        raise UsageError("--out DIR is required")
+    cfg = make_config(SFTConfig, args, required=("model", "out"))
     sft(cfg)
     return 0
