@@ -49,6 +49,9 @@ def test_chat_page_streams_an_answer_with_a_thinking_section(playwright_api, tmp
             browser = p.chromium.launch(executable_path=CHROMIUM if os.path.exists(CHROMIUM)
                                         else shutil.which("chromium"), args=ARGS)
             try:
+                # 30 ms per engine step: each token arrives on its own, so the count of page updates shows
+                # streaming even when a loaded machine would otherwise deliver several tokens per frame
+                slow.delay = 0.03
                 run_page(browser, srv.url, KEY, tmp_path)
                 stop_button_aborts_the_answer(browser, srv.url, KEY, slow)
             finally:
