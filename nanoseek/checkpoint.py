@@ -322,3 +322,22 @@ def save(model: Transformer, path: str | os.PathLike, tokenizer=None, max_shard_
     if tokenizer is not None:
         tokenizer.save(folder)
     return folder
+
+
+def load_model_and_tokenizer(folder: str | os.PathLike, dtype: torch.dtype | str | None = None, device=None,
+                             purpose: str = "this command"):
+    """A model folder -> (model, tokenizer): the one loader behind eval, chat, serve and the post-training recipes.
+    A missing folder, config.json or tokenizer.json is one clear UsageError (what is wrong, what to pass)."""
+    from .tokenizer import Tokenizer
+
+    path = Path(folder)
+    if not path.is_dir():
+        raise UsageError(f"model folder {folder} does not exist; pass the folder written by `nanoseek "
+                         f"pretrain/sft/grpo` (its final/ or ckpt/step-N/) or a Hugging Face DeepSeek-V2/V3 folder")
+    if not (path / "config.json").is_file():
+        raise UsageError(f"{folder} is not a model folder (no config.json); pass the folder written by `nanoseek "
+                         f"pretrain/sft/grpo` or a Hugging Face DeepSeek-V2/V3 folder")
+    if not (path / "tokenizer.json").is_file():
+        raise UsageError(f"{folder} has no tokenizer.json: {purpose} needs the model's tokenizer in its folder (save "
+                         f"the model with ns.save(model, folder, tokenizer=tok), or copy tokenizer*.json there)")
+    return load(path, dtype=dtype, device=device), Tokenizer.load(path)
