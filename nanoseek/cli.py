@@ -1,7 +1,10 @@
 """The `nanoseek` command (also `python -m nanoseek`): one subcommand per stage.
 
-Each stage lives in its own module, which defines `add_arguments(parser)` and `main(args) -> int`; this file only
-dispatches. Bad input (UsageError, CheckpointError, FileNotFoundError) prints one `error: ...` line and exits 2.
+Each command's module defines its configuration as a dataclass, `CONFIG`, and `main(cfg) -> int`. This file builds
+the command's flags from that dataclass (nanoseek/options.py: names, types, defaults and help from the field
+comments; `--config FILE.toml` for every command), makes the config (defaults < TOML < flags) and dispatches. Only
+the chosen command's module is imported, so `nanoseek --help` does not import torch. Bad input (UsageError,
+CheckpointError, FileNotFoundError) prints one `error: ...` line and exits 2.
 """
 
 from __future__ import annotations
@@ -27,33 +30,49 @@ COMMANDS = {
 }
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, dict]:
-    parser = argparse.ArgumentParser(prog="nanoseek", description="The DeepSeek-V2/V3 system in plain PyTorch.")
+def top_parser() -> argparse.ArgumentParser:
+    """`nanoseek --help`: the command list, built without importing any command module."""
+    parser = argparse.ArgumentParser(prog="nanoseek", description="The DeepSeek-V2/V3 system in plain PyTorch.",
+                                     epilog="`nanoseek COMMAND --help` lists a command's options.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    modules = {}
-    for name, (modname, help_) in COMMANDS.items():
-        try:
-            mod = importlib.import_module(modname)
-        except ModuleNotFoundError as e:
-            if e.name and e.name.startswith("nanoseek"):
-                continue  # a stage not built yet
-            raise
-        p = sub.add_parser(name, help=help_, description=help_)
-        mod.add_arguments(p)
-        modules[name] = mod
-    return parser, modules
+    for name, (_, help_) in COMMANDS.items():
+        sub.add_parser(name, help=help_, add_help=False)
+    return parser
+
+
+def command_parser(name: str):
+    """The parser of one command, from its module's CONFIG dataclass -> (parser, module)."""
+    from .options import add_options
+
+    modname, help_ = COMMANDS[name]
+    mod = importlib.import_module(modname)
+    parser = argparse.ArgumentParser(prog=f"nanoseek {name}", description=help_)
+    if not hasattr(mod, "CONFIG"):      # TRANSITION: modules not yet on config dataclasses
+        mod.add_arguments(parser)
+        return parser, mod
+    add_options(parser, mod.CONFIG)
+    return parser, mod
+
+
+def run_command(name: str, argv: list[str]) -> int:
+    from .options import make_config
+
+    parser, mod = command_parser(name)
+    args = parser.parse_args(argv)
+    if not hasattr(mod, "CONFIG"):      # TRANSITION
+        return int(mod.main(args) or 0)
+    return int(mod.main(make_config(mod.CONFIG, args)) or 0)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser, modules = build_parser()
-    args = parser.parse_args(argv)
-    if not args.command:
-        parser.print_help()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        top_parser().parse_args(argv)      # --help, or "invalid choice" with the list of commands (exit 2)
+        top_parser().print_help()
         return 2
-    from .checkpoint import CheckpointError
     try:
-        return int(modules[args.command].main(args) or 0)
-    except (UsageError, CheckpointError, FileNotFoundError) as e:
+        return run_command(argv[0], argv[1:])
+    except (UsageError, FileNotFoundError) as e:      # CheckpointError is a UsageError
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

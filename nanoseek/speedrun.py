@@ -1,66 +1,80 @@
-"""`nanoseek speedrun`: the whole DeepSeek story in one command (what `make demo` runs).
+"""`nanoseek speedrun`: the whole DeepSeek story in one command (what `make demo` runs), as a plain recipe.
 
 corpus -> tokenizer -> pretrain -> eval -> SFT -> eval -> GRPO -> eval -> OUT/report.md [-> serve the chat page]
 
-Every stage is the ordinary CLI command run in-process, writing into its own folder under OUT; OUT/stages.json
-records finished stages, so a re-run skips them and an interrupted stage resumes from its last checkpoint.
+Each stage is the same function its command runs, called with a config object; the stage settings come from
+configs/speedrun-PRESET.toml (one section per stage, keys = the command's options). OUT/stages.json records finished
+stages, so a re-run skips them and an interrupted stage resumes from its last checkpoint.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
+import tomllib
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
-from .config import PRESETS, ModelConfig
 from .errors import UsageError
 
-# Sizes per preset: (corpus documents, pretrain steps). Post-training settings come from the stage modules'
-# SPEEDRUN_DEFAULTS, where they were tuned.
-SCALE = {
-    "tiny": dict(docs=4000, pretrain_steps=60, eval_n=40),
-    "cpu": dict(docs=60000, pretrain_steps=1500, eval_n=200),
-    "small": dict(docs=400000, pretrain_steps=4000, eval_n=500),
-}
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
-def add_arguments(p):
-    p.add_argument("--preset", default="cpu", choices=sorted(SCALE), help="model size (default: cpu, ~30 min on 2 cores)")
-    p.add_argument("--out", default="runs/speedrun", help="run folder (re-running skips finished stages)")
-    p.add_argument("--task", default=None, help="task for SFT/GRPO/eval (default: the tuned one)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--serve", action="store_true", help="serve the final model with the chat page at the end")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: the cpu preset's matmuls are too small to gain from a second "
-                        "thread, and on a busy machine spinning OpenMP threads slow every step down many times)")
+@dataclass
+class SpeedrunConfig:
+    preset: str = "cpu"             # tiny | cpu | small: picks configs/speedrun-PRESET.toml (cpu: ~20 min on 2 cores)
+    out: str = "runs/speedrun"      # run folder (re-running skips finished stages)
+    stages: str | None = None       # stage settings TOML (default configs/speedrun-PRESET.toml)
+    task: str | None = None         # task for SFT/GRPO/eval (default: the stage file's)
+    seed: int = 0
+    serve: bool = False             # serve the final model with the chat page at the end
+    port: int = 8000
+    threads: int = 1                # torch CPU threads (1: the small presets' matmuls gain nothing from a second thread, and spinning threads on a busy machine slow every step down many times)
+    REQUIRED: ClassVar[tuple] = ()
+
+
+CONFIG = SpeedrunConfig
+
+
+def stage_settings(cfg: SpeedrunConfig) -> dict:
+    """The stage file's sections: {"speedrun": {...}, "pretrain": {...}, "sft": {...}, "grpo": {...}}."""
+    path = Path(cfg.stages) if cfg.stages else CONFIGS / f"speedrun-{cfg.preset}.toml"
+    if not path.is_file():
+        known = sorted(p.stem.removeprefix("speedrun-") for p in CONFIGS.glob("speedrun-*.toml"))
+        raise UsageError(f"no stage settings at {path}" + (f"; presets with settings: {', '.join(known)}" if known
+                                                             else "; pass --stages FILE.toml"))
+    try:
+        doc = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise UsageError(f"{path}: not valid TOML ({e})") from None
+    unknown = sorted(set(doc) - {"speedrun", "pretrain", "sft", "grpo"})
+    if unknown:
+        raise UsageError(f"{path}: unknown section(s) {', '.join(unknown)}; valid: speedrun, pretrain, sft, grpo")
+    return doc
 
 
 class Stages:
-    """OUT/stages.json: name -> {wall_s, dir, ...}, written after each finished stage."""
+    """OUT/stages.json: name -> {wall_s, dir, threads, load_avg, ...}, written after each finished stage."""
 
-    def __init__(self, out: Path):
-        self.path = out / "stages.json"
+    def __init__(self, out: Path, threads: int):
+        self.path, self.threads = out / "stages.json", threads
         self.done = json.loads(self.path.read_text()) if self.path.exists() else {}
 
-    def run(self, name: str, fn, **info):
+    def run(self, name: str, fn, **info) -> dict:
         if name in self.done:
             print(f"[speedrun] {name}: done already ({self.done[name].get('wall_s', 0):.0f} s), skipping")
             return self.done[name]
-        print(f"\n[speedrun] === {name} ===")
+        print(f"\n[speedrun] === {name} ===", flush=True)
         t0 = time.time()
-        result = fn() or {}
-        self.done[name] = {"wall_s": time.time() - t0, **info, **result}
+        result = fn()
+        result = result if isinstance(result, dict) else {}   # a stage function may return its output folder
+        # machine load and threads next to the wall time: a slow stage on a busy machine is not a slow stage
+        self.done[name] = {"wall_s": time.time() - t0, "threads": self.threads,
+                           "load_avg": round(os.getloadavg()[0], 2), **info, **result}
         self.path.write_text(json.dumps(self.done, indent=2))
         return self.done[name]
-
-
-def _cli(argv: list[str]) -> None:
-    from .cli import main as cli_main
-
-    rc = cli_main(argv)
-    if rc:
-        raise UsageError(f"stage `nanoseek {' '.join(argv)}` failed with exit code {rc}")
 
 
 def final_model(stage_dir: Path) -> Path:
@@ -73,100 +87,104 @@ def final_model(stage_dir: Path) -> Path:
     return ckpts[-1]
 
 
-def main(args) -> int:
+def has_checkpoint(stage_dir: Path) -> bool:
+    return any((stage_dir / "ckpt").glob("step-*"))
+
+
+def write_corpus(path: Path, docs: int, seed: int) -> dict:
+    """The embedded task corpus as {"text": ...} lines (no download)."""
+    from .data.jsonl import write_jsonl
+    from .data.tasks import corpus_documents
+
+    rows = [{"text": doc} for doc in corpus_documents(docs, seed=seed)]
+    write_jsonl(path, rows)
+    return {"documents": len(rows)}
+
+
+def main(cfg: SpeedrunConfig) -> int:
     import torch
 
-    from .data.tasks import corpus_documents, get_task
+    from .data.tasks import get_task
     from .eval import evaluate
-    from .train import grpo as grpo_mod
-    from .train import sft as sft_mod
+    from .options import config_from_dict
+    from .tokenizer import CONFIG as TokenizerConfig
+    from .tokenizer import main as train_tokenizer
+    from .train.grpo import GRPOConfig, grpo
+    from .train.pretrain import PretrainConfig, pretrain
+    from .train.sft import SFTConfig, sft
 
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    if args.preset not in PRESETS:
-        raise UsageError(f"unknown preset {args.preset!r}; known: {', '.join(SCALE)}")
-    scale = SCALE[args.preset]
-    sft_defaults = dict(getattr(sft_mod, "SPEEDRUN_DEFAULTS", {}))
-    grpo_defaults = dict(getattr(grpo_mod, "SPEEDRUN_DEFAULTS", {}))
-    task = args.task or grpo_defaults.pop("task", None) or "arithmetic"
-    grpo_defaults.pop("task", None)
-    sft_defaults.pop("task", None)
-    get_task(task)  # unknown task: a clear error before any work
-    out = Path(args.out)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    settings = stage_settings(cfg)
+    run = settings.get("speedrun", {})
+    task = cfg.task or run.get("task", "linear")
+    get_task(task)  # an unknown task: a clear error before any work
+    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    stages = Stages(out)
-    cfg = ModelConfig.preset(args.preset)
+    stages = Stages(out, torch.get_num_threads())
     t_start = time.time() - sum(s.get("wall_s", 0) for s in stages.done.values())
-    corpus = out / "data" / "corpus.txt"
+    corpus, tok_dir, pre, sft_dir, grpo_dir = (out / "data" / "corpus.jsonl", out / "tokenizer", out / "pretrain",
+                                               out / "sft", out / "grpo")
+    pre_cfg = config_from_dict(PretrainConfig, {**settings.get("pretrain", {}), "data": str(corpus), "seed": cfg.seed,
+                                                "tokenizer": str(tok_dir), "out": str(pre)})
+    from .config import ModelConfig
 
-    def make_corpus():
-        corpus.parent.mkdir(parents=True, exist_ok=True)
-        n = 0
-        with open(corpus, "w") as f:
-            for doc in corpus_documents(scale["docs"], seed=args.seed):
-                f.write(json.dumps({"text": doc}) + "\n")
-                n += 1
-        return {"documents": n}
+    vocab = ModelConfig.preset(pre_cfg.preset).vocab_size
 
-    corpus = corpus.with_suffix(".jsonl")
-    stages.run("corpus", make_corpus, dir=str(corpus))
-    stages.run("tokenizer", lambda: _cli(["tokenizer", "--data", str(corpus), "--vocab-size", str(cfg.vocab_size),
-                                           "--out", str(out / "tokenizer")]), dir=str(out / "tokenizer"))
-
-    def resume(d: Path) -> list[str]:
-        return ["--resume"] if (d / "ckpt").exists() and any((d / "ckpt").glob("step-*")) else []
-
-    def stage_args(defaults: dict) -> list[str]:
-        argv = []
-        for k, v in defaults.items():
-            argv += [f"--{k.replace('_', '-')}", str(v)]
-        return argv
-
-    pre = out / "pretrain"
-    stages.run("pretrain", lambda: _cli(["pretrain", "--preset", args.preset, "--data", str(corpus), "--tokenizer",
-                                          str(out / "tokenizer"), "--steps", str(scale["pretrain_steps"]), "--out",
-                                          str(pre), "--seed", str(args.seed)] + resume(pre)), dir=str(pre))
+    stages.run("corpus", lambda: write_corpus(corpus, int(run.get("docs", 4000)), cfg.seed), dir=str(corpus))
+    stages.run("tokenizer", lambda: train_tokenizer(TokenizerConfig(data=[str(corpus)], vocab_size=vocab,
+                                                                    out=str(tok_dir))), dir=str(tok_dir))
+    pre_cfg.resume = has_checkpoint(pre)
+    stages.run("pretrain", lambda: pretrain(pre_cfg), dir=str(pre))
     evals: dict[str, dict] = {}
 
     def run_eval(name: str, model_dir: Path):
-        res = stages.run(f"eval-{name}", lambda: {"result": evaluate(str(model_dir), task, n=scale["eval_n"],
-                                                                     k=1, seed=10_000 + args.seed)},
-                         dir=str(model_dir))
-        evals[name] = res["result"]
+        res = stages.run(f"eval-{name}", lambda: {"result": evaluate(str(model_dir), task, n=int(run.get("eval_n", 40)),
+                                                                     k=1, seed=10_000 + cfg.seed)}, dir=str(model_dir))
+        evals[name] = ev = res["result"]
+        print(f"[speedrun] after {name}: held-out pass@1 {100 * ev.get('pass@1', 0):.1f}%, "
+              f"format {100 * ev.get('format_rate', 0):.1f}%", flush=True)
 
     run_eval("pretrain", final_model(pre))
-    sft_dir = out / "sft"
-    stages.run("sft", lambda: _cli(["sft", "--model", str(final_model(pre)), "--task", task, "--out", str(sft_dir),
-                                    "--seed", str(args.seed)] + stage_args(sft_defaults) + resume(sft_dir)),
-               dir=str(sft_dir))
+    sft_cfg = config_from_dict(SFTConfig, {**settings.get("sft", {}), "model": str(final_model(pre)), "task": task,
+                                           "out": str(sft_dir), "seed": cfg.seed, "resume": has_checkpoint(sft_dir)})
+    stages.run("sft", lambda: sft(sft_cfg), dir=str(sft_dir))
     run_eval("sft", final_model(sft_dir))
-    grpo_dir = out / "grpo"
-    stages.run("grpo", lambda: _cli(["grpo", "--model", str(final_model(sft_dir)), "--task", task, "--out",
-                                     str(grpo_dir), "--seed", str(args.seed)] + stage_args(grpo_defaults)
-                                    + resume(grpo_dir)), dir=str(grpo_dir))
+    grpo_cfg = config_from_dict(GRPOConfig, {**settings.get("grpo", {}), "model": str(final_model(sft_dir)),
+                                             "task": task, "out": str(grpo_dir), "seed": cfg.seed,
+                                             "resume": has_checkpoint(grpo_dir)})
+    stages.run("grpo", lambda: grpo(grpo_cfg), dir=str(grpo_dir))
     run_eval("grpo", final_model(grpo_dir))
+    finish(cfg, out, pre_cfg, stages, evals, task, time.time() - t_start)
+    if cfg.serve:
+        from .serve.app import CONFIG as ServeConfig
+        from .serve.app import main as serve
 
-    tokens = _tokens_processed(out)
-    from .report import write_report
-
-    report = write_report(out, cfg, {k: v for k, v in stages.done.items() if not k.startswith("eval-")}, evals, task,
-                          tokens, time.time() - t_start)
-    print(f"\n[speedrun] report: {report}")
-    for name, ev in evals.items():
-        print(f"  {name:>9}: held-out pass@1 {100 * ev.get('pass@1', 0):5.1f}%  format {100 * ev.get('format_rate', 0):5.1f}%")
-    print(f"  total wall time {(time.time() - t_start) / 60:.1f} min")
-    if args.serve:
-        _cli(["serve", "--model", str(final_model(grpo_dir)), "--port", str(args.port)])
+        serve(ServeConfig(model=str(final_model(grpo_dir)), port=cfg.port))
     return 0
 
 
-def _tokens_processed(out: Path) -> int:
-    """Training tokens over all stages, from their metrics.jsonl (field `tokens`, cumulative or per step)."""
-    from .report import read_metrics
+def finish(cfg: SpeedrunConfig, out: Path, pre_cfg, stages: Stages, evals: dict, task: str, wall_s: float) -> None:
+    """OUT/report.md and the summary lines."""
+    from .config import ModelConfig
+    from .report import write_report
+
+    mcfg = ModelConfig.preset(pre_cfg.preset)
+    report = write_report(out, mcfg, stages.done, evals, task, tokens_processed(out), wall_s)
+    print(f"\n[speedrun] report: {report}")
+    for name, ev in evals.items():
+        print(f"  {name:>9}: held-out pass@1 {100 * ev.get('pass@1', 0):5.1f}%  format "
+              f"{100 * ev.get('format_rate', 0):5.1f}%")
+    print(f"  total wall time {wall_s / 60:.1f} min")
+
+
+def tokens_processed(out: Path) -> int:
+    """Training tokens over all stages, from their metrics.jsonl (field `tokens_seen`, else per-step `tokens`)."""
+    from .data.jsonl import read_jsonl
 
     total = 0
     for stage in ("pretrain", "sft", "grpo"):
-        rows = read_metrics(out / stage / "metrics.jsonl")
+        rows = read_jsonl(out / stage / "metrics.jsonl")
         if rows and "tokens_seen" in rows[-1]:
             total += int(rows[-1]["tokens_seen"])
         else:
