@@ -3,7 +3,7 @@
     .venv/bin/python bench/serve.py [--model DIR | --preset cpu] [--clients 16] [--requests 64] [--max-tokens 64]
 
 Starts `nanoseek serve` in a subprocess on a free 127.0.0.1 port, then measures with vLLM's
-benchmark definitions (shared/spec/api.md): TTFT (request sent -> first streamed token), TPOT ((latency - TTFT) /
+benchmark definitions: TTFT (request sent -> first streamed token), TPOT ((latency - TTFT) /
 (output tokens - 1)), ITL (gaps between chunks), end-to-end latency, request and output-token throughput, errors.
 Requests use EOS-ignoring sampling with a fixed max_tokens so every run generates the same number of tokens.
 
