@@ -9,7 +9,6 @@ shapes of our own for tests, the CPU demo and a one-GPU run.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,16 +92,6 @@ class ModelConfig:
 
     def is_moe_layer(self, i: int) -> bool:
         return self.is_moe and i >= self.first_k_dense_replace and i % max(self.moe_layer_freq, 1) == 0
-
-    @property
-    def softmax_scale(self) -> float:
-        """(d_nope + d_rope)^-0.5, times mscale^2 under YaRN (the attention temperature of YaRN, V2 Appendix)."""
-        scale = self.qk_head_dim ** -0.5
-        rs = self.rope_scaling or {}
-        if rs.get("type", rs.get("rope_type")) == "yarn":
-            m = yarn_get_mscale(rs.get("factor", 1.0), rs.get("mscale_all_dim", 0.0) or 0.0)
-            scale = scale * m * m
-        return scale
 
     @property
     def kv_cache_elems_per_token(self) -> int:
@@ -226,13 +215,6 @@ class ModelConfig:
         kw = dict(PRESETS[name])
         kw.update(overrides)
         return cls(**kw)
-
-
-def yarn_get_mscale(scale: float = 1.0, mscale: float = 1.0) -> float:
-    """YaRN's attention-temperature factor: 0.1 * mscale * ln(scale) + 1 (1 when not extending)."""
-    if scale <= 1:
-        return 1.0
-    return 0.1 * mscale * math.log(scale) + 1.0
 
 
 _YARN_V3 = {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1,

@@ -8,8 +8,10 @@ import json
 import math
 
 import pytest
+import torch
 
 import nanoseek as ns
+from nanoseek.model import MLA
 
 # DeepSeek-V3's config.json as published (FP8 weights; `rope_scaling` + `rope_theta`, topk_method, scoring_func)
 PUBLISHED_V3 = {
@@ -90,7 +92,9 @@ def test_transformers5_config_with_rope_parameters():
     cfg = ns.ModelConfig.from_hf(hf.to_dict())
     assert cfg.rope_theta == 50000.0 and cfg.q_lora_rank is None
     assert cfg.rope_scaling == {"type": "yarn", **{k: v for k, v in yarn.items() if k not in ("rope_type", "rope_theta")}}
-    assert cfg.softmax_scale == pytest.approx((128 + 64) ** -0.5 * (0.1 * 0.5 * math.log(8) + 1) ** 2)
+    with torch.device("meta"):  # MLA owns its softmax scale (YaRN's temperature), as DeepSeek's inference code
+        attn = MLA(cfg)
+    assert attn.softmax_scale == pytest.approx((128 + 64) ** -0.5 * (0.1 * 0.5 * math.log(8) + 1) ** 2)
     # and what we write, transformers reads back to the same values
     back = transformers.DeepseekV3Config(**cfg.to_hf())
     for key in ("vocab_size", "hidden_size", "num_hidden_layers", "q_lora_rank", "n_routed_experts", "n_group",

@@ -18,6 +18,7 @@ from conftest import YARN, make_hf_model, rel_err
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import nanoseek as ns
+from nanoseek.infer.cache import LatentCache
 from nanoseek.model import moe as moe_mod
 from nanoseek.model.moe import Experts, Gate
 
@@ -112,7 +113,7 @@ def test_absorbed_attention_matches_full_attention(chunks):
     ids = _ids(B=2, T=20, vocab=cfg.vocab_size)
     with torch.no_grad():
         full = model(ids)
-        cache = ns.LatentCache(cfg, batch=2, max_len=20)
+        cache = LatentCache(cfg, batch=2, max_len=20)
         outs, start = [], 0
         for n in chunks:
             pos = torch.arange(start, start + n).expand(2, n)
@@ -124,8 +125,9 @@ def test_absorbed_attention_matches_full_attention(chunks):
 
 
 def test_absorbed_path_stores_only_the_latent():
+    assert ns.LatentCache is LatentCache   # the public name resolves to its home, nanoseek.infer.cache
     cfg = ns.ModelConfig.preset("tiny")
-    cache = ns.LatentCache(cfg, batch=1, max_len=8)
+    cache = LatentCache(cfg, batch=1, max_len=8)
     per_token = (cache.c_kv[0, 0, 0].numel() + cache.k_pe[0, 0, 0].numel())
     assert per_token == cfg.kv_cache_elems_per_token == cfg.kv_lora_rank + cfg.qk_rope_head_dim
 

@@ -16,6 +16,8 @@ references stays in the pool (LRU order) until the allocator needs it back.
 Per step the engine computes, once for all layers, the slots each new token writes, the slots each sequence reads
 (its blocks gathered into a padded (B, S) view) and the attention mask; `update(layer, ...)` (the cache protocol of
 nanoseek.model.mla) then does one scatter and one gather per layer.
+
+LatentCache (at the end) is the contiguous, unpaged cache of the same protocol, for tests and simple generation.
 """
 
 from __future__ import annotations
@@ -144,3 +146,35 @@ class PagedLatentCache:
         read = self._read.view(-1)
         return (flat_c.index_select(0, read).view(B, S, -1), flat_k.index_select(0, read).view(B, S, -1),
                 self._mask)
+
+
+class LatentCache:
+    """A contiguous latent KV cache for B sequences that advance together (tests, simple generation).
+
+    Holds, per layer, c_kv (B, max_len, kv_lora_rank) and k_pe (B, max_len, qk_rope_head_dim) and nothing else:
+    that is all MLA needs. PagedLatentCache (above, the engine's) implements the same `update`.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype=torch.float32, device=None):
+        n = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+        self.c_kv = torch.zeros(n, batch, max_len, cfg.kv_lora_rank, dtype=dtype, device=device)
+        self.k_pe = torch.zeros(n, batch, max_len, cfg.qk_rope_head_dim, dtype=dtype, device=device)
+        self.length = 0   # tokens already cached (the same for every layer once a forward finishes)
+        self._new = 0
+
+    def update(self, layer, c_kv, k_pe):
+        T = c_kv.shape[1]
+        start = self.length
+        self.c_kv[layer, :, start:start + T] = c_kv
+        self.k_pe[layer, :, start:start + T] = k_pe
+        self._new = T
+        S = start + T
+        mask = None
+        if T > 1:  # (T, S): the new tokens see the cached ones and, causally, each other
+            mask = torch.ones(T, S, dtype=torch.bool, device=c_kv.device).tril(start)
+        return self.c_kv[layer, :, :S], self.k_pe[layer, :, :S], mask
+
+    def advance(self):
+        """Call after each forward: the tokens just written become part of the context."""
+        self.length += self._new
+        self._new = 0

@@ -479,22 +479,12 @@ class Engine:
         inp = torch.tensor([x + [0] * (T - len(x)) for x in ids], device=dev)
         return inp, qpos, lens
 
-    def _trunk(self, ids: torch.Tensor, positions: torch.Tensor):
-        """The main model up to the final norm: (B, T) -> hidden (B, T, hidden), rotary (cos, sin).
-        Transformer.forward without the head, so that only the rows that need logits pay for them."""
-        m = self.model
-        cos, sin = m.rotary(positions)
-        x = m.embed_tokens(ids)
-        for block in m.layers:
-            x = block(x, cos, sin, self.cache)
-        return m.norm(x), (cos, sin)
-
     def _draft(self, h: torch.Tensor, next_ids: torch.Tensor, rope, rows: torch.Tensor, cols: torch.Tensor):
         """MTP depth 0 over the same positions (its cache layer is num_hidden_layers): h_i and t_{i+1} -> the
         greedy draft of t_{i+2} at (rows, cols)."""
         m = self.model
-        hm = m.mtp[0](h, m.embed_tokens(next_ids), *rope, self.cache)
-        return m.lm_head(hm[rows, cols]).argmax(-1).tolist() if len(rows) else []
+        hm = m.mtp_hidden(h, next_ids, cache=self.cache, depth=0, rope=rope)
+        return m.head(hm[rows, cols]).argmax(-1).tolist() if len(rows) else []
 
     def _sample(self, reqs: list[_Request], logits: torch.Tensor):
         return sample(logits, [r.params for r in reqs], [r.gen for r in reqs], [r.prompt for r in reqs],
@@ -513,12 +503,12 @@ class Engine:
             chunk = max(self.block_size, self.prefill_tokens // len(todo))
             starts = [r.num_cached for r in todo]
             inp, pos, lens = self._plan(todo, [r.prompt[s:s + chunk] for r, s in zip(todo, starts)], starts)
-            h, rope = self._trunk(inp, pos)
+            h, rope = self.model.trunk(inp, pos, cache=self.cache)   # logits: model.head on the rows that need them
             self.counters["prefill_forwards"] += 1
             ends = [i for i, r in enumerate(todo) if starts[i] + lens[i] == len(r.prompt)]   # prompt done here
             rows = torch.tensor(ends, device=dev)
             last = torch.tensor([lens[i] - 1 for i in ends], device=dev)
-            out = self._sample([todo[i] for i in ends], self.model.lm_head(h[rows, last])) if ends else None
+            out = self._sample([todo[i] for i in ends], self.model.head(h[rows, last])) if ends else None
             first = dict(zip(ends, out.tokens)) if ends else {}
             drafts = [None] * len(ends)
             if self.mtp_active:   # MTP over the same positions: h_i with t_{i+1} (the new token after the prompt)
@@ -543,14 +533,14 @@ class Engine:
             self._ensure_blocks(r, r.num_cached + 1 + s)
         ids = [[r.output[-1], r.draft] if s else [r.output[-1]] for r, s in zip(reqs, spec)]
         inp, pos, _ = self._plan(reqs, ids, [r.num_cached for r in reqs])
-        h, rope = self._trunk(inp, pos)
+        h, rope = self.model.trunk(inp, pos, cache=self.cache)
         self.counters["decode_forwards"] += 1
         B, dev = len(reqs), self.device
         si = [i for i, s in enumerate(spec) if s]
         # logits: position 0 of every row, then position 1 of the speculating rows
         hs = h[:, 0] if not si else torch.cat([h[:, 0], h[si, 1]])
         rows_req = reqs + [reqs[i] for i in si]
-        out = self._sample(rows_req, self.model.lm_head(hs))
+        out = self._sample(rows_req, self.model.head(hs))
         new = [[out.tokens[i]] for i in range(B)]
         picks = [[i] for i in range(B)]
         accepted = [False] * B

@@ -1,9 +1,19 @@
-"""The DeepSeek-V2/V3 model: rope.py, mla.py, moe.py, transformer.py."""
+"""The DeepSeek-V2/V3 model: layers.py, rope.py, mla.py, moe.py, transformer.py."""
 
-from .mla import MLA, RMSNorm
-from .moe import MLP, Experts, Gate, MoE, sequence_balance_loss, update_bias
+from .layers import MLP, RMSNorm
+from .mla import MLA
+from .moe import Experts, Gate, MoE, sequence_balance_loss, update_bias
 from .rope import RotaryEmbedding, apply_rope
-from .transformer import Block, LatentCache, MTPLayer, Transformer
+from .transformer import Block, MTPLayer, Transformer, document_mask
 
 __all__ = ["MLA", "RMSNorm", "MLP", "Experts", "Gate", "MoE", "sequence_balance_loss", "update_bias",
-           "RotaryEmbedding", "apply_rope", "Block", "LatentCache", "MTPLayer", "Transformer"]
+           "RotaryEmbedding", "apply_rope", "Block", "MTPLayer", "Transformer", "document_mask"]
+
+
+def __getattr__(name):
+    # LatentCache moved to nanoseek.infer.cache (a cache is inference machinery, not the model). This keeps
+    # `from nanoseek.model import LatentCache` (nanoseek/__init__.py) working until it imports the new home.
+    if name == "LatentCache":
+        from ..infer.cache import LatentCache
+        return LatentCache
+    raise AttributeError(f"module 'nanoseek.model' has no attribute {name!r}")

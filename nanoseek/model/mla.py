@@ -19,21 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .rope import apply_rope
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-        y = x.float()
-        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * y.to(x.dtype)
+from .layers import RMSNorm
+from .rope import apply_rope, yarn_get_mscale, yarn_scaling
 
 
 class MLA(nn.Module):
@@ -44,7 +31,13 @@ class MLA(nn.Module):
         self.kv_lora_rank = cfg.kv_lora_rank
         self.nope, self.rope, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         self.qk_dim = self.nope + self.rope
-        self.softmax_scale = cfg.softmax_scale
+        # 1/sqrt(d_nope + d_rope), times mscale(factor, mscale_all_dim)^2 under YaRN: YaRN's attention temperature
+        # (V2 Appendix), applied to the scores here because cos/sin carry only the ratio of two mscales (rope.py)
+        self.softmax_scale = self.qk_dim ** -0.5
+        yarn = yarn_scaling(cfg)
+        if yarn:
+            m = yarn_get_mscale(yarn.get("factor", 1.0), yarn.get("mscale_all_dim", 0.0) or 0.0)
+            self.softmax_scale *= m * m
         self.interleave = cfg.rope_interleave
         h, bias = cfg.hidden_size, cfg.attention_bias
         if self.q_lora_rank:
@@ -70,21 +63,27 @@ class MLA(nn.Module):
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope], dim=-1)
         return self.kv_a_layernorm(c_kv), apply_rope(k_pe, cos, sin, self.interleave)
 
-    def forward(self, x, cos, sin, cache=None, layer: int = 0):
-        """x (B, T, hidden) -> (B, T, hidden). With `cache`, attend through it on the absorbed path.
+    def forward(self, x, cos, sin, mask=None, cache=None, layer: int = 0):
+        """x (B, T, hidden) -> (B, T, hidden).
 
+        Without `cache`: the full path over these T tokens, causal, or under `mask` (B, 1, T, T) or (T, T),
+        True = may attend (every row needs one True). With `cache`: the absorbed path through it.
         cache.update(layer, c_kv, k_pe) stores this step's latents and returns every visible latent
         (B, S, kv_lora_rank), (B, S, rope) and a boolean mask (B, 1, T, S) (True = may attend) or None.
         """
+        if mask is not None and cache is not None:
+            raise ValueError("MLA got both a mask and a cache: the cache supplies the mask of the absorbed path "
+                             "(cache.update returns it); pass one of them")
         q_nope, q_pe = self.queries(x, cos, sin)
         c_kv, k_pe = self.latent(x, cos, sin)
         if cache is None:
-            return self.full_attention(q_nope, q_pe, c_kv, k_pe)
+            return self.full_attention(q_nope, q_pe, c_kv, k_pe, mask)
         c_kv, k_pe, mask = cache.update(layer, c_kv, k_pe)
         return self.absorbed_attention(q_nope, q_pe, c_kv, k_pe, mask)
 
-    def full_attention(self, q_nope, q_pe, c_kv, k_pe):
-        """Causal attention with per-head keys/values expanded from the latent (the training path)."""
+    def full_attention(self, q_nope, q_pe, c_kv, k_pe, mask=None):
+        """Attention with per-head keys/values expanded from the latent (the training path): causal when mask is
+        None, else under the boolean mask (B|1, 1, T, T) or (T, T), True = may attend."""
         B, T, H, _ = q_nope.shape
         kv = self.kv_b_proj(c_kv).view(B, T, H, self.nope + self.v_dim)
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
@@ -95,8 +94,8 @@ class MLA(nn.Module):
         # columns change neither the scores (explicit scale) nor the first v_head_dim output columns.
         d = max(self.qk_dim, self.v_dim)
         q, k, v = (F.pad(t, (0, d - t.shape[-1])) if t.shape[-1] < d else t for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             is_causal=T > 1, scale=self.softmax_scale)  # (B, H, T, d)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                             is_causal=mask is None and T > 1, scale=self.softmax_scale)  # (B, H, T, d)
         out = out.transpose(1, 2)[..., : self.v_dim]                                     # (B, T, H, v)
         return self.o_proj(out.reshape(B, T, H * self.v_dim))
 

@@ -15,15 +15,28 @@ import math
 import torch
 from torch import nn
 
-from ..config import ModelConfig, yarn_get_mscale
+from ..config import ModelConfig
+
+
+def yarn_scaling(cfg: ModelConfig) -> dict | None:
+    """cfg.rope_scaling when it asks for YaRN, else None (plain RoPE)."""
+    rs = cfg.rope_scaling or {}
+    return rs if rs.get("type", rs.get("rope_type")) == "yarn" else None
+
+
+def yarn_get_mscale(scale: float = 1.0, mscale: float = 1.0) -> float:
+    """YaRN's attention-temperature factor: 0.1 * mscale * ln(scale) + 1 (1 when not extending)."""
+    if scale <= 1:
+        return 1.0
+    return 0.1 * mscale * math.log(scale) + 1.0
 
 
 def rope_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
     """Inverse frequencies (qk_rope_head_dim // 2,) and the cos/sin attention factor."""
     dim, base = cfg.qk_rope_head_dim, cfg.rope_theta
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-    rs = cfg.rope_scaling or {}
-    if rs.get("type", rs.get("rope_type")) != "yarn":
+    rs = yarn_scaling(cfg)
+    if rs is None:
         return inv_freq, 1.0
     factor = float(rs["factor"])
     original = rs.get("original_max_position_embeddings", 4096)

@@ -1,8 +1,11 @@
 """The DeepSeek-V2/V3 decoder: embedding -> Blocks (MLA + dense MLP or MoE) -> RMSNorm -> head, plus MTP.
 
-`Transformer(cfg)(input_ids)` returns logits (B, T, vocab). Everything a trainer or an engine needs beyond that
-is a keyword: `positions` (B, T) for RoPE, `cache` (the latent KV cache protocol of MLA.forward) and
-`return_hidden` (the final hidden state, input to the MTP module).
+`Transformer(cfg)(input_ids)` returns logits (B, T, vocab). It is the ONE forward of every caller; the rest are
+keywords: `positions` (B, T) for RoPE, `mask` (boolean, True = may attend) for the full attention path, e.g.
+`document_mask` of packed training rows, `cache` (the latent KV cache protocol of MLA.forward) for the absorbed
+path, and `return_hidden` (the final hidden state, input to the MTP module). Its pieces are public so that no
+caller writes the forward again: `trunk` (embedding -> blocks -> final norm), `head` (the output projection),
+`mtp_hidden` / `mtp_forward` (one multi-token-prediction depth) and `losses` (the training objective).
 """
 
 from __future__ import annotations
@@ -12,9 +15,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .mla import MLA, RMSNorm
-from .moe import MLP, MoE
+from .layers import MLP, RMSNorm
+from .mla import MLA
+from .moe import MoE
 from .rope import RotaryEmbedding
+
+
+def document_mask(documents: torch.Tensor) -> torch.Tensor:
+    """Block-diagonal causal mask of packed rows: documents (B, T), the packed-example index of each token (-1 =
+    padding) -> (B, 1, T, T) boolean, True = may attend. A token sees the earlier tokens of its own document only,
+    so each document is computed exactly as if it ran alone (with positions restarting at 0). A padding token
+    sees itself: a row with no True would make softmax 0/0 = NaN, and NaN poisons the gradients through 0 * NaN."""
+    T = documents.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=documents.device).tril()
+    same = (documents[:, :, None] == documents[:, None, :]) & (documents >= 0)[:, :, None]        # (B, T, T)
+    itself = torch.eye(T, dtype=torch.bool, device=documents.device)
+    return ((same & causal) | itself)[:, None]
 
 
 class Block(nn.Module):
@@ -27,8 +43,9 @@ class Block(nn.Module):
         moe = cfg.is_moe_layer(layer) or layer >= cfg.num_hidden_layers  # the MTP block is an MoE block (V3)
         self.mlp = MoE(cfg) if moe and cfg.is_moe else MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, self.layer)
+    def forward(self, x, cos, sin, mask=None, cache=None):
+        """x (B, T, hidden) -> (B, T, hidden); mask and cache as in MLA.forward."""
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, self.layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -56,9 +73,10 @@ class MTPLayer(nn.Module):
         self.block = Block(cfg, layer)
         self.shared_head = SharedHead(cfg)
 
-    def forward(self, hidden, next_emb, cos, sin, cache=None):
-        x = self.eh_proj(torch.cat([self.enorm(next_emb), self.hnorm(hidden)], dim=-1))
-        return self.shared_head.norm(self.block(x, cos, sin, cache))
+    def forward(self, hidden, next_emb, cos, sin, mask=None, cache=None):
+        """hidden, next_emb (B, T, hidden) -> (B, T, hidden), normed for the shared head."""
+        x = self.eh_proj(torch.cat([self.enorm(next_emb), self.hnorm(hidden)], dim=-1))   # (B, T, 2 hidden) -> h
+        return self.shared_head.norm(self.block(x, cos, sin, mask, cache))
 
 
 class Transformer(nn.Module):
@@ -91,54 +109,94 @@ class Transformer(nn.Module):
             if hasattr(m, "e_score_correction_bias"):
                 m.e_score_correction_bias.zero_()
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None,
-                return_hidden: bool = False):
-        """input_ids (B, T) -> logits (B, T, vocab) [, final hidden (B, T, hidden) after the last norm]."""
+    def trunk(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+              cache=None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """The main model up to its final norm: input_ids (B, T) -> h (B, T, hidden) and rope = (cos, sin), each
+        (B, T, qk_rope_head_dim // 2). The head is separate so that a caller who needs logits at a few positions
+        (the engine) pays vocab x hidden for those only; rope serves the MTP module at the same positions."""
         B, T = input_ids.shape
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
-        cos, sin = self.rotary(positions)
-        x = self.embed_tokens(input_ids)
+        rope = self.rotary(positions)
+        x = self.embed_tokens(input_ids)                                               # (B, T, hidden)
         for block in self.layers:
-            x = block(x, cos, sin, cache)
-        h = self.norm(x)
-        logits = self.lm_head(h)
+            x = block(x, *rope, mask, cache)
+        return self.norm(x), rope
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Normed hidden states (..., hidden) -> logits (..., vocab)."""
+        return self.lm_head(h)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None, cache=None, return_hidden: bool = False):
+        """input_ids (B, T) -> logits (B, T, vocab) [, final hidden (B, T, hidden) after the last norm].
+
+        positions (B, T): RoPE positions (default 0..T-1). mask: boolean (B, 1, T, T) or (T, T), True = may
+        attend, for the full attention path (default causal). cache: the absorbed path through a latent cache
+        (MLA.forward's protocol), which supplies its own mask."""
+        h, _ = self.trunk(input_ids, positions, mask, cache)
+        logits = self.head(h)
         return (logits, h) if return_hidden else logits
 
-    def mtp_forward(self, hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                    cache=None, depth: int = 0):
-        """MTP depth `depth`: hidden (B, T, hidden) of position i and token t_{i+1} (B, T) -> (logits for t_{i+2},
-        the MTP hidden state, which feeds depth + 1)."""
-        B, T = next_ids.shape
-        if positions is None:
-            positions = torch.arange(T, device=next_ids.device).expand(B, T)
-        cos, sin = self.rotary(positions)
-        h = self.mtp[depth](hidden, self.embed_tokens(next_ids), cos, sin, cache)
-        return self.lm_head(h), h
+    def mtp_hidden(self, hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                   mask: torch.Tensor | None = None, cache=None, depth: int = 0, rope=None) -> torch.Tensor:
+        """MTP depth `depth` (V3 eq. 21-22): hidden (B, T, hidden) of position i (the trunk's for depth 0, else
+        depth - 1's) and the token t_{i+depth+1} (B, T) -> this depth's hidden state (B, T, hidden), normed for
+        the shared head. rope: the trunk's (cos, sin) at the same positions, or None to compute it."""
+        if rope is None:
+            B, T = next_ids.shape
+            if positions is None:
+                positions = torch.arange(T, device=next_ids.device).expand(B, T)
+            rope = self.rotary(positions)
+        return self.mtp[depth](hidden, self.embed_tokens(next_ids), *rope, mask, cache)
 
-    def losses(self, input_ids: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> dict:
+    def mtp_forward(self, hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                    mask: torch.Tensor | None = None, cache=None, depth: int = 0, rope=None):
+        """mtp_hidden plus the shared head: -> (logits (B, T, vocab) for t_{i+depth+2}, the MTP hidden state,
+        which feeds depth + 1)."""
+        h = self.mtp_hidden(hidden, next_ids, positions, mask, cache, depth, rope)
+        return self.head(h), h
+
+    def losses(self, input_ids: torch.Tensor, targets: torch.Tensor, positions: torch.Tensor | None = None,
+               documents: torch.Tensor | None = None, ignore_index: int = -100) -> dict:
         """Next-token loss, the MTP loss (V3 eq. 24-25: mean over depths) and the sequence-wise balance loss.
 
         targets[b, i] is the token after input_ids[b, i] (or ignore_index); MTP depth k at position i predicts
-        targets[b, i + k + 1], the token k + 2 places after input_ids[b, i].
+        targets[b, i + k + 1], the token k + 2 places after input_ids[b, i]. documents (B, T), for packed rows:
+        the example index of each token (-1 = padding); attention stays inside each example (document_mask, built
+        once for every layer) and an MTP label from another example is ignored.
         """
-        logits, h = self.forward(input_ids, return_hidden=True)
+        mask = None if documents is None else document_mask(documents)                # (B, 1, T, T)
+        h, rope = self.trunk(input_ids, positions, mask)
+        logits = self.head(h)
         V = logits.shape[-1]
         out = {"loss": F.cross_entropy(logits.reshape(-1, V).float(), targets.reshape(-1), ignore_index=ignore_index)}
-        mtp_losses = []
+        out["mtp_loss"] = self._mtp_loss(input_ids, targets, h, rope, mask, documents, ignore_index)
+        bl = [m.balance_loss for m in self.moe_layers() if m.balance_loss is not None]
+        out["balance_loss"] = torch.stack(bl).sum() if bl else logits.new_zeros(())
+        return out
+
+    def _mtp_loss(self, input_ids, targets, h, rope, mask, documents, ignore_index) -> torch.Tensor:
+        """Mean over depths of each depth's mean cross-entropy (a depth with no label to predict counts 0)."""
+        losses = []
         for k in range(len(self.mtp)):
             T = input_ids.shape[1] - (k + 1)
             if T <= 0:
                 break
+            labels = targets[:, k + 1:k + 1 + T]                                       # (B, T)
+            if documents is not None:  # position i's label comes from position i + k + 1: same example only
+                labels = labels.masked_fill(documents[:, k + 1:k + 1 + T] != documents[:, :T], ignore_index)
             # depth k sees h_i (from depth k-1) and the embedding of t_{i+k+1}, read from input_ids (targets may
-            # hold ignore_index where the loss is masked, which is no token to embed)
-            mtp_logits, h = self.mtp_forward(h[:, :T], input_ids[:, k + 1:k + 1 + T], depth=k)
-            mtp_losses.append(F.cross_entropy(mtp_logits.reshape(-1, V).float(), targets[:, k + 1:k + 1 + T].reshape(-1),
-                                              ignore_index=ignore_index))
-        out["mtp_loss"] = torch.stack(mtp_losses).mean() if mtp_losses else logits.new_zeros(())
-        bl = [m.balance_loss for m in self.moe_layers() if m.balance_loss is not None]
-        out["balance_loss"] = torch.stack(bl).sum() if bl else logits.new_zeros(())
-        return out
+            # hold ignore_index where the loss is masked, which is no token to embed); the first T positions keep
+            # their rope and their rows/columns of the mask
+            rope_k = (rope[0][:, :T], rope[1][:, :T])
+            mask_k = None if mask is None else mask[..., :T, :T]
+            logits, h = self.mtp_forward(h[:, :T], input_ids[:, k + 1:k + 1 + T], mask=mask_k, depth=k, rope=rope_k)
+            # sum / count rather than the mean: an all-ignored depth (short packed examples) gives 0, not 0/0 NaN
+            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                                 ignore_index=ignore_index, reduction="sum")
+            losses.append(ce / (labels != ignore_index).sum().clamp(min=1))
+        return torch.stack(losses).mean() if losses else h.new_zeros(())
 
     def moe_layers(self) -> list[MoE]:
         """The MoE modules of the main model (not the MTP block), in layer order."""
@@ -147,35 +205,3 @@ class Transformer(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.embed_tokens.weight.device
-
-
-class LatentCache:
-    """A contiguous latent KV cache for B sequences that advance together (tests, simple generation).
-
-    Holds, per layer, c_kv (B, max_len, kv_lora_rank) and k_pe (B, max_len, qk_rope_head_dim) and nothing else:
-    that is all MLA needs. The serving engine's paged cache (nanoseek.infer.cache) implements the same `update`.
-    """
-
-    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype=torch.float32, device=None):
-        n = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
-        self.c_kv = torch.zeros(n, batch, max_len, cfg.kv_lora_rank, dtype=dtype, device=device)
-        self.k_pe = torch.zeros(n, batch, max_len, cfg.qk_rope_head_dim, dtype=dtype, device=device)
-        self.length = 0   # tokens already cached (the same for every layer once a forward finishes)
-        self._new = 0
-
-    def update(self, layer, c_kv, k_pe):
-        T = c_kv.shape[1]
-        start = self.length
-        self.c_kv[layer, :, start:start + T] = c_kv
-        self.k_pe[layer, :, start:start + T] = k_pe
-        self._new = T
-        S = start + T
-        mask = None
-        if T > 1:
-            mask = torch.ones(T, S, dtype=torch.bool, device=c_kv.device).tril(start)
-        return self.c_kv[layer, :, :S], self.k_pe[layer, :, :S], mask
-
-    def advance(self):
-        """Call after each forward: the tokens just written become part of the context."""
-        self.length += self._new
-        self._new = 0
