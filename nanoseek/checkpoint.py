@@ -182,6 +182,16 @@ def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device
     cfg.quantization_config = None  # dequantised on load: what we hold, and save, is plain weights
     cfg.torch_dtype = {v: k for k, v in _DTYPES.items()}[dtype]
 
+    model = _empty_model(cfg, dtype, device)
+    params = dict(model.named_parameters())
+    params.update(dict(model.named_buffers()))
+    filled = _fill(params, files, cfg, block)
+    _check_complete(folder, params, filled, files, cfg)
+    return model.eval()
+
+
+def _empty_model(cfg: ModelConfig, dtype: torch.dtype, device) -> Transformer:
+    """An uninitialised model in its final dtype and device (routing bias float32 and zero)."""
     # Shapes and dtype are decided on the meta device, so the one allocation is in the final dtype (no float32
     # copy of a bf16 model); the routing bias stays float32 whatever the model's dtype, as published.
     with torch.device("meta"):
@@ -191,13 +201,33 @@ def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device
             m.e_score_correction_bias = m.e_score_correction_bias.float()
     model = model.to_empty(device=device or "cpu")
     model.rotary = RotaryEmbedding(cfg).to(device or "cpu")
-    params = dict(model.named_parameters())
-    params.update(dict(model.named_buffers()))
     for m in model.modules():
         if hasattr(m, "e_score_correction_bias"):
             m.e_score_correction_bias.zero_()
-    filled: dict[str, set] = defaultdict(set)
+    return model
 
+
+def _read_tensor(sf, name: str, f: Path, files: dict[str, Path], block: tuple[int, int]) -> torch.Tensor:
+    """One tensor of the open safetensors file `sf`, FP8 e4m3 dequantised with its block scales (which may sit in
+    another shard)."""
+    t = sf.get_tensor(name)
+    if t.dtype != torch.float8_e4m3fn:
+        return t
+    sname = name.replace(".weight", ".weight_scale_inv")
+    if sname not in files:
+        raise CheckpointError(f"{f}: FP8 tensor {name} has no {sname} (the block scales are needed to dequantise it)")
+    with safe_open(files[sname], "pt", device="cpu") as ssf:
+        scale_inv = ssf.get_tensor(sname)
+    want = tuple(-(-n // b) for n, b in zip(t.shape, block))  # ceil(out/128), ceil(in/128)
+    if t.dim() != 2 or tuple(scale_inv.shape) != want:
+        raise CheckpointError(f"{files[sname]}: {sname} has shape {tuple(scale_inv.shape)}, expected "
+                              f"{want} for {name} {tuple(t.shape)} in {block[0]}x{block[1]} blocks")
+    return _dequantize_fp8(t, scale_inv, block)
+
+
+def _fill(params: dict, files: dict[str, Path], cfg: ModelConfig, block) -> dict[str, set]:
+    """Stream every weight file tensor by tensor into `params`; returns what was filled (name -> expert ids)."""
+    filled: dict[str, set] = defaultdict(set)
     by_file: dict[Path, list[str]] = defaultdict(list)
     for name, f in files.items():
         by_file[f].append(name)
@@ -215,21 +245,10 @@ def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device
                 ours, expert = target
                 if ours not in params:
                     raise CheckpointError(f"{f}: tensor {name} does not belong to a {cfg.model_type} model with this "
-                                          f"config.json (num_hidden_layers={L}, num_nextn_predict_layers="
-                                          f"{cfg.num_nextn_predict_layers}, n_routed_experts={cfg.n_routed_experts})")
-                t = sf.get_tensor(name)
-                if t.dtype == torch.float8_e4m3fn:
-                    sname = name.replace(".weight", ".weight_scale_inv")
-                    if sname not in files:
-                        raise CheckpointError(f"{f}: FP8 tensor {name} has no {sname} (the block scales are needed "
-                                              f"to dequantise it)")
-                    with safe_open(files[sname], "pt", device="cpu") as ssf:  # may sit in another shard
-                        scale_inv = ssf.get_tensor(sname)
-                    want = tuple(-(-n // b) for n, b in zip(t.shape, block))  # ceil(out/128), ceil(in/128)
-                    if t.dim() != 2 or tuple(scale_inv.shape) != want:
-                        raise CheckpointError(f"{files[sname]}: {sname} has shape {tuple(scale_inv.shape)}, expected "
-                                              f"{want} for {name} {tuple(t.shape)} in {block[0]}x{block[1]} blocks")
-                    t = _dequantize_fp8(t, scale_inv, block)
+                                          f"config.json (num_hidden_layers={cfg.num_hidden_layers}, "
+                                          f"num_nextn_predict_layers={cfg.num_nextn_predict_layers}, "
+                                          f"n_routed_experts={cfg.n_routed_experts})")
+                t = _read_tensor(sf, name, f, files, block)
                 if expert is not None and expert >= params[ours].shape[0]:
                     raise CheckpointError(f"{f}: tensor {name} is expert {expert} but config.json has "
                                           f"n_routed_experts={cfg.n_routed_experts}")
@@ -240,6 +259,12 @@ def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device
                 with torch.no_grad():
                     dst.copy_(t.to(dst.dtype) if ours.endswith("e_score_correction_bias") else t)
                 filled[ours].add(expert)
+    return filled
+
+
+def _check_complete(folder: Path, params: dict, filled: dict[str, set], files: dict[str, Path],
+                    cfg: ModelConfig) -> None:
+    """Every parameter the config implies was in the files (else name the first missing tensor)."""
     for ours, p in params.items():
         if ours.startswith("rotary.") or (ours == "lm_head.weight" and cfg.tie_word_embeddings):
             continue
@@ -254,7 +279,6 @@ def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device
             searched = ", ".join(sorted({f.name for f in files.values()}))
             raise CheckpointError(f"{folder}: tensor {hf} is missing from the weight files ({searched}) although "
                                   f"config.json implies it")
-    return model.eval()
 
 
 def ours_to_hf_names(ours: str, experts, cfg: ModelConfig):
