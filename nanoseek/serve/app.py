@@ -1,0 +1,598 @@
+"""`nanoseek serve`: a DeepSeek/OpenAI-compatible HTTP API and the web chat page, on one machine.
+
+    nanoseek serve --model DIR [--host 127.0.0.1] [--port 8000] [--api-key KEY]
+
+Endpoints (each also without the /v1 prefix): POST /v1/chat/completions, POST /v1/completions, GET /v1/models,
+GET /health, GET /metrics (Prometheus text), and the chat page at /. With an API key, the /v1 endpoints need
+`Authorization: Bearer KEY`; /health, /metrics and the page (which asks for the key) do not. The wire format
+(schemas, errors, response and chunk builders) lives in protocol.py, the engine thread in worker.py; this module
+holds the routes, the one streaming pump both generation endpoints share, and the command.
+
+The path of a request: `parse` (key, body, schema) -> prompt ids -> `make_params` (limits) -> `worker.submit`
+(backpressure) -> the engine thread steps the engine -> StreamDeltas come back on the job's queue -> `run_to_end`
+(one JSON answer) or `pump` (server-sent events, through a ChatStream or CompletionStream that turns deltas into
+chunks).
+
+Robustness rules, because a public endpoint meets every kind of client:
+- every request is bounded (body bytes before any JSON parsing, number of messages, prompt tokens against the
+  context, max_tokens), and every error is an OpenAI-style body {"error": {"message", "type", "code"}} with the
+  status of DeepSeek's table: 400 bad JSON / format, 401 bad key, 422 invalid parameters, 429 queue full, 503
+  engine down. A client's mistake is never a 500;
+- backpressure: at most --max-concurrency requests in the engine and --max-queue waiting; the next one gets 429 and
+  Retry-After at once (an unbounded queue only turns overload into timeouts for everybody);
+- a client that disconnects cancels its generation (engine.abort frees its cache blocks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import UsageError
+from . import protocol as P
+from .protocol import APIError, ChatRequest, CompletionRequest, Limits
+from .worker import EngineWorker, Job, Metrics, QueueFull, WorkerDead
+
+log = logging.getLogger("nanoseek.serve")
+WEB = Path(__file__).parent / "web"
+
+
+def error_response(e: APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+# --------------------------------------------------------------------------------------------- ASGI middleware
+class BodyLimit:
+    """Refuse bodies over max_bytes before they are read whole or parsed (Content-Length, then while streaming)."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        err = APIError(400, f"request body exceeds {self.max_bytes} bytes", "request_too_large")
+        for k, v in scope.get("headers", ()):
+            if k == b"content-length":
+                try:
+                    too_big = int(v) > self.max_bytes
+                except ValueError:
+                    too_big = True
+                if too_big:
+                    return await error_response(err)(scope, receive, send)
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.max_bytes:
+                    raise err
+            return msg
+
+        await self.app(scope, limited_receive, send)
+
+
+class CountRequests:
+    """Counts answered requests by endpoint and status for /metrics (streams count when their headers go out)."""
+
+    ENDPOINTS = ("/chat/completions", "/completions", "/models", "/health", "/metrics")
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        path = path[3:] if path.startswith("/v1/") else path
+        endpoint = next((e for e in self.ENDPOINTS if path == e or path.startswith(e + "/")), "other")
+
+        async def counting_send(msg):
+            if msg["type"] == "http.response.start":
+                self.metrics.count_request(endpoint, int(msg["status"]))
+            await send(msg)
+
+        await self.app(scope, receive, counting_send)
+
+
+class SSEResponse(StreamingResponse):
+    """A StreamingResponse that always runs `on_close` when it ends, whatever ended it (done, hang-up, error)."""
+
+    def __init__(self, content, on_close, **kw):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}, **kw)
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
+
+
+# --------------------------------------------------------------------------------------------- the service
+@dataclass
+class Service:
+    """What the route handlers share: the engine's worker and tokenizer, the limits, the served model's name.
+    One per app, at `app.state.service`."""
+    worker: EngineWorker
+    tokenizer: object
+    model_name: str
+    api_key: str | None
+    limits: Limits
+    sampling_params: type
+    thinking_default: bool
+    ctx: int | None                       # the engine's context (prompt + generated tokens)
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def __post_init__(self):
+        self.max_prompt = self.limits.max_prompt_tokens or (self.ctx - 1 if self.ctx else None)
+        self.fingerprint = f"fp_nanoseek_{uuid.uuid5(uuid.NAMESPACE_DNS, self.model_name).hex[:8]}"
+        self.vocab = self.tokenizer.vocab_size
+        self.control_ids, self.control_strings = P.control_tokens(self.tokenizer)
+
+    def check_key(self, request: Request) -> None:
+        if not self.api_key:
+            return
+        auth = request.headers.get("authorization", "")
+        given = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+        if not hmac.compare_digest(given.encode(), self.api_key.encode()):
+            shown = f"****{given[-4:]}" if len(given) > 4 else "(none)"
+            raise APIError(401, f"Authentication Fails, your api key {shown} is invalid. Send the key as "
+                           "'Authorization: Bearer KEY'.", "invalid_api_key")
+
+    async def parse(self, request: Request, schema):
+        """Key, then the body as JSON, then the schema: (request, thinking default of the model name asked for)."""
+        self.check_key(request)
+        raw = await request.body()
+        try:
+            data = json.loads(raw)
+        except (ValueError, RecursionError) as e:  # (RecursionError: nesting too deep for the parser)
+            raise APIError(400, f"the request body is not valid JSON: {e}", "invalid_json") from None
+        if not isinstance(data, dict):
+            raise APIError(400, "the request body must be a JSON object", "invalid_request")
+        try:  # JSON may escape lone UTF-16 surrogates ("\ud800") that no UTF-8 text (or tokenizer) can hold
+            json.dumps(data, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise APIError(400, "the request contains invalid unicode (a lone surrogate escape)", "invalid_unicode") \
+                from None
+        try:
+            req = schema.model_validate(data)
+        except ValidationError as e:
+            raise APIError(422, P.validation_message(e.errors()), "invalid_parameter") from None
+        if req.model is None or req.model == self.model_name:
+            return req, self.thinking_default
+        if req.model not in P.MODEL_ALIASES:
+            raise APIError(400, f"Model Not Exist: {req.model!r}; this server serves {self.model_name!r} "
+                           "(see GET /v1/models)", "model_not_found", param="model")
+        return req, P.MODEL_ALIASES[req.model]
+
+    def make_params(self, req, n_prompt: int, logprobs: bool, top_logprobs: int):
+        """The engine's SamplingParams for `req`, checked against the context and this server's limits."""
+        if self.max_prompt is not None and n_prompt > self.max_prompt:
+            raise APIError(400, f"This model's maximum context length is {self.ctx} tokens; the prompt has "
+                           f"{n_prompt} tokens. Shorten the conversation.", "context_length_exceeded")
+        want = req.wanted_tokens()
+        if want is not None and want > self.limits.max_tokens:
+            raise APIError(422, f"max_tokens={want} is above this server's limit of {self.limits.max_tokens}",
+                           "invalid_parameter", param="max_tokens")
+        max_tokens = want or self.limits.max_tokens
+        if self.ctx:  # never past the context: the answer ends with finish_reason "length"
+            max_tokens = max(1, min(max_tokens, self.ctx - n_prompt))
+        if req.stop_token_ids and max(req.stop_token_ids) >= self.vocab:
+            raise APIError(422, f"stop_token_ids must be below the vocabulary size {self.vocab}", "invalid_parameter",
+                           param="stop_token_ids")
+        kw = dict(max_tokens=max_tokens, stop=tuple(req.stop or ()), stop_token_ids=tuple(req.stop_token_ids or ()),
+                  ignore_eos=req.ignore_eos, logprobs=logprobs, top_logprobs=top_logprobs, seed=req.seed)
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+            if getattr(req, name) is not None:
+                kw[name] = getattr(req, name)
+        if req.top_k is not None:
+            kw["top_k"] = max(0, req.top_k)
+        try:
+            return self.sampling_params(**kw)
+        except (ValueError, UsageError) as e:  # a combination the sampler refuses
+            raise APIError(422, f"invalid parameters: {e}", "invalid_parameter") from None
+
+    def submit(self, prompt: list[int], params, prefix: str) -> tuple[Job, dict]:
+        """Queue the request: its job and the fields every response of it carries (id, created, model)."""
+        rid = f"{prefix}-{uuid.uuid4().hex}"
+        try:
+            job = self.worker.submit(prompt, params, request_id=rid)
+        except QueueFull as e:
+            raise APIError(429, f"Rate limit reached: the server is busy ({e}). Retry after a second.",
+                           "queue_full", headers={"Retry-After": "1"}) from None
+        except WorkerDead as e:
+            raise APIError(503, f"Server overloaded: {e}", "engine_unavailable", headers={"Retry-After": "5"}) from None
+        base = {"id": rid, "created": int(time.time()), "model": self.model_name,
+                "system_fingerprint": self.fingerprint}
+        return job, base
+
+    async def next_item(self, job: Job, request: Request | None):
+        """The job's next StreamDelta; None on a keep-alive tick. Raises what the engine thread reported."""
+        try:
+            item = await asyncio.wait_for(job.queue.get(), self.limits.keepalive_s)
+        except TimeoutError:
+            if request is not None and await request.is_disconnected():
+                raise asyncio.CancelledError() from None
+            return None
+        if isinstance(item, WorkerDead):
+            raise APIError(503, f"Server overloaded: {item}", "engine_unavailable", headers={"Retry-After": "5"})
+        if isinstance(item, (ValueError, UsageError)):
+            raise APIError(400, f"the engine refused the request: {item}", "invalid_request")
+        if isinstance(item, Exception):
+            raise APIError(500, f"generation failed: {item}", "engine_error")
+        return item
+
+    async def run_to_end(self, job: Job, request: Request):
+        """Collect a non-streamed request; a client that hangs up meanwhile cancels it."""
+        try:
+            while True:
+                d = await self.next_item(job, request)
+                if d is not None and d.finished:
+                    return d.completion
+        finally:
+            self.worker.cancel(job)  # no-op when finished
+
+    def token_str(self, i: int) -> str:
+        return self.tokenizer.decode([int(i)])
+
+    def usage(self, comp) -> dict:
+        return P.usage(comp, self.tokenizer.think_end_id)
+
+    def stream(self, job: Job, adapter) -> SSEResponse:
+        return SSEResponse(pump(self, job, adapter), on_close=lambda: self.worker.cancel(job))
+
+
+# --------------------------------------------------------------------------------------------- streaming
+async def pump(svc: Service, job: Job, adapter) -> AsyncIterator[str]:
+    """The one streaming loop of both generation endpoints: the adapter's opening chunks, then the chunks of each
+    StreamDelta as it comes (a keep-alive comment while none does), then [DONE]. An error met on the way is sent
+    as a last {"error": ...} event (the status line has long gone out)."""
+    try:
+        for chunk in adapter.opening():
+            yield P.sse(chunk)
+        while True:
+            d = await svc.next_item(job, None)
+            if d is None:
+                yield P.KEEPALIVE
+                continue
+            for chunk in adapter.chunks(d):
+                yield P.sse(chunk)
+            if d.finished:
+                break
+    except APIError as e:
+        yield P.sse(e.body())
+        return
+    yield P.DONE
+
+
+@dataclass
+class ChatStream:
+    """StreamDeltas -> chat.completion.chunk dicts: reasoning_content and content deltas, then the finish chunk
+    (and the usage chunk when asked). Logprobs go with each delta, or all with the last chunk when the deltas
+    carried none."""
+    base: dict
+    usage: Callable
+    token_str: Callable[[int], str]
+    include_usage: bool
+    logprobs: bool
+    top_n: int
+    streamed_lp: bool = False
+
+    def chunk(self, delta: dict, reason: str | None = None, logprobs: dict | None = None) -> dict:
+        return P.chat_chunk(self.base, delta, reason, logprobs, self.include_usage)
+
+    def opening(self) -> list[dict]:
+        return [self.chunk({"role": "assistant", "content": ""})]
+
+    def chunks(self, d) -> list[dict]:
+        out, delta = [], {}
+        if d.reasoning_text:
+            delta["reasoning_content"] = d.reasoning_text
+        if d.text:
+            delta["content"] = d.text
+        lp = P.chat_logprobs(d, self.top_n, self.token_str) if self.logprobs and d.token_ids else None
+        self.streamed_lp = self.streamed_lp or lp is not None
+        if delta or lp:
+            out.append(self.chunk(delta, logprobs=lp))
+        if d.finished:
+            comp = d.completion
+            lp = P.chat_logprobs(comp, self.top_n, self.token_str) if self.logprobs and not self.streamed_lp else None
+            out.append(self.chunk({}, P.finish_reason(d.finish_reason), lp))
+            if self.include_usage:
+                out.append(P.usage_chunk(self.base, "chat.completion.chunk", self.usage(comp)))
+        return out
+
+
+@dataclass
+class CompletionStream:
+    """StreamDeltas -> text_completion pieces: the echoed prompt first, then the text as generated (<think> tags
+    included, control tokens left out), legacy logprobs with offsets into the returned text."""
+    base: dict
+    usage: Callable
+    token_str: Callable[[int], str]
+    include_usage: bool
+    logprobs: bool
+    top_n: int
+    echo: str
+    text: P.StripStrings                  # removes the control tokens' strings
+    hidden: set[int]                      # their ids
+    pos: int = 0                          # text offset of the next token
+    streamed_lp: bool = False
+
+    def __post_init__(self):
+        self.pos = len(self.echo)
+
+    def chunk(self, text: str, reason: str | None = None, logprobs: dict | None = None) -> dict:
+        return P.completion_chunk(self.base, text, reason, logprobs, self.include_usage)
+
+    def opening(self) -> list[dict]:
+        return [self.chunk(self.echo)] if self.echo else []
+
+    def chunks(self, d) -> list[dict]:
+        out, lp = [], None
+        text = self.text.feed(d.raw_text, final=d.finished)
+        if self.logprobs and d.token_ids and d.logprobs is not None:
+            lp = P.text_logprobs(d, self.top_n, self.pos, self.token_str, self.hidden)
+            self.pos += sum(len(self.token_str(t)) for t in d.token_ids if t not in self.hidden)
+            self.streamed_lp = True
+        if text or lp:
+            out.append(self.chunk(text, logprobs=lp))
+        if d.finished:
+            comp = d.completion
+            lp = None
+            if self.logprobs and not self.streamed_lp:
+                lp = P.text_logprobs(comp, self.top_n, len(self.echo), self.token_str, self.hidden)
+            out.append(self.chunk("", P.finish_reason(d.finish_reason), lp))
+            if self.include_usage:
+                out.append(P.usage_chunk(self.base, "text_completion", self.usage(comp)))
+        return out
+
+
+# --------------------------------------------------------------------------------------------- routes
+def service(request: Request) -> Service:
+    return request.app.state.service
+
+
+async def chat_completions(request: Request):
+    svc = service(request)
+    req, thinking = await svc.parse(request, ChatRequest)
+    if len(req.messages) > svc.limits.max_messages:
+        raise APIError(400, f"too many messages: {len(req.messages)} > {svc.limits.max_messages}",
+                       "too_many_messages")
+    if req.top_logprobs and not req.logprobs:
+        raise APIError(422, "top_logprobs requires logprobs=true", "invalid_parameter", param="top_logprobs")
+    thinking = P.chat_thinking(req, thinking)
+    messages = P.template_messages(req)
+    try:
+        prompt = svc.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                   thinking=thinking)
+    except Exception as e:  # a template that rejects this conversation (e.g. role order)
+        raise APIError(400, f"the chat template could not render these messages: {e}", "invalid_messages") from None
+    top_n = req.top_logprobs or 0
+    job, base = svc.submit(prompt, svc.make_params(req, len(prompt), req.logprobs, top_n), "chatcmpl")
+    if req.stream:
+        return svc.stream(job, ChatStream(base, svc.usage, svc.token_str, req.include_usage(), req.logprobs, top_n))
+    comp = await svc.run_to_end(job, request)
+    lp = P.chat_logprobs(comp, top_n, svc.token_str) if req.logprobs else None
+    return P.chat_response(base, comp, lp, svc.usage(comp))
+
+
+def completion_prompt_ids(svc: Service, req: CompletionRequest) -> tuple[list[int], str]:
+    """(prompt ids, prompt text) of a /v1/completions request."""
+    if req.suffix:
+        raise APIError(422, "suffix (fill-in-the-middle) is not supported by this model", "invalid_parameter",
+                       param="suffix")
+    p = P.completion_prompt(req)
+    if isinstance(p, str):
+        bos = svc.tokenizer.bos_token
+        prompt, text = svc.tokenizer.encode(p, add_bos=not (bos and p.startswith(bos))), p  # a rendered chat has it
+    else:
+        if any(not 0 <= t < svc.vocab for t in p):
+            raise APIError(422, f"prompt token ids must be in [0, {svc.vocab})", "invalid_parameter", param="prompt")
+        prompt, text = list(p), svc.tokenizer.decode(p)
+    if not prompt:
+        raise APIError(422, "the prompt is empty", "invalid_parameter", param="prompt")
+    return prompt, text
+
+
+async def completions(request: Request):
+    svc = service(request)
+    req, _ = await svc.parse(request, CompletionRequest)
+    prompt, prompt_text = completion_prompt_ids(svc, req)
+    top_n, want_lp = req.logprobs or 0, req.logprobs is not None
+    job, base = svc.submit(prompt, svc.make_params(req, len(prompt), want_lp, top_n), "cmpl")
+    echo = prompt_text if req.echo else ""
+    text = P.StripStrings(svc.control_strings)
+    if req.stream:
+        return svc.stream(job, CompletionStream(base, svc.usage, svc.token_str, req.include_usage(), want_lp, top_n,
+                                                echo, text, svc.control_ids))
+    comp = await svc.run_to_end(job, request)
+    lp = P.text_logprobs(comp, top_n, len(echo), svc.token_str, svc.control_ids) if want_lp else None
+    return P.completion_response(base, echo + text.feed(comp.text, final=True), comp, lp, svc.usage(comp))
+
+
+async def models(request: Request):
+    svc = service(request)
+    svc.check_key(request)
+    return {"object": "list", "data": [P.model_card(svc.model_name, svc.created, svc.ctx)]}
+
+
+async def model_info(request: Request, model_id: str):
+    svc = service(request)
+    svc.check_key(request)
+    if model_id != svc.model_name:
+        raise APIError(404, f"Model Not Exist: {model_id!r}", "model_not_found")
+    return P.model_card(svc.model_name, svc.created, svc.ctx)
+
+
+async def health(request: Request):
+    svc = service(request)
+    if not svc.worker.alive:
+        raise APIError(503, "the engine thread is not running", "engine_unavailable")
+    s = svc.worker.snapshot()
+    return {"status": "ok", "model": svc.model_name, "running": s["running"], "waiting": s["waiting"]}
+
+
+async def prometheus(request: Request):
+    worker = service(request).worker
+    return Response(worker.metrics.render(worker), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+# --------------------------------------------------------------------------------------------- error handlers
+async def on_api_error(request, exc: APIError):
+    return error_response(exc)
+
+
+async def on_validation_error(request, exc: RequestValidationError):
+    return error_response(APIError(422, P.validation_message(exc.errors()), "invalid_parameter"))
+
+
+async def on_http_error(request, exc: StarletteHTTPException):
+    msg = {404: f"no such endpoint: {request.method} {request.url.path}",
+           405: f"method {request.method} not allowed on {request.url.path}"}.get(exc.status_code, str(exc.detail))
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    return error_response(APIError(exc.status_code, msg, code, headers=exc.headers))
+
+
+async def on_unexpected(request, exc: Exception):
+    log.exception("unexpected error on %s", request.url.path)
+    return error_response(APIError(500, f"internal error ({type(exc).__name__}); the request was not completed",
+                                   "internal_error"))
+
+
+# --------------------------------------------------------------------------------------------- the app
+def create_app(engine, tokenizer, model_name: str = "nanoseek", api_key: str | None = None,
+               max_concurrency: int = 16, max_queue: int = 64, limits: Limits | None = None,
+               sampling_params=None, thinking_default: bool = True) -> FastAPI:
+    """The FastAPI app serving `engine` (not yet started: uvicorn's lifespan starts and stops the engine thread).
+
+    engine: the Engine contract of docs/internals.md (add_request / step / abort / has_unfinished / stats,
+    max_seq_len); sampling_params: the SamplingParams class (default: nanoseek.infer.engine.SamplingParams).
+    """
+    if sampling_params is None:
+        from ..infer.engine import SamplingParams as sampling_params
+    limits = limits or Limits()
+    worker = EngineWorker(engine, max_concurrency=max_concurrency, max_queue=max_queue, metrics=Metrics())
+
+    async def lifespan(app):
+        worker.start()
+        try:
+            yield
+        finally:
+            worker.stop()
+
+    app = FastAPI(title="nanoseek", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.state.service = Service(worker, tokenizer, model_name, api_key, limits, sampling_params, thinking_default,
+                                ctx=engine.max_seq_len or None)
+    app.state.worker, app.state.metrics, app.state.engine, app.state.limits = worker, worker.metrics, engine, limits
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    app.add_middleware(CountRequests, metrics=worker.metrics)
+    app.add_exception_handler(APIError, on_api_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(Exception, on_unexpected)
+    for prefix in ("/v1", ""):
+        app.add_api_route(f"{prefix}/chat/completions", chat_completions, methods=["POST"])
+        app.add_api_route(f"{prefix}/completions", completions, methods=["POST"])
+        app.add_api_route(f"{prefix}/models", models, methods=["GET"])
+        app.add_api_route(f"{prefix}/models/{{model_id}}", model_info, methods=["GET"])
+        app.add_api_route(f"{prefix}/health", health, methods=["GET"])
+    app.add_api_route("/metrics", prometheus, methods=["GET"])
+    if WEB.is_dir():
+        app.mount("/", StaticFiles(directory=WEB, html=True), name="web")
+    return app
+
+
+# --------------------------------------------------------------------------------------------- the command
+@dataclass
+class ServeConfig:
+    """`nanoseek serve`: one model folder behind the API and the chat page."""
+    model: str = ""                      # model folder (config.json, *.safetensors, tokenizer.json)
+    host: str = "127.0.0.1"              # interface to bind (127.0.0.1: this machine only)
+    port: int = 8000                     # TCP port
+    api_key: str | None = None           # require 'Authorization: Bearer KEY' (default: env NANOSEEK_API_KEY; none = open)
+    served_model_name: str | None = None  # the model id clients send (default: the folder's name)
+    max_concurrency: int = 16            # requests decoded together (engine batch)
+    max_queue: int = 64                  # requests waiting for a slot; beyond: 429
+    max_tokens_limit: int = 4096         # largest max_tokens a request may ask for
+    max_seq_len: int | None = None       # context length (default: the model's, at most 4096)
+    max_body_bytes: int = 1 << 20        # largest request body
+    max_messages: int = 512              # most messages in one chat request
+    thinking: bool = True                # think before answering unless a request says otherwise (--no-thinking: off)
+    dtype: str | None = None             # float32 | bfloat16 | float16 (default: the checkpoint's)
+    device: str | None = None            # cpu | cuda (default: cuda if available)
+    threads: int = 0                     # torch CPU threads (0: one for small models, all cores for large)
+    REQUIRED: ClassVar[tuple] = ("model",)
+    ALIASES: ClassVar[dict] = {}
+
+
+CONFIG = ServeConfig
+
+
+def load_engine(folder: str, max_batch: int = 16, max_seq_len: int | None = None, dtype=None, device=None,
+                purpose: str = "serve"):
+    """Model + tokenizer + Engine from a model folder (shared by `serve`, `chat` and bench/serve.py)."""
+    import torch
+
+    from ..checkpoint import load_model_and_tokenizer
+    from ..infer.engine import Engine
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tok = load_model_and_tokenizer(folder, dtype=dtype, device=device, purpose=purpose)
+    return Engine(model.eval(), tok, max_batch=max_batch, max_seq_len=max_seq_len), tok
+
+
+def check_config(cfg: ServeConfig) -> None:
+    for name in ("max_concurrency", "max_tokens_limit", "max_body_bytes", "max_messages"):
+        if getattr(cfg, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)})")
+    if cfg.max_queue < 0:
+        raise UsageError(f"--max-queue must be >= 0 (got {cfg.max_queue})")
+
+
+def api_key_of(cfg: ServeConfig) -> str | None:
+    """--api-key, else the NANOSEEK_API_KEY environment variable ('' or neither: an open server)."""
+    return os.environ.get("NANOSEEK_API_KEY") if cfg.api_key is None else cfg.api_key
+
+
+def main(cfg: ServeConfig) -> int:
+    import uvicorn
+
+    from ..options import set_threads
+    check_config(cfg)
+    engine, tok = load_engine(cfg.model, max_batch=cfg.max_concurrency, max_seq_len=cfg.max_seq_len,
+                              dtype=cfg.dtype, device=cfg.device)
+    threads = set_threads(cfg.threads, sum(p.numel() for p in engine.model.parameters()))
+    name = cfg.served_model_name or Path(cfg.model).resolve().name
+    key = api_key_of(cfg)
+    limits = Limits(max_body_bytes=cfg.max_body_bytes, max_messages=cfg.max_messages, max_tokens=cfg.max_tokens_limit)
+    app = create_app(engine, tok, model_name=name, api_key=key, max_concurrency=cfg.max_concurrency,
+                     max_queue=cfg.max_queue, limits=limits, thinking_default=cfg.thinking)
+    if cfg.host not in ("127.0.0.1", "localhost", "::1") and not key:
+        print(f"warning: serving on {cfg.host} without an API key: anyone who can reach this port can use it "
+              "(set --api-key or NANOSEEK_API_KEY)")
+    print(f"nanoseek: serving {name!r} on http://{cfg.host}:{cfg.port}/ (chat page) and "
+          f"http://{cfg.host}:{cfg.port}/v1 (API); {threads} CPU thread(s)")
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info", timeout_graceful_shutdown=5)
+    return 0
