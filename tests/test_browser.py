@@ -2,7 +2,7 @@
 
 Same server and memorising tiny model as tests/test_server.py: the page must stream the answer into the
 conversation and show the reasoning in a collapsible "Thinking" section; the deep-think toggle, new chat and the
-stop button work (a stopped answer is cancelled in the engine), and the page fits a phone's width. Skipped (with how to enable it) where Chromium or playwright is missing.
+stop button work (a stopped answer is cancelled in the engine), and the page fits a phone's width. Skipped, saying what it needs, where Chromium or playwright is missing.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+import warnings
 
 import pytest
 
@@ -18,25 +19,54 @@ pytestmark = pytest.mark.browser
 CHROMIUM = os.environ.get("NANOSEEK_CHROMIUM", "/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--no-first-run"]
-HOWTO = "to run it: apt-get install chromium; .venv/bin/pip install playwright (.ci/run does both)"
+
+
+def chromium_path() -> str | None:
+    return CHROMIUM if os.path.exists(CHROMIUM) else shutil.which("chromium")
+
+
+def has_playwright() -> bool:
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def missing_needs(chromium: str | None, playwright: bool) -> str | None:
+    """Why the browser test cannot run here, saying what it needs (None: it can)."""
+    missing = ([f"Debian's chromium at {CHROMIUM} (apt-get install chromium; or set NANOSEEK_CHROMIUM)"]
+               if chromium is None else []) + \
+              (["the playwright package (.venv/bin/pip install playwright)"] if not playwright else [])
+    if not missing:
+        return None
+    return f"browser test skipped: it needs {' and '.join(missing)}; .ci/run installs both"
 
 
 @pytest.fixture(scope="module")
 def playwright_api():
-    if not (os.path.exists(CHROMIUM) or shutil.which("chromium")):
-        pytest.skip(f"browser test skipped: no Chromium at {CHROMIUM}; {HOWTO}")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.skip(f"browser test skipped: the playwright package is not installed; {HOWTO}")
+    reason = missing_needs(chromium_path(), has_playwright())
+    if reason:
+        warnings.warn(reason, stacklevel=1)   # shown in pytest's warnings summary, which -q keeps (skip reasons
+        pytest.skip(reason)                   # need -rs)
+    from playwright.sync_api import sync_playwright
     return sync_playwright
+
+
+def test_skip_reason_says_what_the_browser_test_needs():
+    both = missing_needs(None, False)
+    assert "/usr/bin/chromium" in both and "apt-get install chromium" in both
+    assert "pip install playwright" in both and ".ci/run installs both" in both
+    assert "playwright" not in missing_needs(None, True).split("needs", 1)[1].split(";")[0]
+    assert "chromium" not in missing_needs("/usr/bin/chromium", False).split("needs", 1)[1].split(";")[0]
+    assert missing_needs("/usr/bin/chromium", True) is None
 
 
 def test_chat_page_streams_an_answer_with_a_thinking_section(playwright_api, tmp_path_factory, tmp_path):
     import torch
     from test_server import KEY, ServerThread, build_chat_model
 
-    from nanoseek.serve.api import create_app, load_engine
+    from nanoseek.serve.app import create_app, load_engine
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)     # the tiny model is much faster on one thread of a contended CPU
@@ -46,8 +76,7 @@ def test_chat_page_streams_an_answer_with_a_thinking_section(playwright_api, tmp
         slow = SlowEngine(engine)
         app = create_app(slow, tok, model_name="tiny-r1", api_key=KEY)
         with ServerThread(app) as srv, playwright_api() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM if os.path.exists(CHROMIUM)
-                                        else shutil.which("chromium"), args=ARGS)
+            browser = p.chromium.launch(executable_path=chromium_path(), args=ARGS)
             try:
                 # 30 ms per engine step: each token arrives on its own, so the count of page updates shows
                 # streaming even when a loaded machine would otherwise deliver several tokens per frame
@@ -156,6 +185,21 @@ def run_page(browser, url, key, shots):
     phone.press("#prompt", "Enter")
     phone.wait_for_selector(".msg.assistant:not(.streaming) .answer:not(:empty)", timeout=30000)
     assert phone.inner_text(".msg.assistant .answer") == "The answer is 5."
+    # an answer written as `<answer>7</answer>` (the demo model's form) shows as 7, never with its tags
+    phone.click("#new-chat")
+    phone.evaluate("""() => {
+        window.__shownAnswers = [];
+        new MutationObserver(() => {
+            const a = document.querySelector('.msg.assistant .answer');
+            if (a) window.__shownAnswers.push(a.textContent);
+        }).observe(document.getElementById('conversation'), {subtree: true, childList: true, characterData: true});
+    }""")
+    phone.fill("#prompt", "what is 3+4?")
+    phone.press("#prompt", "Enter")
+    phone.wait_for_selector(".msg.assistant:not(.streaming) .answer:not(:empty)", timeout=30000)
+    assert phone.inner_text(".msg.assistant .answer") == "7"
+    shown = phone.evaluate("window.__shownAnswers")
+    assert shown and not any("<" in a or "answer" in a for a in shown), shown
     assert phone.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
     box = phone.locator("#composer").bounding_box()
     assert box["x"] >= 0 and box["x"] + box["width"] <= 390

@@ -30,9 +30,11 @@ from nanoseek.tokenizer import Tokenizer  # noqa: E402
 
 KEY = "sk-test-nanoseek"
 MODEL = "tiny-r1"
-# (question, reasoning, answer) the model memorises
+# (question, reasoning, answer) the model memorises; the last answers as the demo model does (R1-Zero's
+# `</think> <answer>X</answer>`), for the chat page and the terminal chat, which show X.
 CONVS = [("hello", "the user greets me", "Hello! How can I help?"),
-         ("what is 2+3?", "2 plus 3 is 5", "The answer is 5.")]
+         ("what is 2+3?", "2 plus 3 is 5", "The answer is 5."),
+         ("what is 3+4?", "3 plus 4 is 7", " <answer>7</answer>")]
 LONG_SYSTEM = " ".join(["You are a careful assistant who answers briefly and checks arithmetic."] * 8)
 
 
@@ -211,6 +213,30 @@ def test_text_completions_keep_think_tags_and_honour_stop_and_echo(client, serve
     streamed = "".join(c.choices[0].text for c in client.completions.create(
         model=MODEL, prompt=prompt, temperature=0, max_tokens=60, stop=["!"], stream=True))
     assert streamed == "the user greets me\n</think>\n\nHello"
+
+
+def test_text_completions_leave_out_control_tokens(client, served):
+    tok = served.tok
+    prompt = tok.apply_chat_template([{"role": "user", "content": "hello"}])
+    kw = dict(model=MODEL, prompt=prompt, temperature=0, max_tokens=60, extra_body={"ignore_eos": True})
+    r = client.completions.create(logprobs=1, **kw)
+    text, lp = r.choices[0].text, r.choices[0].logprobs
+    # the model did write its end-of-sentence token (ignore_eos: generation went on past it) ...
+    assert tok.eos_token in lp.tokens
+    # ... and the text does not carry it, nor any other control token; <think> tags the model wrote stay
+    assert text.startswith("the user greets me\n</think>\n\nHello! How can I help?")
+    assert not any(s in text for s in (tok.eos_token, tok.bos_token, tok.USER, tok.ASSISTANT, tok.PAD)), text
+    # the end-of-sentence token takes no room in the text: the next token's offset is where it stood
+    i = lp.tokens.index(tok.eos_token)
+    assert lp.text_offset[i + 1] == lp.text_offset[i] == len("the user greets me\n</think>\n\nHello! How can I help?")
+    streamed = "".join(c.choices[0].text for c in client.completions.create(stream=True, **kw))
+    assert streamed == text
+
+
+def test_answer_tags_stay_in_api_answers(client):
+    r = ask(client, "what is 3+4?")
+    assert r.choices[0].message.reasoning_content == "3 plus 4 is 7"
+    assert r.choices[0].message.content == " <answer>7</answer>"   # as the model wrote it: display is the client's
 
 
 def test_logprobs_are_returned_per_token(client, served):
@@ -434,16 +460,18 @@ def test_metrics_are_prometheus_text(served):
 # ----------------------------------------------------------------------------------------------- the terminal chat
 def test_terminal_chat_streams_dims_thinking_and_resets(served):
     from nanoseek.infer.engine import SamplingParams
-    from nanoseek.serve.chat import DIM, chat_loop
+    from nanoseek.serve.chat import DIM, RESET, chat_loop
     engine = ns.Engine(served.engine.model, served.tok, max_batch=1)
-    lines = iter(["hello", "/reset", "what is 2+3?", "/exit"])
+    lines = iter(["hello", "/reset", "what is 2+3?", "/reset", "what is 3+4?", "/exit"])
     out = io.StringIO()
     code = chat_loop(engine, served.tok, SamplingParams(temperature=0, max_tokens=60), read=lambda _: next(lines),
                      out=out, color=True)
     text = out.getvalue()
     assert code == 0
-    assert f"{DIM}thinking: the user greets me" in text and "Hello! How can I help?" in text
+    assert f"{DIM}thinking: the user greets me{RESET}\nHello! How can I help?\n" in text
     assert "(new conversation)" in text and "The answer is 5." in text
+    # an <answer>X</answer> completion shows X, without the tags
+    assert f"{DIM}thinking: 3 plus 4 is 7{RESET}\n7\n" in text and "answer>" not in text
 
 
 def test_serve_cli_rejects_a_folder_that_is_not_a_model(tmp_path):

@@ -112,6 +112,23 @@ function addMessage(role, text) {
   return { wrap };
 }
 
+// The demo model answers `<think>...</think> <answer>X</answer>`: the answer shown is X. The tags are dropped for
+// display only (the history sent back keeps the model's own text); while the answer streams, a tag still being
+// written ("<ans") is held back, so it never flashes on screen.
+const ANSWER_TAGS = ["<answer>", "</answer>"];
+function displayAnswer(text, streaming) {
+  let s = text;
+  for (const tag of ANSWER_TAGS) s = s.split(tag).join("");
+  if (streaming) {
+    let held = 0;                       // the longest end of s that begins a tag
+    for (const tag of ANSWER_TAGS) {
+      for (let n = 1; n < tag.length; n++) if (s.endsWith(tag.slice(0, n))) held = Math.max(held, n);
+    }
+    s = s.slice(0, s.length - held);
+  }
+  return s.trim();
+}
+
 function setBusy(busy) {
   els.send.hidden = busy;
   els.stop.hidden = !busy;
@@ -188,11 +205,12 @@ async function send(text) {
           view.think.open = false;        // collapse the reasoning once the answer starts
         }
         answer += d.content;
-        view.answer.textContent = answer;
+        view.answer.textContent = displayAnswer(answer, true);
       }
       if (choice.finish_reason) finish = choice.finish_reason;
       scrollDown();
     });
+    view.answer.textContent = displayAnswer(answer, false);
     if (reasoning && thinkEnd === null) view.summary.textContent = "Thinking (" + reasoning.length + " chars)";
     const secs = (performance.now() - started) / 1000;
     const parts = [];
