@@ -1,11 +1,7 @@
 """`nanoseek eval`: pass@1 (greedy), pass@k and maj@k (sampled), and the format rate of a model on a task.
 
-Held-out problems. Every problem belongs to exactly one split, decided by a hash of its task name and question:
-`split_of(problem)` is "eval" for 1 in 8 questions and "train" for the rest. SFT, GRPO and distillation draw
-their problems through `draw_problems(..., split="train")`, which skips eval-split questions, and `evaluate` only
-draws eval-split ones, so "problems not seen in training" holds whatever seeds the two sides use (seeded streams
-alone would not guarantee it: small tasks have few distinct problems and two streams collide). The two sides also
-use different seed streams (`train_rng`, `eval_rng`), so the same --seed does not replay the same draws.
+Held-out problems only: `evaluate` draws eval-split problems (`nanoseek.data.split`: 1 question in 8, by a hash of
+the task name and question), which no training stream draws, whatever seeds either side uses.
 
 pass@k is the unbiased estimator of Chen et al. 2021 (Codex), 1 - C(n-c, k) / C(n, k) from n >= k samples of
 which c are correct; maj@k grades the most frequent final answer among k samples (self-consistency).
@@ -13,46 +9,20 @@ which c are correct; maj@k grades the most frequent final answer among k samples
 
 from __future__ import annotations
 
-import hashlib
 import json
-import random
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
+from .data.split import EVAL_FRACTION, draw_problems, eval_rng, split_of, train_rng
+from .data.tasks import get_task, prompt_ids
 from .errors import UsageError
 
-EVAL_FRACTION = 8  # 1 question in EVAL_FRACTION is held out for evaluation
-
-
-def split_of(problem) -> str:
-    """"eval" or "train": a fixed partition of each task's problem space (by question text)."""
-    h = hashlib.sha1(f"{problem.task}\x00{problem.question}".encode()).digest()
-    return "eval" if int.from_bytes(h[:4], "little") % EVAL_FRACTION == 0 else "train"
-
-
-def train_rng(seed: int, *stream) -> random.Random:
-    """The training side's problem stream (string seeds hash deterministically across runs, unlike hash())."""
-    return random.Random("train:" + ":".join(str(s) for s in (seed, *stream)))
-
-
-def eval_rng(seed: int) -> random.Random:
-    return random.Random(f"eval:{seed}")
-
-
-def draw_problems(task, rng: random.Random, difficulty: int, n: int, split: str = "train",
-                  max_tries: int = 1000) -> list:
-    """n problems of `split` from task.generate(rng, difficulty), skipping those of the other split."""
-    out = []
-    for _ in range(n):
-        for _ in range(max_tries):
-            p = task.generate(rng, difficulty)
-            if split_of(p) == split:
-                out.append(p)
-                break
-        else:
-            raise UsageError(f"task {task.name if hasattr(task, 'name') else task!r} at difficulty {difficulty} "
-                             f"produced no {split}-split problem in {max_tries} draws (too few distinct problems)")
-    return out
+# TRANSITION: the split policy's home is nanoseek.data.split (prompt_ids: nanoseek.data.tasks); these names stay
+# importable from here until every caller imports them from there.
+__all__ = ["EVAL_FRACTION", "split_of", "train_rng", "eval_rng", "draw_problems", "prompt_ids", "pass_at_k",
+           "final_answer", "evaluate", "format_table", "EvalConfig", "CONFIG", "main"]
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -79,23 +49,12 @@ def final_answer(task, text: str) -> str:
     return " ".join(tail.split())
 
 
-def prompt_ids(tok, task, problem) -> list[int]:
-    """The chat-template prompt (generation prompt included) for a problem, as the engine receives it."""
-    return tok.apply_chat_template(task.messages(problem), add_generation_prompt=True, tokenize=True)
-
-
-def _load(model_or_dir):
-    """A model folder, or (model, tokenizer) -> (model, tokenizer)."""
-    if isinstance(model_or_dir, (tuple, list)):
-        return model_or_dir
-    from .checkpoint import load
-    from .tokenizer import Tokenizer
-
-    folder = Path(model_or_dir)
-    if not (folder / "tokenizer.json").exists():
-        raise UsageError(f"{folder}: no tokenizer.json in the model folder (train one with `nanoseek tokenizer` "
-                         f"and pass it to pretraining, or copy it into the folder)")
-    return load(folder), Tokenizer.load(folder)
+def _checked_task(task: str, n: int, k: int):
+    """The task, after checking the arguments that need no model (so bad input fails before a model loads)."""
+    t = get_task(task)
+    if n < 1 or k < 1:
+        raise UsageError(f"--n and --k must be >= 1 (got n={n}, k={k})")
+    return t
 
 
 def evaluate(model_or_dir, task: str, n: int = 100, k: int = 1, difficulty: int | None = None, seed: int = 0,
@@ -107,14 +66,15 @@ def evaluate(model_or_dir, task: str, n: int = 100, k: int = 1, difficulty: int 
     model_or_dir: a model folder (with tokenizer.json) or a (model, tokenizer) pair (then the model is used in
     place: the speedrun and GRPO evaluate without a save/load). difficulty None: the task's default level.
     """
-    from .data.tasks import get_task
     from .infer.engine import Engine, SamplingParams
 
-    t = get_task(task)
-    if n < 1 or k < 1:
-        raise UsageError(f"--n and --k must be >= 1 (got n={n}, k={k})")
+    t = _checked_task(task, n, k)
     samples = max(samples or k, k)
-    model, tok = _load(model_or_dir)
+    if isinstance(model_or_dir, (tuple, list)):
+        model, tok = model_or_dir
+    else:
+        from .checkpoint import load_model_and_tokenizer
+        model, tok = load_model_and_tokenizer(model_or_dir, purpose="evaluation")
     level = difficulty if difficulty is not None else getattr(t, "default_difficulty", 1)
     problems = draw_problems(t, eval_rng(seed), level, n, split="eval")
     prompts = [prompt_ids(tok, t, p) for p in problems]
@@ -158,25 +118,38 @@ def format_table(res: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
-def add_arguments(p):
-    p.add_argument("--model", required=True, help="model folder (with tokenizer.json)")
-    p.add_argument("--task", required=True, help="task name (see nanoseek.data.tasks)")
-    p.add_argument("--n", type=int, default=100, help="held-out problems (default 100)")
-    p.add_argument("--k", type=int, default=1, help="k of pass@k and maj@k (k > 1 samples k completions each)")
-    p.add_argument("--samples", type=int, default=None, help="samples per problem for pass@k (>= k; default k)")
-    p.add_argument("--difficulty", type=int, default=None, help="task difficulty (default: the task's default)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for pass@k / maj@k")
-    p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0, help="which held-out problems (eval seed stream)")
-    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+@dataclass
+class EvalConfig:
+    model: str = ""                 # model folder (with tokenizer.json)
+    task: str = ""                  # task name (see nanoseek.data.tasks), or FILE.py:NAME for your own
+    n: int = 100                    # held-out problems
+    k: int = 1                      # k of pass@k and maj@k (k > 1 samples k completions each)
+    samples: int | None = None      # samples per problem for pass@k (>= k; default k)
+    difficulty: int | None = None   # task difficulty (default: the task's default)
+    temperature: float = 1.0        # sampling temperature for pass@k / maj@k
+    max_tokens: int = 256           # most tokens per completion
+    seed: int = 0                   # which held-out problems (eval seed stream)
+    json: str | None = None         # also write the results to this JSON file (never overwritten)
+    threads: int = 0                # torch CPU threads (0: one for small models, all cores from ~50M parameters)
+    REQUIRED: ClassVar[tuple] = ("model", "task")
 
 
-def main(args) -> int:
-    if args.json and Path(args.json).exists():
-        raise UsageError(f"{args.json} exists already; choose another --json path (results are never overwritten)")
-    res = evaluate(args.model, args.task, n=args.n, k=args.k, difficulty=args.difficulty, seed=args.seed,
-                   samples=args.samples, temperature=args.temperature, max_tokens=args.max_tokens, progress=True)
+CONFIG = EvalConfig
+
+
+def main(cfg: EvalConfig) -> int:
+    from .checkpoint import load_model_and_tokenizer
+    from .options import set_threads
+
+    if cfg.json and Path(cfg.json).exists():
+        raise UsageError(f"{cfg.json} exists already; choose another --json path (results are never overwritten)")
+    _checked_task(cfg.task, cfg.n, cfg.k)
+    model, tok = load_model_and_tokenizer(cfg.model, purpose="evaluation")
+    # one thread for a small model: torch's default (every core) makes its eval many times slower on a shared CPU
+    set_threads(cfg.threads, sum(p.numel() for p in model.parameters()))
+    res = evaluate((model, tok), cfg.task, n=cfg.n, k=cfg.k, difficulty=cfg.difficulty, seed=cfg.seed,
+                   samples=cfg.samples, temperature=cfg.temperature, max_tokens=cfg.max_tokens, progress=True)
     print(format_table(res))
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+    if cfg.json:
+        Path(cfg.json).write_text(json.dumps(res, indent=2) + "\n")
     return 0

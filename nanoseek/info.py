@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
 from .config import PRESETS, ModelConfig
+from .errors import UsageError
 
 
-def add_arguments(p):
-    p.add_argument("what", nargs="?", default="cpu", help=f"a preset ({', '.join(PRESETS)}) or a model folder")
+@dataclass
+class InfoConfig:
+    what: str = "cpu"               # a preset name (cpu, v3, ...) or a model folder
+    POSITIONAL: ClassVar[tuple] = ("what",)   # `nanoseek info v3` as well as `--what v3`
+
+
+CONFIG = InfoConfig
 
 
 def summary(cfg: ModelConfig, name: str = "") -> str:
@@ -24,13 +34,22 @@ def summary(cfg: ModelConfig, name: str = "") -> str:
     return "\n".join(lines)
 
 
-def main(args) -> int:
-    from pathlib import Path
-
-    if Path(args.what).is_dir():
+def resolve(what: str) -> ModelConfig:
+    """A preset name or a model folder -> its ModelConfig; anything else is one clear UsageError."""
+    if Path(what).is_dir():
         from .checkpoint import read_config
-        cfg, name = read_config(args.what), args.what
-    else:
-        cfg, name = ModelConfig.preset(args.what), args.what
-    print(summary(cfg, name))
+
+        return read_config(what)
+    if what in PRESETS:
+        return ModelConfig.preset(what)
+    presets = ", ".join(PRESETS)
+    if any(sep in what for sep in ("/", "\\")) or Path(what).exists():
+        why = "not a folder" if Path(what).exists() else "no such folder"
+        raise UsageError(f"{what} is neither a preset nor a model folder ({why}); pass a folder with a config.json, "
+                         f"or a preset: {presets}")
+    raise UsageError(f"unknown preset {what!r}; presets: {presets} (or pass a model folder)")
+
+
+def main(cfg: InfoConfig) -> int:
+    print(summary(resolve(cfg.what), cfg.what))
     return 0

@@ -19,84 +19,14 @@ import json
 import os
 import re
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
+from .chat_template import BOS as _BOS
+from .chat_template import CHAT_TEMPLATE, render_chat
+from .chat_template import EOS as _EOS
 from .errors import UsageError
-
-# DeepSeek-R1's chat format, written as a transformers chat template. Variables (the same names transformers
-# passes): messages, add_generation_prompt, bos_token, eos_token; plus `thinking` (default on), the "deep think"
-# switch: off, the prompt ends with an empty think block so the model answers directly.
-# An assistant turn is always `<think>\n{reasoning}\n</think>\n\n{content}<eos>`, so the generation prompt (with
-# thinking on) is a prefix of the rendered conversation: SFT can mask the prompt by its length.
-CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{%- for message in messages if message['role'] == 'system' -%}{{ message['content'] }}{%- endfor -%}"
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'user' -%}"
-    "{{ '<｜User｜>' + message['content'] }}"
-    "{%- elif message['role'] == 'assistant' -%}"
-    "{%- set reasoning = message.get('reasoning_content') or '' -%}"
-    "{{ '<｜Assistant｜><think>\\n' + reasoning + '\\n</think>\\n\\n' + (message['content'] or '') + eos_token }}"
-    "{%- elif message['role'] != 'system' -%}"
-    "{{ raise_exception('unknown role ' + message['role'] + ': expected system, user or assistant') }}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}"
-    "{%- if thinking is not defined or thinking -%}{{ '<｜Assistant｜><think>\\n' }}"
-    "{%- else -%}{{ '<｜Assistant｜><think>\\n\\n</think>\\n\\n' }}{%- endif -%}"
-    "{%- endif -%}"
-)
-
-# The names transformers uses for a message's reasoning; the first is what templates read.
-_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
-
-
-def _jinja_env():
-    """A jinja2 environment configured like transformers' (sandboxed, trim/lstrip blocks, same helpers)."""
-    import jinja2
-    from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    def strftime_now(fmt):
-        from datetime import datetime
-        return datetime.now().strftime(fmt)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = strftime_now
-    return env
-
-
-_TEMPLATES: dict[str, object] = {}
-
-
-def render_chat(messages: list[dict], template: str = CHAT_TEMPLATE, add_generation_prompt: bool = True,
-                **variables) -> str:
-    """Render a chat template as transformers does (no tokenizer needed: the corpus generator uses this too)."""
-    import jinja2
-    compiled = _TEMPLATES.get(template)
-    if compiled is None:
-        compiled = _TEMPLATES[template] = _jinja_env().from_string(template)
-    chat = []
-    for m in messages:
-        if not isinstance(m, dict) or "role" not in m:
-            raise UsageError(f"a chat message must be a dict with 'role' and 'content', got {m!r}")
-        reasoning = next((m[k] for k in _REASONING_FIELDS if m.get(k) is not None), None)
-        chat.append({**m, "reasoning_content": reasoning} if reasoning is not None else dict(m))
-    variables.setdefault("bos_token", Tokenizer.BOS)
-    variables.setdefault("eos_token", Tokenizer.EOS)
-    try:
-        return compiled.render(messages=chat, tools=None, documents=None,
-                               add_generation_prompt=add_generation_prompt, **variables)
-    except jinja2.exceptions.TemplateError as e:
-        raise UsageError(f"chat template failed: {e}") from e
 
 
 def _token_str(v) -> str | None:
@@ -109,8 +39,8 @@ def _token_str(v) -> str | None:
 class Tokenizer:
     """A byte-level BPE tokenizer: `Tokenizer.train(...)` or `Tokenizer.load(folder)`, then encode/decode/chat."""
 
-    BOS = "<｜begin▁of▁sentence｜>"
-    EOS = "<｜end▁of▁sentence｜>"
+    BOS = _BOS  # <｜begin▁of▁sentence｜>: the chat template's defaults (nanoseek/chat_template.py)
+    EOS = _EOS  # <｜end▁of▁sentence｜>
     PAD = "<｜▁pad▁｜>"
     USER = "<｜User｜>"
     ASSISTANT = "<｜Assistant｜>"
@@ -353,51 +283,49 @@ def _is_path(x) -> bool:
         return False
 
 
-class _ChatRenderer:
-    """Renders {"messages": [...]} documents with our chat template while there is no tokenizer yet."""
-
-    def apply_chat_template(self, messages, add_generation_prompt=False, tokenize=False):
-        return render_chat(messages, add_generation_prompt=add_generation_prompt)
-
-
 def read_files(paths: Iterable[str | os.PathLike]) -> Iterator[str]:
     """The documents of data files or folders, read exactly as `nanoseek pretrain --data` reads them
-    (nanoseek.data.corpus.read_documents: .txt/.md, .jsonl "text" or "messages", .parquet, hf:NAME). Every path
-    is checked (exists, not empty, supported) before any is read, so bad input fails at once."""
+    (nanoseek.data.corpus.read_documents: .txt/.md, .jsonl "text" or "messages" rendered with our chat template,
+    .parquet, hf:NAME). Every path is checked (exists, not empty, supported) before any is read, so bad input fails
+    at once."""
     from itertools import chain
 
     from .data.corpus import read_documents
-    readers = [read_documents(p, tokenizer=_ChatRenderer()) for p in paths]
+    readers = [read_documents(p) for p in paths]
     return chain.from_iterable(readers)
 
 
 # ---------------------------------------------------------------- CLI
-def add_arguments(parser) -> None:
-    parser.add_argument("--data", nargs="*", default=None, metavar="PATH",
-                        help="files or folders of .txt/.md/.jsonl/.parquet, or hf:DATASET (as pretrain --data); "
-                             "default: the embedded task corpus (offline)")
-    parser.add_argument("--vocab-size", type=int, default=1024, help="total vocabulary, special tokens included")
-    parser.add_argument("--out", required=True, help="folder to write tokenizer.json etc. into")
-    parser.add_argument("--corpus-docs", type=int, default=20000,
-                        help="documents of the embedded corpus to train on when --data is not given")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the embedded corpus")
-    parser.add_argument("--force", action="store_true", help="overwrite an existing tokenizer in --out")
+@dataclass
+class TokenizerConfig:
+    data: list[str] | None = None  # .txt/.md/.jsonl/.parquet files or folders, or hf:NAME (default: embedded corpus)
+    vocab_size: int = 1024          # total vocabulary, special tokens included
+    out: str = ""                   # folder to write tokenizer.json etc. into
+    corpus_docs: int = 20000        # documents of the embedded corpus to train on when --data is not given
+    seed: int = 0                   # seed of the embedded corpus
+    force: bool = False             # overwrite an existing tokenizer in --out
+    REQUIRED: ClassVar[tuple] = ("out",)
 
 
-def main(args) -> int:
-    out = Path(args.out)
-    if (out / "tokenizer.json").exists() and not args.force:
+CONFIG = TokenizerConfig
+
+
+def main(cfg: TokenizerConfig) -> int:
+    """`nanoseek tokenizer`: train on --data (or the embedded corpus) and write the tokenizer folder."""
+    out = Path(cfg.out)
+    if (out / "tokenizer.json").exists() and not cfg.force:
         raise UsageError(f"{out / 'tokenizer.json'} already exists; choose another --out or pass --force")
-    if args.data:
-        source = read_files(args.data)
-        what = ", ".join(args.data)
+    data = [cfg.data] if isinstance(cfg.data, (str, os.PathLike)) else list(cfg.data or [])
+    if data:
+        source = read_files(data)
+        what = ", ".join(map(str, data))
     else:
         from .data.tasks import corpus_documents
-        source = corpus_documents(args.corpus_docs, seed=args.seed)
-        what = f"{args.corpus_docs} documents of the embedded task corpus"
-    tok = Tokenizer.train(source, args.vocab_size)
+        source = corpus_documents(cfg.corpus_docs, seed=cfg.seed)
+        what = f"{cfg.corpus_docs} documents of the embedded task corpus"
+    tok = Tokenizer.train(source, cfg.vocab_size)
     tok.save(out)
-    note = f" (asked for {args.vocab_size}: the data has no more frequent pairs)" if tok.vocab_size < args.vocab_size \
+    note = f" (asked for {cfg.vocab_size}: the data has no more frequent pairs)" if tok.vocab_size < cfg.vocab_size \
         else ""
     print(f"trained a {tok.vocab_size}-token byte-level BPE{note} on {what}; wrote {out}/tokenizer.json")
     return 0

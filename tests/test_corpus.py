@@ -90,6 +90,9 @@ def test_bad_data_paths_raise_usage_errors(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"content": "x"}\n')
     with pytest.raises(UsageError, match="bad.jsonl:1"):
         list(read_documents(tmp_path / "bad.jsonl"))
+    (tmp_path / "cut.jsonl").write_text('{"text": "fine"}\n\n{"text": "cut sho\n')   # user data: no line skipped
+    with pytest.raises(UsageError, match=r"cut.jsonl:3: not valid JSON"):
+        list(read_documents(tmp_path / "cut.jsonl"))
     with pytest.raises(UsageError, match="no text"):
         build_shards([], ByteTok(), tmp_path / "none", progress=False)
     assert not (tmp_path / "none").exists()

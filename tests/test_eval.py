@@ -1,4 +1,5 @@
-"""Evaluation: held-out problems never seen in training, the pass@k estimator, and bad input at the CLI."""
+"""Evaluation: held-out problems never seen in training (nanoseek.data.split), the pass@k estimator, and bad input
+at the CLI."""
 
 import json
 import math
@@ -9,8 +10,10 @@ import pytest
 
 import nanoseek as ns
 from nanoseek.cli import main as cli
+from nanoseek.data.split import draw_problems, eval_rng, split_of, train_rng
 from nanoseek.data.tasks import get_task, list_tasks
-from nanoseek.eval import draw_problems, eval_rng, pass_at_k, split_of, train_rng
+from nanoseek.errors import UsageError
+from nanoseek.eval import pass_at_k
 
 
 def test_eval_problems_never_appear_in_training_streams():
@@ -79,3 +82,58 @@ def test_sft_jsonl_with_malformed_lines_reports_line_numbers(tmp_path, capsys):
     assert cli(["sft", "--model", str(tmp_path), "--data", str(data), "--out", str(tmp_path / "o")]) == 2
     assert "line(s) 3, 5" in _one_error_line(capsys)
     assert not (tmp_path / "o").exists()
+
+
+def test_eval_of_a_missing_model_folder_says_the_folder_does_not_exist(tmp_path, capsys):
+    # a first run's typo: the error names the folder, not a missing tokenizer.json inside it
+    assert cli(["eval", "--model", str(tmp_path / "runs" / "nope"), "--task", "arithmetic"]) == 2
+    line = _one_error_line(capsys)
+    assert "does not exist" in line and "nope" in line and "tokenizer.json" not in line
+
+
+def test_eval_config_has_the_old_flags_and_a_thread_count():
+    from dataclasses import fields
+
+    from nanoseek.eval import CONFIG, EvalConfig, main
+    from nanoseek.options import make_config
+    assert CONFIG is EvalConfig and callable(main)
+    names = {f.name for f in fields(EvalConfig)}
+    assert {"model", "task", "n", "k", "samples", "difficulty", "temperature", "max_tokens", "seed", "json",
+            "threads"} <= names
+    assert EvalConfig().threads == 0                      # 0: pick by model size (one thread for small models)
+    with pytest.raises(UsageError, match="--task is required"):
+        make_config(EvalConfig, model="m")
+
+
+def test_eval_sets_one_thread_for_a_small_model(tmp_path, monkeypatch, capsys):
+    import torch
+
+    from nanoseek import eval as ev
+    from nanoseek.options import make_config
+    from nanoseek.tokenizer import Tokenizer
+
+    folder = tmp_path / "m"
+    tok = Tokenizer.train(["What is 1+2? <answer>3</answer>"] * 20, vocab_size=300, progress=False)
+    ns.save(ns.Transformer(ns.ModelConfig.preset("tiny", vocab_size=512)), folder, tokenizer=tok)
+    monkeypatch.setattr(ev, "evaluate", lambda *a, **k: {"task": "arithmetic", "difficulty": 1, "n": 1,
+                                                          "pass@1": 0.0, "format_rate": 0.0,
+                                                          "mean_completion_tokens": 0.0})
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert ev.main(make_config(ev.EvalConfig, model=str(folder), task="arithmetic")) == 0
+        assert torch.get_num_threads() == 1
+        assert ev.main(make_config(ev.EvalConfig, model=str(folder), task="arithmetic", threads=2)) == 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert "pass@1" in capsys.readouterr().out
+
+
+def test_split_policy_names_stay_importable_from_eval():
+    # TRANSITION: callers outside data/ imported these from nanoseek.eval; they are the same objects
+    from nanoseek import eval as ev
+    from nanoseek.data import split, tasks
+    assert (ev.split_of, ev.train_rng, ev.eval_rng, ev.draw_problems) == \
+        (split.split_of, split.train_rng, split.eval_rng, split.draw_problems)
+    assert ev.prompt_ids is tasks.prompt_ids

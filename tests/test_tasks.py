@@ -1,6 +1,7 @@
 """Verifiable tasks: deterministic generators, meaningful difficulty, and strict, safe graders."""
 
 import random
+import re
 import time
 
 import pytest
@@ -204,6 +205,33 @@ def test_user_task_from_a_function_pair_and_a_class(tmp_path):
         get_task(f"{tmp_path / 'missing.py'}:x")
     with pytest.raises(UsageError):
         register_task(Task)  # no name
+
+
+def test_an_overridden_extract_answer_is_what_grade_uses():
+    # a task whose answers come in a \boxed{} instead of <answer> tags: grade() (and so reward()) must use the
+    # override, not the module's <answer> extractor
+    class Boxed(Task):
+        name = "boxed_test"
+
+        def generate(self, rng, difficulty=1):
+            return Problem(self.name, "What is 2+2?", "4")
+
+        def extract_answer(self, text):
+            m = re.search(r"\\boxed\{([^}]*)\}", text)
+            return m.group(1) if m else None
+
+    task, p = Boxed(), Problem("boxed_test", "What is 2+2?", "4")
+    assert task.grade(p, "so \\boxed{4}") == 1.0 and task.reward(p, "so \\boxed{4}") == 1.0
+    assert task.grade(p, "<answer>4</answer>") == 0.0     # the default extractor would have said 1.0
+    assert task.grade(p, "so \\boxed{5}") == 0.0
+
+
+def test_corpus_documents_hold_no_eval_split_problem():
+    from nanoseek.data.split import split_of
+    task = get_task("sort")
+    questions = {p.question for p in task.problems(3000, seed=0, difficulty=1) if split_of(p) == "eval"}
+    docs = list(corpus_documents(300, seed=0, tasks=["sort"], difficulty=1))
+    assert questions and not [d for d in docs if any(q in d for q in questions)]
 
 
 def test_corpus_documents_mix_styles_tasks_and_are_deterministic():

@@ -173,17 +173,17 @@ def test_bad_input_is_a_usage_error(tmp_path):
 
 
 def _cli(argv):
-    """`nanoseek tokenizer ARGV` as the CLI runs it (UsageError -> one error line, exit 2), built from this module
-    alone so that other stages being edited cannot break this test."""
+    """`nanoseek tokenizer ARGV` as the CLI runs it (flags from TokenizerConfig, UsageError -> one error line,
+    exit 2), built from this module alone so that other stages being edited cannot break this test."""
     import argparse
     import sys
 
     from nanoseek import cli, tokenizer
+    from nanoseek.options import add_options, make_config
     assert cli.COMMANDS["tokenizer"][0] == "nanoseek.tokenizer"
-    parser = argparse.ArgumentParser(prog="nanoseek tokenizer")
-    tokenizer.add_arguments(parser)
+    parser = add_options(argparse.ArgumentParser(prog="nanoseek tokenizer"), tokenizer.CONFIG)
     try:
-        return tokenizer.main(parser.parse_args(argv))
+        return tokenizer.main(make_config(tokenizer.CONFIG, parser.parse_args(argv)))
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

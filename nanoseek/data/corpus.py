@@ -25,7 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..chat_template import render_chat
 from ..errors import UsageError
+from .jsonl import iter_jsonl
 
 SUFFIXES = (".txt", ".md", ".jsonl", ".json", ".parquet")
 HEADER = "header.json"
@@ -56,27 +58,17 @@ def _messages_text(messages: list[dict], tokenizer=None) -> str:
     when no tokenizer is given yet, e.g. while training the tokenizer itself)."""
     if tokenizer is not None and hasattr(tokenizer, "apply_chat_template"):
         return tokenizer.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
-    from ..tokenizer import render_chat
-
     return render_chat(messages, add_generation_prompt=False)
 
 
 def _jsonl_documents(f: Path, tokenizer=None) -> Iterator[str]:
-    with open(f, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UsageError(f"{f}:{n}: not valid JSON ({e.msg}); expected one object per line") from None
-            if isinstance(row, dict) and isinstance(row.get("text"), str):
-                yield row["text"]
-            elif isinstance(row, dict) and isinstance(row.get("messages"), list):
-                yield _messages_text(row["messages"], tokenizer)
-            else:
-                raise UsageError(f"{f}:{n}: expected an object with a \"text\" string or a \"messages\" list")
+    for n, row in iter_jsonl(f):  # strict: a line that is not JSON is an error naming file:line
+        if isinstance(row, dict) and isinstance(row.get("text"), str):
+            yield row["text"]
+        elif isinstance(row, dict) and isinstance(row.get("messages"), list):
+            yield _messages_text(row["messages"], tokenizer)
+        else:
+            raise UsageError(f"{f}:{n}: expected an object with a \"text\" string or a \"messages\" list")
 
 
 def _parquet_documents(f: Path, tokenizer=None) -> Iterator[str]:

@@ -39,7 +39,9 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 
+from ..chat_template import BOS, render_chat
 from ..errors import UsageError
+from .split import split_of
 
 R1_ZERO_TEMPLATE = (
     "A conversation between User and Assistant. The User asks a question, and the Assistant solves it. "
@@ -138,7 +140,7 @@ class Task:
 
     def grade(self, problem: Problem, text: str) -> float:
         """Accuracy: 1.0 when the completion has exactly one answer block and the answer is right, else 0.0."""
-        answer = extract_answer(text)
+        answer = self.extract_answer(text)
         if answer is None:
             return 0.0
         try:
@@ -185,6 +187,11 @@ class Task:
 
     def __repr__(self) -> str:
         return f"<task {self.name}: {self.description}>"
+
+
+def prompt_ids(tok, task: Task, problem: Problem) -> list[int]:
+    """The chat-template prompt (generation prompt included) for a problem, as the engine receives it."""
+    return tok.apply_chat_template(task.messages(problem), add_generation_prompt=True, tokenize=True)
 
 
 _REGISTRY: dict[str, Task] = {}
@@ -339,7 +346,7 @@ class Arithmetic(Task):
     description = "multi-digit + - * worked column by column"
     # level: (operations, digits of a and b for + and -, (digits of a, digits of b) for *). Level 1 is 2-digit
     # addition only: one line format and 200 one-digit sums with carry to learn; subtraction's borrow branch and
-    # negative results come at level 2 (measured on the cpu preset: see the note at the end of this file).
+    # negative results come at level 2 (measured on the cpu preset: docs/benchmarks.md, "Task level 1").
     LEVELS = {1: ("+", 2, None), 2: ("+-", 3, None), 3: ("+-*", 3, (2, 1)), 4: ("+-*", 4, (3, 1)),
               5: ("+-*", 5, (3, 2))}
 
@@ -635,9 +642,6 @@ def corpus_documents(n: int, seed: int = 0, tasks: list[str] | None = None,
 
     tasks: names (default: every built-in task); difficulty: a level, a list of levels, or None for levels 1-3
     weighted 1 : 1/2 : 1/3 (the levels a small model can learn; higher levels have long traces)."""
-    from ..eval import split_of
-    from ..tokenizer import Tokenizer, render_chat
-
     names = tasks or [t for t in ("arithmetic", "countdown", "linear", "sort") if t in _REGISTRY]
     chosen = [get_task(t) for t in names]
     rng = random.Random(f"corpus:{seed}")
@@ -649,25 +653,13 @@ def corpus_documents(n: int, seed: int = 0, tasks: list[str] | None = None,
         else:
             level = difficulty if isinstance(difficulty, int) else rng.choice(list(difficulty))
         p = task.generate(rng, level)
-        while split_of(p) == "eval":  # held-out eval problems never enter training data (see nanoseek.eval)
+        while split_of(p) == "eval":  # held-out eval problems never enter training data (nanoseek.data.split)
             p = task.generate(rng, level)
         style = rng.random()
         if style < 0.4:
             yield task.prompt_r1zero(p) + task.completion_r1zero(p)
         elif style < 0.8:
             text = render_chat(task.sft_messages(p), add_generation_prompt=False)
-            yield text[len(Tokenizer.BOS):] if text.startswith(Tokenizer.BOS) else text
+            yield text[len(BOS):] if text.startswith(BOS) else text
         else:
             yield f"Question: {p.question}\nAnswer: {task.worked_solution(p)}"
-
-
-# Note: how learnable level 1 is (measured 2026-11-22 on the shared 2-core CPU, load ~9, 1 torch thread). The `cpu`
-# preset (1.3M parameters) trained from random init by SFT alone on level-1 chat examples (loss on the assistant
-# turn, batch 32, AdamW lr 3e-3), then greedy decoding of fresh problems (the level-1 spaces are small, so some may
-# have been seen in training):
-#   all four tasks mixed, 555 steps (12 min): countdown 68%, sort 72%, linear 25%, arithmetic 2.5% (level 1 was
-#     then + and - of 0-99, with subtraction's borrow lines);
-#   arithmetic alone after the change to 2-digit addition, 396 steps (10 min): 36%, format 99%. Writing the answer
-#     so far on every column line ("so far 65") instead of reversing the written digits at the end gave 31% in
-#     the same run, so the shorter format stayed.
-# Most remaining errors are one-digit facts ("8+8+0=14"), which more steps (pretraining on corpus_documents) fix.

@@ -1,0 +1,92 @@
+"""DeepSeek-R1's chat format as a transformers chat template, and the renderer that applies a template exactly as
+transformers does (sandboxed jinja2, the same variables and helpers).
+
+It lives apart from the Tokenizer because text is rendered before any tokenizer exists: the pretraining corpus and
+the tokenizer's own training data hold chats (`{"messages": [...]}` rows, the tasks' worked solutions), and a
+tokenizer is trained on their rendered text. `nanoseek.tokenizer` uses it for `apply_chat_template`.
+"""
+
+from __future__ import annotations
+
+import json
+
+from .errors import UsageError
+
+# The template's default special tokens (DeepSeek-V3's own strings; a trained Tokenizer gives them ids 0 and 1).
+BOS = "<｜begin▁of▁sentence｜>"
+EOS = "<｜end▁of▁sentence｜>"
+
+# DeepSeek-R1's chat format, written as a transformers chat template. Variables (the same names transformers
+# passes): messages, add_generation_prompt, bos_token, eos_token; plus `thinking` (default on), the "deep think"
+# switch: off, the prompt ends with an empty think block so the model answers directly.
+# An assistant turn is always `<think>\n{reasoning}\n</think>\n\n{content}<eos>`, so the generation prompt (with
+# thinking on) is a prefix of the rendered conversation: SFT can mask the prompt by its length.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- for message in messages if message['role'] == 'system' -%}{{ message['content'] }}{%- endfor -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{{ '<｜User｜>' + message['content'] }}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{%- set reasoning = message.get('reasoning_content') or '' -%}"
+    "{{ '<｜Assistant｜><think>\\n' + reasoning + '\\n</think>\\n\\n' + (message['content'] or '') + eos_token }}"
+    "{%- elif message['role'] != 'system' -%}"
+    "{{ raise_exception('unknown role ' + message['role'] + ': expected system, user or assistant') }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{%- if thinking is not defined or thinking -%}{{ '<｜Assistant｜><think>\\n' }}"
+    "{%- else -%}{{ '<｜Assistant｜><think>\\n\\n</think>\\n\\n' }}{%- endif -%}"
+    "{%- endif -%}"
+)
+
+# The names transformers uses for a message's reasoning; the first is what templates read.
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+def _jinja_env():
+    """A jinja2 environment configured like transformers' (sandboxed, trim/lstrip blocks, same helpers)."""
+    import jinja2
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    def strftime_now(fmt):
+        from datetime import datetime
+        return datetime.now().strftime(fmt)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = strftime_now
+    return env
+
+
+_TEMPLATES: dict[str, object] = {}
+
+
+def render_chat(messages: list[dict], template: str = CHAT_TEMPLATE, add_generation_prompt: bool = True,
+                **variables) -> str:
+    """Render a chat template as transformers does (no tokenizer needed: the corpus generator uses this too)."""
+    import jinja2
+    compiled = _TEMPLATES.get(template)
+    if compiled is None:
+        compiled = _TEMPLATES[template] = _jinja_env().from_string(template)
+    chat = []
+    for m in messages:
+        if not isinstance(m, dict) or "role" not in m:
+            raise UsageError(f"a chat message must be a dict with 'role' and 'content', got {m!r}")
+        reasoning = next((m[k] for k in _REASONING_FIELDS if m.get(k) is not None), None)
+        chat.append({**m, "reasoning_content": reasoning} if reasoning is not None else dict(m))
+    variables.setdefault("bos_token", BOS)
+    variables.setdefault("eos_token", EOS)
+    try:
+        return compiled.render(messages=chat, tools=None, documents=None,
+                               add_generation_prompt=add_generation_prompt, **variables)
+    except jinja2.exceptions.TemplateError as e:
+        raise UsageError(f"chat template failed: {e}") from e
