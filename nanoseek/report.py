@@ -6,7 +6,7 @@ be rebuilt from a finished run without re-running anything.
 
 from __future__ import annotations
 
-import json
+import os
 from pathlib import Path
 
 import matplotlib
@@ -15,26 +15,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from .config import ModelConfig  # noqa: E402
+from .data.jsonl import read_jsonl  # noqa: E402
 
 # DeepSeek-V3 report, Table 1: $2 per H800 GPU-hour, 2.788M GPU-hours for the full training.
 DOLLARS_PER_GPU_HOUR = 2.0
 V3_GPU_HOURS = 2.788e6
 # What one H800 delivers on a bf16 training step at a realistic utilisation (dense peak 989 TFLOP/s, MFU 40%).
 H800_EFFECTIVE_FLOPS = 989e12 * 0.40
-
-
-def read_metrics(path: Path) -> list[dict]:
-    if not Path(path).exists():
-        return []
-    rows = []
-    for line in Path(path).read_text().splitlines():
-        line = line.strip()
-        if line:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut by an interrupt
-    return rows
 
 
 def training_flops(cfg: ModelConfig, tokens: int) -> float:
@@ -49,19 +36,39 @@ def cost_line(cfg: ModelConfig, tokens: int, wall_s: float) -> dict:
             "dollars": gpu_hours * DOLLARS_PER_GPU_HOUR, "fraction_of_v3": gpu_hours / V3_GPU_HOURS}
 
 
+def format_bytes(n: float) -> str:
+    """A byte count as people read it: "640 B", "2.5 KiB", "68.6 KiB", "4.8 MiB" (binary units, at most one
+    decimal, none when the value is whole)."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            break
+        n /= 1024
+    text = f"{n:,.1f}"
+    return f"{text.removesuffix('.0')} {unit}"
+
+
+def byte_unit(largest: float) -> tuple[str, int]:
+    """The unit to draw an axis of byte counts in (up to `largest`): its name and size in bytes."""
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if largest >= 2 * size:
+            return unit, size
+    return "B", 1
+
+
 def plot_kv_cache(cfg: ModelConfig, out: Path) -> Path:
     """Bytes of KV cache per token (bf16): MLA's latent vs an MHA model with the same heads, and V3 for scale."""
-    L = cfg.num_hidden_layers
-    ours_mla, ours_mha = cfg.kv_cache_elems_per_token * L * 2, cfg.mha_cache_elems_per_token * L * 2
     v3 = ModelConfig.preset("v3")
-    v3_mla, v3_mha = v3.kv_cache_elems_per_token * 61 * 2, v3.mha_cache_elems_per_token * 61 * 2
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-    for ax, (title, mla, mha) in zip(axes, [("this model", ours_mla, ours_mha), ("DeepSeek-V3", v3_mla, v3_mha)]):
-        bars = ax.bar(["MLA latent", "MHA, same heads"], [mla, mha], color=["#4d6bfe", "#aaaaaa"])
-        ax.bar_label(bars, labels=[_bytes(mla), _bytes(mha)])
+    for ax, (title, c) in zip(axes, [("this model", cfg), ("DeepSeek-V3", v3)]):
+        L = c.num_hidden_layers
+        mla, mha = c.kv_cache_elems_per_token * L * 2, c.mha_cache_elems_per_token * L * 2
+        unit, size = byte_unit(mha)   # plain numbers in one unit on the axis: no 1e6 offset
+        bars = ax.bar(["MLA latent", "MHA, same heads"], [mla / size, mha / size], color=["#4d6bfe", "#aaaaaa"])
+        ax.bar_label(bars, labels=[format_bytes(mla), format_bytes(mha)])
         ax.set_title(f"KV cache per token: {title} ({mha / mla:.0f}x)")
-        ax.set_ylabel("bytes per token (bf16)")
-        ax.set_ylim(0, mha * 1.2)
+        ax.set_ylabel(f"{unit} per token (bf16)")
+        ax.set_ylim(0, mha / size * 1.2)
+        ax.ticklabel_format(axis="y", style="plain", useOffset=False)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -83,19 +90,46 @@ def plot_accuracy(evals: dict[str, dict], out: Path, key: str = "pass@1") -> Pat
     return out
 
 
-def plot_curves(rows: list[dict], keys: list[str], out: Path, title: str, ylabel: str = "") -> Path | None:
-    rows = [r for r in rows if "step" in r]
-    if not rows:
+# metrics.jsonl keys -> what a plot's legend says
+LABELS = {"loss": "next-token loss", "mtp_loss": "MTP loss", "load_imbalance": "max / mean expert load",
+          "reward_mean": "mean reward", "accuracy": "accuracy", "format_rate": "format rate"}
+
+
+def moving_average(values: list[float], window: int) -> list[float]:
+    """Centred moving average over `window` points; the window shrinks symmetrically near the ends, so the curve
+    keeps its length, has no lag, and starts and ends at the logged values (a loss falling fast at the start is
+    not flattened into a lower first point)."""
+    n, half = len(values), window // 2
+    out = []
+    for i in range(n):
+        h = min(half, i, n - 1 - i)
+        part = values[i - h: i + h + 1]
+        out.append(sum(part) / len(part))
+    return out
+
+
+def plot_curves(rows: list[dict], keys: list[str], out: Path, title: str, ylabel: str) -> Path | None:
+    """One curve per key against step: each logged value as a faint line, a moving average over it as the
+    readable one (noisy per-step values such as GRPO's rewards hide their trend otherwise); the legend sits
+    outside the axes so it never covers the data."""
+    rows = [r for r in rows if isinstance(r, dict) and "step" in r]
+    curves = {k: [(r["step"], r[k]) for r in rows if r.get(k) is not None] for k in keys}
+    curves = {k: pts for k, pts in curves.items() if pts}
+    if not curves:
         return None
-    fig, ax = plt.subplots(figsize=(6.5, 3.4))
-    for k in keys:
-        pts = [(r["step"], r[k]) for r in rows if r.get(k) is not None]
-        if pts:
-            ax.plot(*zip(*pts), label=k)
+    fig, ax = plt.subplots(figsize=(7.5, 3.4))
+    window = 1
+    for color, (k, pts) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], curves.items()):
+        steps, values = zip(*pts)
+        window = max(1, len(values) // 25)
+        if window > 1:
+            ax.plot(steps, values, color=color, alpha=0.25, linewidth=0.8)
+        ax.plot(steps, moving_average(list(values), window), color=color, linewidth=1.8, label=LABELS.get(k, k))
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False,
+              title=f"{window}-step average\n(faint: each step)" if window > 1 else None)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
@@ -103,33 +137,54 @@ def plot_curves(rows: list[dict], keys: list[str], out: Path, title: str, ylabel
     return out
 
 
-def _bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
 def _fmt_s(s: float) -> str:
     return f"{s / 60:.1f} min" if s >= 60 else f"{s:.0f} s"
 
 
+def stage_table(stages: dict[str, dict]) -> list[str]:
+    """The report's stage table (markdown lines): every stage the run recorded, eval stages included, in run order,
+    with the torch threads it ran with and the machine's load average when it finished: a stage that is slow on a
+    busy machine is not a slow stage."""
+    lines = ["| stage | wall time | torch threads | machine load (1 min) | result | output |",
+             "|---|---|---|---|---|---|"]
+    for name, st in stages.items():
+        threads = st.get("threads", "-")
+        load = f"{st['load_avg']:.1f}" if isinstance(st.get("load_avg"), (int, float)) else "-"
+        res = st.get("result") if isinstance(st.get("result"), dict) else {}
+        result = f"pass@1 {100 * res['pass@1']:.1f}%" if "pass@1" in res else ""
+        lines.append(f"| {name} | {_fmt_s(st.get('wall_s', 0))} | {threads} | {load} | {result} | "
+                     f"`{st.get('dir', '')}` |")
+    return lines
+
+
+def machine_line() -> str:
+    """Where the report was written: CPU cores and the load average then (other work shares a machine)."""
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    return f"Machine: {os.cpu_count()} CPU cores; load average (1, 5, 15 min) {load} when this report was written."
+
+
+def make_plots(out: Path, cfg: ModelConfig, evals: dict[str, dict]) -> dict[str, Path | None]:
+    """Every PNG of the report, from the files the stages wrote (missing metrics: no plot)."""
+    pre = read_jsonl(out / "pretrain" / "metrics.jsonl")
+    grpo = read_jsonl(out / "grpo" / "metrics.jsonl")
+    return {
+        "kv": plot_kv_cache(cfg, out / "kv_cache.png"),
+        "acc": plot_accuracy(evals, out / "accuracy.png") if evals else None,
+        "loss": plot_curves(pre, ["loss", "mtp_loss"], out / "pretrain_loss.png", "pretraining loss",
+                            "cross-entropy (nats per token)"),
+        "imb": plot_curves(pre, ["load_imbalance"], out / "expert_imbalance.png",
+                           "expert load imbalance (mean over MoE layers)", "max / mean tokens per expert"),
+        "reward": plot_curves(grpo, ["reward_mean", "accuracy", "format_rate"], out / "grpo_reward.png",
+                              "GRPO: sampled completions of the training prompts", "reward, or fraction of samples"),
+    }
+
+
 def write_report(out: Path, cfg: ModelConfig, stages: dict[str, dict], evals: dict[str, dict], task: str,
                  tokens: int, wall_s: float) -> Path:
-    """stages: name -> {"wall_s", "dir", ...}; evals: stage name -> eval result (pass@1, format_rate, ...)."""
+    """stages: name -> {"wall_s", "dir", "threads", "load_avg", "result"...} (OUT/stages.json of the speedrun);
+    evals: stage name -> eval result (pass@1, format_rate, ...)."""
     out = Path(out)
-    figs = {}
-    figs["kv"] = plot_kv_cache(cfg, out / "kv_cache.png")
-    if evals:
-        figs["acc"] = plot_accuracy(evals, out / "accuracy.png")
-    pre = read_metrics(out / "pretrain" / "metrics.jsonl")
-    figs["loss"] = plot_curves(pre, ["loss", "mtp_loss"], out / "pretrain_loss.png", "pretraining loss", "loss")
-    figs["imb"] = plot_curves(pre, ["load_imbalance"], out / "expert_imbalance.png",
-                              "expert load imbalance (max/mean, mean over MoE layers)", "max/mean")
-    grpo = read_metrics(out / "grpo" / "metrics.jsonl")
-    figs["reward"] = plot_curves(grpo, ["reward_mean", "accuracy", "format_rate"], out / "grpo_reward.png",
-                                 "GRPO: reward and accuracy of sampled completions")
+    figs = make_plots(out, cfg, evals)
     cost = cost_line(cfg, tokens, wall_s)
     n = cfg.num_params()
     L = cfg.num_hidden_layers
@@ -149,9 +204,7 @@ def write_report(out: Path, cfg: ModelConfig, stages: dict[str, dict], evals: di
         lines += ["", f"GRPO changed held-out pass@1 by **{gain:+.1f} points** over SFT."]
     if figs.get("acc"):
         lines += ["", "![accuracy](accuracy.png)"]
-    lines += ["", "## Stages", "", "| stage | wall time | output |", "|---|---|---|"]
-    for name, st in stages.items():
-        lines.append(f"| {name} | {_fmt_s(st.get('wall_s', 0))} | `{st.get('dir', '')}` |")
+    lines += ["", "## Stages", "", *stage_table(stages), "", machine_line()]
     if figs.get("loss"):
         lines += ["", "## Pretraining", "", "![pretraining loss](pretrain_loss.png)"]
     if (out / "pretrain" / "experts.png").exists():
