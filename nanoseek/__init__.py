@@ -3,22 +3,45 @@
     import nanoseek as ns
     model = ns.Transformer(ns.ModelConfig.preset("tiny"))
     model = ns.load("path/to/hf/folder");  ns.save(model, "out", tokenizer=tok)
+
+The public names are imported on first use (PEP 562 module __getattr__), so `import nanoseek` and `nanoseek --help`
+do not import torch.
 """
 
-from .checkpoint import load, save
-from .config import PRESETS, ModelConfig
-from .model import LatentCache, Transformer
+from importlib import import_module as _import_module
 
 __version__ = "0.1.0"
-__all__ = ["ModelConfig", "PRESETS", "Transformer", "LatentCache", "load", "save"]
+
+# public name -> the module that defines it (its home; what `ns.NAME` returns)
+_HOMES = {
+    "ModelConfig": "nanoseek.config",
+    "PRESETS": "nanoseek.config",
+    "Transformer": "nanoseek.model.transformer",
+    "LatentCache": "nanoseek.infer.cache",
+    "load": "nanoseek.checkpoint",
+    "save": "nanoseek.checkpoint",
+    "Tokenizer": "nanoseek.tokenizer",
+    "Engine": "nanoseek.infer.engine",
+    "SamplingParams": "nanoseek.infer.sampling",
+    "Completion": "nanoseek.infer.engine",
+}
+# TRANSITION: LatentCache's old home, while the move to nanoseek.infer.cache is under way
+_OLD_HOMES = {"LatentCache": "nanoseek.model.transformer"}
+
+__all__ = list(_HOMES)
 
 
-def __getattr__(name):
-    # Later stages import lazily so `import nanoseek` stays light (no tokenizers/fastapi import for the model).
-    if name == "Tokenizer":
-        from .tokenizer import Tokenizer
-        return Tokenizer
-    if name in ("Engine", "SamplingParams", "Completion"):
-        from .infer import engine
-        return getattr(engine, name)
-    raise AttributeError(f"module 'nanoseek' has no attribute {name!r}")
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module 'nanoseek' has no attribute {name!r}")
+    value = getattr(_import_module(_HOMES[name]), name, None)
+    if value is None and name in _OLD_HOMES:
+        value = getattr(_import_module(_OLD_HOMES[name]), name)
+    if value is None:
+        raise AttributeError(f"nanoseek.{name}: {_HOMES[name]} does not define it")
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
