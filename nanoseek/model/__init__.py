@@ -9,11 +9,3 @@ from .transformer import Block, MTPLayer, Transformer, document_mask
 __all__ = ["MLA", "RMSNorm", "MLP", "Experts", "Gate", "MoE", "sequence_balance_loss", "update_bias",
            "RotaryEmbedding", "apply_rope", "Block", "MTPLayer", "Transformer", "document_mask"]
 
-
-def __getattr__(name):
-    # LatentCache moved to nanoseek.infer.cache (a cache is inference machinery, not the model). This keeps
-    # `from nanoseek.model import LatentCache` (nanoseek/__init__.py) working until it imports the new home.
-    if name == "LatentCache":
-        from ..infer.cache import LatentCache
-        return LatentCache
-    raise AttributeError(f"module 'nanoseek.model' has no attribute {name!r}")
