@@ -66,7 +66,7 @@ def plot_kv_cache(cfg: ModelConfig, out: Path) -> Path:
         bars = ax.bar(["MLA latent", "MHA, same heads"], [mla / size, mha / size], color=["#4d6bfe", "#aaaaaa"])
         ax.bar_label(bars, labels=[format_bytes(mla), format_bytes(mha)])
         ax.set_title(f"KV cache per token: {title} ({mha / mla:.0f}x)")
-        ax.set_ylabel(f"{unit} per token (bf16)")
+        ax.set_ylabel(f"{'bytes' if unit == 'B' else unit} per token (bf16)")
         ax.set_ylim(0, mha / size * 1.2)
         ax.ticklabel_format(axis="y", style="plain", useOffset=False)
     fig.tight_layout()
@@ -125,6 +125,8 @@ def plot_curves(rows: list[dict], keys: list[str], out: Path, title: str, ylabel
         if window > 1:
             ax.plot(steps, values, color=color, alpha=0.25, linewidth=0.8)
         ax.plot(steps, moving_average(list(values), window), color=color, linewidth=1.8, label=LABELS.get(k, k))
+    if all(0 <= v <= 1 for pts in curves.values() for _, v in pts):
+        ax.set_ylim(-0.03, 1.03)   # rates and rewards in [0, 1]: the whole scale, so a flat run reads as flat
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -138,7 +140,9 @@ def plot_curves(rows: list[dict], keys: list[str], out: Path, title: str, ylabel
 
 
 def _fmt_s(s: float) -> str:
-    return f"{s / 60:.1f} min" if s >= 60 else f"{s:.0f} s"
+    if s >= 60:
+        return f"{s / 60:.1f} min"
+    return f"{s:.1f} s" if s < 10 else f"{s:.0f} s"
 
 
 def stage_table(stages: dict[str, dict]) -> list[str]:

@@ -84,7 +84,7 @@ def test_report_writes_the_stage_table_machine_line_and_plots(tmp_path):
     evals = {"pretrain": {"pass@1": 0.135, "format_rate": 1.0}, "sft": {"pass@1": 0.145, "format_rate": 0.99}}
     report = write_report(tmp_path, ModelConfig.preset("cpu"), _stages(), evals, "linear", 1000, 400.0)
     text = report.read_text()
-    assert "| eval-sft | 4 s | 2 | 1.2 | pass@1 14.5% |" in text
+    assert "| eval-sft | 4.0 s | 2 | 1.2 | pass@1 14.5% |" in text
     assert "Machine: " in text and "load average" in text
     for png in ("kv_cache.png", "accuracy.png", "grpo_reward.png", "pretrain_loss.png"):
         assert (tmp_path / png).exists() and f"({png})" in text, png
