@@ -21,7 +21,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check nanoseek tests bench
 
 test: $(STAMP) lint
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -rs -m "not slow"
 
 test-all: $(STAMP) lint
 	$(PY) -m pytest -q

@@ -181,7 +181,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
 
     from nanoseek.infer.engine import SamplingParams
-    from nanoseek.serve.api import load_engine
+    from nanoseek.serve.app import load_engine
 
     tmp = tempfile.TemporaryDirectory()
     folder = args.model or build_model(args.preset, Path(tmp.name) / "model")

@@ -24,7 +24,7 @@ COMMANDS = {
     "grpo": ("nanoseek.train.grpo", "GRPO reinforcement learning with rule-checked rewards"),
     "distill": ("nanoseek.train.distill", "teacher traces -> rejection sampling -> student SFT"),
     "eval": ("nanoseek.eval", "pass@1 / pass@k / maj@k on a task"),
-    "serve": ("nanoseek.serve.api", "DeepSeek/OpenAI-compatible API server with a web chat page"),
+    "serve": ("nanoseek.serve.app", "DeepSeek/OpenAI-compatible API server with a web chat page"),
     "chat": ("nanoseek.serve.chat", "chat with a model in the terminal"),
     "info": ("nanoseek.info", "parameters and KV-cache size of a preset or model folder"),
 }
