@@ -20,16 +20,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanoseek.train import loop
-from nanoseek.train.pretrain import (
-    PretrainConfig,
-    TrainModule,
-    all_moes,
-    config_from_args,
-    load_imbalance,
-    pretrain,
-    train_step,
-)
+from nanoseek.train import optim
+from nanoseek.train.pretrain import PretrainConfig, pretrain, train_step
+from nanoseek.train.run import check_checkpoint, find_resume_checkpoint, list_checkpoints
+from nanoseek.train.runtime import Runtime, TrainModule
 
 ROOT = Path(__file__).resolve().parents[1]
 # device="cpu" everywhere: bit-exact comparisons are fp32 CPU claims, even on a machine with a GPU
@@ -100,7 +94,7 @@ def test_stop_at_10_and_resume_to_20_is_bit_identical(unbroken, tmp_path, tok_di
     out = tmp_path / "broken"
     kw = dict(out=str(out), steps=60, tokenizer=tok_dir, **FAST)
     pretrain(PretrainConfig(stop_after=10, **kw))
-    assert [p.name for p in loop.list_checkpoints(out)] == ["step-10"]
+    assert [p.name for p in list_checkpoints(out)] == ["step-10"]
     pretrain(PretrainConfig(stop_after=20, resume=True, **kw))
     got, want = rows(out), rows(unbroken)[:20]
     assert [x["step"] for x in got] == list(range(1, 21))
@@ -131,14 +125,14 @@ def test_sigkill_while_writing_a_checkpoint_leaves_the_previous_one_loadable(tmp
         proc.wait()
     assert not (out / "ckpt" / "step-4").exists()          # the half-written one never got its name
     prev = out / "ckpt" / "step-2"
-    assert loop.check_checkpoint(prev) is None
-    assert loop.find_resume_checkpoint(out, log=lambda m: None) == prev
+    assert check_checkpoint(prev) is None
+    assert find_resume_checkpoint(out, log=lambda m: None) == prev
     ns.load(prev)
     # and the run continues from it
     pretrain(PretrainConfig(out=str(out), steps=4, resume=True, tokenizer=tok_dir, corpus_docs=100, seq_len=32,
                             batch_size=4, progress=False, device="cpu"))
     assert [x["step"] for x in rows(out)] == [1, 2, 3, 4]
-    assert loop.check_checkpoint(out / "ckpt" / "step-4") is None
+    assert check_checkpoint(out / "ckpt" / "step-4") is None
 
 
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, tok_dir):
@@ -158,8 +152,8 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, tok_dir):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "Traceback" not in err
-    ckpts = loop.list_checkpoints(out)
-    assert len(ckpts) == 1 and loop.check_checkpoint(ckpts[0]) is None
+    ckpts = list_checkpoints(out)
+    assert len(ckpts) == 1 and check_checkpoint(ckpts[0]) is None
     step = int(ckpts[0].name.split("-")[1])
     assert 2 <= step < 500 and rows(out)[-1]["step"] == step
     assert (out / "loss.png").exists() and not (out / "final").exists()
@@ -173,20 +167,21 @@ def _skewed_imbalance(gamma: float, steps: int = 12) -> list[float]:
 
     torch.manual_seed(0)
     model = Transformer(ModelConfig.preset("tiny", aux_loss_alpha=0.0)).train()  # no balance loss: bias only
+    loads = optim.ExpertLoads(model, Runtime())
     with torch.no_grad():
         model.embed_tokens.weight[:, 0] = 1.0
-        for moe in all_moes(model):
+        for moe in loads.moes:
             moe.gate.weight.normal_(0.0, 0.3)   # spread the scores so routing differs from token to token
             moe.gate.weight[0, 0] = 0.5         # ... but expert 0 wins for all of them (logit ~ +4)
     module = TrainModule(model)
-    opt = torch.optim.AdamW(loop.param_groups(module, 0.1), lr=1e-3)
+    opt = torch.optim.AdamW(optim.param_groups(module, 0.1), lr=1e-3)
+    optim.add_bias_update(opt, loads, gamma)
     g = torch.Generator().manual_seed(0)
     out = []
     for _ in range(steps):
         x = torch.randint(0, 512, (2, 33), generator=g)
-        r = train_step(module, model, opt, [(x[:, :-1], x[:, 1:])], mtp_lambda=0.3, bias_gamma=gamma,
-                       grad_clip=1.0, rt=loop.Runtime())
-        out.append(load_imbalance(r["loads"]))
+        train_step(module, opt, [(x[:, :-1], x[:, 1:])], mtp_lambda=0.3, grad_clip=1.0, rt=Runtime())
+        out.append(optim.load_imbalance([t.tolist() for t in loads.collect()[:1]]))   # the main MoE layer
     return out
 
 
@@ -205,11 +200,11 @@ def test_two_process_gloo_runs_match_one_process(tmp_path, tok_dir):
     accumulation steps: the same 4 sequences per step. Losses agree to 1e-4 relative (fp32; only the order of
     the gradient sums differs)."""
     common = dict(tokenizer=tok_dir, corpus_docs=100, seq_len=32, batch_size=2, steps=3, progress=False,
-                  bias_gamma=0.01, device="cpu")
+                  bias_update_speed=0.01, device="cpu")
     pretrain(PretrainConfig(out=str(tmp_path / "one"), grad_accum=2, **common))
     ref = rows(tmp_path / "one")
     args = ["--tokenizer", tok_dir, "--corpus-docs", "100", "--seq-len", "32", "--batch-size", "2", "--steps", "3",
-            "--bias-gamma", "0.01", "--no-progress", "--device", "cpu"]
+            "--bias-update-speed", "0.01", "--no-progress", "--device", "cpu"]
     for name, extra in (("ddp", []), ("fsdp", ["--fsdp"])):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
                "nanoseek.cli", "pretrain", *args, "--out", str(tmp_path / name), *extra]
@@ -222,12 +217,12 @@ def test_two_process_gloo_runs_match_one_process(tmp_path, tok_dir):
             for key in ("loss", "mtp_loss"):
                 assert math.isclose(a[key], b[key], rel_tol=1e-4), (name, key, a[key], b[key])
             assert a["expert_load"] == b["expert_load"], name   # loads are all-reduced over both processes
-        assert loop.check_checkpoint(tmp_path / name / "ckpt" / "step-3") is None  # rank 0 wrote a checkpoint
+        assert check_checkpoint(tmp_path / name / "ckpt" / "step-3") is None  # rank 0 wrote a checkpoint
 
 
 # --------------------------------------------------------------------------------------------- loop pieces
 def test_lr_schedules_warm_up_then_cosine_or_wsd():
-    lr = lambda s, sched: loop.lr_at(s, total=100, lr=1.0, warmup=10, schedule=sched, min_lr_ratio=0.1,
+    lr = lambda s, sched: optim.lr_at(s, total=100, lr=1.0, warmup=10, schedule=sched, min_lr_ratio=0.1,
                                      decay_frac=0.2)
     assert lr(0, "cosine") == pytest.approx(0.1) and lr(9, "cosine") == pytest.approx(1.0)
     assert lr(10, "cosine") == pytest.approx(1.0) and lr(99, "cosine") == pytest.approx(0.1, abs=1e-3)
@@ -239,7 +234,7 @@ def test_no_weight_decay_on_norms_biases_and_embeddings():
     from nanoseek import ModelConfig, Transformer
 
     model = Transformer(ModelConfig.preset("tiny"))
-    decay, no_decay = loop.param_groups(model, 0.1)
+    decay, no_decay = optim.param_groups(model, 0.1)
     names = {id(p): n for n, p in model.named_parameters()}
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert {names[id(p)] for p in no_decay["params"]} >= {"embed_tokens.weight", "norm.weight"}
@@ -247,16 +242,24 @@ def test_no_weight_decay_on_norms_biases_and_embeddings():
     assert any(names[id(p)].endswith("experts.gate_proj") for p in decay["params"])
 
 
-def test_toml_config_is_overridden_by_flags(tmp_path):
+def parse(argv: list[str]) -> PretrainConfig:
     import argparse
 
-    from nanoseek.train.pretrain import add_arguments
+    from nanoseek.options import add_options, make_config
 
-    p = argparse.ArgumentParser()
-    add_arguments(p)
-    (tmp_path / "c.toml").write_text('preset = "cpu"\nsteps = 7\nbias-gamma = 0.002\n')
-    cfg = config_from_args(p.parse_args(["--config", str(tmp_path / "c.toml"), "--steps", "9"]))
-    assert (cfg.preset, cfg.steps, cfg.bias_gamma, cfg.lr) == ("cpu", 9, 0.002, PretrainConfig.lr)
+    return make_config(PretrainConfig, add_options(argparse.ArgumentParser(), PretrainConfig).parse_args(argv))
+
+
+def test_toml_config_is_overridden_by_flags(tmp_path):
+    (tmp_path / "c.toml").write_text('preset = "cpu"\nsteps = 7\nbias-update-speed = 0.002\n')
+    cfg = parse(["--config", str(tmp_path / "c.toml"), "--steps", "9"])
+    assert (cfg.preset, cfg.steps, cfg.bias_update_speed, cfg.lr) == ("cpu", 9, 0.002, PretrainConfig.lr)
+
+
+def test_old_name_bias_gamma_still_works_as_flag_and_toml_key(tmp_path):
+    assert parse(["--bias-gamma", "0.004"]).bias_update_speed == 0.004
+    (tmp_path / "old.toml").write_text("bias_gamma = 0.003\n")
+    assert parse(["--config", str(tmp_path / "old.toml")]).bias_update_speed == 0.003
 
 
 # --------------------------------------------------------------------------------------------- bad input
@@ -300,13 +303,13 @@ def test_partial_newest_checkpoint_is_skipped_for_an_older_complete_one(small_ru
     run = tmp_path / "run"
     shutil.copytree(small_run, run)
     (run / "ckpt" / "step-2" / "trainer_state.json").unlink()    # as if copied half-way
-    assert loop.check_checkpoint(run / "ckpt" / "step-2") is not None
+    assert check_checkpoint(run / "ckpt" / "step-2") is not None
     pretrain(PretrainConfig(out=str(run), steps=2, resume=True, tokenizer=tok_dir, corpus_docs=100, seq_len=32,
                             batch_size=2, progress=False, device="cpu"))
     out = capsys.readouterr().out
     assert "skipping damaged checkpoint" in out and "resumed from" in out and "step-1" in out
     assert rows(run)[-1]["step"] == 2 and rows(run)[-1]["loss"] == rows(small_run)[-1]["loss"]
-    assert loop.check_checkpoint(run / "ckpt" / "step-2") is None
+    assert check_checkpoint(run / "ckpt" / "step-2") is None
     assert list((run / "ckpt").glob("step-2.damaged-*"))          # the damaged folder is kept aside, not deleted
 
 

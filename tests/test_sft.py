@@ -7,8 +7,9 @@ import torch
 
 import nanoseek as ns
 from nanoseek.errors import UsageError
+from nanoseek.model import document_mask
 from nanoseek.tokenizer import Tokenizer
-from nanoseek.train.sft import IGNORE, SegmentMask, pack, read_jsonl, render
+from nanoseek.train.sft import IGNORE, pack, read_conversations, render
 
 CONV = [{"role": "system", "content": "You are terse."},
         {"role": "user", "content": "What is 12+7?"},
@@ -45,7 +46,7 @@ def test_packed_examples_do_not_see_each_other():
     a, b = torch.randint(0, 512, (7,)).tolist(), torch.randint(0, 512, (5,)).tolist()
     batch = pack([[(a, [True] * 7), (b, [False, False] + [True] * 3)]], 16)
     with torch.no_grad():
-        packed = model(batch.input_ids, positions=batch.positions, cache=SegmentMask(batch.segments))
+        packed = model(batch.input_ids, positions=batch.positions, mask=document_mask(batch.documents))
         alone_a, alone_b = model(torch.tensor([a])), model(torch.tensor([b]))
     assert torch.allclose(packed[0, :7], alone_a[0], atol=1e-5)
     assert torch.allclose(packed[0, 7:12], alone_b[0], atol=1e-5)
@@ -58,10 +59,14 @@ def test_packed_examples_do_not_see_each_other():
 def test_malformed_jsonl_lines_are_listed(tmp_path):
     p = tmp_path / "data.jsonl"
     good = json.dumps({"messages": CONV[1:3]})
-    p.write_text("\n".join([good, "{not json", good, json.dumps({"text": "x"}),
+    p.write_text("\n".join([good, json.dumps({"msgs": []}), good, json.dumps({"text": "x"}),
                             json.dumps({"messages": [{"role": "user", "content": "no answer"}]})]) + "\n")
     with pytest.raises(UsageError, match=r"malformed line\(s\) 2, 4, 5"):
-        read_jsonl(p)
+        read_conversations(p)
+    # a line that is not JSON at all: the one JSONL reader names it (file:line)
+    p.write_text("\n".join([good, "{not json", good]) + "\n")
+    with pytest.raises(UsageError, match=r"data.jsonl:2: not valid JSON"):
+        read_conversations(p)
 
 
 def test_sft_on_task_lowers_loss_and_resumes_bit_identically(tmp_path, tok):
@@ -97,20 +102,18 @@ def test_distill_splits_teacher_text_like_the_chat_template_and_needs_one_studen
 def test_config_file_and_command_line_merge(tmp_path):
     import argparse
 
+    from nanoseek.options import add_options, make_config
     from nanoseek.train.grpo import GRPOConfig
-    from nanoseek.train.grpo import add_arguments as grpo_args
-    from nanoseek.train.loop import make_config
 
     toml = tmp_path / "g.toml"
     toml.write_text('lr = 0.5\ngroup_size = 4\ndynamic_sampling = false\n')
-    p = argparse.ArgumentParser()
-    grpo_args(p)
+    p = add_options(argparse.ArgumentParser(), GRPOConfig)
     args = p.parse_args(["--config", str(toml), "--lr", "0.25", "--mask-truncated", "false"])
-    cfg = make_config(GRPOConfig, args)
+    cfg = make_config(GRPOConfig, args, required=())     # (model/task/out left out: not what this test is about)
     assert (cfg.lr, cfg.group_size, cfg.dynamic_sampling, cfg.mask_truncated) == (0.25, 4, False, False)
     toml.write_text("learning_rate = 1\n")
     with pytest.raises(UsageError, match="unknown key"):
-        make_config(GRPOConfig, p.parse_args(["--config", str(toml)]))
+        make_config(GRPOConfig, p.parse_args(["--config", str(toml)]), required=())
     # a required option given nowhere (neither flag nor TOML) is one clear error; given in the TOML it is enough
     with pytest.raises(UsageError, match="--model is required"):
         make_config(GRPOConfig, p.parse_args([]), required=("model",))

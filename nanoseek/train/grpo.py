@@ -1,4 +1,7 @@
-"""GRPO: group relative policy optimisation with rule-checked rewards (DeepSeekMath Section 4; DeepSeek-R1).
+"""`nanoseek grpo`: group relative policy optimisation with rule-checked rewards (DeepSeekMath Section 4; R1).
+
+    nanoseek grpo --model runs/sft/final --task linear --out runs/grpo
+    torchrun --standalone --nproc_per_node=2 -m nanoseek.cli grpo ...      # each process samples P / N prompts
 
 For each prompt q the policy samples a group of G completions o_1..o_G (through nanoseek.Engine, which shares
 the policy's weights), a grader scores each one (accuracy + format, weighted), and every token of o_i is pushed
@@ -14,19 +17,26 @@ recipe: choose scale_rewards="none" for that). DAPO extras: clip-higher (eps_hig
 (groups whose rewards are all equal carry no signal and are dropped), and masking of truncated completions.
 
 The pure math (advantages, k3 KL, the clipped surrogate and its aggregation) sits at the top of this file and is
-tested against hand-computed numbers in tests/test_grpo.py; the training loop below it only moves tensors.
+tested against hand-computed numbers in tests/test_grpo.py; the training loop below it only moves tensors. Under
+torchrun every statistic that spans the batch (group and batch advantages, the dapo / dr_grpo denominators, the
+logged means) is taken over all processes, and sampling seeds depend on a completion's global index, so N
+processes compute what one process would.
 """
 
 from __future__ import annotations
 
-import json
-import time
+import copy
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
+from .. import plots
+from ..data.jsonl import read_jsonl, write_jsonl
 from ..errors import UsageError
+from . import optim, runtime
+from .run import Run
 
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
 SCALE_REWARDS = ("group", "batch", "none")
@@ -138,8 +148,6 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
     return logp, entropy
 
 
-
-
 # ---------------------------------------------------------------------------------------------------- rewards
 def accuracy_reward(problems, texts, task) -> list[float]:
     """The task's strict grader: 1.0 when the final answer is right."""
@@ -155,84 +163,113 @@ def format_reward(problems, texts, task) -> list[float]:
 @dataclass
 class GRPOConfig:
     model: str = ""                 # policy (and reference) model folder
-    task: str = ""
-    out: str = ""
+    task: str = ""                  # task whose generator gives prompts and whose grader gives rewards
+    out: str = ""                   # run folder (metrics.jsonl, samples.jsonl, reward.png, ckpt/, final/)
     difficulty: int | None = None   # None: the task's default level
     steps: int = 100                # rollout steps (each: sample, score, num_iterations optimizer steps)
-    prompts_per_step: int = 8       # P prompts per step
+    prompts_per_step: int = 8       # P prompts per step (over all processes)
     group_size: int = 8             # G completions per prompt
     max_tokens: int = 128           # completion budget (dr_grpo's L)
-    temperature: float = 1.0
-    top_p: float = 1.0
-    lr: float = 1e-5
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
+    temperature: float = 1.0        # sampling temperature (also of the trained log-probs)
+    top_p: float = 1.0              # nucleus sampling
+    lr: float = 1e-5                # learning rate (constant after warmup)
+    warmup: int = 0                 # warmup steps
+    weight_decay: float = 0.0       # AdamW decay of matrices
+    grad_clip: float = 1.0          # 0: no clipping
     beta: float = 0.0               # k3 KL weight; 0 keeps no reference model
-    eps_low: float = 0.2
-    eps_high: float = 0.28          # DAPO's clip-higher
-    loss_type: str = "dapo"
-    scale_rewards: str = "group"
+    eps_low: float = 0.2            # clip range below 1
+    eps_high: float = 0.28          # clip range above 1 (DAPO's clip-higher)
+    loss_type: str = "dapo"         # grpo | dapo | dr_grpo
+    scale_rewards: str = "group"    # group | batch | none (Dr. GRPO)
     num_iterations: int = 1         # optimizer steps per rollout batch (mu of GRPO); > 1 uses the old-policy ratio
     dynamic_sampling: bool = True   # drop groups whose rewards are all equal
     mask_truncated: bool = True     # completions cut at max_tokens get no loss (DAPO overlong filtering)
-    accuracy_weight: float = 1.0
-    format_weight: float = 0.1
+    accuracy_weight: float = 1.0    # weight of the task's grader in the reward
+    format_weight: float = 0.1      # weight of the format check in the reward
     micro_batch: int = 32           # completions per forward/backward
-    seed: int = 0
-    save_every: int = 50
+    bias_update_speed: float = 0.0  # V3's routing-bias gamma (from the training forwards, not the rollouts)
+    seed: int = 0                   # problem stream and sampling seeds
+    save_every: int = 50            # checkpoint every N steps (and at the end)
     sample_every: int = 10          # completions to OUT/samples.jsonl every N steps
-    keep_checkpoints: int = 2
-    resume: bool = False
+    keep_checkpoints: int = 2       # newest checkpoints kept (0: all)
+    resume: bool = False            # continue from the newest complete OUT/ckpt/step-N
     stop_after: int = 0             # stop (with a checkpoint) after this step, as if interrupted
-    progress: bool = True
+    fsdp: bool = False              # FSDP2 fully_shard instead of DDP (under torchrun)
+    device: str | None = None       # cpu | cuda; None: the GPU when there is one
+    progress: bool = True           # tqdm bar
+    REQUIRED: ClassVar[tuple] = ("model", "task", "out")
+    ALIASES: ClassVar[dict] = {"warmup_steps": "warmup", "bias_gamma": "bias_update_speed"}
 
 
+CONFIG = GRPOConfig
+
+
+def validate(cfg: GRPOConfig) -> None:
+    if cfg.loss_type not in LOSS_TYPES:
+        raise UsageError(f"--loss-type {cfg.loss_type!r}: expected one of {', '.join(LOSS_TYPES)}")
+    if cfg.scale_rewards not in SCALE_REWARDS:
+        raise UsageError(f"--scale-rewards {cfg.scale_rewards!r}: expected one of {', '.join(SCALE_REWARDS)}")
+    if cfg.group_size < 2:
+        raise UsageError(f"--group-size must be >= 2 (advantages are relative to the group), got {cfg.group_size}")
+
+
+# ---------------------------------------------------------------------------------------------------- rollouts
 @dataclass
 class Rollout:
-    """One step's samples: P*G completions, flattened group by group."""
-    problems: list                  # (P,)
-    prompts: list                   # (P,) prompt token ids
-    completions: list               # (P*G,) engine Completions
-    rewards: torch.Tensor           # (P, G) weighted reward
-    parts: dict                     # reward name -> (P, G)
+    """One step's samples: this process's prompts and completions, every process's scores."""
+    problems: list                  # (p,) this process's prompts
+    completions: list               # (p*G,) their engine Completions, group by group
+    first: int                      # index of this process's first group among all P
+    rewards: torch.Tensor           # (P, G) weighted reward, all processes
+    parts: dict                     # reward name -> (P, G), all processes
+    lengths: torch.Tensor           # (P*G,) completion tokens, all processes
+    truncated: torch.Tensor         # (P*G,) bool: cut at max_tokens, all processes
 
 
-def rollout(engine, tok, task, problems: list, cfg: GRPOConfig, step: int, reward_funcs, reward_weights) -> Rollout:
-    """Sample G completions for each prompt through the engine (one batched call) and score them."""
-    from ..eval import prompt_ids
+def rollout(engine, tok, task, problems: list, first: int, cfg: GRPOConfig, step: int, reward_funcs, reward_weights,
+            rt) -> Rollout:
+    """Sample G completions for each of this process's prompts (one batched engine call), score them, and gather
+    the scores of every process."""
+    from ..data.tasks import prompt_ids
     from ..infer.engine import SamplingParams
 
-    P, G = len(problems), cfg.group_size
+    G = cfg.group_size
     prompts = [prompt_ids(tok, task, p) for p in problems]
-    # one seed per completion, a pure function of (seed, step, index): sampling replays exactly on resume
+    # one seed per completion, a pure function of (seed, step, global index): sampling replays exactly on resume,
+    # and N processes together draw the samples one process would
     params = [SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
-                             seed=(cfg.seed * 1_000_003 + step) * 4096 + i, logprobs=True) for i in range(P * G)]
+                             seed=(cfg.seed * 1_000_003 + step) * 4096 + first * G + i, logprobs=True)
+              for i in range(len(prompts) * G)]
     comps = engine.generate([pr for pr in prompts for _ in range(G)], params)
     flat_problems = [p for p in problems for _ in range(G)]
     texts = [c.text for c in comps]
     # accuracy and format are always measured (logged as accuracy / format_rate), whatever the reward is made of
-    parts = {"accuracy": torch.tensor(accuracy_reward(flat_problems, texts, task)),
-             "format_rate": torch.tensor(format_reward(flat_problems, texts, task))}
+    parts = {"accuracy": accuracy_reward(flat_problems, texts, task),
+             "format_rate": format_reward(flat_problems, texts, task)}
     known = {accuracy_reward: "accuracy", format_reward: "format_rate"}
-    total = torch.zeros(P * G)
+    total = torch.zeros(len(comps))
     for fn, w in zip(reward_funcs, reward_weights):
-        if fn in known:
-            r = parts[known[fn]]
-        else:
-            r = torch.tensor([float(x) for x in fn(flat_problems, texts, task)], dtype=torch.float32)
-            parts[getattr(fn, "__name__", "reward")] = r
-        total += w * r
-    parts = {k: v.view(P, G) for k, v in parts.items()}
-    return Rollout(problems, prompts, comps, total.view(P, G), parts)
+        name = known.get(fn) or getattr(fn, "__name__", "reward")
+        if fn not in known:
+            parts[name] = [float(x) for x in fn(flat_problems, texts, task)]
+        total += w * torch.tensor(parts[name], dtype=torch.float32)
+
+    def everyone(values) -> torch.Tensor:
+        return rt.gather(torch.as_tensor(values, dtype=torch.float32))
+
+    return Rollout(problems, comps, first, everyone(total).view(-1, G),
+                   {k: everyone(v).view(-1, G) for k, v in parts.items()},
+                   everyone([c.completion_tokens for c in comps]),
+                   everyone([c.finish_reason == "length" for c in comps]).bool())
 
 
 def _rows(comps, idx, pad_id):
     """Completions `idx` as right-padded rows prompt + completion -> (inputs, targets, completion mask, engine
-    logprobs) (n, T); the completion's tokens are the targets at positions len(prompt) - 1 onwards."""
-    seqs = [list(comps[i].prompt_token_ids) + list(comps[i].token_ids) for i in idx]
+    logprobs) (n, T); the completion's tokens are the targets at positions len(prompt) - 1 onwards. No completion:
+    one padding row that the mask excludes (a process with nothing left to train still runs every forward)."""
+    seqs = [list(comps[i].prompt_token_ids) + list(comps[i].token_ids) for i in idx] or [[pad_id, pad_id]]
     T = max(len(s) for s in seqs) - 1
-    n = len(idx)
+    n = len(seqs)
     inputs = torch.full((n, T), pad_id, dtype=torch.long)
     targets = torch.full((n, T), pad_id, dtype=torch.long)
     mask = torch.zeros((n, T))
@@ -248,260 +285,165 @@ def _rows(comps, idx, pad_id):
     return inputs, targets, mask, eng_lp
 
 
-def forward_logprobs(model, inputs, targets, temperature: float):
+def forward_logprobs(model, inputs, targets, temperature: float, device):
     """Training forward of right-padded rows -> per-token log-probs and entropies (N, T) of the targets."""
-    logits = model(inputs)
-    return token_logprobs(logits, targets, temperature)
+    with runtime.autocast(device):
+        logits = model(inputs.to(device))
+    return token_logprobs(logits, targets.to(device), temperature)
 
 
-def train_on_rollout(model, optimizer, ro: Rollout, cfg: GRPOConfig, pad_id: int, ref_model=None,
-                     scheduler=None) -> dict:
-    """num_iterations optimizer steps on one rollout batch; returns the step's statistics.
+def train_on_rollout(module, optimizer, ro: Rollout, cfg: GRPOConfig, pad_id: int, ref_model, rt) -> dict:
+    """num_iterations optimizer steps on one rollout batch; returns the step's statistics (over all processes).
 
     Old log-probs (the denominator of rho) are the policy's own, recorded without gradient in the first iteration,
     before any update: exactly the policy that sampled. The engine's sampling log-probs are compared to them
     (`logprob_gap`: ~0 when engine and training forward agree; large values mean the ratio is off-policy noise).
     """
     P, G = ro.rewards.shape
-    adv = group_advantages(ro.rewards, cfg.scale_rewards).flatten()             # (P*G,)
+    mine = slice(ro.first * G, (ro.first + len(ro.problems)) * G)
+    adv = group_advantages(ro.rewards, cfg.scale_rewards).flatten()[mine]       # global group/batch statistics
     zero = zero_std_groups(ro.rewards)                                          # (P,)
-    keep_group = ~zero if cfg.dynamic_sampling else torch.ones(P, dtype=torch.bool)
-    truncated = torch.tensor([c.finish_reason == "length" for c in ro.completions])
-    idx = [i for i in range(P * G) if keep_group[i // G]]
-    stats = {"frac_zero_std": zero.float().mean().item(), "groups_kept": int(keep_group.sum()),
-             "truncated_frac": truncated.float().mean().item()}
-    # loss mask per completion: dropped for truncated ones (they would be graded wrong for being cut, DAPO 3.3)
-    seq_ok = ~truncated if cfg.mask_truncated else torch.ones(P * G, dtype=torch.bool)
-    idx = [i for i in idx if seq_ok[i]]
-    if not idx:
+    keep = (~zero if cfg.dynamic_sampling else torch.ones(P, dtype=torch.bool)).repeat_interleave(G)
+    stats = {"frac_zero_std": zero.float().mean().item(), "groups_kept": int(keep.sum()) // G,
+             "truncated_frac": ro.truncated.float().mean().item()}
+    if cfg.mask_truncated:   # no loss on truncated completions (they would be graded wrong for being cut, DAPO 3.3)
+        keep &= ~ro.truncated
+    n_seqs = int(keep.sum())
+    if not n_seqs:
         stats.update({"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": float("nan"), "logprob_gap": float("nan"),
                       "trained_tokens": 0, "skipped": 1})
         return stats
-    idx.sort(key=lambda i: len(ro.completions[i].prompt_token_ids) + len(ro.completions[i].token_ids))
+    comps = ro.completions
+    idx = sorted((i for i in range(len(comps)) if keep[mine][i]),
+                 key=lambda i: len(comps[i].prompt_token_ids) + len(comps[i].token_ids))
     chunks = [idx[j:j + cfg.micro_batch] for j in range(0, len(idx), cfg.micro_batch)]
-    rows = [_rows(ro.completions, c, pad_id) for c in chunks]
-    num_tokens = sum(r[2].sum() for r in rows).clamp(min=1.0)
+    n_chunks = int(rt.all_reduce(torch.tensor([float(len(chunks))], device=rt.device), "max").item())
+    chunks += [[]] * (n_chunks - len(chunks))    # every process runs as many forwards (FSDP gathers in lockstep)
+    rows = [_rows(comps, c, pad_id) for c in chunks]
+    num_tokens = torch.tensor(rt.sum(sum(r[2].sum().item() for r in rows))[0]).clamp(min=1.0)
     ref = []
     if cfg.beta != 0.0:
         with torch.no_grad():
-            ref = [forward_logprobs(ref_model, r[0], r[1], cfg.temperature)[0] for r in rows]
+            ref = [forward_logprobs(ref_model, r[0], r[1], cfg.temperature, rt.device)[0] for r in rows]
     old: list[torch.Tensor] = []
-    agg = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": 0.0, "logprob_gap": 0.0}
+    agg = torch.zeros(4, dtype=torch.float64)     # loss, kl, clip_frac, entropy sum (in global units)
+    gap = 0.0
     for it in range(cfg.num_iterations):
         optimizer.zero_grad(set_to_none=True)
         for j, (c, (inputs, targets, mask, eng_lp)) in enumerate(zip(chunks, rows)):
-            logp, ent = forward_logprobs(model, inputs, targets, cfg.temperature)
-            if it == 0:
-                old.append(logp.detach())
-                gap = ((logp.detach() - eng_lp).abs() * mask).max().item()
-                agg["logprob_gap"] = max(agg["logprob_gap"], gap)
-                agg["entropy"] += (ent * mask).sum().item()
-            out = policy_loss(logp, old[j], adv[c], mask, loss_type=cfg.loss_type, eps_low=cfg.eps_low,
-                              eps_high=cfg.eps_high, beta=cfg.beta, ref_logp=ref[j] if ref else None,
-                              max_tokens=cfg.max_tokens, num_seqs=len(idx), num_tokens=num_tokens)
-            out.loss.backward()
-            w = mask.sum().item() / num_tokens.item()
+            mask, adv_c = mask.to(rt.device), (adv[c] if c else torch.zeros(1)).to(rt.device)
+            with runtime.grad_sync(module, j == len(rows) - 1):
+                logp, ent = forward_logprobs(module, inputs, targets, cfg.temperature, rt.device)
+                if it == 0:
+                    old.append(logp.detach())
+                    gap = max(gap, ((logp.detach() - eng_lp.to(rt.device)).abs() * mask).max().item())
+                    agg[3] += (ent * mask).sum().item()
+                out = policy_loss(logp, old[j], adv_c, mask, loss_type=cfg.loss_type, eps_low=cfg.eps_low,
+                                  eps_high=cfg.eps_high, beta=cfg.beta, ref_logp=ref[j] if ref else None,
+                                  max_tokens=cfg.max_tokens, num_seqs=n_seqs, num_tokens=num_tokens)
+                # global denominators; times the number of processes, as DDP / FSDP average the gradients
+                (out.loss * rt.world_size).backward()
             if it == cfg.num_iterations - 1:
-                agg["loss"] += out.loss.item()
-                agg["kl"] += out.kl.item() * w
-                agg["clip_frac"] += out.clip_frac.item() * w
-        if cfg.grad_clip:
-            stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+                w = mask.sum().item() / num_tokens.item()
+                agg[:3] += torch.tensor([out.loss.item(), out.kl.item() * w, out.clip_frac.item() * w])
+        stats["grad_norm"] = optim.clip_grad(module.parameters(), cfg.grad_clip)
         optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-    agg["entropy"] /= num_tokens.item()
-    stats.update(agg)
-    stats["trained_tokens"] = int(num_tokens.item())
+    loss, kl, clip_frac, entropy = rt.sum(*agg.tolist())
+    gap = rt.all_reduce(torch.tensor([gap], device=rt.device), "max").item()
+    stats.update({"loss": loss, "kl": kl, "clip_frac": clip_frac, "entropy": entropy / num_tokens.item(),
+                  "logprob_gap": gap, "trained_tokens": int(num_tokens.item())})
     return stats
 
 
 # ---------------------------------------------------------------------------------------------------- the loop
-def grpo(cfg: GRPOConfig | dict, reward_funcs=None, reward_weights=None, model=None, tokenizer=None) -> Path:
+def grpo(cfg: GRPOConfig, reward_funcs=None, reward_weights=None, model=None, tokenizer=None) -> Path:
     """Run GRPO and return OUT/final (a model folder with the tokenizer).
 
     reward_funcs: callables fn(problems, texts, task) -> list[float] (one score per completion); default the task's
     accuracy and format graders weighted by cfg.accuracy_weight and cfg.format_weight. reward_weights: one weight
     per function (default 1.0 each for user functions).
     """
-    import copy
-
+    from ..checkpoint import load_model_and_tokenizer
+    from ..data.split import draw_problems, train_rng
     from ..data.tasks import get_task
-    from ..eval import draw_problems, prompt_ids, train_rng
-    from ..infer.engine import Engine
-    from . import loop
-    from .sft import _check_out, load_model_and_tokenizer
 
-    if isinstance(cfg, dict):
-        cfg = GRPOConfig(**cfg)
-    if cfg.loss_type not in LOSS_TYPES:
-        raise UsageError(f"--loss-type {cfg.loss_type!r}: expected one of {', '.join(LOSS_TYPES)}")
-    if cfg.scale_rewards not in SCALE_REWARDS:
-        raise UsageError(f"--scale-rewards {cfg.scale_rewards!r}: expected one of {', '.join(SCALE_REWARDS)}")
-    if cfg.group_size < 2:
-        raise UsageError(f"--group-size must be >= 2 (advantages are relative to the group), got {cfg.group_size}")
-    out = Path(cfg.out)
-    _check_out(out, cfg.resume)
-    task = get_task(cfg.task)
-    if model is None:
-        model, tokenizer = load_model_and_tokenizer(cfg.model)
+    validate(cfg)
     if reward_funcs is None:
         reward_funcs, reward_weights = [accuracy_reward, format_reward], [cfg.accuracy_weight, cfg.format_weight]
     reward_weights = list(reward_weights or [1.0] * len(reward_funcs))
     if len(reward_weights) != len(reward_funcs):
         raise UsageError(f"{len(reward_funcs)} reward functions but {len(reward_weights)} reward weights")
-    difficulty = cfg.difficulty if cfg.difficulty is not None else getattr(task, "default_difficulty", 1)
-    torch.manual_seed(cfg.seed)
-    model.float().eval()   # no dropout anywhere; eval mode skips the MoE balance-loss bookkeeping
-    # the frozen reference pi_ref: only when the KL term is on (beta = 0 keeps no second model in memory)
-    # (copied before a resume loads the checkpoint's weights: pi_ref is the starting model)
-    ref_model = copy.deepcopy(model).requires_grad_(False) if cfg.beta != 0.0 else None
-    opt = torch.optim.AdamW(loop.param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.99))
-    step = 0
-    ckpt = loop.find_resume_checkpoint(out) if cfg.resume else None
-    if ckpt is not None:
-        loop.load_model_weights(ckpt, model)
-        doc = loop.load_trainer_state(ckpt, model, opt)
-        step = doc["step"]
-        print(f"[grpo] resuming from {ckpt} (step {step})")
-        samples = out / "samples.jsonl"
-        if samples.exists():   # rows logged after the checkpoint were lost with the run: drop them
-            keep = [ln for ln in samples.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-            samples.write_text("".join(ln + "\n" for ln in keep))
-    out.mkdir(parents=True, exist_ok=True)
-    logger = loop.MetricsLogger(out / "metrics.jsonl", resume_step=step if ckpt else None)
-    # the engine runs on the policy's own parameters: every update is seen by the next rollout
-    # context: the longest prompt the task writes (with room to spare) plus the completion budget
+    rt = runtime.init(cfg.device)
+    try:
+        run = Run(cfg, "grpo", rt)
+        mine = rt.share(cfg.prompts_per_step, "--prompts-per-step")    # this process's prompts of each step
+        task = get_task(cfg.task)
+        if model is None:
+            model, tokenizer = load_model_and_tokenizer(cfg.model, purpose="grpo")
+        difficulty = cfg.difficulty if cfg.difficulty is not None else getattr(task, "default_difficulty", 1)
+        runtime.seed(cfg.seed)
+        model = model.float().to(rt.device).eval()   # no dropout anywhere; eval mode skips the balance-loss bookkeeping
+        # the frozen reference pi_ref, only when the KL term is on: the starting model (copied before a resume loads
+        # newer weights)
+        ref_model = copy.deepcopy(model).requires_grad_(False) if cfg.beta != 0.0 else None
+        run.restore_weights(model)
+        # the engine samples from the policy's own parameters, or from a full copy refreshed each step when FSDP
+        # shards them; the MTP block is not trained (its loss is not part of GRPO's)
+        policy = copy.deepcopy(model) if rt.distributed and cfg.fsdp else model
+        module = runtime.parallelize(model, rt, cfg.fsdp, blocks=[*model.layers, *model.mtp], unused=True)
+        opt = optim.adamw(module, cfg.lr, cfg.weight_decay, betas=(0.9, 0.99))
+        optim.add_bias_update(opt, optim.ExpertLoads(model, rt), cfg.bias_update_speed)
+        run.start(module, model, opt, tokenizer)
+        if run.resume_from is not None and rt.is_main:    # samples logged after the checkpoint were lost with it
+            write_jsonl(run.out / "samples.jsonl", [r for r in read_jsonl(run.out / "samples.jsonl")
+                                                    if r["step"] <= run.step])
+        engine = make_engine(policy, tokenizer, task, difficulty, cfg, mine.stop - mine.start)
+        pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+        for step in run.steps():
+            problems = draw_problems(task, train_rng(cfg.seed, "grpo", step), difficulty, cfg.prompts_per_step)
+            ro = rollout(engine, tokenizer, task, problems[mine], mine.start, cfg, step, reward_funcs, reward_weights,
+                         rt)
+            lr = optim.set_lr(opt, optim.lr_at(step, total=cfg.steps, lr=cfg.lr, warmup=cfg.warmup,
+                                               schedule="cosine", min_lr_ratio=1.0))
+            stats = train_on_rollout(module, opt, ro, cfg, pad_id, ref_model, rt)
+            if policy is not model:
+                runtime.copy_weights(module, policy)
+            engine.reset_prefix_cache()   # cached prefixes hold latents of the old weights
+            tokens = rt.sum(sum(len(c.prompt_token_ids) + len(c.token_ids) for c in ro.completions))[0]
+            row = {"reward_mean": ro.rewards.mean().item(), "reward_std": ro.rewards.std().item(),
+                   "completion_len": ro.lengths.mean().item(), "completion_len_max": ro.lengths.max().item(),
+                   "lr": lr, **{name: r.mean().item() for name, r in ro.parts.items()}, **stats}
+            run.log(row, tokens=int(tokens), reward=row["reward_mean"], acc=row["accuracy"])
+            if rt.is_main and cfg.sample_every and (step == 0 or (step + 1) % cfg.sample_every == 0):
+                write_samples(run.out / "samples.jsonl", step + 1, ro, cfg.group_size)
+        if rt.is_main:
+            plots.reward_plot(run.rows, run.out / "reward.png")
+        return run.finish(summary=("reward_mean", "accuracy", "format_rate"))
+    finally:
+        runtime.shutdown(rt)
+
+
+def make_engine(policy, tokenizer, task, difficulty: int, cfg: GRPOConfig, prompts: int):
+    """The rollout engine: batch = this process's completions of a step; context = the longest prompt the task
+    writes (with room to spare) plus the completion budget."""
+    from ..data.split import draw_problems, train_rng
+    from ..data.tasks import prompt_ids
+    from ..infer.engine import Engine
+
     longest = max(len(prompt_ids(tokenizer, task, p)) for p in draw_problems(task, train_rng(cfg.seed, "len"),
                                                                             difficulty, 64))
-    engine = Engine(model, tokenizer, max_batch=min(256, cfg.prompts_per_step * cfg.group_size),
-                    max_seq_len=2 * longest + cfg.max_tokens + 16)
-    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    bar = loop.progress(cfg.steps, step, "grpo", cfg.progress)
-    tokens_seen = int(logger.rows[-1].get("tokens_seen", 0)) if logger.rows else 0
-    with loop.StopOnSigint() as stop:
-        while step < cfg.steps:
-            t0 = time.time()
-            problems = draw_problems(task, train_rng(cfg.seed, "grpo", step), difficulty, cfg.prompts_per_step)
-            ro = rollout(engine, tokenizer, task, problems, cfg, step, reward_funcs, reward_weights)
-            t_sample = time.time() - t0
-            lr = loop.lr_at(step, total=cfg.steps, lr=cfg.lr, warmup=cfg.warmup_steps, schedule="cosine",
-                            min_lr_ratio=1.0)
-            loop.set_lr(opt, lr)
-            stats = train_on_rollout(model, opt, ro, cfg, pad_id, ref_model)
-            engine.reset_prefix_cache()   # cached prefixes hold latents of the old weights
-            step += 1
-            lengths = torch.tensor([float(c.completion_tokens) for c in ro.completions])
-            tokens_seen += sum(len(c.prompt_token_ids) + len(c.token_ids) for c in ro.completions)
-            row = {"step": step, "reward_mean": ro.rewards.mean().item(), "reward_std": ro.rewards.std().item(),
-                   "completion_len": lengths.mean().item(), "completion_len_max": lengths.max().item(),
-                   "lr": lr, "sample_s": t_sample, "step_s": time.time() - t0, "tokens_seen": tokens_seen}
-            row.update({name: r.mean().item() for name, r in ro.parts.items()})
-            row.update(stats)
-            logger.log(row)
-            if cfg.sample_every and (step == 1 or step % cfg.sample_every == 0):
-                _write_samples(out / "samples.jsonl", step, ro, cfg.group_size)
-            bar.update(1)
-            bar.set_postfix(reward=f"{row['reward_mean']:.2f}", acc=f"{row.get('accuracy', 0):.2f}")
-            if step % cfg.save_every == 0 or stop.requested or step in (cfg.steps, cfg.stop_after):
-                loop.save_checkpoint(out, step, model, model, opt, tokenizer=tokenizer, keep=cfg.keep_checkpoints,
-                                     state={"tokens_seen": tokens_seen, "config": vars(cfg)})
-            if stop.requested or step == cfg.stop_after:
-                print(f"[grpo] stopped at step {step}; continue with --resume")
-                break
-    bar.close()
-    logger.close()
-    plot_rewards(logger.rows, out / "reward.png")
-    final = out / "final"
-    if step >= cfg.steps:
-        from ..checkpoint import save as save_model
-        save_model(model, final, tokenizer=tokenizer)
-        print(f"[grpo] wrote {final}")
-    return final
+    return Engine(policy, tokenizer, max_batch=min(256, prompts * cfg.group_size),
+                  max_seq_len=2 * longest + cfg.max_tokens + 16)
 
 
-def _write_samples(path: Path, step: int, ro: Rollout, G: int, groups: int = 2):
-    with open(path, "a") as f:
-        for p in range(min(groups, len(ro.problems))):
-            for g in range(G):
-                c = ro.completions[p * G + g]
-                f.write(json.dumps({"step": step, "question": ro.problems[p].question, "answer": str(ro.problems[p].answer),
-                                    "completion": c.text, "reward": ro.rewards[p, g].item(),
-                                    "finish_reason": c.finish_reason}) + "\n")
+def write_samples(path: Path, step: int, ro: Rollout, G: int, groups: int = 2) -> None:
+    rows = [{"step": step, "question": ro.problems[p].question, "answer": str(ro.problems[p].answer),
+             "completion": ro.completions[p * G + g].text, "reward": ro.rewards[p, g].item(),
+             "finish_reason": ro.completions[p * G + g].finish_reason}
+            for p in range(min(groups, len(ro.problems))) for g in range(G)]
+    write_jsonl(path, rows, append=True)
 
 
-def plot_rewards(rows: list[dict], path: Path) -> Path | None:
-    """OUT/reward.png: reward and accuracy per step (raw and a moving average)."""
-    if not rows:
-        return None
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [r["step"] for r in rows]
-    fig, ax = plt.subplots(figsize=(7, 3.6))
-    for key, color in (("reward_mean", "#4d6bfe"), ("accuracy", "#e07b39")):
-        ys = [r.get(key) if r.get(key) is not None else float("nan") for r in rows]
-        k = max(1, len(ys) // 20)
-        smooth = [sum(ys[max(0, i - k + 1):i + 1]) / len(ys[max(0, i - k + 1):i + 1]) for i in range(len(ys))]
-        ax.plot(steps, ys, color=color, alpha=0.25)
-        ax.plot(steps, smooth, color=color, label=key)
-    ax.set_xlabel("GRPO step")
-    ax.set_ylim(-0.05, 1.15)
-    ax.legend()
-    ax.set_title("GRPO: reward and accuracy on training prompts")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-# ---------------------------------------------------------------------------------------------------- CLI
-# The cpu speedrun's GRPO stage (keys are CLI flags; the calibration runs are in docs/benchmarks.md, "Post-training
-# calibration"). What mattered on the 1.3M model: large groups of prompts per step (P=32: with P=8-16 the update is
-# mostly noise and held-out accuracy fell), a small lr (>= 1e-4 collapsed the policy onto confident wrong facts,
-# e.g. "4-2=0" in 7 of 8 samples), the k3 KL to the SFT model as a brake, and ~100 steps: measured 37% -> 51.5%
-# (step 100) / 47.5% (step 110) held-out greedy pass@1, ~3 s per step on one thread of the shared box.
-# With the corpus no longer holding eval problems the pretrained model starts lower (13.5%, SFT 14.5%) and 110 steps
-# gave only +3.5 points; 250 steps (train accuracy still rising) gave 14.5% -> 29.5% (docs/benchmarks.md, Speedrun).
-SPEEDRUN_DEFAULTS: dict = {"task": "linear", "difficulty": 1, "steps": 250, "prompts_per_step": 32, "group_size": 8,
-                           "max_tokens": 96, "temperature": 0.7, "lr": 5e-5, "beta": 0.04, "loss_type": "dapo"}
-
-
-def add_arguments(p):
-    p.add_argument("--model", help="policy model folder (with tokenizer.json)")
-    p.add_argument("--task", help="task whose generator gives prompts and whose grader gives rewards")
-    p.add_argument("--out", help="run folder (metrics.jsonl, samples.jsonl, reward.png, ckpt/, final/)")
-    p.add_argument("--config", help="TOML file with any of the options below (command line wins)")
-    p.add_argument("--difficulty", type=int)
-    p.add_argument("--steps", type=int)
-    p.add_argument("--prompts-per-step", type=int, help="P prompts per step")
-    p.add_argument("--group-size", type=int, help="G completions per prompt")
-    p.add_argument("--max-tokens", type=int, help="completion budget")
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--warmup-steps", type=int)
-    p.add_argument("--beta", type=float, help="k3 KL weight (0: no reference model)")
-    p.add_argument("--eps-low", type=float)
-    p.add_argument("--eps-high", type=float)
-    p.add_argument("--loss-type", choices=LOSS_TYPES)
-    p.add_argument("--scale-rewards", choices=SCALE_REWARDS)
-    p.add_argument("--num-iterations", type=int)
-    p.add_argument("--dynamic-sampling", metavar="BOOL", help="drop groups whose rewards are all equal (true/false)")
-    p.add_argument("--mask-truncated", metavar="BOOL", help="no loss on completions cut at --max-tokens")
-    p.add_argument("--accuracy-weight", type=float)
-    p.add_argument("--format-weight", type=float)
-    p.add_argument("--micro-batch", type=int)
-    p.add_argument("--save-every", type=int)
-    p.add_argument("--sample-every", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--resume", action="store_true", default=None, help="continue from the newest checkpoint")
-
-
-def main(args) -> int:
-    from .loop import make_config
-
-    cfg = make_config(GRPOConfig, args, required=("model", "task", "out"))
+def main(cfg: GRPOConfig) -> int:
     grpo(cfg)
     return 0

@@ -1,0 +1,169 @@
+"""Optimisation shared by every trainer: AdamW parameter groups, lr schedules, gradient clipping, FLOPs / MFU, and
+DeepSeek-V3's auxiliary-loss-free bias update as one optimizer-step hook.
+
+    opt = adamw(module, lr, weight_decay)
+    loads = ExpertLoads(model, rt); add_bias_update(opt, loads, speed)   # every MoE, MTP blocks included
+    for step ...:
+        set_lr(opt, lr_at(step, total=..., lr=..., warmup=..., schedule="cosine"))
+        ...backward...; grad_norm = clip_grad(module.parameters(), 1.0); opt.step()   # the bias hook runs here
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..errors import UsageError
+from ..model import MoE, update_bias
+from .runtime import Runtime
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay on matrices (including stacked experts); none on norms, biases and embeddings
+    (decaying them only pulls scales and token vectors toward zero, the usual GPT-2/nanoGPT choice)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.dim() < 2 or "embed" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def adamw(module: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.95)) -> torch.optim.AdamW:
+    return torch.optim.AdamW(param_groups(module, weight_decay), lr=lr, betas=betas, eps=1e-8)
+
+
+def lr_at(step: int, *, total: int, lr: float, warmup: int = 0, schedule: str = "cosine",
+          min_lr_ratio: float = 0.1, decay_frac: float = 0.2) -> float:
+    """Learning rate for optimizer step `step` (0-based) of `total`.
+
+    Linear warmup over `warmup` steps, then
+      cosine: min_lr + (lr - min_lr) * (1 + cos(pi * progress)) / 2;
+      wsd (warmup-stable-decay, MiniCPM; DeepSeek-V3 likewise holds its lr constant, then decays): lr until the
+      last `decay_frac` of the steps, then linear to min_lr. A WSD run can be continued from any stable-phase
+      checkpoint without re-warming.
+    """
+    min_lr = lr * min_lr_ratio
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if schedule == "cosine":
+        progress = (step - warmup) / max(1, total - warmup)
+        return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+    if schedule == "wsd":
+        decay_steps = max(1, int(round(total * decay_frac)))
+        start = total - decay_steps
+        if step < start:
+            return lr
+        return lr + (min_lr - lr) * min(1.0, (step - start + 1) / decay_steps)
+    raise UsageError(f"unknown schedule {schedule!r}; expected cosine or wsd")
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    return lr
+
+
+def clip_grad(params, max_norm: float) -> float:
+    """Clip the global gradient norm (max_norm <= 0: measure only). Works on DTensor (FSDP2) gradients."""
+    params = [p for p in params if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+# --------------------------------------------------------------------------------------------- V3 balancing
+class ExpertLoads:
+    """Tokens routed to each expert by the training forwards of one optimizer step, for every MoE of the model
+    (main layers, then the MTP blocks), summed over micro-batches and, in collect(), over ranks.
+
+    A training forward is one with gradients on: GRPO's engine rollouts (inference mode) and no-grad reference
+    passes are not counted. Forward hooks read each MoE's `load` (its bincount of the chosen experts)."""
+
+    def __init__(self, model: nn.Module, rt: Runtime):
+        self.rt = rt
+        self.moes = [m for m in model.modules() if isinstance(m, MoE)]
+        self.counts = [torch.zeros(m.gate.n_experts, device=rt.device) for m in self.moes]
+        self.fresh = False                      # counted since the last collect()
+        self.last: list[torch.Tensor] = []
+        for i, m in enumerate(self.moes):
+            m.register_forward_hook(lambda mod, args, out, i=i: self._count(i, mod))
+
+    def _count(self, i: int, moe: MoE) -> None:
+        if torch.is_grad_enabled():
+            self.counts[i] += moe.load.to(self.counts[i].device, torch.float32)
+            self.fresh = True
+
+    def collect(self) -> list[torch.Tensor]:
+        """This step's global loads (one all-reduce for all layers), then start counting afresh. Collected once per
+        step: by the bias hook right after optimizer.step(), else by the first caller; later calls return it."""
+        if self.fresh and self.moes:
+            flat = torch.stack(self.counts)
+            self.rt.all_reduce(flat, "sum")
+            self.last = list(flat.unbind(0))
+            for c in self.counts:
+                c.zero_()
+            self.fresh = False
+        return self.last
+
+
+def add_bias_update(optimizer: torch.optim.Optimizer, loads: ExpertLoads, speed: float):
+    """V3's auxiliary-loss-free balancing (Section 2.1.2, eq. 16 and after) as an optimizer step post-hook: after
+    each step, b_i += speed * sign(mean load - load_i) for every noaux_tc gate, from the step's global loads (so
+    every rank applies the same update and the biases stay identical). `speed` is the paper's gamma.
+
+    Registered only where it does something (speed > 0 and at least one noaux_tc gate); returns the hook's handle,
+    or None. Every trainer that updates MoE layers calls this one function."""
+    gates = [(i, m.gate) for i, m in enumerate(loads.moes) if m.gate.topk_method == "noaux_tc"]
+    if speed <= 0 or not gates:
+        return None
+
+    def hook(opt, args, kwargs):
+        if not loads.fresh:   # a step without a training forward (torch.distributed.checkpoint's state init)
+            return
+        step_loads = loads.collect()
+        for i, gate in gates:
+            update_bias(gate, step_loads[i], speed)
+
+    return optimizer.register_step_post_hook(hook)
+
+
+def load_imbalance(loads: list[list[float]]) -> float | None:
+    """max / mean tokens per expert, averaged over the MoE layers (1.0 = perfectly balanced)."""
+    vals = [max(lo) / (sum(lo) / len(lo)) for lo in loads if sum(lo) > 0]
+    return sum(vals) / len(vals) if vals else None
+
+
+# --------------------------------------------------------------------------------------------- FLOPs / MFU
+def flops_per_token(cfg, seq_len: int, mtp: bool = True) -> float:
+    """Training FLOPs per token, PaLM appendix B: 6 * activated parameters (embedding lookup excluded) plus the
+    attention matmuls, 6 * layers * heads * seq_len * (qk_head_dim + v_head_dim) (QK^T and AV, fwd + bwd; with
+    qk = v = Q this is PaLM's 12 L H Q T). The MTP modules count as one more block + eh_proj + head each."""
+    act = cfg.num_params()["activated"]
+    attn_layer = 6 * cfg.num_attention_heads * seq_len * (cfg.qk_head_dim + cfg.v_head_dim)
+    total = 6 * act + attn_layer * cfg.num_hidden_layers
+    if mtp and cfg.num_nextn_predict_layers:
+        one = cfg.replace(num_hidden_layers=1, first_k_dense_replace=0, vocab_size=0, num_nextn_predict_layers=0)
+        h = cfg.hidden_size
+        block = one.num_params()["activated"] - h  # an MoE block's activated parameters (no final norm)
+        per = block + 2 * h * h + 3 * h + cfg.vocab_size * h
+        total += (6 * per + attn_layer) * cfg.num_nextn_predict_layers
+    return float(total)
+
+
+# dense bf16 tensor-core peaks (vendor datasheets), for MFU
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "H20": 148e12, "A100": 312e12, "A800": 312e12,
+                   "L40S": 362e12, "L4": 121e12, "4090": 165e12, "A10": 125e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, v in PEAK_BF16_FLOPS.items():
+        if key in name:
+            return v
+    return None
