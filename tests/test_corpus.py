@@ -105,3 +105,18 @@ def test_embedded_corpus_is_tasks_with_worked_solutions():
     assert len(docs) == 20 and docs == default_documents(20, seed=0)
     assert all(isinstance(d, str) and d for d in docs)
     assert any("<think>" in d or "Answer" in d or "answer" in d for d in docs)
+
+
+def test_jsonl_reader_modes(tmp_path):
+    # one reader: strict for user data (file:line), tolerant of a cut last line (our logs), or collecting every
+    # bad line so one error can name them all
+    from nanoseek.data.jsonl import iter_jsonl, read_jsonl
+
+    f = tmp_path / "x.jsonl"
+    f.write_text('{"a": 1}\n{oops\n\n[2]\n{"b": \n')
+    with pytest.raises(UsageError, match="x.jsonl:2: not valid JSON"):
+        list(iter_jsonl(f))
+    assert read_jsonl(f) == [{"a": 1}]                      # tolerant: stops at the first bad line
+    bad: list[int] = []
+    assert list(iter_jsonl(f, bad_lines=bad)) == [(1, {"a": 1}), (4, [2])] and bad == [2, 5]
+    assert read_jsonl(tmp_path / "missing.jsonl") == []

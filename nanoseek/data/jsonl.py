@@ -14,20 +14,27 @@ from pathlib import Path
 from ..errors import UsageError
 
 
-def iter_jsonl(path: str | os.PathLike, tolerant: bool = False) -> Iterator[tuple[int, object]]:
+def iter_jsonl(path: str | os.PathLike, tolerant: bool = False,
+               bad_lines: list[int] | None = None) -> Iterator[tuple[int, object]]:
     """(line number, parsed value) for each non-blank line. tolerant=False: a line that is not JSON is a UsageError
-    (`file:line: not valid JSON`); tolerant=True: reading stops there (a log cut by a kill ends in half a line)."""
+    (`file:line: not valid JSON`); tolerant=True: reading stops there (a log cut by a kill ends in half a line).
+    bad_lines=[]: a line that is not JSON is appended there (its number) and reading goes on, so a caller can name
+    every bad line of a user's file in one error."""
     path = Path(path)
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                yield n, json.loads(line)
+                row = json.loads(line)
             except json.JSONDecodeError as e:
+                if bad_lines is not None:
+                    bad_lines.append(n)
+                    continue
                 if tolerant:
                     return
                 raise UsageError(f"{path}:{n}: not valid JSON ({e.msg}); expected one JSON object per line") from None
+            yield n, row
 
 
 def read_jsonl(path: str | os.PathLike, tolerant: bool = True) -> list:
