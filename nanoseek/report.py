@@ -14,6 +14,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from . import plots  # noqa: E402
 from .config import ModelConfig  # noqa: E402
 from .data.jsonl import read_jsonl  # noqa: E402
 
@@ -91,27 +92,13 @@ def plot_accuracy(evals: dict[str, dict], out: Path, key: str = "pass@1") -> Pat
 
 
 # metrics.jsonl keys -> what a plot's legend says
-LABELS = {"loss": "next-token loss", "mtp_loss": "MTP loss", "load_imbalance": "max / mean expert load",
-          "reward_mean": "mean reward", "accuracy": "accuracy", "format_rate": "format rate"}
-
-
-def moving_average(values: list[float], window: int) -> list[float]:
-    """Centred moving average over `window` points; the window shrinks symmetrically near the ends, so the curve
-    keeps its length, has no lag, and starts and ends at the logged values (a loss falling fast at the start is
-    not flattened into a lower first point)."""
-    n, half = len(values), window // 2
-    out = []
-    for i in range(n):
-        h = min(half, i, n - 1 - i)
-        part = values[i - h: i + h + 1]
-        out.append(sum(part) / len(part))
-    return out
+LABELS = {"loss": "next-token loss", "mtp_loss": "MTP loss", "load_imbalance": "max / mean expert load"}
 
 
 def plot_curves(rows: list[dict], keys: list[str], out: Path, title: str, ylabel: str) -> Path | None:
     """One curve per key against step: each logged value as a faint line, a moving average over it as the
-    readable one (noisy per-step values such as GRPO's rewards hide their trend otherwise); the legend sits
-    outside the axes so it never covers the data."""
+    readable one (noisy per-step values hide their trend otherwise); the legend sits outside the axes so it never
+    covers the data."""
     rows = [r for r in rows if isinstance(r, dict) and "step" in r]
     curves = {k: [(r["step"], r[k]) for r in rows if r.get(k) is not None] for k in keys}
     curves = {k: pts for k, pts in curves.items() if pts}
@@ -124,14 +111,15 @@ def plot_curves(rows: list[dict], keys: list[str], out: Path, title: str, ylabel
         window = max(1, len(values) // 25)
         if window > 1:
             ax.plot(steps, values, color=color, alpha=0.25, linewidth=0.8)
-        ax.plot(steps, moving_average(list(values), window), color=color, linewidth=1.8, label=LABELS.get(k, k))
+        ax.plot(steps, plots.moving_average(list(values), window), color=color, linewidth=1.8,
+                label=LABELS.get(k, k))
     if all(0 <= v <= 1 for pts in curves.values() for _, v in pts):
         ax.set_ylim(-0.03, 1.03)   # rates and rewards in [0, 1]: the whole scale, so a flat run reads as flat
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False,
-              title=f"{window}-step average\n(faint: each step)" if window > 1 else None)
+              title=f"mean of the last {window} steps\n(faint: each step)" if window > 1 else None)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
@@ -178,8 +166,8 @@ def make_plots(out: Path, cfg: ModelConfig, evals: dict[str, dict]) -> dict[str,
                             "cross-entropy (nats per token)"),
         "imb": plot_curves(pre, ["load_imbalance"], out / "expert_imbalance.png",
                            "expert load imbalance (mean over MoE layers)", "max / mean tokens per expert"),
-        "reward": plot_curves(grpo, ["reward_mean", "accuracy", "format_rate"], out / "grpo_reward.png",
-                              "GRPO: sampled completions of the training prompts", "reward, or fraction of samples"),
+        "reward": plots.reward_plot([r for r in grpo if isinstance(r, dict) and "step" in r],
+                                    out / "grpo_reward.png"),   # the GRPO run's own reward plot
     }
 
 

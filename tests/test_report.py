@@ -7,7 +7,7 @@ import pytest
 
 from nanoseek.config import ModelConfig
 from nanoseek.data.jsonl import write_jsonl
-from nanoseek.report import byte_unit, format_bytes, moving_average, plot_curves, stage_table, write_report
+from nanoseek.report import byte_unit, format_bytes, plot_curves, stage_table, write_report
 
 
 @pytest.mark.parametrize("n, text", [(0, "0 B"), (640, "640 B"), (1023, "1,023 B"), (1024, "1 KiB"),
@@ -24,19 +24,11 @@ def test_a_byte_axis_is_drawn_in_one_unit_without_an_offset():
     assert byte_unit(1500) == ("B", 1)
 
 
-def test_moving_average_keeps_length_ends_and_removes_noise():
-    assert moving_average([1, 2, 3, 4, 5, 6], 4) == [1, 2, 3, 4, 5, 6]   # a straight line is left alone
-    noisy = [(-1) ** i for i in range(101)]
-    smooth = moving_average(noisy, 10)
-    assert len(smooth) == 101 and smooth[0] == 1 and smooth[-1] == 1
-    assert max(abs(v) for v in smooth[5:-5]) < 0.1
-
-
-def test_grpo_curves_plot_with_readable_names_outside_the_axes(tmp_path, monkeypatch):
+def test_curves_plot_with_readable_names_outside_the_axes(tmp_path, monkeypatch):
     import matplotlib.axes
 
     rng = random.Random(0)
-    rows = [{"step": s, "reward_mean": rng.random(), "accuracy": rng.random(), "format_rate": 1.0}
+    rows = [{"step": s, "loss": 7 / s + rng.random() / 10, "mtp_loss": 7 / s + rng.random() / 10}
             for s in range(1, 101)]
     seen = {}
     real_legend = matplotlib.axes.Axes.legend
@@ -47,11 +39,11 @@ def test_grpo_curves_plot_with_readable_names_outside_the_axes(tmp_path, monkeyp
         return real_legend(ax, *a, **kw)
 
     monkeypatch.setattr(matplotlib.axes.Axes, "legend", legend)
-    path = plot_curves(rows, ["reward_mean", "accuracy", "format_rate"], tmp_path / "r.png", "GRPO", "reward")
+    path = plot_curves(rows, ["loss", "mtp_loss"], tmp_path / "l.png", "pretraining loss", "cross-entropy")
     assert path.exists() and path.stat().st_size > 1000
-    assert seen["labels"] == ["mean reward", "accuracy", "format rate"]
-    assert seen["ylabel"] == "reward" and seen["anchor"][0] > 1.0   # right of the axes, not over the curves
-    assert plot_curves([], ["loss"], tmp_path / "none.png", "t", "y") is None
+    assert seen["labels"] == ["next-token loss", "MTP loss"]                 # not the raw metrics.jsonl keys
+    assert seen["ylabel"] == "cross-entropy" and seen["anchor"][0] > 1.0   # right of the axes, not over the curves
+    assert plot_curves(rows, ["load_imbalance"], tmp_path / "none.png", "t", "y") is None   # nothing logged
 
 
 def _stages():
