@@ -9,6 +9,7 @@ help text:
         n: int = 100                    # problems
         REQUIRED: ClassVar = ("model",)
         ALIASES: ClassVar = {"samples": "n"}    # old flag / TOML names that keep working
+        POSITIONAL: ClassVar = ()               # fields also accepted as a positional argument
 
 `add_options(parser, EvalConfig)` turns that into `--model`, `--n`, `--config FILE.toml` (and `--samples` as an
 alias); `make_config(EvalConfig, args)` builds the config from defaults < the TOML file < flags given on the command
@@ -110,9 +111,16 @@ def add_options(parser: argparse.ArgumentParser, cls) -> argparse.ArgumentParser
                                 metavar="BOOL", help=help_)
             parser.add_argument(f"--no-{name.replace('_', '-')}", dest=name, action="store_const", const=False,
                                 help=argparse.SUPPRESS)
+        elif typing.get_origin(tp) is list:      # --data a.txt b.txt
+            (item,) = typing.get_args(tp) or (str,)
+            parser.add_argument(*flags, dest=name, nargs="+", type=item, default=None, metavar=name.upper(),
+                                help=help_)
         else:
             conv = tp if tp in (int, float) else str
             parser.add_argument(*flags, dest=name, type=conv, default=None, metavar=name.upper(), help=help_)
+    for name in getattr(cls, "POSITIONAL", ()):   # `nanoseek info v3` = `nanoseek info --what v3`
+        parser.add_argument(f"_pos_{name}", nargs="?", default=None, metavar=name.upper(),
+                            help=f"same as --{name.replace('_', '-')}")
     return parser
 
 
@@ -154,6 +162,13 @@ def make_config(cls, args=None, required: tuple[str, ...] | None = None, **overr
         values.update(read_toml(path, cls))
     if args is not None:
         values.update({k: v for k, v in vars(args).items() if k in names and v is not None})
+        for name in getattr(cls, "POSITIONAL", ()):
+            pos = getattr(args, f"_pos_{name}", None)
+            if pos is not None and getattr(args, name, None) not in (None, pos):
+                raise UsageError(f"{name} given twice ({pos!r} and --{name.replace('_', '-')} "
+                                 f"{getattr(args, name)!r}); give one")
+            if pos is not None:
+                values[name] = pos
     values.update({aliases.get(k, k): v for k, v in overrides.items()})
     for k, (_, tp) in names.items():
         if k in values and tp is bool and values[k] is not None:
