@@ -345,7 +345,7 @@ def train_on_rollout(module, optimizer, ro: Rollout, cfg: GRPOConfig, pad_id: in
                 (out.loss * rt.world_size).backward()
             if it == cfg.num_iterations - 1:
                 w = mask.sum().item() / num_tokens.item()
-                agg[:3] += torch.tensor([out.loss.item(), out.kl.item() * w, out.clip_frac.item() * w])
+                agg[:3] += torch.tensor([out.loss.item(), out.kl.item() * w, out.clip_frac.item() * w], dtype=torch.float64)
         stats["grad_norm"] = optim.clip_grad(module.parameters(), cfg.grad_clip)
         optimizer.step()
     loss, kl, clip_frac, entropy = rt.sum(*agg.tolist())
