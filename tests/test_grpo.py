@@ -194,3 +194,16 @@ def test_grpo_resume_is_bit_identical(tmp_path, tiny):
     b = load_file(tmp_path / "cut" / "final" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
+
+
+def test_old_option_names_warmup_steps_and_bias_gamma_still_work(tmp_path):
+    import argparse
+
+    from nanoseek.options import add_options, make_config
+    from nanoseek.train.grpo import GRPOConfig
+
+    p = add_options(argparse.ArgumentParser(), GRPOConfig)
+    cfg = make_config(GRPOConfig, p.parse_args(["--warmup-steps", "7", "--bias-gamma", "0.01"]), required=())
+    assert (cfg.warmup, cfg.bias_update_speed) == (7, 0.01)
+    (tmp_path / "old.toml").write_text("warmup_steps = 5\n")
+    assert make_config(GRPOConfig, p.parse_args(["--config", str(tmp_path / "old.toml")]), required=()).warmup == 5

@@ -90,6 +90,33 @@ def test_tiny_loss_on_embedded_corpus_falls_by_half(unbroken):
     assert model.cfg.num_nextn_predict_layers == 1  # the MTP module is saved with the model
 
 
+def test_effective_config_is_written_into_the_run_folder(unbroken, tok_dir):
+    # OUT/config.toml repeats the run: read back through --config it gives the very config the run used
+    cfg = parse(["--config", str(unbroken / "config.toml")])
+    assert cfg == PretrainConfig(out=str(unbroken), steps=60, tokenizer=tok_dir, **FAST)
+
+
+def test_bias_update_hook_moves_every_noaux_tc_bias_mtp_included(unbroken):
+    import nanoseek as ns
+    from nanoseek.model import MoE
+
+    model = ns.load(unbroken / "final")
+    gates = [m.gate for m in model.modules() if isinstance(m, MoE)]
+    assert len(gates) == 2 and all(g.topk_method == "noaux_tc" for g in gates)   # main MoE layer + the MTP block
+    assert all(g.e_score_correction_bias.abs().sum() > 0 for g in gates)
+
+
+def test_bias_update_hook_is_registered_for_noaux_tc_gates_only():
+    from nanoseek import ModelConfig, Transformer
+
+    for method, scoring, expect in (("noaux_tc", "sigmoid", True), ("greedy", "softmax", False)):
+        model = Transformer(ModelConfig.preset("tiny", topk_method=method, scoring_func=scoring))
+        opt = optim.adamw(model, 1e-3, 0.0)
+        handle = optim.add_bias_update(opt, optim.ExpertLoads(model, Runtime()), 0.01)
+        assert (handle is not None) == expect and len(opt._optimizer_step_post_hooks) == expect, method
+        assert optim.add_bias_update(opt, optim.ExpertLoads(model, Runtime()), 0.0) is None   # speed 0: off
+
+
 def test_stop_at_10_and_resume_to_20_is_bit_identical(unbroken, tmp_path, tok_dir):
     out = tmp_path / "broken"
     kw = dict(out=str(out), steps=60, tokenizer=tok_dir, **FAST)
@@ -297,6 +324,25 @@ def test_corrupt_checkpoint_on_resume_is_an_error_and_nothing_is_overwritten(sma
     assert res.returncode == 2
     assert "step-2" in one_error_line(res.stderr)
     assert snapshot(run) == before
+
+
+def test_an_old_run_folder_with_old_config_names_still_resumes(small_run, tmp_path):
+    # a run folder as the trainers wrote it before this layout: the config inside trainer_state.json says
+    # bias_gamma, there is no config.toml; resumed with the old flag name
+    run = tmp_path / "run"
+    shutil.copytree(small_run, run)
+    (run / "config.toml").unlink()
+    for ck in list_checkpoints(run):
+        doc = json.loads((ck / "trainer_state.json").read_text())
+        conf = doc["state"]["config"]
+        conf["bias_gamma"] = conf.pop("bias_update_speed")
+        (ck / "trainer_state.json").write_text(json.dumps(doc))
+    res = cli(["--resume", "--out", str(run), "--steps", "3", "--bias-gamma", "0.002", "--corpus-docs", "100",
+               "--seq-len", "32", "--batch-size", "2", "--no-progress", "--device", "cpu"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert [r["step"] for r in rows(run)] == [1, 2, 3]
+    assert rows(run)[:2] == rows(small_run)
+    assert "bias_update_speed = 0.002" in (run / "config.toml").read_text()
 
 
 def test_partial_newest_checkpoint_is_skipped_for_an_older_complete_one(small_run, tmp_path, tok_dir, capsys):

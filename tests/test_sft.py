@@ -119,3 +119,64 @@ def test_config_file_and_command_line_merge(tmp_path):
         make_config(GRPOConfig, p.parse_args([]), required=("model",))
     toml.write_text('model = "some/folder"\n')
     assert make_config(GRPOConfig, p.parse_args(["--config", str(toml)]), required=("model",)).model == "some/folder"
+
+
+def _tiny_sft(tmp_path, tok, name, model=None, **kw):
+    from nanoseek.train.sft import SFTConfig, sft
+
+    torch.manual_seed(0)
+    model = model or ns.Transformer(ns.ModelConfig.preset("tiny", vocab_size=tok.vocab_size))
+    cfg = SFTConfig(task="arithmetic", out=str(tmp_path / name), steps=kw.pop("steps", 3), batch_size=2, seq_len=192,
+                    lr=3e-3, warmup=0, progress=False, **kw)
+    return cfg, sft(cfg, model=model, tokenizer=tok), model
+
+
+def test_sft_bias_update_hook_moves_noaux_tc_biases_and_is_absent_for_greedy(tmp_path, tok, monkeypatch):
+    from nanoseek.model import MoE
+    from nanoseek.train import optim
+
+    handles = []
+    real = optim.add_bias_update
+    monkeypatch.setattr(optim, "add_bias_update", lambda *a: handles.append(real(*a)) or handles[-1])
+    for method, scoring in (("noaux_tc", "sigmoid"), ("greedy", "softmax")):
+        torch.manual_seed(0)
+        model = ns.Transformer(ns.ModelConfig.preset("tiny", vocab_size=tok.vocab_size, topk_method=method,
+                                                     scoring_func=scoring))
+        _, final, model = _tiny_sft(tmp_path, tok, method, model=model, bias_update_speed=0.01)
+        biases = [m.gate.e_score_correction_bias for m in model.modules() if isinstance(m, MoE)]
+        assert len(biases) == 2                                          # the main MoE layer and the MTP block's
+        moved = [bool(b.abs().sum() > 0) for b in biases]
+        assert moved == ([True, True] if method == "noaux_tc" else [False, False]), method
+    assert handles[0] is not None and handles[1] is None
+
+
+def test_sft_writes_its_effective_config_and_resumes_an_old_checkpoint(tmp_path, tok):
+    # before this layout SFT checkpointed the bare model's optimizer state ("layers.0..." not "model.layers.0...")
+    # and had no config.toml; such a folder resumes to the weights of an unbroken run
+    import argparse
+
+    from safetensors.torch import load_file, save_file
+
+    from nanoseek.options import add_options, make_config
+    from nanoseek.train.sft import SFTConfig
+
+    cfg, straight, _ = _tiny_sft(tmp_path, tok, "a", steps=4)
+    parsed = add_options(argparse.ArgumentParser(), SFTConfig).parse_args(["--config", str(tmp_path / "a" /
+                                                                                          "config.toml")])
+    assert make_config(SFTConfig, parsed, required=()) == cfg     # (no --model: this run's model was passed in)
+    _tiny_sft(tmp_path, tok, "b", steps=4, stop_after=2)
+    ck = tmp_path / "b" / "ckpt" / "step-2"
+    (tmp_path / "b" / "config.toml").unlink()
+    t = load_file(ck / "trainer_state.safetensors")
+    save_file({k.replace("optim/model.", "optim/"): v for k, v in t.items()}, ck / "trainer_state.safetensors",
+              metadata={"format": "nanoseek-trainer-state-v1"})
+    doc = json.loads((ck / "trainer_state.json").read_text())
+    for g in doc["optimizer"]["param_groups"]:
+        g["params"] = [p.removeprefix("model.") for p in g["params"]]
+    doc["optimizer"]["scalars"] = {k.removeprefix("model."): v for k, v in doc["optimizer"]["scalars"].items()}
+    doc["files"]["trainer_state.safetensors"] = (ck / "trainer_state.safetensors").stat().st_size
+    (ck / "trainer_state.json").write_text(json.dumps(doc))
+    assert any(k.startswith("optim/layers.") for k in load_file(ck / "trainer_state.safetensors"))
+    _, resumed, _ = _tiny_sft(tmp_path, tok, "b", steps=4, resume=True)
+    wa, wb = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
