@@ -62,21 +62,25 @@ def split_completion(text: str, eos: str = "") -> tuple[str, str]:
     return reasoning.strip("\n"), content.strip("\n")
 
 
-def teacher_traces(model, tok, task, problems: list, first: int, cfg: DistillConfig) -> tuple[list, dict]:
-    """Sample, grade and keep (this process's problems, the first of which is number `first` of all): ->
-    (conversations of the accepted traces, counts)."""
+def teacher_traces(cfg: DistillConfig, task, teacher, tok, rt) -> tuple[list, dict]:
+    """Steps 1-2, each process on its share of the problems: sample, grade, keep -> (the conversations of the accepted
+    traces, counts), gathered from every process."""
+    from ..data.split import draw_problems, train_rng
     from ..data.tasks import prompt_ids
     from ..infer.engine import Engine, SamplingParams
 
     S = cfg.samples_per_problem
-    prompts = [prompt_ids(tok, task, p) for p in problems]
-    engine = Engine(model, tok, max_batch=64, max_seq_len=max(map(len, prompts)) + cfg.max_tokens + 1)
+    difficulty = cfg.difficulty if cfg.difficulty is not None else getattr(task, "default_difficulty", 1)
+    problems = draw_problems(task, train_rng(cfg.seed, "distill"), difficulty, cfg.problems)
+    first, last = rt.rank * len(problems) // rt.world_size, (rt.rank + 1) * len(problems) // rt.world_size
+    prompts = [prompt_ids(tok, task, p) for p in problems[first:last]]
+    engine = Engine(teacher, tok, max_batch=64, max_seq_len=max(map(len, prompts), default=1) + cfg.max_tokens + 1)
     # seeds by global sample index: N processes draw what one process would
     params = [SamplingParams(temperature=cfg.temperature, max_tokens=cfg.max_tokens,
-                             seed=cfg.seed * 1_000_003 + first * S + i) for i in range(len(problems) * S)]
-    comps = engine.generate([pr for pr in prompts for _ in range(S)], params, progress=cfg.progress)
+                             seed=cfg.seed * 1_000_003 + first * S + i) for i in range(len(prompts) * S)]
+    comps = engine.generate([pr for pr in prompts for _ in range(S)], params, progress=cfg.progress and rt.is_main)
     convs, solved = [], 0
-    for i, p in enumerate(problems):
+    for i, p in enumerate(problems[first:last]):
         kept: set[str] = set()
         for c in comps[i * S:(i + 1) * S]:
             if c.finish_reason != "stop" or float(task.grade(p, c.text)) < 1.0 or c.text in kept:
@@ -88,36 +92,11 @@ def teacher_traces(model, tok, task, problems: list, first: int, cfg: DistillCon
             convs.append(task.messages(p) + [{"role": "assistant", "reasoning_content": reasoning,
                                               "content": content}])
         solved += bool(kept)
-    return convs, {"generated": len(comps), "problems": len(problems), "problems_solved": solved}
-
-
-def write_traces(cfg: DistillConfig, task, teacher, tok, rt) -> None:
-    """Steps 1-2: every process samples its share of the problems; rank 0 writes OUT/traces.jsonl and
-    OUT/rejection.json."""
-    from ..data.split import draw_problems, train_rng
-
-    out = Path(cfg.out)
-    difficulty = cfg.difficulty if cfg.difficulty is not None else getattr(task, "default_difficulty", 1)
-    problems = draw_problems(task, train_rng(cfg.seed, "distill"), difficulty, cfg.problems)
-    mine = slice(rt.rank * len(problems) // rt.world_size, (rt.rank + 1) * len(problems) // rt.world_size)
-    convs, stats = teacher_traces(teacher.float().to(rt.device).eval(), tok, task, problems[mine], mine.start, cfg)
-    parts = rt.gather_objects((convs, stats))
+    parts = rt.gather_objects((convs, solved))
     convs = [c for cs, _ in parts for c in cs]
-    stats = {k: sum(st[k] for _, st in parts) for k in stats}
-    stats = {"generated": stats["generated"], "kept": len(convs), "keep_rate": len(convs) / max(1, stats["generated"]),
-             "problems": stats["problems"], "problems_solved": stats["problems_solved"]}
-    if not convs:
-        raise UsageError(f"the teacher solved none of {cfg.problems} problems of {cfg.task} "
-                         f"({stats['generated']} samples): nothing to distill; use a stronger teacher, an "
-                         f"easier --difficulty or more --samples-per-problem")
-    if rt.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        traces = out / "traces.jsonl"
-        tmp = traces.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
-        tmp.replace(traces)
-        (out / "rejection.json").write_text(json.dumps(stats, indent=2) + "\n")
-    rt.barrier()
+    n = len(problems) * S
+    return convs, {"generated": n, "kept": len(convs), "keep_rate": len(convs) / max(1, n),
+                   "problems": len(problems), "problems_solved": sum(k for _, k in parts)}
 
 
 def distill(cfg: DistillConfig) -> Path:
@@ -126,6 +105,7 @@ def distill(cfg: DistillConfig) -> Path:
 
     from ..checkpoint import load_model_and_tokenizer
     from ..config import PRESETS, ModelConfig
+    from ..data.jsonl import write_jsonl
     from ..data.tasks import get_task
     from ..model import Transformer
 
@@ -133,8 +113,7 @@ def distill(cfg: DistillConfig) -> Path:
         raise UsageError("pass exactly one of --student-preset NAME (a new student) or --student DIR")
     if cfg.student_preset is not None and cfg.student_preset not in PRESETS:
         raise UsageError(f"unknown preset {cfg.student_preset!r}; known presets: {', '.join(PRESETS)}")
-    out = Path(cfg.out)
-    task = get_task(cfg.task)
+    out, task = Path(cfg.out), get_task(cfg.task)
     traces, report = out / "traces.jsonl", out / "rejection.json"
     if not cfg.resume and (traces.exists() or (out / "final").exists()):
         raise UsageError(f"{out} already holds a distillation run; pass --resume or choose another --out")
@@ -142,7 +121,15 @@ def distill(cfg: DistillConfig) -> Path:
     try:
         teacher, tok = load_model_and_tokenizer(cfg.teacher, purpose="distillation")
         if not (cfg.resume and traces.exists() and report.exists()):
-            write_traces(cfg, task, teacher, tok, rt)
+            convs, stats = teacher_traces(cfg, task, teacher.float().to(rt.device).eval(), tok, rt)
+            if not convs:
+                raise UsageError(f"the teacher solved none of {cfg.problems} problems of {cfg.task} "
+                                 f"({stats['generated']} samples): nothing to distill; use a stronger teacher, an "
+                                 f"easier --difficulty or more --samples-per-problem")
+            if rt.is_main:
+                write_jsonl(traces, [{"messages": c} for c in convs])
+                report.write_text(json.dumps(stats, indent=2) + "\n")
+            rt.barrier()
         stats = json.loads(report.read_text())
         if rt.is_main:
             print(f"[distill] teacher: {stats['kept']} of {stats['generated']} samples kept (keep rate "
@@ -155,12 +142,10 @@ def distill(cfg: DistillConfig) -> Path:
                                  f"distillation by SFT on text needs the same special tokens (or use --student-preset)")
         else:
             torch.manual_seed(cfg.seed)
-            scfg = ModelConfig.preset(cfg.student_preset, vocab_size=max(tok.vocab_size, 1),
-                                      bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
-            student, stok = Transformer(scfg), tok
-        sft_fields = {f.name for f in fields(SFTConfig)} - {"task", "difficulty"}
-        scfg = SFTConfig(**{k: v for k, v in vars(cfg).items() if k in sft_fields}, data=str(traces),
-                         model=cfg.student or "")
+            student, stok = Transformer(ModelConfig.preset(cfg.student_preset, vocab_size=max(tok.vocab_size, 1),
+                                                           bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)), tok
+        keys = {f.name for f in fields(SFTConfig)} - {"task", "difficulty"}
+        scfg = SFTConfig(**{k: v for k, v in vars(cfg).items() if k in keys}, data=str(traces), model=cfg.student or "")
         return sft(scfg, model=student, tokenizer=stok, record=cfg)
     finally:
         runtime.shutdown(rt)

@@ -241,22 +241,16 @@ def rollout(engine, tok, task, problems: list, first: int, cfg: GRPOConfig, step
                              seed=(cfg.seed * 1_000_003 + step) * 4096 + first * G + i, logprobs=True)
               for i in range(len(prompts) * G)]
     comps = engine.generate([pr for pr in prompts for _ in range(G)], params)
-    flat_problems = [p for p in problems for _ in range(G)]
-    texts = [c.text for c in comps]
+    flat, texts = [p for p in problems for _ in range(G)], [c.text for c in comps]
     # accuracy and format are always measured (logged as accuracy / format_rate), whatever the reward is made of
-    parts = {"accuracy": accuracy_reward(flat_problems, texts, task),
-             "format_rate": format_reward(flat_problems, texts, task)}
-    known = {accuracy_reward: "accuracy", format_reward: "format_rate"}
+    parts = {"accuracy": accuracy_reward(flat, texts, task), "format_rate": format_reward(flat, texts, task)}
     total = torch.zeros(len(comps))
     for fn, w in zip(reward_funcs, reward_weights):
-        name = known.get(fn) or getattr(fn, "__name__", "reward")
-        if fn not in known:
-            parts[name] = [float(x) for x in fn(flat_problems, texts, task)]
+        name = {accuracy_reward: "accuracy", format_reward: "format_rate"}.get(fn) or getattr(fn, "__name__", "reward")
+        if name not in parts:
+            parts[name] = [float(x) for x in fn(flat, texts, task)]
         total += w * torch.tensor(parts[name], dtype=torch.float32)
-
-    def everyone(values) -> torch.Tensor:
-        return rt.gather(torch.as_tensor(values, dtype=torch.float32))
-
+    everyone = lambda values: rt.gather(torch.as_tensor(values, dtype=torch.float32))
     return Rollout(problems, comps, first, everyone(total).view(-1, G),
                    {k: everyone(v).view(-1, G) for k, v in parts.items()},
                    everyone([c.completion_tokens for c in comps]),
@@ -268,16 +262,11 @@ def _rows(comps, idx, pad_id):
     logprobs) (n, T); the completion's tokens are the targets at positions len(prompt) - 1 onwards. No completion:
     one padding row that the mask excludes (a process with nothing left to train still runs every forward)."""
     seqs = [list(comps[i].prompt_token_ids) + list(comps[i].token_ids) for i in idx] or [[pad_id, pad_id]]
-    T = max(len(s) for s in seqs) - 1
-    n = len(seqs)
-    inputs = torch.full((n, T), pad_id, dtype=torch.long)
-    targets = torch.full((n, T), pad_id, dtype=torch.long)
-    mask = torch.zeros((n, T))
-    eng_lp = torch.zeros((n, T))
+    n, T = len(seqs), max(len(s) for s in seqs) - 1
+    inputs, targets = torch.full((n, T), pad_id, dtype=torch.long), torch.full((n, T), pad_id, dtype=torch.long)
+    mask, eng_lp = torch.zeros((n, T)), torch.zeros((n, T))
     for r, (i, s) in enumerate(zip(idx, seqs)):
-        L = len(s) - 1
-        inputs[r, :L] = torch.tensor(s[:-1])
-        targets[r, :L] = torch.tensor(s[1:])
+        inputs[r, :len(s) - 1], targets[r, :len(s) - 1] = torch.tensor(s[:-1]), torch.tensor(s[1:])
         start, k = len(comps[i].prompt_token_ids) - 1, len(comps[i].token_ids)
         mask[r, start:start + k] = 1.0
         if comps[i].logprobs and k:
@@ -308,26 +297,20 @@ def train_on_rollout(module, optimizer, ro: Rollout, cfg: GRPOConfig, pad_id: in
              "truncated_frac": ro.truncated.float().mean().item()}
     if cfg.mask_truncated:   # no loss on truncated completions (they would be graded wrong for being cut, DAPO 3.3)
         keep &= ~ro.truncated
-    n_seqs = int(keep.sum())
-    if not n_seqs:
-        stats.update({"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": float("nan"), "logprob_gap": float("nan"),
-                      "trained_tokens": 0, "skipped": 1})
-        return stats
+    if not (n_seqs := int(keep.sum())):
+        return {**stats, "loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": float("nan"),
+                "logprob_gap": float("nan"), "trained_tokens": 0, "skipped": 1}
     comps = ro.completions
     idx = sorted((i for i in range(len(comps)) if keep[mine][i]),
                  key=lambda i: len(comps[i].prompt_token_ids) + len(comps[i].token_ids))
     chunks = [idx[j:j + cfg.micro_batch] for j in range(0, len(idx), cfg.micro_batch)]
-    n_chunks = int(rt.all_reduce(torch.tensor([float(len(chunks))], device=rt.device), "max").item())
-    chunks += [[]] * (n_chunks - len(chunks))    # every process runs as many forwards (FSDP gathers in lockstep)
+    chunks += [[]] * (int(rt.sum(len(chunks), op="max")[0]) - len(chunks))   # every process runs as many forwards
     rows = [_rows(comps, c, pad_id) for c in chunks]
     num_tokens = torch.tensor(rt.sum(sum(r[2].sum().item() for r in rows))[0]).clamp(min=1.0)
-    ref = []
-    if cfg.beta != 0.0:
-        with torch.no_grad():
-            ref = [forward_logprobs(ref_model, r[0], r[1], cfg.temperature, rt.device)[0] for r in rows]
+    with torch.no_grad():
+        ref = [forward_logprobs(ref_model, r[0], r[1], cfg.temperature, rt.device)[0] for r in rows] if cfg.beta else []
     old: list[torch.Tensor] = []
-    agg = torch.zeros(4, dtype=torch.float64)     # loss, kl, clip_frac, entropy sum (in global units)
-    gap = 0.0
+    agg, gap = torch.zeros(4, dtype=torch.float64), 0.0    # loss, kl, clip_frac, entropy sum (global units)
     for it in range(cfg.num_iterations):
         optimizer.zero_grad(set_to_none=True)
         for j, (c, (inputs, targets, mask, eng_lp)) in enumerate(zip(chunks, rows)):
@@ -345,14 +328,13 @@ def train_on_rollout(module, optimizer, ro: Rollout, cfg: GRPOConfig, pad_id: in
                 (out.loss * rt.world_size).backward()
             if it == cfg.num_iterations - 1:
                 w = mask.sum().item() / num_tokens.item()
-                agg[:3] += torch.tensor([out.loss.item(), out.kl.item() * w, out.clip_frac.item() * w], dtype=torch.float64)
+                agg[:3] += torch.tensor([out.loss.item(), out.kl.item() * w, out.clip_frac.item() * w],
+                                        dtype=torch.float64)
         stats["grad_norm"] = optim.clip_grad(module.parameters(), cfg.grad_clip)
         optimizer.step()
     loss, kl, clip_frac, entropy = rt.sum(*agg.tolist())
-    gap = rt.all_reduce(torch.tensor([gap], device=rt.device), "max").item()
-    stats.update({"loss": loss, "kl": kl, "clip_frac": clip_frac, "entropy": entropy / num_tokens.item(),
-                  "logprob_gap": gap, "trained_tokens": int(num_tokens.item())})
-    return stats
+    return {**stats, "loss": loss, "kl": kl, "clip_frac": clip_frac, "entropy": entropy / num_tokens.item(),
+            "logprob_gap": rt.sum(gap, op="max")[0], "trained_tokens": int(num_tokens.item())}
 
 
 # ---------------------------------------------------------------------------------------------------- the loop
@@ -365,7 +347,8 @@ def grpo(cfg: GRPOConfig, reward_funcs=None, reward_weights=None, model=None, to
     """
     from ..checkpoint import load_model_and_tokenizer
     from ..data.split import draw_problems, train_rng
-    from ..data.tasks import get_task
+    from ..data.tasks import get_task, prompt_ids
+    from ..infer.engine import Engine
 
     validate(cfg)
     if reward_funcs is None:
@@ -397,25 +380,28 @@ def grpo(cfg: GRPOConfig, reward_funcs=None, reward_weights=None, model=None, to
         if run.resume_from is not None and rt.is_main:    # samples logged after the checkpoint were lost with it
             write_jsonl(run.out / "samples.jsonl", [r for r in read_jsonl(run.out / "samples.jsonl")
                                                     if r["step"] <= run.step])
-        engine = make_engine(policy, tokenizer, task, difficulty, cfg, mine.stop - mine.start)
-        pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+        # context: the longest prompt the task writes (with room to spare) plus the completion budget
+        longest = max(len(prompt_ids(tokenizer, task, p))
+                      for p in draw_problems(task, train_rng(cfg.seed, "len"), difficulty, 64))
+        engine = Engine(policy, tokenizer, max_batch=min(256, (mine.stop - mine.start) * cfg.group_size),
+                        max_seq_len=2 * longest + cfg.max_tokens + 16)
         for step in run.steps():
             problems = draw_problems(task, train_rng(cfg.seed, "grpo", step), difficulty, cfg.prompts_per_step)
             ro = rollout(engine, tokenizer, task, problems[mine], mine.start, cfg, step, reward_funcs, reward_weights,
                          rt)
             lr = optim.set_lr(opt, optim.lr_at(step, total=cfg.steps, lr=cfg.lr, warmup=cfg.warmup,
                                                schedule="cosine", min_lr_ratio=1.0))
-            stats = train_on_rollout(module, opt, ro, cfg, pad_id, ref_model, rt)
+            stats = train_on_rollout(module, opt, ro, cfg, tokenizer.pad_id or 0, ref_model, rt)
             if policy is not model:
-                runtime.copy_weights(module, policy)
+                policy.load_state_dict(runtime.full_state_dict(module))
             engine.reset_prefix_cache()   # cached prefixes hold latents of the old weights
-            tokens = rt.sum(sum(len(c.prompt_token_ids) + len(c.token_ids) for c in ro.completions))[0]
             row = {"reward_mean": ro.rewards.mean().item(), "reward_std": ro.rewards.std().item(),
                    "completion_len": ro.lengths.mean().item(), "completion_len_max": ro.lengths.max().item(),
                    "lr": lr, **{name: r.mean().item() for name, r in ro.parts.items()}, **stats}
+            tokens = rt.sum(sum(len(c.prompt_token_ids) + len(c.token_ids) for c in ro.completions))[0]
             run.log(row, tokens=int(tokens), reward=row["reward_mean"], acc=row["accuracy"])
             if rt.is_main and cfg.sample_every and (step == 0 or (step + 1) % cfg.sample_every == 0):
-                write_samples(run.out / "samples.jsonl", step + 1, ro, cfg.group_size)
+                write_jsonl(run.out / "samples.jsonl", samples(step + 1, ro, cfg.group_size), append=True)
         if rt.is_main:
             plots.reward_plot(run.rows, run.out / "reward.png")
         return run.finish(summary=("reward_mean", "accuracy", "format_rate"))
@@ -423,25 +409,12 @@ def grpo(cfg: GRPOConfig, reward_funcs=None, reward_weights=None, model=None, to
         runtime.shutdown(rt)
 
 
-def make_engine(policy, tokenizer, task, difficulty: int, cfg: GRPOConfig, prompts: int):
-    """The rollout engine: batch = this process's completions of a step; context = the longest prompt the task
-    writes (with room to spare) plus the completion budget."""
-    from ..data.split import draw_problems, train_rng
-    from ..data.tasks import prompt_ids
-    from ..infer.engine import Engine
-
-    longest = max(len(prompt_ids(tokenizer, task, p)) for p in draw_problems(task, train_rng(cfg.seed, "len"),
-                                                                            difficulty, 64))
-    return Engine(policy, tokenizer, max_batch=min(256, prompts * cfg.group_size),
-                  max_seq_len=2 * longest + cfg.max_tokens + 16)
-
-
-def write_samples(path: Path, step: int, ro: Rollout, G: int, groups: int = 2) -> None:
-    rows = [{"step": step, "question": ro.problems[p].question, "answer": str(ro.problems[p].answer),
+def samples(step: int, ro: Rollout, G: int, groups: int = 2) -> list[dict]:
+    """OUT/samples.jsonl rows: the completions of the first `groups` prompts, to read what the policy writes."""
+    return [{"step": step, "question": ro.problems[p].question, "answer": str(ro.problems[p].answer),
              "completion": ro.completions[p * G + g].text, "reward": ro.rewards[p, g].item(),
              "finish_reason": ro.completions[p * G + g].finish_reason}
             for p in range(min(groups, len(ro.problems))) for g in range(G)]
-    write_jsonl(path, rows, append=True)
 
 
 def main(cfg: GRPOConfig) -> int:

@@ -1,11 +1,8 @@
 """Optimisation shared by every trainer: AdamW parameter groups, lr schedules, gradient clipping, FLOPs / MFU, and
-DeepSeek-V3's auxiliary-loss-free bias update as one optimizer-step hook.
+DeepSeek-V3's auxiliary-loss-free bias update as one optimizer-step hook (every MoE, MTP blocks included):
 
-    opt = adamw(module, lr, weight_decay)
-    loads = ExpertLoads(model, rt); add_bias_update(opt, loads, speed)   # every MoE, MTP blocks included
-    for step ...:
-        set_lr(opt, lr_at(step, total=..., lr=..., warmup=..., schedule="cosine"))
-        ...backward...; grad_norm = clip_grad(module.parameters(), 1.0); opt.step()   # the bias hook runs here
+    opt = adamw(module, lr, weight_decay); add_bias_update(opt, ExpertLoads(model, rt), speed)
+    set_lr(opt, lr_at(step, total=..., lr=..., warmup=...)); ...backward...; clip_grad(params, 1.0); opt.step()
 """
 
 from __future__ import annotations
@@ -68,11 +65,9 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:
 
 def clip_grad(params, max_norm: float) -> float:
     """Clip the global gradient norm (max_norm <= 0: measure only). Works on DTensor (FSDP2) gradients."""
-    params = [p for p in params if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-    if hasattr(norm, "full_tensor"):
-        norm = norm.full_tensor()
-    return float(norm)
+    norm = torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], max_norm if max_norm > 0 else
+                                          float("inf"))
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
 # --------------------------------------------------------------------------------------------- V3 balancing
@@ -101,11 +96,8 @@ class ExpertLoads:
         """This step's global loads (one all-reduce for all layers), then start counting afresh. Collected once per
         step: by the bias hook right after optimizer.step(), else by the first caller; later calls return it."""
         if self.fresh and self.moes:
-            flat = torch.stack(self.counts)
-            self.rt.all_reduce(flat, "sum")
-            self.last = list(flat.unbind(0))
-            for c in self.counts:
-                c.zero_()
+            self.last = list(self.rt.all_reduce(torch.stack(self.counts)).unbind(0))
+            self.counts = [torch.zeros_like(c) for c in self.counts]
             self.fresh = False
         return self.last
 
@@ -160,10 +152,5 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "H20": 148e12
 
 
 def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, v in PEAK_BF16_FLOPS.items():
-        if key in name:
-            return v
-    return None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    return next((v for key, v in PEAK_BF16_FLOPS.items() if key in name), None)

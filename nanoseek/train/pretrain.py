@@ -89,11 +89,9 @@ def validate(cfg: PretrainConfig) -> None:
 
 
 def model_config(cfg: PretrainConfig, tok=None) -> ModelConfig:
-    kw = {"aux_loss_alpha": cfg.balance_alpha}
-    if cfg.vocab_size:
-        kw["vocab_size"] = cfg.vocab_size
+    kw = {"aux_loss_alpha": cfg.balance_alpha, **({"vocab_size": cfg.vocab_size} if cfg.vocab_size else {})}
     if tok is not None:
-        kw["bos_token_id"], kw["eos_token_id"] = tok.bos_id, tok.eos_id
+        kw.update(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
         if getattr(tok, "pad_id", None) is not None:
             kw["pad_token_id"] = tok.pad_id
     mcfg = ModelConfig.preset(cfg.preset, **kw)
@@ -106,80 +104,48 @@ def model_config(cfg: PretrainConfig, tok=None) -> ModelConfig:
 def _documents(cfg: PretrainConfig, tok=None):
     from ..data.corpus import default_documents, read_documents
 
-    if cfg.data is None:
-        return default_documents(cfg.corpus_docs, seed=cfg.seed)
-    return read_documents(cfg.data, tokenizer=tok)
-
-
-def _source(cfg: PretrainConfig) -> str:
-    return str(cfg.data) if cfg.data is not None else f"embedded:{cfg.corpus_docs}:{cfg.seed}"
-
-
-def get_tokenizer(cfg: PretrainConfig, out: Path, ckpt: Path | None, rt: Runtime):
-    """The run's tokenizer: from the checkpoint being resumed, --tokenizer, or trained on the data (rank 0 trains,
-    others load what it saved). Checked against the model's vocab_size."""
-    from ..tokenizer import Tokenizer
-
-    vocab = model_config(cfg).vocab_size
-    if ckpt is not None or cfg.tokenizer:
-        folder = ckpt if ckpt is not None else Path(cfg.tokenizer)
-        if not (Path(folder) / "tokenizer.json").exists():
-            raise UsageError(f"--tokenizer {folder}: no tokenizer.json there (train one with `nanoseek tokenizer`)")
-        tok = Tokenizer.load(folder)
-    elif rt.is_main:
-        print(f"[pretrain] training a {vocab}-token BPE tokenizer on {_source(cfg)}", flush=True)
-        tok = Tokenizer.train(_documents(cfg), vocab, progress=False)
-        out.mkdir(parents=True, exist_ok=True)
-        tok.save(out / "tokenizer")
-        rt.barrier()
-    else:
-        rt.barrier()
-        tok = Tokenizer.load(out / "tokenizer")
-    if tok.vocab_size > vocab:
-        raise UsageError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is {vocab}; pass "
-                         f"--vocab-size {tok.vocab_size} (or more), or a tokenizer with at most {vocab} tokens")
-    if tok.eos_id is None:
-        raise UsageError("the tokenizer has no end-of-sentence token, which separates packed documents")
-    return tok
-
-
-def get_data(cfg: PretrainConfig, tok, out: Path, rt: Runtime, resuming: bool = False):
-    """OUT/data: the packed shards, built once and reused on resume (which must then name the same data)."""
-    from ..data.corpus import HEADER, build_shards, open_shards
-
-    folder = out / "data"
-    want = {"source": _source(cfg), "vocab_size": tok.vocab_size, "eos_id": tok.eos_id}
-    if rt.is_main:
-        ok = False
-        if (folder / HEADER).exists():
-            head = json.loads((folder / HEADER).read_text())
-            ok = all(head.get(k) == v for k, v in want.items())
-            if not ok and resuming:
-                raise UsageError(f"--resume: {out} was trained on {head.get('source')} ({head.get('vocab_size')}-token "
-                                 f"tokenizer), not {want['source']}; resume with the same --data")
-        if not ok:
-            build_shards(_documents(cfg, tok), tok, folder, source=want["source"], progress=cfg.progress)
-    rt.barrier()
-    ds = open_shards(folder)
-    n_seq = ds.num_sequences(cfg.seq_len)
-    if n_seq < 1:
-        raise UsageError(f"--data {want['source']} has {ds.num_tokens} tokens, fewer than one training sequence "
-                         f"(--seq-len {cfg.seq_len} needs {cfg.seq_len + 1}); give more text or a smaller --seq-len")
-    return ds
+    return default_documents(cfg.corpus_docs, seed=cfg.seed) if cfg.data is None else read_documents(cfg.data, tok)
 
 
 def prepare(cfg: PretrainConfig, rt: Runtime) -> tuple[Run, object, object]:
-    """The run folder (refusing to overwrite a run), the tokenizer and the packed data; on bad input only what this
-    call created is removed again."""
-    out = Path(cfg.out)
-    existed = out.exists()
+    """The run folder (refusing to overwrite a run), the tokenizer (from the checkpoint being resumed, --tokenizer,
+    or trained on the data by rank 0) and OUT/data, the packed shards (built once, reused on resume, which must then
+    name the same data). On bad input only what this call created is removed again."""
+    from ..data.corpus import HEADER, build_shards, open_shards, read_documents
+    from ..tokenizer import Tokenizer
+
+    out, existed, vocab = Path(cfg.out), Path(cfg.out).exists(), model_config(cfg).vocab_size
+    source = str(cfg.data) if cfg.data is not None else f"embedded:{cfg.corpus_docs}:{cfg.seed}"
     try:
         run = Run(cfg, "pretrain", rt)
         if cfg.data is not None:
-            from ..data.corpus import read_documents
             read_documents(cfg.data)  # missing / empty / unsupported -> UsageError before any work
-        tok = get_tokenizer(cfg, out, run.resume_from, rt)
-        ds = get_data(cfg, tok, out, rt, resuming=run.resume_from is not None)
+        folder = run.resume_from or Path(cfg.tokenizer or out / "tokenizer")
+        if run.resume_from is None and not cfg.tokenizer and rt.is_main:
+            print(f"[pretrain] training a {vocab}-token BPE tokenizer on {source}", flush=True)
+            Tokenizer.train(_documents(cfg), vocab, progress=False).save(folder)
+        rt.barrier()
+        if not (folder / "tokenizer.json").exists():
+            raise UsageError(f"--tokenizer {folder}: no tokenizer.json there (train one with `nanoseek tokenizer`)")
+        tok = Tokenizer.load(folder)
+        if tok.vocab_size > vocab:
+            raise UsageError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is {vocab}; pass "
+                             f"--vocab-size {tok.vocab_size} (or more), or a tokenizer with at most {vocab} tokens")
+        if tok.eos_id is None:
+            raise UsageError("the tokenizer has no end-of-sentence token, which separates packed documents")
+        want = {"source": source, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id}
+        if rt.is_main:
+            head = json.loads((out / "data" / HEADER).read_text()) if (out / "data" / HEADER).exists() else None
+            if head is not None and any(head.get(k) != v for k, v in want.items()) and run.resume_from:
+                raise UsageError(f"--resume: {out} was trained on {head.get('source')} ({head.get('vocab_size')}-"
+                                 f"token tokenizer), not {source}; resume with the same --data")
+            if head is None or any(head.get(k) != v for k, v in want.items()):
+                build_shards(_documents(cfg, tok), tok, out / "data", source=source, progress=cfg.progress)
+        rt.barrier()
+        ds = open_shards(out / "data")
+        if ds.num_sequences(cfg.seq_len) < 1:
+            raise UsageError(f"--data {source} has {ds.num_tokens} tokens, fewer than one training sequence (--seq-len "
+                             f"{cfg.seq_len} needs {cfg.seq_len + 1}); give more text or a smaller --seq-len")
     except UsageError:
         if rt.is_main and not existed and out.exists():
             shutil.rmtree(out, ignore_errors=True)

@@ -32,7 +32,7 @@ from ..data.jsonl import read_jsonl, write_jsonl
 from ..errors import UsageError
 from ..options import write_config
 from .optim import peak_flops
-from .runtime import Runtime, TrainModule, is_sharded, rng_state, set_rng_state
+from .runtime import Runtime, TrainModule, full_state_dict, rng_state, set_rng_state
 
 STATE_JSON = "trainer_state.json"
 STATE_TENSORS = "trainer_state.safetensors"
@@ -43,8 +43,7 @@ class Run:
     record: the config written to OUT/config.toml (default cfg; distill records its own, not its SFT's)."""
 
     def __init__(self, cfg, name: str, rt: Runtime, record=None):
-        self.cfg, self.name, self.rt, self.record = cfg, name, rt, record or cfg
-        self.out = Path(cfg.out)
+        self.cfg, self.name, self.rt, self.record, self.out = cfg, name, rt, record or cfg, Path(cfg.out)
         if not str(cfg.out):
             raise UsageError("--out is required")
         self.resume_from: Path | None = None
@@ -55,7 +54,7 @@ class Run:
         elif any((self.out / n).exists() for n in ("ckpt", "final", "metrics.jsonl")):
             raise UsageError(f"--out {self.out} already holds a training run; pass --resume to continue it or "
                              f"choose another --out")
-        self.step, self.tokens_seen, self.elapsed, self.stopped = 0, 0, 0.0, False
+        self.step, self.tokens_seen, self.elapsed, self.stopped, self.rows = 0, 0, 0.0, False, []
 
     def print(self, msg: str) -> None:
         if self.rt.is_main:
@@ -63,12 +62,24 @@ class Run:
 
     def restore_weights(self, model: torch.nn.Module) -> None:
         """The resumed checkpoint's weights and routing biases into `model` (before any DDP/FSDP wrapping)."""
-        if self.resume_from is not None:
-            load_model_weights(self.resume_from, model)
+        from ..checkpoint import CheckpointError, load
+
+        if self.resume_from is None:
+            return
+        try:
+            missing, unexpected = model.load_state_dict(load(self.resume_from).state_dict(), strict=False)
+        except (CheckpointError, OSError, ValueError) as e:
+            raise UsageError(f"cannot resume from {self.resume_from}: {e}") from None
+        if missing or unexpected:
+            raise UsageError(f"cannot resume from {self.resume_from}: its weights do not fit this model (missing "
+                             f"{missing[:3]}, unexpected {unexpected[:3]}); use the same --preset and overrides as "
+                             f"the original run")
 
     def start(self, module, model, optimizer, tokenizer, state=dict, flops_per_token: float | None = None) -> dict:
         """Restore the optimizer, RNG and counters when resuming; returns the recipe's saved state ({} when fresh).
         state(): the recipe's json-able state to checkpoint (e.g. its data position)."""
+        from tqdm import tqdm
+
         self.module, self.model, self.optimizer, self.tokenizer, self.state = module, model, optimizer, tokenizer, state
         saved: dict = {}
         if self.resume_from is not None:
@@ -76,54 +87,64 @@ class Run:
             self.step, saved = int(doc["step"]), doc["state"]
             self.tokens_seen, self.elapsed = int(saved.get("tokens_seen", 0)), float(saved.get("elapsed_s", 0.0))
             self.print(f"[{self.name}] resumed from {self.resume_from} (step {self.step})")
-        self.logger = MetricsLogger(self.out / "metrics.jsonl", enabled=self.rt.is_main,
-                                    resume_step=self.step if self.resume_from is not None else None)
-        if self.rt.is_main:
+        if self.rt.is_main:   # OUT/metrics.jsonl: rows logged after the resumed checkpoint were lost with the run
+            metrics = self.out / "metrics.jsonl"
+            self.rows = [r for r in read_jsonl(metrics) if r.get("step", 0) <= self.step] if self.step else []
+            write_jsonl(metrics, self.rows)
+            self._log = open(metrics, "a")
             write_config(self.record, self.out / "config.toml")
         peak = peak_flops(self.rt.device)
         self.mfu_scale = 100 * flops_per_token / (peak * self.rt.world_size) if flops_per_token and peak else None
-        from tqdm import tqdm
-
         self.bar = tqdm(total=self.cfg.steps, initial=self.step, desc=self.name, unit="step", dynamic_ncols=True,
                         disable=not (self.rt.is_main and self.cfg.progress))
         return saved
 
     def steps(self):
-        """Yield the index of each step to run; after each, checkpoint when due (save_every, the last step, Ctrl-C)."""
-        cfg = self.cfg
+        """Yield the index of each step to run; after each, checkpoint when due (save_every, the last step, Ctrl-C).
+        Ctrl-C finishes the current step, saves and stops; a second Ctrl-C interrupts at once."""
+        cfg, self.interrupted = self.cfg, False
         end = min(cfg.steps, cfg.stop_after) if cfg.stop_after else cfg.steps
-        with StopOnSigint() as stop:
-            while self.step < end:
+        try:
+            old = signal.signal(signal.SIGINT, self._on_sigint)
+        except ValueError:  # not the main thread: Ctrl-C behaves as usual
+            old = None
+        try:
+            while self.step < end and not self.stopped:
                 self._t0 = time.perf_counter()
                 yield self.step
                 self.step += 1
-                self.stopped = self.rt.any(stop.requested)
+                self.stopped = self.rt.any(self.interrupted)
                 if self.stopped or self.step == end or (cfg.save_every and self.step % cfg.save_every == 0):
                     self.save()
-                if self.stopped:
-                    break
+        finally:
+            if old is not None:
+                signal.signal(signal.SIGINT, old)
 
-    def log(self, row: dict, tokens: int = 0, **postfix) -> dict:
-        """One row of OUT/metrics.jsonl for the step just done (step, timing and token counters added); postfix:
-        values shown on the progress bar."""
+    def _on_sigint(self, signum, frame):
+        if self.interrupted:
+            raise KeyboardInterrupt
+        self.interrupted = True
+        print("\n[nanoseek] Ctrl-C: finishing this step, saving a checkpoint (Ctrl-C again to abort)", flush=True)
+
+    def log(self, row: dict, tokens: int = 0, **postfix) -> None:
+        """A row of OUT/metrics.jsonl for the step just done (step, timing and token counters added), flushed at once
+        (a killed run keeps what it logged); postfix: values shown on the progress bar."""
         if self.rt.device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - self._t0
-        self.elapsed += dt
-        self.tokens_seen += tokens
+        self.elapsed, self.tokens_seen = self.elapsed + dt, self.tokens_seen + tokens
         row = {"step": self.step + 1, **row, "tokens_seen": self.tokens_seen, "step_s": dt, "elapsed_s": self.elapsed}
         if tokens:
             row["tokens_per_s"] = tokens / dt
             if self.mfu_scale:
                 row["mfu"] = self.mfu_scale * row["tokens_per_s"]
-        self.logger.log(row)
+        if self.rt.is_main:
+            row = {k: _finite(v) for k, v in row.items()}     # NaN is not JSON
+            self.rows.append(row)
+            self._log.write(json.dumps(row) + "\n")
+            self._log.flush()
         self.bar.set_postfix({k: f"{v:.3g}" for k, v in postfix.items()}, refresh=False)
         self.bar.update(1)
-        return row
-
-    @property
-    def rows(self) -> list[dict]:
-        return self.logger.rows
 
     def save(self) -> Path:
         state = {**self.state(), "tokens_seen": self.tokens_seen, "elapsed_s": self.elapsed,
@@ -132,130 +153,50 @@ class Run:
                                tokenizer=self.tokenizer, rt=self.rt, keep=self.cfg.keep_checkpoints)
 
     def finish(self, summary: tuple[str, ...] = ("loss",)) -> Path:
-        """Close the log, export OUT/final when every step ran, print a summary of `summary` keys; Ctrl-C ->
-        KeyboardInterrupt after the checkpoint is safe (the CLI exits 130). Returns OUT/final."""
+        """Close the log, export OUT/final when every step ran, print a summary of the `summary` keys; after Ctrl-C
+        raise KeyboardInterrupt, the checkpoint being safe (the CLI exits 130). Returns OUT/final."""
         self.bar.close()
         done = self.step >= self.cfg.steps
         if self.rt.is_main:
-            if done:
-                export_final(self.out, self.step)
+            self._log.close()
+            if done:   # OUT/final: the last checkpoint as a plain model folder (without the trainer state)
+                final, tmp = self.out / "final", self.out / ".tmp-final"
+                shutil.rmtree(tmp, ignore_errors=True)
+                shutil.copytree(self.out / "ckpt" / f"step-{self.step}", tmp,
+                                ignore=shutil.ignore_patterns(STATE_JSON, STATE_TENSORS))
+                shutil.rmtree(final, ignore_errors=True)
+                os.replace(tmp, final)
             print_summary(self, summary, done)
-        self.logger.close()
         self.rt.barrier()
         if self.stopped:
             raise KeyboardInterrupt
         return self.out / "final"
 
 
+def _finite(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return [_finite(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+
 def print_summary(run: Run, keys: tuple[str, ...], done: bool) -> None:
-    rows = run.rows
-    if not rows:
-        return
-    n = max(1, len(rows) // 10)
+    rows, n = run.rows, max(1, len(run.rows) // 10)
 
     def avg(key, rs):
-        v = [r[key] for r in rs if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+        v = [r[key] for r in rs if isinstance(r.get(key), (int, float))]
         return f"{sum(v) / len(v):.4g}" if v else "-"
 
     lines = [("steps", f"{run.step} / {run.cfg.steps}" + ("" if done else "  (stopped early; --resume continues)")),
-             ("tokens seen", f"{run.tokens_seen:,}")]
+             ("tokens seen", f"{run.tokens_seen:,}"), ("wall time", f"{run.elapsed:.1f} s of training")]
     lines += [(k, f"{avg(k, rows[:n])} -> {avg(k, rows[-n:])} (mean of the first / last {n} steps)")
-              for k in keys if any(k in r for r in rows)]
-    lines.append(("wall time", f"{run.elapsed:.1f} s of training"))
-    if rows[-1].get("tokens_per_s"):
-        lines.append(("tokens/s", f"{avg('tokens_per_s', rows[1:] or rows)} (mean)"))
-    if rows[-1].get("mfu") is not None:
-        lines.append(("MFU", f"{avg('mfu', rows[-n:])}%"))
+              for k in (*keys, "tokens_per_s", "mfu") if any(k in r for r in rows)]
     lines.append(("outputs", f"{run.out}/: " + ", ".join(sorted(p.name for p in run.out.iterdir()))))
     w = max(len(k) for k, _ in lines)
     print(f"[{run.name}] " + ("done" if done else f"stopped at step {run.step}; continue with --resume"))
     print("\n".join(f"  {k:<{w}}  {v}" for k, v in lines), flush=True)
 
 
-# --------------------------------------------------------------------------------------------- logging
-def _finite(v):
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, (list, tuple)):
-        return [_finite(x) for x in v]
-    return v
-
-
-class MetricsLogger:
-    """OUT/metrics.jsonl, one JSON object per step, flushed at once (a killed run keeps what it logged).
-
-    On resume from step N the rows after N (logged after that checkpoint, then lost) are dropped, so the file
-    reads as one continuous run. Only the main rank writes; other ranks' logger does nothing.
-    """
-
-    def __init__(self, path: str | os.PathLike, enabled: bool = True, resume_step: int | None = None):
-        self.path, self.enabled = Path(path), enabled
-        self.rows: list[dict] = []
-        if not enabled:
-            return
-        if resume_step is not None:
-            self.rows = [r for r in read_jsonl(self.path) if r.get("step", 0) <= resume_step]
-        write_jsonl(self.path, self.rows)
-        self._f = open(self.path, "a")
-
-    def log(self, row: dict) -> None:
-        if not self.enabled:
-            return
-        row = {k: _finite(v) for k, v in row.items()}
-        self.rows.append(row)
-        self._f.write(json.dumps(row) + "\n")
-        self._f.flush()
-
-    def close(self) -> None:
-        if self.enabled and not self._f.closed:
-            self._f.close()
-
-
-class StopOnSigint:
-    """Ctrl-C asks the loop to stop after the current step (it then saves a checkpoint and exits cleanly);
-    a second Ctrl-C interrupts at once. Use as a context manager around the loop; check `.requested`."""
-
-    def __init__(self):
-        self.requested = False
-        self._old = None
-
-    def _handler(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\n[nanoseek] Ctrl-C: finishing this step, saving a checkpoint (Ctrl-C again to abort)", flush=True)
-
-    def __enter__(self):
-        try:
-            self._old = signal.signal(signal.SIGINT, self._handler)
-        except ValueError:  # not the main thread: no handler, Ctrl-C behaves as usual
-            self._old = None
-        return self
-
-    def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
-        return False
-
-
 # --------------------------------------------------------------------------------------------- checkpoints
-def _full_model(module: torch.nn.Module, model: torch.nn.Module, rt: Runtime) -> torch.nn.Module:
-    """`model` itself, or under FSDP its full weights gathered (collectively) into a meta-built copy on rank 0."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    if not is_sharded(module):
-        return model
-    msd = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not rt.is_main:
-        return model
-    prefix = "model." if isinstance(module, TrainModule) else ""
-    with torch.device("meta"):
-        plain = type(model)(model.cfg)
-    plain.load_state_dict({k[len(prefix):]: v for k, v in msd.items() if k.startswith(prefix)}, strict=False,
-                          assign=True)
-    return plain
-
-
 def save_checkpoint(out: str | os.PathLike, step: int, module: torch.nn.Module, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer, *, state: dict, tokenizer=None, rt: Runtime | None = None,
                     keep: int = 3) -> Path:
@@ -269,17 +210,21 @@ def save_checkpoint(out: str | os.PathLike, step: int, module: torch.nn.Module, 
 
     rt = rt or Runtime()
     osd = get_optimizer_state_dict(module, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    plain = _full_model(module, model, rt)
-    ckpt_dir = Path(out) / "ckpt"
-    final = ckpt_dir / f"step-{step}"
+    if any(hasattr(p, "full_tensor") for p in module.parameters()):    # FSDP: gather the full weights on rank 0
+        sd = full_state_dict(module, cpu=True)
+        if rt.is_main:
+            with torch.device("meta"):
+                model = type(model)(model.cfg)
+            model.load_state_dict(sd, strict=False, assign=True)
+    final = Path(out) / "ckpt" / f"step-{step}"
     if rt.is_main and final.exists() and check_checkpoint(final) is not None:
         # a damaged folder under this name (resume went back to an older one): keep it aside, never delete it
         os.replace(final, final.with_name(f"{final.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"))
     if rt.is_main and not final.exists():  # an existing complete step-N holds this very state: keep it
-        tmp = ckpt_dir / f".tmp-step-{step}"
+        tmp = final.with_name(f".tmp-step-{step}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_model(plain, tmp, tokenizer=tokenizer)
+        save_model(model, tmp, tokenizer=tokenizer)
         _test_hook_sleep(step)
         tensors, rng_meta = rng_state()
         scalars: dict = {}
@@ -290,18 +235,17 @@ def save_checkpoint(out: str | os.PathLike, step: int, module: torch.nn.Module, 
                 else:
                     scalars.setdefault(fqn, {})[k] = v
         save_file(tensors, tmp / STATE_TENSORS, metadata={"format": "nanoseek-trainer-state-v1"})
-        files = {f.name: f.stat().st_size for f in sorted(tmp.iterdir()) if f.is_file()}
         doc = {"step": step, "state": state, "rng": rng_meta,
                "optimizer": {"param_groups": osd["param_groups"], "scalars": scalars},
-               "world_size": rt.world_size, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "files": files}
+               "world_size": rt.world_size, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+               "files": {f.name: f.stat().st_size for f in sorted(tmp.iterdir()) if f.is_file()}}
         with open(tmp / STATE_JSON, "w") as f:
             json.dump(doc, f, indent=1, default=list)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, final)   # the commit point: before it, the folder does not exist under its name
-        if keep > 0:
-            for old in list_checkpoints(out)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+        for old in list_checkpoints(out)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
     rt.barrier()
     return final
 
@@ -309,20 +253,17 @@ def save_checkpoint(out: str | os.PathLike, step: int, module: torch.nn.Module, 
 def _test_hook_sleep(step: int) -> None:
     """Tests make the writer pause mid-checkpoint (model written, trainer state not yet) to SIGKILL it there:
     NANOSEEK_TEST_CKPT_SLEEP="STEP:SECONDS"."""
-    spec = os.environ.get("NANOSEEK_TEST_CKPT_SLEEP")
-    if spec:
-        at, secs = spec.split(":")
-        if int(at) == step:
-            print(f"[test hook] sleeping {secs}s inside checkpoint step-{step}", flush=True)
-            time.sleep(float(secs))
+    at, _, secs = os.environ.get("NANOSEEK_TEST_CKPT_SLEEP", "").partition(":")
+    if at and int(at) == step:
+        print(f"[test hook] sleeping {secs}s inside checkpoint step-{step}", flush=True)
+        time.sleep(float(secs))
 
 
 def list_checkpoints(out: str | os.PathLike) -> list[Path]:
     """OUT/ckpt/step-N folders, oldest first (temporary folders of interrupted writes are not listed)."""
     d = Path(out) / "ckpt"
-    if not d.is_dir():
-        return []
-    found = [p for p in d.iterdir() if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit()]
+    found = [p for p in d.iterdir() if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit()] \
+        if d.is_dir() else []
     return sorted(found, key=lambda p: int(p.name[5:]))
 
 
@@ -333,8 +274,7 @@ def check_checkpoint(path: str | os.PathLike) -> str | None:
     path = Path(path)
     try:
         doc = json.loads((path / STATE_JSON).read_text())
-        files = doc["files"]
-        int(doc["step"])
+        files, _ = doc["files"], int(doc["step"])
     except FileNotFoundError:
         return f"{path}: {STATE_JSON} is missing (an incomplete checkpoint)"
     except (ValueError, KeyError, TypeError) as e:
@@ -345,15 +285,13 @@ def check_checkpoint(path: str | os.PathLike) -> str | None:
             return f"{path}: {name} is missing"
         if f.stat().st_size != size:
             return f"{path}: {name} has {f.stat().st_size} bytes, the manifest says {size} (truncated or damaged)"
-        if name.endswith(".safetensors"):
-            try:
+        try:
+            if name.endswith(".safetensors"):
                 with safe_open(f, "pt") as sf:
                     sf.keys()
-            except Exception as e:
-                return f"{path}: {name} is not a readable safetensors file ({e})"
-    if not (path / "config.json").exists():
-        return f"{path}: config.json is missing"
-    return None
+        except Exception as e:
+            return f"{path}: {name} is not a readable safetensors file ({e})"
+    return None if (path / "config.json").exists() else f"{path}: config.json is missing"
 
 
 def find_resume_checkpoint(out: str | os.PathLike, log=print) -> Path | None:
@@ -361,33 +299,15 @@ def find_resume_checkpoint(out: str | os.PathLike, log=print) -> Path | None:
     one exists; when checkpoints exist but none is complete, UsageError. None when OUT has no checkpoint at all."""
     problems = []
     for p in reversed(list_checkpoints(out)):
-        why = check_checkpoint(p)
-        if why is None:
+        if (why := check_checkpoint(p)) is None:
             for msg in problems:
                 log(f"[nanoseek] skipping damaged checkpoint: {msg}; resuming from {p.name}")
             return p
         problems.append(why)
     if problems:
-        raise UsageError(f"cannot resume: {problems[0]}" + (f" (and {len(problems) - 1} older damaged checkpoint(s))"
-                                                           if len(problems) > 1 else "")
-                         + "; delete it or start a fresh run with another --out")
+        more = f" (and {len(problems) - 1} older damaged checkpoint(s))" if len(problems) > 1 else ""
+        raise UsageError(f"cannot resume: {problems[0]}{more}; delete it or start a fresh run with another --out")
     return None
-
-
-def load_model_weights(path: str | os.PathLike, model: torch.nn.Module) -> None:
-    """Copy a checkpoint folder's weights and routing-bias buffers into `model` (before any DDP/FSDP wrapping)."""
-    from ..checkpoint import CheckpointError
-    from ..checkpoint import load as load_model
-
-    try:
-        loaded = load_model(path)
-    except (CheckpointError, OSError, ValueError) as e:
-        raise UsageError(f"cannot resume from {path}: {e}") from None
-    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
-    missing = [k for k in missing if not k.startswith("rotary.")]
-    if missing or unexpected:
-        raise UsageError(f"cannot resume from {path}: its weights do not fit this model (missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}); use the same --preset and overrides as the original run")
 
 
 def load_trainer_state(path: str | os.PathLike, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
@@ -396,13 +316,12 @@ def load_trainer_state(path: str | os.PathLike, module: torch.nn.Module, optimiz
     from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    path = Path(path)
-    doc = json.loads((path / STATE_JSON).read_text())
-    tensors = load_file(path / STATE_TENSORS)
+    doc = json.loads((Path(path) / STATE_JSON).read_text())
+    tensors = load_file(Path(path) / STATE_TENSORS)
     # parameter names as this run's module spells them: "model.layers..." under a TrainModule, "layers..." for the
     # bare model, whichever wrapper the checkpoint was written with
-    inner = getattr(module, "module", module)   # DDP
-    name = (lambda fqn: "model." * isinstance(inner, TrainModule) + fqn.removeprefix("model."))
+    wrapped = isinstance(getattr(module, "module", module), TrainModule)   # (inside DDP)
+    name = (lambda fqn: "model." * wrapped + fqn.removeprefix("model."))
     state: dict = {}
     for key, t in tensors.items():
         if key.startswith("optim/"):
@@ -410,11 +329,8 @@ def load_trainer_state(path: str | os.PathLike, module: torch.nn.Module, optimiz
             state.setdefault(name(fqn), {})[k] = t
     for fqn, sc in doc["optimizer"]["scalars"].items():
         state.setdefault(name(fqn), {}).update(sc)
-    groups = doc["optimizer"]["param_groups"]
-    for g in groups:
-        g["params"] = [name(p) for p in g["params"]]
-        if isinstance(g.get("betas"), list):
-            g["betas"] = tuple(g["betas"])
+    groups = [{**g, "params": [name(p) for p in g["params"]], **({"betas": tuple(g["betas"])} if "betas" in g else {})}
+              for g in doc["optimizer"]["param_groups"]]
     try:
         set_optimizer_state_dict(module, optimizer, {"state": state, "param_groups": groups},
                                  options=StateDictOptions(full_state_dict=True, strict=False))
@@ -422,14 +338,3 @@ def load_trainer_state(path: str | os.PathLike, module: torch.nn.Module, optimiz
         raise UsageError(f"cannot resume from {path}: the optimizer state does not fit this model ({e})") from None
     set_rng_state({k: v for k, v in tensors.items() if k.startswith("rng.")}, doc["rng"])
     return doc
-
-
-def export_final(out: Path, step: int) -> Path:
-    """OUT/final: the finished model as a plain HF folder (the last checkpoint without its trainer state)."""
-    src = out / "ckpt" / f"step-{step}"
-    final, tmp = out / "final", out / ".tmp-final"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(STATE_JSON, STATE_TENSORS))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    return final

@@ -1,8 +1,7 @@
 """Where training runs: device, processes (torchrun), seeding, bf16 autocast, DDP / FSDP2 applied from outside.
 
     rt = runtime.init(cfg.device)             # torchrun env -> process group (gloo on CPU, NCCL on GPUs)
-    runtime.seed(cfg.seed)
-    module = runtime.parallelize(TrainModule(model), rt, fsdp=cfg.fsdp, blocks=[...])
+    module = runtime.parallelize(TrainModule(model), rt, fsdp=cfg.fsdp, blocks=[*model.layers, *model.mtp])
     with runtime.grad_sync(module, last_micro), runtime.autocast(rt.device):
         loss = module(x, y)["loss"]
 
@@ -27,7 +26,7 @@ from ..errors import UsageError
 
 @dataclass
 class Runtime:
-    """Where this process runs and who its peers are."""
+    """Where this process runs and who its peers are. The collectives are no-ops in one process."""
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
@@ -47,21 +46,20 @@ class Runtime:
             dist.barrier()
 
     def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        """In place over all ranks (sum | mean | max); a no-op in one process. Returns t."""
+        """t in place over all ranks (sum | mean | max). Returns t."""
         if self.distributed:
             dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
             if op == "mean":
                 t /= self.world_size
         return t
 
-    def sum(self, *values: float) -> list[float]:
-        """Python numbers summed over ranks (one collective)."""
-        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.device)
-        return self.all_reduce(t).tolist()
+    def sum(self, *values: float, op: str = "sum") -> list[float]:
+        """Python numbers reduced over ranks (one collective)."""
+        return self.all_reduce(torch.tensor(values, dtype=torch.float64, device=self.device), op).tolist()
 
     def any(self, flag: bool) -> bool:
         """True on every rank when any rank says True (e.g. one of them got Ctrl-C)."""
-        return self.sum(1.0 if flag else 0.0)[0] > 0
+        return self.sum(float(flag), op="max")[0] > 0
 
     def gather(self, t: torch.Tensor) -> torch.Tensor:
         """Every rank's t (same shape on each) concatenated along dim 0, in rank order."""
@@ -73,14 +71,13 @@ class Runtime:
 
     def gather_objects(self, obj) -> list:
         """Every rank's picklable obj, in rank order."""
-        if not self.distributed:
-            return [obj]
-        out = [None] * self.world_size
-        dist.all_gather_object(out, obj)
+        out = [obj] * self.world_size
+        if self.distributed:
+            dist.all_gather_object(out, obj)
         return out
 
     def share(self, n: int, what: str) -> slice:
-        """This rank's slice of n items of a global batch; n must divide evenly."""
+        """This rank's slice of the n items of a global batch."""
         if n % self.world_size:
             raise UsageError(f"{what} = {n} must be a multiple of the number of processes ({self.world_size})")
         k = n // self.world_size
@@ -96,11 +93,9 @@ def init(device: str | None = None) -> Runtime:
     dev = torch.device(f"cuda:{local}" if use_cuda else (device or "cpu"))
     if use_cuda:
         torch.cuda.set_device(dev)
-    backend = None
-    if world > 1:
-        backend = "nccl" if use_cuda else "gloo"
-        if not dist.is_initialized():
-            dist.init_process_group(backend)
+    backend = ("nccl" if use_cuda else "gloo") if world > 1 else None
+    if backend and not dist.is_initialized():
+        dist.init_process_group(backend)
     return Runtime(rank, world, local, dev, backend)
 
 
@@ -110,7 +105,7 @@ def shutdown(rt: Runtime) -> None:
 
 
 def seed(s: int) -> None:
-    """Python, numpy and torch generators (every rank the same: weights start identical everywhere)."""
+    """Python, numpy and torch generators, the same on every rank (weights start identical everywhere)."""
     random.seed(s)
     np.random.seed(s)
     torch.manual_seed(s)
@@ -119,29 +114,22 @@ def seed(s: int) -> None:
 def autocast(device: torch.device):
     """bf16 autocast on GPU (weights and optimizer stay float32); plain float32 on CPU, where bf16 matmuls are
     slower than fp32 on most CPUs and exact resume tests want deterministic fp32."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
 @contextlib.contextmanager
 def grad_sync(module: nn.Module, sync: bool):
     """Gradient accumulation: skip the DDP all-reduce / FSDP reduce-scatter on all but the last micro-batch
     (gradients add up locally), so one optimizer step costs one communication round."""
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    if isinstance(module, DDP) and not sync:
-        with module.no_sync():
-            yield
-        return
     if hasattr(module, "set_requires_gradient_sync"):  # FSDP2
         module.set_requires_gradient_sync(sync)
-    yield
+    with module.no_sync() if hasattr(module, "no_sync") and not sync else contextlib.nullcontext():   # DDP
+        yield
 
 
 class TrainModule(nn.Module):
-    """What DDP / FSDP2 wrap: forward(...) -> model.losses(...). Going through forward (not model.losses directly)
-    is what lets the wrappers' hooks sync gradients and gather sharded weights."""
+    """What DDP / FSDP2 wrap for a loss: forward(...) -> model.losses(...). Going through forward (not model.losses
+    directly) is what lets the wrappers' hooks sync gradients and gather sharded weights."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -173,22 +161,17 @@ def parallelize(module: nn.Module, rt: Runtime, fsdp: bool = False, blocks=(), u
     mesh = init_device_mesh("cuda" if rt.backend == "nccl" else "cpu", (rt.world_size,))
     for b in blocks:
         fully_shard(b, mesh=mesh)
-    fully_shard(module, mesh=mesh)
-    return module
+    return fully_shard(module, mesh=mesh)
 
 
-def is_sharded(module: nn.Module) -> bool:
-    return any(hasattr(p, "full_tensor") for p in module.parameters())
-
-
-def copy_weights(module: nn.Module, model: nn.Module) -> None:
-    """Copy the full weights and buffers of a (possibly sharded) training module into a plain `model` on this rank
-    (GRPO's rollout copy under FSDP). Collective under FSDP: every rank calls it."""
+def full_state_dict(module: nn.Module, cpu: bool = False) -> dict:
+    """The model's full weights and buffers from a (possibly sharded) training module, named as in the model
+    (no wrapper prefix). Collective under FSDP: every rank calls it; cpu=True: only rank 0 gets the tensors."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    sd = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True))
-    prefix = "model." if isinstance(module, TrainModule) else ""
-    model.load_state_dict({k[len(prefix):]: v for k, v in sd.items()}, strict=False)
+    sd = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=cpu))
+    wrapped = isinstance(getattr(module, "module", module), TrainModule)    # (DDP's own prefix is dropped already)
+    return {k.removeprefix("model.") if wrapped else k: v for k, v in sd.items()}
 
 
 # --------------------------------------------------------------------------------------------- RNG state
@@ -196,21 +179,18 @@ def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
     """Python, numpy, torch (and CUDA) generator states as tensors + small json, for an exact resume."""
     version, py, gauss = random.getstate()
     name, keys, pos, has_gauss, cached = np.random.get_state()
-    tensors = {"rng.python": torch.tensor(py, dtype=torch.int64),
-               "rng.numpy": torch.from_numpy(keys.astype(np.int64)),
-               "rng.torch": torch.get_rng_state()}
+    tensors = {"rng.python": torch.tensor(py, dtype=torch.int64), "rng.torch": torch.get_rng_state(),
+               "rng.numpy": torch.from_numpy(keys.astype(np.int64))}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng.cuda.{i}"] = s
-    meta = {"python": {"version": version, "gauss_next": gauss},
-            "numpy": {"name": name, "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
-    return tensors, meta
+        tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return tensors, {"python": {"version": version, "gauss_next": gauss},
+                     "numpy": {"name": name, "pos": int(pos), "has_gauss": int(has_gauss),
+                               "cached_gaussian": float(cached)}}
 
 
 def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    p = meta["python"]
+    p, n = meta["python"], meta["numpy"]
     random.setstate((p["version"], tuple(int(x) for x in tensors["rng.python"].tolist()), p["gauss_next"]))
-    n = meta["numpy"]
     np.random.set_state((n["name"], tensors["rng.numpy"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
                          n["cached_gaussian"]))
     torch.set_rng_state(tensors["rng.torch"])

@@ -41,42 +41,29 @@ def render(tok, messages: list[dict]) -> list[tuple[list[int], list[bool]]]:
     The trained mask is True exactly on the assistant's tokens (reasoning, answer, EOS); everything the template
     adds around them and every system/user token is False.
     """
-    turns = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
-    if not turns:
-        return []
-    pieces: list[tuple[str, bool]] = []
-    consistent = True
-    done = ""
-    for i in turns:
-        prefix = tok.apply_chat_template(messages[:i], add_generation_prompt=True, tokenize=False)
-        full = tok.apply_chat_template(messages[:i + 1], add_generation_prompt=False, tokenize=False)
-        if not (prefix.startswith(done) and full.startswith(prefix)):
-            consistent = False
-            break
-        pieces += [(prefix[len(done):], False), (full[len(prefix):], True)]
-        done = full
-    if consistent:
-        return [_encode_pieces(tok, pieces)]
-    out = []  # one example per assistant turn, each trained on its last turn only
-    for i in turns:
+    spans = []   # per assistant turn: (the conversation rendered up to its generation prompt, and with the turn)
+    for i in (i for i, m in enumerate(messages) if m.get("role") == "assistant"):
         prefix = tok.apply_chat_template(messages[:i], add_generation_prompt=True, tokenize=False)
         full = tok.apply_chat_template(messages[:i + 1], add_generation_prompt=False, tokenize=False)
         if not full.startswith(prefix):
             raise UsageError("the chat template renders an assistant turn in a way that does not extend its "
                              "generation prompt; cannot tell the assistant's tokens apart")
-        out.append(_encode_pieces(tok, [(prefix, False), (full[len(prefix):], True)]))
-    return out
+        spans.append((prefix, full))
+    if not all(prefix.startswith(before) for (prefix, _), (_, before) in zip(spans[1:], spans)):
+        return [_encode(tok, [(prefix, False), (full[len(prefix):], True)]) for prefix, full in spans]
+    pieces, done = [], ""
+    for prefix, full in spans:
+        pieces += [(prefix[len(done):], False), (full[len(prefix):], True)]
+        done = full
+    return [_encode(tok, pieces)] if spans else []
 
 
-def _encode_pieces(tok, pieces):
+def _encode(tok, pieces: list[tuple[str, bool]]) -> tuple[list[int], list[bool]]:
     ids: list[int] = []
     mask: list[bool] = []
     for text, trained in pieces:
-        if not text:
-            continue
-        t = tok.encode(text)
-        ids += t
-        mask += [trained] * len(t)
+        t = tok.encode(text) if text else []
+        ids, mask = ids + t, mask + [trained] * len(t)
     return ids, mask
 
 
@@ -89,9 +76,8 @@ def task_messages(task, problem) -> list[dict]:
     sol = task.worked_solution(problem)
     msg = {"role": "assistant", "content": sol}
     if "<think>" in sol and "</think>" in sol:
-        reasoning = sol.split("<think>", 1)[1].split("</think>", 1)[0]
-        msg = {"role": "assistant", "reasoning_content": reasoning.strip("\n"),
-               "content": sol.split("</think>", 1)[1].strip("\n")}
+        reasoning, content = sol.split("<think>", 1)[1].split("</think>", 1)
+        msg.update(reasoning_content=reasoning.strip("\n"), content=content.strip("\n"))
     return task.messages(problem) + [msg]
 
 
@@ -130,10 +116,10 @@ class Batch:
     documents: torch.Tensor   # (B, T), example index within the row, -1 for padding
 
     def __getitem__(self, rows: slice) -> Batch:
-        return Batch(*(t[rows] for t in (self.input_ids, self.targets, self.positions, self.documents)))
+        return Batch(*(t[rows] for t in vars(self).values()))
 
     def to(self, device) -> Batch:
-        return Batch(*(t.to(device) for t in (self.input_ids, self.targets, self.positions, self.documents)))
+        return Batch(*(t.to(device) for t in vars(self).values()))
 
     @property
     def trained_tokens(self) -> int:
@@ -177,10 +163,9 @@ def pack(rows: list[list[tuple[list[int], list[bool]]]], seq_len: int, pad_id: i
             x, m = x[:seq_len - col], m[:seq_len - col]
             L = len(x)
             ids[r, col:col + L] = torch.tensor(x, dtype=torch.long)
-            if L > 1:  # target of position j is token j+1, trained when token j+1 is an assistant token
-                t = torch.tensor(x[1:], dtype=torch.long)
-                t[~torch.tensor(m[1:], dtype=torch.bool)] = IGNORE
-                tgt[r, col:col + L - 1] = t
+            # target of position j is token j+1, trained when token j+1 is an assistant token
+            tgt[r, col:col + L - 1] = torch.tensor([t if keep else IGNORE for t, keep in zip(x[1:], m[1:])],
+                                                   dtype=torch.long)
             pos[r, col:col + L] = torch.arange(L)
             doc[r, col:col + L] = s
             col += L
@@ -217,34 +202,26 @@ class ExampleStream:
                     self.pad_id)
 
     def _file_rows(self, step: int) -> list:
-        rows, r, epoch = [], step * self.rows, 0
-        while r >= len(self._epoch_rows(epoch)):
-            r -= len(self._epoch_rows(epoch))
-            epoch += 1
+        rows, r, epoch = [], step * self.rows, 0      # row r of the epochs laid end to end
         while len(rows) < self.rows:
             er = self._epoch_rows(epoch)
+            if r >= len(er):
+                r, epoch = r - len(er), epoch + 1
+                continue
             rows.append([self.examples[i] for i in er[r]])
             r += 1
-            if r == len(er):
-                r, epoch = 0, epoch + 1
         return rows
 
     def _task_rows(self, step: int) -> list:
         from ..data.split import draw_problems, train_rng
 
-        rng = train_rng(self.seed, "sft", step)
-        rows, cur, used = [], [], 0
-        while True:
+        rng, examples = train_rng(self.seed, "sft", step), []
+        while True:   # until an example starts a row past the last one: the rows before it are full
             p = draw_problems(self.task, rng, self.difficulty, 1, split="train")[0]
-            for ex in render(self.tok, task_messages(self.task, p)):
-                L = min(len(ex[0]), self.seq_len)
-                if cur and used + L > self.seq_len:
-                    rows.append(cur)
-                    cur, used = [], 0
-                    if len(rows) == self.rows:
-                        return rows
-                cur.append(ex)
-                used += L
+            examples += render(self.tok, task_messages(self.task, p))
+            plan = plan_rows([len(ex[0]) for ex in examples], self.seq_len)
+            if len(plan) > self.rows:
+                return [[examples[i] for i in row] for row in plan[:self.rows]]
 
 
 # ---------------------------------------------------------------------------------------------------- config
