@@ -54,8 +54,7 @@ CONFIG = DistillConfig
 
 def split_completion(text: str, eos: str = "") -> tuple[str, str]:
     """Engine text of a completion after "<think>\\n" -> (reasoning, answer), as the chat template renders them."""
-    if eos:
-        text = text.replace(eos, "")
+    text = text.replace(eos, "") if eos else text
     if "</think>" not in text:
         return "", text.strip()
     reasoning, content = text.split("</think>", 1)

@@ -283,11 +283,9 @@ def forward_logprobs(model, inputs, targets, temperature: float, device):
 
 def train_on_rollout(module, optimizer, ro: Rollout, cfg: GRPOConfig, pad_id: int, ref_model, rt) -> dict:
     """num_iterations optimizer steps on one rollout batch; returns the step's statistics (over all processes).
-
     Old log-probs (the denominator of rho) are the policy's own, recorded without gradient in the first iteration,
     before any update: exactly the policy that sampled. The engine's sampling log-probs are compared to them
-    (`logprob_gap`: ~0 when engine and training forward agree; large values mean the ratio is off-policy noise).
-    """
+    (`logprob_gap`: ~0 when engine and training forward agree; large values mean the ratio is off-policy noise)."""
     P, G = ro.rewards.shape
     mine = slice(ro.first * G, (ro.first + len(ro.problems)) * G)
     adv = group_advantages(ro.rewards, cfg.scale_rewards).flatten()[mine]       # global group/batch statistics

@@ -73,17 +73,13 @@ def clip_grad(params, max_norm: float) -> float:
 # --------------------------------------------------------------------------------------------- V3 balancing
 class ExpertLoads:
     """Tokens routed to each expert by the training forwards of one optimizer step, for every MoE of the model
-    (main layers, then the MTP blocks), summed over micro-batches and, in collect(), over ranks.
-
-    A training forward is one with gradients on: GRPO's engine rollouts (inference mode) and no-grad reference
-    passes are not counted. Forward hooks read each MoE's `load` (its bincount of the chosen experts)."""
+    (main layers, then the MTP blocks), summed over micro-batches and, in collect(), over ranks. A training forward
+    is one with gradients on: not GRPO's engine rollouts (inference mode), not a no-grad reference pass."""
 
     def __init__(self, model: nn.Module, rt: Runtime):
-        self.rt = rt
-        self.moes = [m for m in model.modules() if isinstance(m, MoE)]
+        self.rt, self.moes = rt, [m for m in model.modules() if isinstance(m, MoE)]
         self.counts = [torch.zeros(m.gate.n_experts, device=rt.device) for m in self.moes]
-        self.fresh = False                      # counted since the last collect()
-        self.last: list[torch.Tensor] = []
+        self.fresh, self.last = False, []       # counted since the last collect(); the last step's global loads
         for i, m in enumerate(self.moes):
             m.register_forward_hook(lambda mod, args, out, i=i: self._count(i, mod))
 
@@ -105,10 +101,8 @@ class ExpertLoads:
 def add_bias_update(optimizer: torch.optim.Optimizer, loads: ExpertLoads, speed: float):
     """V3's auxiliary-loss-free balancing (Section 2.1.2, eq. 16 and after) as an optimizer step post-hook: after
     each step, b_i += speed * sign(mean load - load_i) for every noaux_tc gate, from the step's global loads (so
-    every rank applies the same update and the biases stay identical). `speed` is the paper's gamma.
-
-    Registered only where it does something (speed > 0 and at least one noaux_tc gate); returns the hook's handle,
-    or None. Every trainer that updates MoE layers calls this one function."""
+    every rank applies the same update and the biases stay identical); `speed` is the paper's gamma. Registered only
+    where it does something (speed > 0, a noaux_tc gate): returns its handle, or None. Every trainer calls this."""
     gates = [(i, m.gate) for i, m in enumerate(loads.moes) if m.gate.topk_method == "noaux_tc"]
     if speed <= 0 or not gates:
         return None

@@ -77,11 +77,9 @@ def validate(cfg: PretrainConfig) -> None:
         raise UsageError(f"unknown preset {cfg.preset!r}; valid presets: {', '.join(PRESETS)}")
     if cfg.schedule not in ("cosine", "wsd"):
         raise UsageError(f"unknown schedule {cfg.schedule!r}; valid schedules: cosine, wsd")
-    for name in ("steps", "batch_size", "grad_accum"):
-        if int(getattr(cfg, name)) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
-    if cfg.seq_len < 2:
-        raise UsageError(f"--seq-len must be at least 2, got {cfg.seq_len}")
+    for name, least in (("steps", 1), ("batch_size", 1), ("grad_accum", 1), ("seq_len", 2)):
+        if int(getattr(cfg, name)) < least:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(cfg, name)}")
     if not cfg.lr > 0:
         raise UsageError(f"--lr must be positive, got {cfg.lr}")
     if cfg.bias_update_speed < 0 or cfg.balance_alpha < 0 or cfg.mtp_lambda < 0:
@@ -92,8 +90,7 @@ def model_config(cfg: PretrainConfig, tok=None) -> ModelConfig:
     kw = {"aux_loss_alpha": cfg.balance_alpha, **({"vocab_size": cfg.vocab_size} if cfg.vocab_size else {})}
     if tok is not None:
         kw.update(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
-        if getattr(tok, "pad_id", None) is not None:
-            kw["pad_token_id"] = tok.pad_id
+        kw.update({"pad_token_id": tok.pad_id} if getattr(tok, "pad_id", None) is not None else {})
     mcfg = ModelConfig.preset(cfg.preset, **kw)
     if cfg.seq_len > mcfg.max_position_embeddings:
         raise UsageError(f"--seq-len {cfg.seq_len} exceeds the {cfg.preset} preset's max_position_embeddings "

@@ -46,12 +46,10 @@ class Run:
         self.cfg, self.name, self.rt, self.record, self.out = cfg, name, rt, record or cfg, Path(cfg.out)
         if not str(cfg.out):
             raise UsageError("--out is required")
-        self.resume_from: Path | None = None
-        if cfg.resume:
-            self.resume_from = find_resume_checkpoint(self.out, log=self.print)
-            if self.resume_from is None and self.out.exists() and any(self.out.iterdir()):
-                self.print(f"[{name}] --resume: {self.out} has no checkpoint yet; starting from step 0")
-        elif any((self.out / n).exists() for n in ("ckpt", "final", "metrics.jsonl")):
+        self.resume_from = find_resume_checkpoint(self.out, log=self.print) if cfg.resume else None
+        if cfg.resume and self.resume_from is None and self.out.exists() and any(self.out.iterdir()):
+            self.print(f"[{name}] --resume: {self.out} has no checkpoint yet; starting from step 0")
+        elif not cfg.resume and any((self.out / n).exists() for n in ("ckpt", "final", "metrics.jsonl")):
             raise UsageError(f"--out {self.out} already holds a training run; pass --resume to continue it or "
                              f"choose another --out")
         self.step, self.tokens_seen, self.elapsed, self.stopped, self.rows = 0, 0, 0.0, False, []
@@ -72,8 +70,7 @@ class Run:
             raise UsageError(f"cannot resume from {self.resume_from}: {e}") from None
         if missing or unexpected:
             raise UsageError(f"cannot resume from {self.resume_from}: its weights do not fit this model (missing "
-                             f"{missing[:3]}, unexpected {unexpected[:3]}); use the same --preset and overrides as "
-                             f"the original run")
+                             f"{missing[:3]}, unexpected {unexpected[:3]}); use the original --preset and overrides")
 
     def start(self, module, model, optimizer, tokenizer, state=dict, flops_per_token: float | None = None) -> dict:
         """Restore the optimizer, RNG and counters when resuming; returns the recipe's saved state ({} when fresh).
@@ -113,9 +110,12 @@ class Run:
                 self._t0 = time.perf_counter()
                 yield self.step
                 self.step += 1
-                self.stopped = self.rt.any(self.interrupted)
+                self.stopped = self.rt.sum(self.interrupted, op="max")[0] > 0    # any rank got Ctrl-C
                 if self.stopped or self.step == end or (cfg.save_every and self.step % cfg.save_every == 0):
-                    self.save()
+                    state = {**self.state(), "tokens_seen": self.tokens_seen, "elapsed_s": self.elapsed,
+                             "config": dataclasses.asdict(cfg), "world_size": self.rt.world_size}
+                    save_checkpoint(self.out, self.step, self.module, self.model, self.optimizer, state=state,
+                                    tokenizer=self.tokenizer, rt=self.rt, keep=cfg.keep_checkpoints)
         finally:
             if old is not None:
                 signal.signal(signal.SIGINT, old)
@@ -145,12 +145,6 @@ class Run:
             self._log.flush()
         self.bar.set_postfix({k: f"{v:.3g}" for k, v in postfix.items()}, refresh=False)
         self.bar.update(1)
-
-    def save(self) -> Path:
-        state = {**self.state(), "tokens_seen": self.tokens_seen, "elapsed_s": self.elapsed,
-                 "config": dataclasses.asdict(self.cfg), "world_size": self.rt.world_size}
-        return save_checkpoint(self.out, self.step, self.module, self.model, self.optimizer, state=state,
-                               tokenizer=self.tokenizer, rt=self.rt, keep=self.cfg.keep_checkpoints)
 
     def finish(self, summary: tuple[str, ...] = ("loss",)) -> Path:
         """Close the log, export OUT/final when every step ran, print a summary of the `summary` keys; after Ctrl-C

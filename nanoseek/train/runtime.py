@@ -49,17 +49,11 @@ class Runtime:
         """t in place over all ranks (sum | mean | max). Returns t."""
         if self.distributed:
             dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
-            if op == "mean":
-                t /= self.world_size
-        return t
+        return t.div_(self.world_size) if op == "mean" else t
 
     def sum(self, *values: float, op: str = "sum") -> list[float]:
         """Python numbers reduced over ranks (one collective)."""
         return self.all_reduce(torch.tensor(values, dtype=torch.float64, device=self.device), op).tolist()
-
-    def any(self, flag: bool) -> bool:
-        """True on every rank when any rank says True (e.g. one of them got Ctrl-C)."""
-        return self.sum(float(flag), op="max")[0] > 0
 
     def gather(self, t: torch.Tensor) -> torch.Tensor:
         """Every rank's t (same shape on each) concatenated along dim 0, in rank order."""
@@ -141,11 +135,9 @@ class TrainModule(nn.Module):
 
 def parallelize(module: nn.Module, rt: Runtime, fsdp: bool = False, blocks=(), unused: bool = False) -> nn.Module:
     """DDP, or FSDP2 (`fully_shard` each of `blocks`, then the root) under torchrun; `module` itself in one process.
-
-    DDP does not re-broadcast buffers (the MoE routing bias) each forward: every rank applies the same bias update
-    from the same all-reduced loads, so they stay identical. unused=True: parameters the loss may not reach (GRPO
-    does not train the MTP block). Under gloo the FSDP mesh is an explicit CPU mesh (a gloo group on a machine
-    with GPUs crashes otherwise)."""
+    DDP does not re-broadcast buffers (the MoE routing bias): every rank applies the same bias update from the same
+    all-reduced loads. unused=True: parameters the loss may not reach (GRPO does not train the MTP block). Under
+    gloo the FSDP mesh is an explicit CPU mesh (a gloo group on a machine with GPUs crashes otherwise)."""
     if not rt.distributed:
         if fsdp and rt.is_main:
             print("[nanoseek] --fsdp has no effect in one process (run under torchrun to shard)", flush=True)

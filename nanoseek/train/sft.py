@@ -88,8 +88,7 @@ def sft(cfg: SFTConfig, model=None, tokenizer=None, record=None) -> Path:
         opt = optim.adamw(module, cfg.lr, cfg.weight_decay)
         optim.add_bias_update(opt, optim.ExpertLoads(model, rt), cfg.bias_update_speed)
         run.start(module, model, opt, tokenizer)
-        mtp_lambda = cfg.mtp_lambda if len(model.mtp) else 0.0
-        W = rt.world_size
+        mtp_lambda, W = cfg.mtp_lambda if len(model.mtp) else 0.0, rt.world_size
         for step in run.steps():
             lr = optim.set_lr(opt, optim.lr_at(step, total=cfg.steps, lr=cfg.lr, warmup=cfg.warmup,
                                                schedule=cfg.schedule, min_lr_ratio=cfg.min_lr_ratio))
