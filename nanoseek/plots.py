@@ -82,13 +82,15 @@ def reward_plot(rows: list[dict], path: Path) -> Path | None:
     steps = [r["step"] for r in rows]
     k = max(1, len(rows) // 20)
     fig, ax = plt.subplots(figsize=(7, 4.2))
+    top = 1.0
     for key, label, color in REWARD_CURVES:
         ys = [float(r[key]) if r.get(key) is not None else float("nan") for r in rows]
+        top = max([top] + [y for y in ys if y == y])      # a weighted reward may pass 1 (accuracy + format)
         ax.scatter(steps, ys, s=6, color=color, alpha=0.25, linewidths=0)
         ax.plot(steps, moving_average(ys, k), color=color, label=f"{label}, mean of {k} steps" if k > 1 else label)
     ax.set_xlabel("GRPO step")
     ax.set_ylabel("fraction of completions / mean reward")
-    ax.set_ylim(-0.05, 1.05)
+    ax.set_ylim(-0.05, top + 0.05)
     ax.grid(alpha=0.3)
     ax.set_title("GRPO: reward and accuracy on training prompts")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2, frameon=False)
