@@ -40,6 +40,7 @@ class DistillConfig:
     seq_len: int = 512                    # tokens per packed row
     lr: float = 1e-3                      # the student's peak learning rate
     warmup: int = 20                      # warmup steps
+    bias_update_speed: float = 0.0        # the student's V3 routing-bias gamma during its SFT (0: off)
     seed: int = 0                         # problems, sampling seeds, a fresh student's weights
     save_every: int = 100                 # checkpoint every N SFT steps
     resume: bool = False                  # reuse OUT/traces.jsonl and continue the student's SFT
@@ -47,6 +48,7 @@ class DistillConfig:
     device: str | None = None             # cpu | cuda; None: the GPU when there is one
     progress: bool = True                 # progress bars
     REQUIRED: ClassVar[tuple] = ("teacher", "task", "out")
+    ALIASES: ClassVar[dict] = {"bias_gamma": "bias_update_speed"}
 
 
 CONFIG = DistillConfig
