@@ -35,8 +35,9 @@ def main() -> None:
     import transformers
 
     import nanoseek as ns
-    from nanoseek.train import loop
-    from nanoseek.train.pretrain import TrainModule, train_step
+    from nanoseek.train import optim
+    from nanoseek.train.pretrain import train_step
+    from nanoseek.train.runtime import Runtime, TrainModule
 
     torch.manual_seed(0)
     cfg = ns.ModelConfig.preset(args.preset, num_nextn_predict_layers=0)
@@ -44,17 +45,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         ns.save(ours, d)
         hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).train()
-    rt = loop.Runtime()
+    rt = Runtime()
     g = torch.Generator().manual_seed(1)
     rows = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=g)
     x, y = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
     tokens = args.batch * args.seq
 
     def adamw(model):
-        return torch.optim.AdamW(loop.param_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.95), eps=1e-8)
+        return torch.optim.AdamW(optim.param_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.95), eps=1e-8)
 
     module = TrainModule(ours)
     opt_ours, opt_hf = adamw(module), adamw(hf)
+    optim.add_bias_update(opt_ours, optim.ExpertLoads(ours, rt), 0.001)   # V3's bias update, as pretrain runs it
 
     # same weights and batch -> same loss before any step (checks the comparison is like for like)
     with torch.no_grad():
@@ -62,8 +64,8 @@ def main() -> None:
         l_hf = F.cross_entropy(hf(input_ids=x).logits.flatten(0, 1).float(), y.flatten()).item()
     print(f"loss before training: nanoseek {l_ours:.6f}  transformers {l_hf:.6f}")
 
-    def step_ours(mod=module, model=ours, opt=opt_ours, lam=0.0):
-        train_step(mod, model, opt, [(x, y)], mtp_lambda=lam, bias_gamma=0.001, grad_clip=1.0, rt=rt)
+    def step_ours(mod=module, opt=opt_ours, lam=0.0):
+        train_step(mod, opt, [(x, y)], mtp_lambda=lam, grad_clip=1.0, rt=rt)
 
     def step_hf():
         logits = hf(input_ids=x).logits
@@ -79,7 +81,8 @@ def main() -> None:
         m2 = ns.Transformer(ns.ModelConfig.preset(args.preset)).train()
         mod2 = TrainModule(m2)
         o2 = adamw(mod2)
-        sides["nanoseek+MTP"] = lambda: step_ours(mod2, m2, o2, 0.3)
+        optim.add_bias_update(o2, optim.ExpertLoads(m2, rt), 0.001)
+        sides["nanoseek+MTP"] = lambda: step_ours(mod2, o2, 0.3)
     times: dict[str, list[float]] = {k: [] for k in sides}
     for fn in sides.values():  # warm-up (allocator, first-call overheads)
         fn()

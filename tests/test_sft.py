@@ -63,9 +63,9 @@ def test_malformed_jsonl_lines_are_listed(tmp_path):
                             json.dumps({"messages": [{"role": "user", "content": "no answer"}]})]) + "\n")
     with pytest.raises(UsageError, match=r"malformed line\(s\) 2, 4, 5"):
         read_conversations(p)
-    # a line that is not JSON at all: the one JSONL reader names it (file:line)
-    p.write_text("\n".join([good, "{not json", good]) + "\n")
-    with pytest.raises(UsageError, match=r"data.jsonl:2: not valid JSON"):
+    # a line that is not JSON at all is listed with the others, in one error
+    p.write_text("\n".join([good, "{not json", good, json.dumps({"msgs": []})]) + "\n")
+    with pytest.raises(UsageError, match=r"malformed line\(s\) 2, 4"):
         read_conversations(p)
 
 

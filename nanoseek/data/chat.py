@@ -80,7 +80,7 @@ def read_conversations(path: str | Path) -> list[list[dict]]:
     if not Path(path).is_file():
         raise UsageError(f"{path}: no such file (expected a jsonl file of {{\"messages\": [...]}} lines)")
     convs, bad = [], []
-    for n, d in iter_jsonl(path):
+    for n, d in iter_jsonl(path, bad_lines=bad):
         msgs = d.get("messages") if isinstance(d, dict) else None
         if (isinstance(msgs, list) and msgs and all(
                 isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
