@@ -59,3 +59,21 @@ def test_written_config_reads_back_as_the_same_config(tmp_path):
     cfg = Demo(model="m", steps=3, data=["a", "b"], resume=True)
     path = write_config(cfg, tmp_path / "config.toml")
     assert make_config(Demo, argparse.Namespace(config=str(path))) == cfg
+
+
+def test_thread_default_is_one_for_small_models_and_all_cores_for_large(monkeypatch):
+    import os
+
+    import torch
+
+    from nanoseek.options import default_threads, set_threads
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert default_threads(1_300_000) == 1          # the demo model: 4.4 s -> 0.21 s per chat answer with one thread
+    assert default_threads(7_000_000_000) == 8
+    before = torch.get_num_threads()
+    try:
+        assert set_threads(0, 1_300_000) == 1 and torch.get_num_threads() == 1
+        assert set_threads(2, 1_300_000) == 2 and torch.get_num_threads() == 2   # --threads N wins
+    finally:
+        torch.set_num_threads(before)
