@@ -63,8 +63,8 @@ def run_trl(folder: Path, out: Path, args) -> list[float]:
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
+    from nanoseek.data.split import draw_problems, train_rng
     from nanoseek.data.tasks import get_task
-    from nanoseek.eval import draw_problems, train_rng
 
     task = get_task("arithmetic")
     n = args.prompts * (args.steps + 1)

@@ -25,8 +25,6 @@ _HOMES = {
     "SamplingParams": "nanoseek.infer.sampling",
     "Completion": "nanoseek.infer.engine",
 }
-# TRANSITION: LatentCache's old home, while the move to nanoseek.infer.cache is under way
-_OLD_HOMES = {"LatentCache": "nanoseek.model.transformer"}
 
 __all__ = list(_HOMES)
 
@@ -34,11 +32,7 @@ __all__ = list(_HOMES)
 def __getattr__(name: str):
     if name not in _HOMES:
         raise AttributeError(f"module 'nanoseek' has no attribute {name!r}")
-    value = getattr(_import_module(_HOMES[name]), name, None)
-    if value is None and name in _OLD_HOMES:
-        value = getattr(_import_module(_OLD_HOMES[name]), name)
-    if value is None:
-        raise AttributeError(f"nanoseek.{name}: {_HOMES[name]} does not define it")
+    value = getattr(_import_module(_HOMES[name]), name)
     globals()[name] = value  # later look-ups skip this function
     return value
 

@@ -47,9 +47,6 @@ def command_parser(name: str):
     modname, help_ = COMMANDS[name]
     mod = importlib.import_module(modname)
     parser = argparse.ArgumentParser(prog=f"nanoseek {name}", description=help_)
-    if not hasattr(mod, "CONFIG"):      # TRANSITION: modules not yet on config dataclasses
-        mod.add_arguments(parser)
-        return parser, mod
     add_options(parser, mod.CONFIG)
     return parser, mod
 
@@ -59,8 +56,6 @@ def run_command(name: str, argv: list[str]) -> int:
 
     parser, mod = command_parser(name)
     args = parser.parse_args(argv)
-    if not hasattr(mod, "CONFIG"):      # TRANSITION
-        return int(mod.main(args) or 0)
     return int(mod.main(make_config(mod.CONFIG, args)) or 0)
 
 

@@ -19,8 +19,8 @@ from .data.split import EVAL_FRACTION, draw_problems, eval_rng, split_of, train_
 from .data.tasks import get_task, prompt_ids
 from .errors import UsageError
 
-# TRANSITION: the split policy's home is nanoseek.data.split (prompt_ids: nanoseek.data.tasks); these names stay
-# importable from here until every caller imports them from there.
+# The split policy lives in nanoseek.data.split (prompt_ids in nanoseek.data.tasks); its names stay importable from
+# here, their old home, for code written against it.
 __all__ = ["EVAL_FRACTION", "split_of", "train_rng", "eval_rng", "draw_problems", "prompt_ids", "pass_at_k",
            "final_answer", "evaluate", "format_table", "EvalConfig", "CONFIG", "main"]
 
