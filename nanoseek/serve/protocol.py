@@ -13,9 +13,9 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
 # Model names that DeepSeek's own API uses, accepted so that tools configured for it work unchanged:
 # deepseek-reasoner thinks first (R1 style), deepseek-chat answers directly.
@@ -63,20 +63,39 @@ def validation_message(errors) -> str:
 
 
 # --------------------------------------------------------------------------------------------- request schemas
+# Known fields are strict: JSON's types are not converted into each other. `true` is not 1, "yes" is not true, and
+# an integer field wants an integer literal (5, not 5.0; JSON Schema would call 5.0 an integer, we do not). A number
+# field takes integers (1 is the number 1.0). NaN and Infinity (which Python's json module reads) are refused.
+# Unknown fields are accepted and ignored, as OpenAI-compatible servers do (clients send vendor extras).
+MAX_TOP_K = 2**31 - 1    # top_k above the vocabulary keeps every token; the cap keeps it an ordinary integer everywhere
+SHORT_TEXT = 256         # model, user, name: identifiers, not texts
+MAX_STOP, MAX_STOP_CHARS, MAX_STOP_IDS, MAX_TOOLS = 16, 256, 64, 128
+
+TokenId = Annotated[int, Field(ge=0)]
+Short = Annotated[str, Field(max_length=SHORT_TEXT)]
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+
+
 class _Open(BaseModel):
-    # Unknown fields are accepted and ignored, as OpenAI-compatible servers do (clients send vendor extras).
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
 
 
 class ContentPart(_Open):
-    type: str
+    type: Literal["text"]
     text: str | None = None
+
+    @field_validator("type", mode="before")
+    @classmethod
+    def _text_only(cls, v):
+        if v != "text":
+            raise ValueError(f"only text content parts are supported by this model (got type {v!r})")
+        return v
 
 
 class ChatMessage(_Open):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
-    name: str | None = None
+    name: Short | None = None
     reasoning_content: str | None = None
 
 
@@ -92,43 +111,35 @@ class ThinkingOption(_Open):
     type: Literal["enabled", "disabled"]
 
 
+class TemplateKwargs(_Open):
+    """vLLM's chat_template_kwargs: the thinking switch under either name; other keys are ignored."""
+    thinking: bool | None = None
+    enable_thinking: bool | None = None
+
+
 class _Sampling(_Open):
-    model: str | None = None
+    model: Short | None = None
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=-1)                # -1 or 0: off (vLLM's convention)
+    top_k: int | None = Field(None, ge=-1, le=MAX_TOP_K)   # -1 or 0: off (vLLM's convention)
     min_p: float | None = Field(None, ge=0, le=1)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     repetition_penalty: float | None = Field(None, gt=0, le=10)
-    stop: str | list[str] | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None = None
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)   # what torch.Generator.manual_seed accepts
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = Field(None, max_length=64)
+    stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP_IDS)] | None = None
     n: int = Field(1, ge=1, le=1)                          # one choice per request (ask twice for two)
-    user: str | None = None
+    user: Short | None = None
 
     @field_validator("stop")
     @classmethod
     def _stop(cls, v):
-        if v is None:
-            return None
-        v = [v] if isinstance(v, str) else v
-        if len(v) > 16:
-            raise ValueError(f"at most 16 stop sequences (got {len(v)})")
-        if any(not s or len(s) > 256 for s in v):
-            raise ValueError("each stop sequence must have 1 to 256 characters")
-        return v
-
-    @field_validator("stop_token_ids")
-    @classmethod
-    def _stop_ids(cls, v):
-        if v and any(i < 0 for i in v):
-            raise ValueError("stop_token_ids must be non-negative token ids")
-        return v
+        return [v] if isinstance(v, str) else v
 
     def wanted_tokens(self) -> int | None:
         """The max_tokens the client asked for (None: the server's limit)."""
@@ -138,27 +149,89 @@ class _Sampling(_Open):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
+# top_logprobs > 0 needs logprobs: true (the JSON Schema form of ChatRequest's check)
+_TOP_NEEDS_LOGPROBS = {"if": {"properties": {"top_logprobs": {"type": "integer", "minimum": 1}},
+                              "required": ["top_logprobs"]},
+                       "then": {"properties": {"logprobs": {"const": True}}, "required": ["logprobs"]}}
+
+
 class ChatRequest(_Sampling):
+    model_config = ConfigDict(json_schema_extra=_TOP_NEEDS_LOGPROBS)
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None      # json_object is accepted; output is not constrained
-    tools: list[dict] | None = None                    # accepted; this server never emits tool_calls
+    tools: Annotated[list[dict], Field(max_length=MAX_TOOLS)] | None = None  # accepted; never emits tool_calls
     tool_choice: Any = None
     thinking: ThinkingOption | bool | None = None      # deep-think switch (DeepSeek style: {"type": "enabled"})
-    chat_template_kwargs: dict | None = None           # vLLM style: {"thinking": true}
+    chat_template_kwargs: TemplateKwargs | None = None  # vLLM style: {"thinking": true}
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self):
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs requires logprobs=true")
+        return self
 
     def wanted_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens   # (OpenAI's newer name wins)
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[int] | list[str]
-    suffix: str | None = None
+    vocab_size: ClassVar[int | None] = None             # set by request_models: token ids are below it
+    prompt: str | Annotated[list[TokenId], Field(min_length=1)] | Annotated[list[str], Field(min_length=1,
+                                                                                              max_length=1)]
+    suffix: Annotated[str, Field(max_length=0)] | None = None
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
     best_of: int | None = Field(None, ge=1, le=1)
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _one_prompt(cls, p):
+        """The common mistakes in words (the union's own errors list every alternative)."""
+        if isinstance(p, list):
+            if not p:
+                raise ValueError("the prompt is empty")
+            if all(isinstance(x, str) for x in p) and len(p) != 1:
+                raise ValueError("one prompt per request (send a list of prompts as separate requests)")
+            ids = all(type(x) is int for x in p)
+            if ids and cls.vocab_size and not all(0 <= x < cls.vocab_size for x in p):
+                raise ValueError(f"prompt token ids must be in [0, {cls.vocab_size})")
+        return p
+
+    @field_validator("suffix", mode="before")
+    @classmethod
+    def _no_suffix(cls, v):
+        if isinstance(v, str) and v:
+            raise ValueError("suffix (fill-in-the-middle) is not supported by this model")
+        return v
+
+
+def request_models(limits: Limits, model_name: str | None = None, ctx: int | None = None,
+                   vocab_size: int | None = None) -> tuple[type[ChatRequest], type[CompletionRequest]]:
+    """ChatRequest and CompletionRequest as this server accepts them: max_tokens up to limits.max_tokens, token ids
+    below the vocabulary. Their JSON schema also states three limits that app.py checks with statuses of its own
+    (400), so that the published schema is the whole contract: the model names (served name and MODEL_ALIASES),
+    the number of messages, and a token-id prompt's length against the context. A text's length in tokens is only
+    known once encoded, so it stays app.py's check (400 context_length_exceeded), as does the body's size in bytes."""
+    max_prompt = limits.max_prompt_tokens or (ctx - 1 if ctx else None)
+    names = [model_name, *MODEL_ALIASES] if model_name else None
+    model = (Annotated[str, Field(max_length=SHORT_TEXT, json_schema_extra={"enum": names} if names else None)]
+             | None, None)
+    tokens = (int | None, Field(None, ge=1, le=limits.max_tokens))
+    token_id = Annotated[int, Field(ge=0, lt=vocab_size)]
+    stop_ids = (Annotated[list[token_id], Field(max_length=MAX_STOP_IDS)] | None, None)
+    ids = Annotated[list[token_id], Field(min_length=1, json_schema_extra={"maxItems": max_prompt} if max_prompt
+                                          else None)]
+    prompt = (str | ids | Annotated[list[str], Field(min_length=1, max_length=1)], ...)
+    messages = (list[ChatMessage], Field(min_length=1, json_schema_extra={"maxItems": limits.max_messages}))
+    chat = create_model("ChatRequest", __base__=ChatRequest, __module__=__name__, model=model, max_tokens=tokens,
+                        max_completion_tokens=tokens, stop_token_ids=stop_ids, messages=messages)
+    completion = create_model("CompletionRequest", __base__=CompletionRequest, __module__=__name__, model=model,
+                              max_tokens=tokens, stop_token_ids=stop_ids, prompt=prompt)
+    completion.vocab_size = vocab_size
+    return chat, completion
 
 
 # --------------------------------------------------------------------------------------------- requests -> engine
@@ -169,9 +242,10 @@ def chat_thinking(req: ChatRequest, default: bool) -> bool:
         thinking = req.thinking
     elif req.thinking is not None:
         thinking = req.thinking.type == "enabled"
+    kwargs = req.chat_template_kwargs
     for k in ("thinking", "enable_thinking"):
-        if req.chat_template_kwargs and k in req.chat_template_kwargs:
-            thinking = bool(req.chat_template_kwargs[k])
+        if kwargs is not None and k in kwargs.model_fields_set:
+            thinking = bool(getattr(kwargs, k))     # (an explicit null: off, as before)
     return thinking
 
 
@@ -180,10 +254,7 @@ def template_messages(req: ChatRequest) -> list[dict]:
     an assistant turn keeps its reasoning_content (a template may show or drop it)."""
     messages = []
     for m in req.messages:
-        if isinstance(m.content, list):
-            if any(p.type != "text" for p in m.content):
-                raise APIError(422, "only text content parts are supported by this model", "invalid_parameter",
-                               param="messages")
+        if isinstance(m.content, list):   # (ContentPart admits only text parts)
             text = "".join(p.text or "" for p in m.content)
         else:
             text = m.content or ""
@@ -195,12 +266,9 @@ def template_messages(req: ChatRequest) -> list[dict]:
 
 
 def completion_prompt(req: CompletionRequest) -> str | list[int]:
-    """The one prompt of a /v1/completions request: a string, or token ids."""
+    """The one prompt of a /v1/completions request: a string, or token ids (the schema allows one string in a list)."""
     p = req.prompt
     if isinstance(p, list) and p and isinstance(p[0], str):
-        if len(p) != 1:
-            raise APIError(422, "one prompt per request (send a list of prompts as separate requests)",
-                           "invalid_parameter", param="prompt")
         p = p[0]
     return p
 
@@ -362,3 +430,228 @@ def completion_response(base: dict, text: str, comp, logprobs: dict | None, usag
 
 def model_card(name: str, created: int, max_model_len: int | None) -> dict:
     return {"id": name, "object": "model", "created": created, "owned_by": "nanoseek", "max_model_len": max_model_len}
+
+
+# --------------------------------------------------------------------------------------------- response schemas
+# What the builders above return, as schemas for the OpenAPI document (the fuzz test checks every answer against
+# them). Closed objects: a field a builder adds must be added here too.
+class _Closed(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorDetail(_Closed):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(_Closed):
+    error: ErrorDetail
+
+
+class PromptDetails(_Closed):
+    cached_tokens: int = Field(ge=0)
+
+
+class CompletionDetails(_Closed):
+    reasoning_tokens: int = Field(ge=0)
+
+
+class Usage(_Closed):
+    prompt_tokens: int = Field(ge=0)
+    completion_tokens: int = Field(ge=0)
+    total_tokens: int = Field(ge=0)
+    prompt_cache_hit_tokens: int = Field(ge=0)
+    prompt_cache_miss_tokens: int = Field(ge=0)
+    prompt_tokens_details: PromptDetails
+    completion_tokens_details: CompletionDetails
+
+
+LogProb = Annotated[float, Field(le=0)]             # a finite JSON number: log p <= 0
+Byte = Annotated[int, Field(ge=0, le=255)]
+
+
+class TopLogprob(_Closed):
+    token: str
+    logprob: LogProb
+    bytes: list[Byte]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(_Closed):
+    content: list[TokenLogprob]
+
+
+class TextLogprobs(_Closed):
+    tokens: list[str]
+    token_logprobs: list[LogProb]
+    text_offset: list[Annotated[int, Field(ge=0)]]
+    top_logprobs: list[dict[str, LogProb]]
+
+
+FinishReason = Literal["stop", "length"]
+
+
+class _Answer(_Closed):
+    id: str
+    created: int
+    model: str
+    system_fingerprint: str
+
+
+class AssistantMessage(_Closed):
+    role: Literal["assistant"]
+    content: str
+    reasoning_content: str | None
+
+
+class ChatChoice(_Closed):
+    index: Literal[0]
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None
+    finish_reason: FinishReason
+
+
+class ChatCompletion(_Answer):
+    object: Literal["chat.completion"]
+    choices: Annotated[list[ChatChoice], Field(min_length=1, max_length=1)]
+    usage: Usage
+
+
+class ChatDelta(_Closed):
+    role: Literal["assistant"] = None
+    content: str = None
+    reasoning_content: str = None
+
+
+class ChatChunkChoice(_Closed):
+    index: Literal[0]
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None
+    finish_reason: FinishReason | None
+
+
+class ChatCompletionChunk(_Answer):
+    object: Literal["chat.completion.chunk"]
+    choices: Annotated[list[ChatChunkChoice], Field(max_length=1)]   # none in the last chunk, the usage one
+    usage: Usage | None = None
+
+
+class TextChoice(_Closed):
+    index: Literal[0]
+    text: str
+    logprobs: TextLogprobs | None
+    finish_reason: FinishReason | None                             # null in the streamed pieces before the last
+
+
+class TextCompletion(_Answer):
+    object: Literal["text_completion"]
+    choices: Annotated[list[TextChoice], Field(max_length=1)]
+    usage: Usage | None = None
+
+
+class ModelCard(_Closed):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    max_model_len: int | None
+
+
+class ModelList(_Closed):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class Health(_Closed):
+    status: Literal["ok"]
+    model: str
+    running: int = Field(ge=0)
+    waiting: int = Field(ge=0)
+
+
+# --------------------------------------------------------------------------------------------- the OpenAPI document
+def _json(ref: str) -> dict:
+    return {"application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}}
+
+
+def _events(chunk: str) -> dict:
+    """A stream of server-sent events (OpenAPI 3.2's itemSchema: one event): each carries a JSON chunk, or an error
+    met after the status line went out, and the last one says [DONE]."""
+    payload = {"contentMediaType": "application/json",
+               "contentSchema": {"anyOf": [{"$ref": f"#/components/schemas/{chunk}"},
+                                           {"$ref": "#/components/schemas/ErrorBody"}]}}
+    return {"text/event-stream": {"itemSchema": {"type": "object", "required": ["data"],
+                                                 "properties": {"data": {"anyOf": [{"const": "[DONE]"}, payload]}}}}}
+
+
+def _error(why: str, headers: dict | None = None) -> dict:
+    return {"description": why, "content": _json("ErrorBody"), **({"headers": headers} if headers else {})}
+
+
+def _generation(summary: str, request: str, answer: str, chunk: str, auth: bool) -> dict:
+    retry = {"Retry-After": {"description": "seconds to wait", "required": True, "schema": {"type": "string"}}}
+    op = {"summary": summary,
+          "requestBody": {"required": True, "content": _json(request)},
+          "responses": {
+              "200": {"description": "the answer (server-sent events when stream is true)",
+                      "content": {**_json(answer), **_events(chunk)}},
+              "400": _error("the body is not a JSON object, is too large or has invalid unicode; the prompt is longer "
+                            "than the context (context_length_exceeded); an unknown model; too many messages"),
+              "422": _error("a parameter is invalid (the schema says which values are accepted)"),
+              "429": _error("the server is busy: retry after Retry-After seconds", retry),
+              "500": _error("the engine failed while generating"),
+              "503": _error("the engine is not running")}}
+    if auth:
+        op["security"] = [{"bearer": []}]
+        op["responses"]["401"] = _error("missing or wrong API key")
+    return {"post": op}
+
+
+def _get(summary: str, answer: dict, auth: bool, errors: dict) -> dict:
+    op = {"summary": summary, "responses": {"200": {"description": summary, "content": answer}, **errors}}
+    if auth:
+        op["security"] = [{"bearer": []}]
+        op["responses"]["401"] = _error("missing or wrong API key")
+    return {"get": op}
+
+
+def openapi_schema(limits: Limits, model_name: str, ctx: int | None = None, vocab_size: int | None = None,
+                   auth: bool = False) -> dict:
+    """The OpenAPI document of this server: the request models of `request_models` (so the served limits are in
+    it), the answers and stream chunks, the errors with their statuses. auth: the /v1 endpoints need a bearer key."""
+    from pydantic.json_schema import models_json_schema
+
+    chat, completion = request_models(limits, model_name, ctx, vocab_size)
+    models = [(chat, "validation"), (completion, "validation"), (ErrorBody, "serialization"),
+              (ChatCompletion, "serialization"), (ChatCompletionChunk, "serialization"),
+              (TextCompletion, "serialization"), (ModelList, "serialization"), (ModelCard, "serialization"),
+              (Health, "serialization")]
+    _, defs = models_json_schema(models, ref_template="#/components/schemas/{model}")
+    model_path = {"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    paths = {
+        "/v1/chat/completions": _generation("chat completion", "ChatRequest", "ChatCompletion",
+                                            "ChatCompletionChunk", auth),
+        "/v1/completions": _generation("text completion", "CompletionRequest", "TextCompletion", "TextCompletion",
+                                       auth),
+        "/v1/models": _get("the served model", _json("ModelList"), auth, {}),
+        "/v1/models/{model_id}": _get("one model", _json("ModelCard"), auth, {"404": _error("no such model")}),
+        "/health": _get("the engine is running", _json("Health"), False, {"503": _error("the engine is down")}),
+        "/metrics": _get("Prometheus metrics", {"text/plain": {"schema": {"type": "string"}}}, False, {}),
+    }
+    paths["/v1/models/{model_id}"]["get"]["parameters"] = [model_path]
+    context = f"{ctx} tokens" if ctx else "the model's"
+    doc = {"openapi": "3.1.0",
+           "info": {"title": "nanoseek", "version": "0.1.0",
+                    "description": f"DeepSeek/OpenAI-compatible API serving {model_name!r}. Context: {context} "
+                                   f"(prompt and answer); max_tokens at most {limits.max_tokens}; at most "
+                                   f"{limits.max_messages} messages; bodies at most {limits.max_body_bytes} bytes."},
+           "paths": paths,
+           "components": {"schemas": defs["$defs"]}}
+    if auth:
+        doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+    return doc
