@@ -7,7 +7,10 @@ weights are drawn large (conftest: std 0.3), so the top two logits of a step are
 
 from __future__ import annotations
 
+import json
+import math
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -365,3 +368,76 @@ def test_bad_requests_are_usage_errors(tiny):
     # max_tokens is clipped to the context: finish_reason "length" at max_seq_len
     c = eng.generate([list(range(3, 30))], greedy(100))[0]
     assert c.completion_tokens == 32 - 27 and c.finish_reason == "length"
+
+
+# ----------------------------------------------------------------------------------------- hostile parameters
+def test_huge_integers_in_sampling_params_are_clamped_to_the_model(tiny):
+    """top_k beyond the vocabulary is no limit (it overflowed an int64 tensor: issue 9, item 1), a seed counts
+    modulo 2^64 (torch's generators hold 64 bits), max_tokens beyond the context ends at the context."""
+    p = prompts_of([5], tiny.cfg.vocab_size, seed=8)[0]
+    eng = ns.Engine(tiny, max_seq_len=24, mtp=False)
+    base = SamplingParams(temperature=1.0, seed=5, max_tokens=8, ignore_eos=True)
+    ref = eng.generate([p], base)[0].token_ids
+    assert eng.generate([p], replace(base, top_k=2**63, seed=2**64 + 5))[0].token_ids == ref
+    assert eng.generate([p], replace(base, top_k=10**40, seed=5 - 2**64))[0].token_ids == ref
+    assert eng.generate([p], replace(base, seed=6))[0].token_ids != ref          # the seed does matter
+    c = eng.generate([p], replace(base, max_tokens=2**70))[0]
+    assert (c.finish_reason, c.completion_tokens) == ("length", 24 - 5)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("temperature", math.inf), ("temperature", math.nan), ("top_p", math.nan), ("min_p", math.nan),
+    ("presence_penalty", math.nan), ("frequency_penalty", -math.inf), ("repetition_penalty", math.inf),
+    ("top_k", 2.5), ("seed", 1.5), ("max_tokens", True), ("max_tokens", 3.0), ("top_logprobs", "2"),
+    ("temperature", "0.5")])
+def test_sampling_params_refuse_non_finite_and_mistyped_values(field, value):
+    with pytest.raises(UsageError, match=field):
+        SamplingParams(**{field: value})
+
+
+def test_stop_token_ids_outside_the_vocabulary_are_usage_errors(tiny):
+    eng = ns.Engine(tiny, mtp=False)
+    for bad in ([tiny.cfg.vocab_size], [-1], [3, 2**63]):
+        with pytest.raises(UsageError, match="stop_token_ids"):
+            eng.add_request([5, 6], greedy(stop_token_ids=bad))
+    assert not eng.has_unfinished()
+
+
+def test_huge_penalties_and_temperatures_keep_the_sampler_finite(tiny):
+    """Floats that overflow float32 (1e300 -> inf) gave inf * 0 = NaN logits (greedy then chose token 0 forever).
+    Penalties and temperatures are clamped to +-1e6 (1e-6 for a repetition penalty), far beyond any logit gap."""
+    p = prompts_of([6], tiny.cfg.vocab_size, seed=9)[0]
+    eng = ns.Engine(tiny, mtp=False)
+    c = eng.generate([p], greedy(12, presence_penalty=1e300))[0]
+    assert len(set(c.token_ids)) == 12                            # an enormous presence penalty: nothing repeats
+    assert c.token_ids == eng.generate([p], greedy(12, presence_penalty=1e6))[0].token_ids
+    assert c.token_ids == eng.generate([p], greedy(12, frequency_penalty=1e300))[0].token_ids
+    sp = SamplingParams(temperature=1.0, seed=4, max_tokens=12, ignore_eos=True, logprobs=True)
+    for kw, same in ((dict(repetition_penalty=1e-300), dict(repetition_penalty=1e-6)),
+                     (dict(temperature=1e300), dict(temperature=1e6))):
+        a, b = eng.generate([p, p], [replace(sp, **kw), replace(sp, **same)])
+        assert a.token_ids == b.token_ids and all(math.isfinite(x) for x in a.logprobs)
+
+
+def test_logprobs_are_finite_json_numbers(tiny, monkeypatch):
+    """A temperature of 1e-38 made logits / T overflow (NaN logprobs, issue 9 item 2); a token the model rules
+    out (-inf logit) had logprob -inf. Neither is JSON: logprobs are floored at LOGPROB_FLOOR = -9999.0, as
+    OpenAI reports impossible tokens, and a temperature below 1e-5 is greedy."""
+    V = tiny.cfg.vocab_size
+    p = prompts_of([7], V, seed=10)[0]
+    eng = ns.Engine(tiny, mtp=False)
+    sp = SamplingParams(temperature=1e-38, seed=1, max_tokens=8, ignore_eos=True, logprobs=True, top_logprobs=5)
+    c = eng.generate([p], sp)[0]
+    json.dumps([c.logprobs, [list(d.values()) for d in c.top_logprobs]], allow_nan=False)
+    assert c.token_ids == eng.generate([p], greedy(8))[0].token_ids
+    head = tiny.head
+    monkeypatch.setattr(tiny, "head", lambda h: head(h).index_fill(-1, torch.arange(3, V), float("-inf")))
+    for temperature in (0.0, 0.7, 1e-38):
+        c = eng.generate([p], replace(sp, temperature=temperature))[0]
+        tops = [v for d in c.top_logprobs for v in d.values()]
+        json.dumps([c.logprobs, tops], allow_nan=False)
+        assert set(c.token_ids) <= {0, 1, 2} and min(tops) == -9999.0 and min(c.logprobs) > -9999.0
+    # more top_logprobs asked than the vocabulary has: all of it
+    out = sample(torch.tensor([[0.0, -math.inf, 1.0, 2.0]]), [SamplingParams(temperature=0, top_logprobs=20)],
+                 [None], [[]], [[]])
+    assert out.top_logprobs[0].keys() == {3, 2, 0, 1} and out.top_logprobs[0][1] == -9999.0

@@ -22,6 +22,7 @@ of the first 64 drafts are accepted (an untrained MTP head); reset_prefix_cache(
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import random
 from collections import deque
@@ -32,9 +33,11 @@ import torch
 
 from ..errors import UsageError
 from .cache import PagedLatentCache, block_keys
-from .sampling import SamplingParams, sample
+from .sampling import Sampled, SamplingParams, sample
 
 __all__ = ["Engine", "SamplingParams", "Completion", "StreamDelta"]
+
+log = logging.getLogger("nanoseek.engine")
 
 THINK_START, THINK_END = "<think>", "</think>"
 DEFAULT_CACHE_BYTES = 2 << 30    # default latent pool size cap (pass num_blocks for more)
@@ -50,12 +53,13 @@ class Completion:
     text: str                       # the generated text as is (tags included), cut before a stop string
     reasoning_content: str          # the part inside <think>...</think>
     content: str                    # the answer: the rest
-    finish_reason: str              # "stop" | "length" | "abort"
+    finish_reason: str              # "stop" | "length" | "abort" | "error" (this request failed alone: see error)
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int              # prompt tokens whose latents came from the prefix cache
     logprobs: list[float] | None = None             # log p(token) per generated token (see SamplingParams)
     top_logprobs: list[dict[int, float]] | None = None   # per token: {token_id: logprob} of the top-n
+    error: str | None = None        # finish_reason "error": what failed ("sampling failed: ValueError: ...")
 
 
 @dataclass
@@ -70,6 +74,7 @@ class StreamDelta:
     logprobs: list[float] | None = None           # for token_ids, when requested
     top_logprobs: list[dict[int, float]] | None = None
     raw_text: str = ""              # the new text as generated, <think> tags included (for /v1/completions)
+    error: str | None = None        # set with finish_reason "error" (an engine fault in this request alone)
 
 
 # ----------------------------------------------------------------------------------------------- text output
@@ -279,6 +284,9 @@ class Engine:
         if len(ids) >= self.max_seq_len:
             raise UsageError(f"the prompt has {len(ids)} tokens but the context is {self.max_seq_len} "
                              f"(max_seq_len); shorten it or raise max_seq_len")
+        if any(not 0 <= t < V for t in params.stop_token_ids):
+            raise UsageError(f"stop_token_ids must be in [0, {V}) (the model's vocab_size); got "
+                             f"{[t for t in params.stop_token_ids if not 0 <= t < V][:5]}")
         if params.stop and self.tokenizer is None:
             raise UsageError("stop strings need a tokenizer; use stop_token_ids with a token-id-only engine")
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
@@ -292,7 +300,7 @@ class Engine:
         gen = None
         if not params.greedy:
             seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
-            gen = torch.Generator(device=self.device).manual_seed(seed)
+            gen = torch.Generator(device=self.device).manual_seed(seed % 2**64)   # torch wraps -1 to 2^64 - 1 too
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos and self.eos_id is not None:
             stop_ids.add(self.eos_id)
@@ -304,16 +312,20 @@ class Engine:
         return rid
 
     def step(self) -> list[StreamDelta]:
-        """Admit what fits, prefill it, decode one token (two with an accepted draft) for the others."""
+        """Admit what fits, prefill it, decode one token (two with an accepted draft) for the others.
+
+        A failure stays with its request: one that fails in its sampling, detokenising or stop rules ends alone
+        with finish_reason "error" (and .error); a batched forward that raises (a model bug, out of memory) fails
+        the requests of that forward, its prefill or its decode, and the engine goes on with the rest."""
         deltas, self._done = self._done, []
         self.counters["steps"] += 1
         with torch.inference_mode():
             admitted = self._admit()
             decoding = [r for r in self.running if r not in admitted]
             if admitted:
-                deltas += self._prefill(admitted)
+                self._fenced(self._prefill, admitted, deltas, "prefill")
             if decoding:
-                deltas += self._decode(decoding)
+                self._fenced(self._decode, decoding, deltas, "decode")
         self.running = [r for r in self.running if r.finish_reason is None]
         return deltas
 
@@ -326,7 +338,10 @@ class Engine:
             self.waiting.remove(req)
         if req in self.running:
             self.running.remove(req)
-        self._done.append(self._finish(req, "abort"))
+        try:
+            self._done.append(self._finish(req, "abort"))
+        except Exception as e:   # its last text would not decode: the request ends all the same
+            self._done.append(self._fail(req, e, "ending the aborted request failed"))
         return True
 
     def has_unfinished(self) -> bool:
@@ -486,11 +501,38 @@ class Engine:
         hm = m.mtp_hidden(h, next_ids, cache=self.cache, depth=0, rope=rope)
         return m.head(hm[rows, cols]).argmax(-1).tolist() if len(rows) else []
 
-    def _sample(self, reqs: list[_Request], logits: torch.Tensor):
-        return sample(logits, [r.params for r in reqs], [r.gen for r in reqs], [r.prompt for r in reqs],
-                      [r.output for r in reqs])
+    def _sample(self, reqs: list[_Request], logits: torch.Tensor) -> tuple[Sampled, dict[str, Exception]]:
+        """One batched sampler call for the rows of logits (one per entry of reqs). Should it raise, the rows are
+        sampled again one by one (the sampler draws its random numbers last, so a failed call has consumed none),
+        and only the requests whose own row raises fail: (Sampled, {request id: exception}), placeholder token 0
+        in a failed row."""
+        try:
+            return sample(logits, [r.params for r in reqs], [r.gen for r in reqs], [r.prompt for r in reqs],
+                          [r.output for r in reqs]), {}
+        except Exception:
+            pass
+        rows, failed = [], {}
+        for i, r in enumerate(reqs):
+            if r.id not in failed:
+                try:
+                    rows.append(sample(logits[i:i + 1], [r.params], [r.gen], [r.prompt], [r.output]))
+                    continue
+                except Exception as e:
+                    failed[r.id] = e
+            rows.append(Sampled([0]))
+        return _concat(rows), failed
 
-    def _prefill(self, reqs: list[_Request]) -> list[StreamDelta]:
+    def _fenced(self, forward, reqs: list[_Request], deltas: list[StreamDelta], what: str) -> None:
+        """Run one batched phase, forward(reqs, deltas). If it raises, the requests of that phase that have not
+        answered in it fail with finish_reason "error"; the others' deltas, already in `deltas`, stand."""
+        try:
+            forward(reqs, deltas)
+        except Exception as e:
+            answered = {d.request_id for d in deltas}
+            deltas += [self._fail(r, e, f"the batched {what} forward failed") for r in reqs
+                       if r.finish_reason is None and r.id not in answered]
+
+    def _prefill(self, reqs: list[_Request], deltas: list[StreamDelta]) -> None:
         """Run the admitted prompts (after their cached prefix) and sample each one's first token.
 
         Long prompts go in chunks of at most `prefill_tokens / rows` tokens per row and forward: absorbed attention
@@ -498,7 +540,7 @@ class Engine:
         written by its earlier chunks, exactly as decoding does."""
         for r in reqs:
             self._ensure_blocks(r, len(r.prompt))
-        deltas, todo, dev = [], list(reqs), self.device
+        todo, dev = list(reqs), self.device
         while todo:
             chunk = max(self.block_size, self.prefill_tokens // len(todo))
             starts = [r.num_cached for r in todo]
@@ -508,7 +550,7 @@ class Engine:
             ends = [i for i, r in enumerate(todo) if starts[i] + lens[i] == len(r.prompt)]   # prompt done here
             rows = torch.tensor(ends, device=dev)
             last = torch.tensor([lens[i] - 1 for i in ends], device=dev)
-            out = self._sample([todo[i] for i in ends], self.model.head(h[rows, last])) if ends else None
+            out, failed = self._sample([todo[i] for i in ends], self.model.head(h[rows, last])) if ends else (None, {})
             first = dict(zip(ends, out.tokens)) if ends else {}
             drafts = [None] * len(ends)
             if self.mtp_active:   # MTP over the same positions: h_i with t_{i+1} (the new token after the prompt)
@@ -522,11 +564,10 @@ class Engine:
                 self._register_full_blocks(r)
             for k, i in enumerate(ends):
                 todo[i].draft = drafts[k]
-                deltas.append(self._emit(todo[i], [out.tokens[k]], _pick(out, [k])))
+                deltas.append(self._deliver(todo[i], [out.tokens[k]], _pick(out, [k]), failed.get(todo[i].id)))
             todo = [r for i, r in enumerate(todo) if i not in first]
-        return deltas
 
-    def _decode(self, reqs: list[_Request]) -> list[StreamDelta]:
+    def _decode(self, reqs: list[_Request], deltas: list[StreamDelta]) -> None:
         # speculate only when two more tokens are allowed (the draft's slot stays inside the reservation)
         spec = [self.mtp_active and r.spec and r.draft is not None and r.max_new - len(r.output) >= 2 for r in reqs]
         for r, s in zip(reqs, spec):
@@ -540,12 +581,12 @@ class Engine:
         # logits: position 0 of every row, then position 1 of the speculating rows
         hs = h[:, 0] if not si else torch.cat([h[:, 0], h[si, 1]])
         rows_req = reqs + [reqs[i] for i in si]
-        out = self._sample(rows_req, self.model.head(hs))
+        out, failed = self._sample(rows_req, self.model.head(hs))
         new = [[out.tokens[i]] for i in range(B)]
         picks = [[i] for i in range(B)]
         accepted = [False] * B
         for k, i in enumerate(si):
-            if out.tokens[i] == reqs[i].draft:
+            if out.tokens[i] == reqs[i].draft and reqs[i].id not in failed:
                 accepted[i] = True
                 new[i].append(out.tokens[B + k])
                 picks[i].append(B + k)
@@ -562,16 +603,24 @@ class Engine:
             nxt = torch.tensor([x + [0] * (T - len(x)) for x in new], device=dev)
             cols = torch.tensor([len(x) - 1 for x in new], device=dev)
             drafts = self._draft(h, nxt, rope, torch.arange(B, device=dev), cols)
-        deltas = []
         for i, r in enumerate(reqs):
             r.num_cached += len(new[i])
             r.draft = drafts[i]
-            deltas.append(self._emit(r, new[i], _pick(out, picks[i])))
+            deltas.append(self._deliver(r, new[i], _pick(out, picks[i]), failed.get(r.id)))
             if r.finish_reason is None:
                 self._register_full_blocks(r)
-        return deltas
 
     # ------------------------------------------------------------------------------------------ bookkeeping
+    def _deliver(self, req: _Request, tokens: list[int], lps, err: Exception | None) -> StreamDelta:
+        """_emit, fenced: a failure of this request alone, in its sampling (err) or in its detokenising and stop
+        rules (raised here), ends it with finish_reason "error" while the rest of the batch goes on."""
+        if err is not None:
+            return self._fail(req, err, "sampling failed")
+        try:
+            return self._emit(req, tokens, lps)
+        except Exception as e:
+            return self._fail(req, e, "detokenising or stop handling failed")
+
     def _emit(self, req: _Request, tokens: list[int], lps) -> StreamDelta:
         """Append the new tokens one by one, applying the stop rules; return the request's delta."""
         taken = []
@@ -606,20 +655,34 @@ class Engine:
                            top_logprobs=top[:len(taken)] if top is not None and req.params.top_logprobs else None,
                            raw_text=raw)
 
-    def _finish(self, req: _Request, reason: str) -> StreamDelta:
+    def _close(self, req: _Request, reason: str) -> None:
+        """The request is over: its blocks go back to the pool (cached prefixes stay reusable), its id is free."""
         req.finish_reason = reason
         for b in req.blocks:
             self.pool.release(b)
         req.blocks = []
+        self.requests.pop(req.id, None)
+
+    def _completion(self, req: _Request, error: str | None = None) -> Completion:
+        p = req.params
+        return Completion(req.id, req.prompt, req.output, req.text.text, "".join(req.reasoning), "".join(req.content),
+                          req.finish_reason, len(req.prompt), len(req.output), req.cached_tokens,
+                          req.logprobs if p.logprobs else None, req.top_logprobs if p.top_logprobs else None, error)
+
+    def _finish(self, req: _Request, reason: str) -> StreamDelta:
+        self._close(req, reason)
         raw, reasoning, content = req.text.flush(final=True)
         req.reasoning.append(reasoning)
         req.content.append(content)
-        p = req.params
-        comp = Completion(req.id, req.prompt, req.output, req.text.text, "".join(req.reasoning), "".join(req.content),
-                          reason, len(req.prompt), len(req.output), req.cached_tokens,
-                          req.logprobs if p.logprobs else None, req.top_logprobs if p.top_logprobs else None)
-        self.requests.pop(req.id, None)
-        return StreamDelta(req.id, [], content, reasoning, True, reason, comp, raw_text=raw)
+        return StreamDelta(req.id, [], content, reasoning, True, reason, self._completion(req), raw_text=raw)
+
+    def _fail(self, req: _Request, err: Exception, where: str) -> StreamDelta:
+        """End one request with finish_reason "error": its Completion holds the text streamed so far, `error` says
+        what failed. Not the caller's fault (parameters are checked in add_request): the traceback is logged."""
+        msg = f"{where}: {type(err).__name__}: {err}"
+        log.error("request %s failed: %s", req.id, msg, exc_info=err)
+        self._close(req, "error")
+        return StreamDelta(req.id, [], "", "", True, "error", self._completion(req, msg), error=msg)
 
     def _starts_thinking(self, prompt: list[int]) -> bool:
         """Does the prompt end inside an open <think> (R1 chat template with thinking on)? Then the generation
@@ -628,6 +691,13 @@ class Engine:
             return False
         tail = _decode(self.tokenizer, prompt[-8:]).rstrip()
         return tail.endswith(THINK_START)
+
+
+def _concat(rows: list[Sampled]) -> Sampled:
+    """One-row Sampled answers -> one answer for all the rows (placeholders where a row has no logprobs)."""
+    lp = [r.logprobs[0] if r.logprobs else 0.0 for r in rows] if any(r.logprobs for r in rows) else None
+    top = [r.top_logprobs[0] if r.top_logprobs else {} for r in rows] if any(r.top_logprobs for r in rows) else None
+    return Sampled([r.tokens[0] for r in rows], lp, top)
 
 
 def _pick(out, idx: list[int]):

@@ -2,25 +2,42 @@
 
 Everything runs on (N, vocab) tensors for the whole batch at once; the only Python loop is over requests, to read
 their parameters and draw one uniform number from each request's own torch.Generator (so a seeded request samples
-the same tokens whatever else shares its batch).
+the same tokens whatever else shares its batch). The draws come last: a failure before them leaves every generator
+as it was, so the engine can retry the rows one by one and fail only the request at fault.
 
 Order, as vLLM applies it: penalties on the raw logits (repetition, then frequency/presence), temperature, min-p,
 top-k, top-p, then one draw by inverse CDF. `logprobs` are computed before all of that, from log_softmax(logits /
 temperature) (raw logits when greedy): the quantity a training forward recomputes (GRPO compares the two).
+
+Hostile values (a server passes its clients' numbers here) cannot break the arithmetic: SamplingParams refuses
+NaN, infinities and non-integers; the sampler clamps what is left to the model and to float32. top_k beyond the
+vocabulary is no limit; a temperature below MIN_TEMPERATURE is greedy (logits / 1e-38 overflow float32 to NaN);
+temperatures and penalties are clamped to +-FLOAT_LIMIT (a repetition penalty to [1 / FLOAT_LIMIT, FLOAT_LIMIT]),
+which keeps penalty * count and logit / temperature finite and is far beyond any gap between two logits. Reported
+logprobs are never below LOGPROB_FLOOR = -9999.0, the value OpenAI's API reports for impossible tokens: a -inf
+logit (a token the model rules out) or an underflow becomes -9999.0, so logprobs are always finite JSON numbers.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import UsageError
 
+MIN_TEMPERATURE = 1e-5      # below: greedy (vLLM's _SAMPLING_EPS)
+FLOAT_LIMIT = 1e6           # bound on temperatures and penalties inside the sampler's float32 tensors
+LOGPROB_FLOOR = -9999.0     # the lowest logprob reported (OpenAI's value for an impossible token)
+FLOAT_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
+INT_FIELDS = ("top_k", "max_tokens", "top_logprobs")
+
 
 @dataclass
 class SamplingParams:
-    temperature: float = 1.0          # 0 = greedy
+    temperature: float = 1.0          # 0 (anything below MIN_TEMPERATURE) = greedy
     top_p: float = 1.0                # nucleus: keep the smallest set of tokens with probability mass >= top_p
     top_k: int = 0                    # keep the k most likely tokens (0 = all)
     min_p: float = 0.0                # drop tokens less likely than min_p * p(most likely token)
@@ -28,6 +45,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0    # OpenAI: logit -= frequency_penalty * (times the token was generated)
     repetition_penalty: float = 1.0   # CTRL (Keskar et al. 2019): positive logits / r, negative * r, prompt included
     seed: int | None = None           # per-request generator: the same seed gives the same text in any batch
+                                      # (any int; counted modulo 2^64, the generator's width)
     max_tokens: int = 256
     stop: tuple[str, ...] = ()        # stop strings (not included in the text)
     stop_token_ids: tuple[int, ...] = ()
@@ -39,6 +57,7 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
         self.stop = tuple(s for s in (self.stop or ()) if s)
+        _check_types(self)
         self.stop_token_ids = tuple(int(t) for t in (self.stop_token_ids or ()))
         checks = [
             (self.temperature >= 0, f"temperature={self.temperature}: expected >= 0 (0 = greedy)"),
@@ -55,11 +74,33 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < MIN_TEMPERATURE
 
     @property
     def has_penalties(self) -> bool:
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+
+def _check_types(p: SamplingParams) -> None:
+    """Numbers must be numbers: finite reals for the float fields, integers (not bools) for the int fields."""
+    def integer(v):
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+    for name in FLOAT_FIELDS:
+        v = getattr(p, name)
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+            raise UsageError(f"{name}={v!r}: expected a finite number")
+    for name in INT_FIELDS:
+        if not integer(getattr(p, name)):
+            raise UsageError(f"{name}={getattr(p, name)!r}: expected an integer")
+    if p.seed is not None and not integer(p.seed):
+        raise UsageError(f"seed={p.seed!r}: expected an integer (or None for a random seed)")
+    if not all(integer(t) for t in (p.stop_token_ids or ())):
+        raise UsageError(f"stop_token_ids={p.stop_token_ids!r}: expected integer token ids")
+
+
+def _clamp(x: float, lo: float, hi: float) -> float:
+    return min(max(x, lo), hi)
 
 
 @dataclass
@@ -82,18 +123,30 @@ def apply_penalties(logits: torch.Tensor, params: list[SamplingParams], prompts:
     L = max(1, max(len(outputs[i]) for i in rows))
     ids = torch.tensor([outputs[i] + [V] * (L - len(outputs[i])) for i in rows], device=dev)   # V = padding column
     counts = torch.zeros(len(rows), V + 1, device=dev).scatter_add_(1, ids, torch.ones(ids.shape, device=dev))[:, :V]
-    rep = torch.tensor([params[i].repetition_penalty for i in rows], device=dev)[:, None]
+    rep = torch.tensor([_clamp(params[i].repetition_penalty, 1 / FLOAT_LIMIT, FLOAT_LIMIT) for i in rows],
+                       device=dev)[:, None]
     if (rep != 1).any():
         P = max(len(prompts[i]) for i in rows)
         pids = torch.tensor([prompts[i] + [V] * (P - len(prompts[i])) for i in rows], device=dev)
         seen = torch.zeros(len(rows), V + 1, dtype=torch.bool, device=dev).scatter_(1, pids, True)[:, :V]
         seen |= counts > 0
         sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
-    freq = torch.tensor([params[i].frequency_penalty for i in rows], device=dev)[:, None]
-    pres = torch.tensor([params[i].presence_penalty for i in rows], device=dev)[:, None]
+    freq = torch.tensor([_clamp(params[i].frequency_penalty, -FLOAT_LIMIT, FLOAT_LIMIT) for i in rows],
+                        device=dev)[:, None]
+    pres = torch.tensor([_clamp(params[i].presence_penalty, -FLOAT_LIMIT, FLOAT_LIMIT) for i in rows],
+                        device=dev)[:, None]
     sub = sub - freq * counts - pres * (counts > 0)
     logits[rows] = sub
     return logits
+
+
+def _temperature(p: SamplingParams) -> float:
+    return min(p.temperature, FLOAT_LIMIT)      # 1e300 would be inf in float32, and -inf / inf is NaN
+
+
+def _floored(lp: torch.Tensor) -> torch.Tensor:
+    """Logprobs as finite numbers: -inf (and NaN, from a broken model) become LOGPROB_FLOOR, as lower values do."""
+    return torch.nan_to_num(lp, nan=LOGPROB_FLOOR).clamp_(min=LOGPROB_FLOOR)
 
 
 def _filter(x: torch.Tensor, params: list[SamplingParams]):
@@ -104,7 +157,7 @@ def _filter(x: torch.Tensor, params: list[SamplingParams]):
     if (min_p > 0).any():
         probs = x.softmax(-1)
         x = x.masked_fill(probs < min_p[:, None] * probs.amax(-1, keepdim=True), float("-inf"))
-    top_k = torch.tensor([p.top_k if p.top_k > 0 else V for p in params], device=dev)
+    top_k = torch.tensor([p.top_k if 0 < p.top_k < V else V for p in params], device=dev)   # 2^63: no limit
     top_p = torch.tensor([p.top_p for p in params], device=dev)
     if not ((top_k < V).any() or (top_p < 1).any()):
         return x, None
@@ -125,7 +178,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     want_lp = any(p.logprobs or p.top_logprobs for p in params)
     lp = None
     if want_lp:
-        t = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=dev)
+        t = torch.tensor([1.0 if p.greedy else _temperature(p) for p in params], device=dev)
         lp = torch.log_softmax(logits / t[:, None], dim=-1)
     if any(p.has_penalties for p in params):
         logits = apply_penalties(logits.clone(), params, prompts, outputs)
@@ -133,7 +186,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     rand_rows = [i for i, p in enumerate(params) if not p.greedy]
     if rand_rows:
         sub = [params[i] for i in rand_rows]
-        temp = torch.tensor([p.temperature for p in sub], device=dev)
+        temp = torch.tensor([_temperature(p) for p in sub], device=dev)
         x, order = _filter(logits[rand_rows] / temp[:, None], sub)
         cdf = x.softmax(-1).cumsum(-1)
         u = torch.stack([torch.rand((), generator=generators[i], device=dev) for i in rand_rows])
@@ -143,11 +196,11 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
         tokens[rand_rows] = chosen[:, 0]
     out = Sampled(tokens.tolist())
     if lp is not None:
-        out.logprobs = lp.gather(1, tokens[:, None])[:, 0].tolist()
-        n = max(p.top_logprobs for p in params)
+        out.logprobs = _floored(lp.gather(1, tokens[:, None])[:, 0]).tolist()
+        n = min(max(p.top_logprobs for p in params), V)
         if n:
             vals, idx = lp.topk(n, dim=-1)
-            vals, idx = vals.tolist(), idx.tolist()
+            vals, idx = _floored(vals).tolist(), idx.tolist()
             out.top_logprobs = [dict(zip(idx[i][:p.top_logprobs], vals[i][:p.top_logprobs])) for i, p in
                                 enumerate(params)]
     return out

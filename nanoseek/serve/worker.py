@@ -33,9 +33,22 @@ class WorkerDead(Exception):
     """The engine thread is stopped (shutdown, or it crashed): the caller answers 503."""
 
 
+class RequestFailed(RuntimeError):
+    """This request alone failed inside the engine (its sampling, detokenising, stop rules, or the batched forward
+    it was in); the others go on. The message is the engine's `error` ("sampling failed: ValueError: ..."),
+    `completion` the Completion so far (finish_reason "error"). Not the client's fault (the engine checks a
+    request's parameters when it is added): the caller answers 500 engine_error, for this request only."""
+
+    def __init__(self, message: str, completion=None):
+        super().__init__(message)
+        self.completion = completion
+
+
 @dataclass
 class Job:
-    """One request on its way through the engine. Items put on `queue`: StreamDelta, or an Exception (then done)."""
+    """One request on its way through the engine. Items put on `queue`: StreamDelta, or an Exception (then done):
+    the engine's refusal from add_request (UsageError / ValueError), RequestFailed, WorkerDead, or a RuntimeError
+    when a whole engine step failed."""
     request_id: str
     prompt: list[int]
     params: Any                          # SamplingParams
@@ -324,7 +337,10 @@ class EngineWorker:
                     self._running.pop(d.request_id, None)
                     job.state = "done"
                 self._finish_metrics(job, d.finish_reason or "stop", d.completion)
-            job.push(d)
+            if d.finish_reason == "error":
+                job.push(RequestFailed(d.error or "the engine failed on this request", d.completion))
+            else:
+                job.push(d)
 
     def _recover(self, err: Exception) -> dict:
         with self._cv:
