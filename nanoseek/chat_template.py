@@ -4,11 +4,16 @@ transformers does (sandboxed jinja2, the same variables and helpers).
 It lives apart from the Tokenizer because text is rendered before any tokenizer exists: the pretraining corpus and
 the tokenizer's own training data hold chats (`{"messages": [...]}` rows, the tasks' worked solutions), and a
 tokenizer is trained on their rendered text. `nanoseek.tokenizer` uses it for `apply_chat_template`.
+
+The helpers at the end (`strings_in`, `mark_strings`, `unused_chars`) let the tokenizer tell, in a rendered chat,
+the control tokens the template wrote from the control-token strings a user typed (see Tokenizer.encode_chat).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable, Iterator
+from itertools import chain, islice
 
 from .errors import UsageError
 
@@ -90,3 +95,40 @@ def render_chat(messages: list[dict], template: str = CHAT_TEMPLATE, add_generat
                                add_generation_prompt=add_generation_prompt, **variables)
     except jinja2.exceptions.TemplateError as e:
         raise UsageError(f"chat template failed: {e}") from e
+
+
+# ---------------------------------------------------------------- user strings inside a rendered chat
+def strings_in(value) -> Iterator[str]:
+    """Every string inside `value` (messages, or any JSON-like value): the text a user may have written."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from strings_in(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from strings_in(v)
+
+
+def mark_strings(value, spots: Callable[[str], list[tuple[int, int]]], open_: str, close: str):
+    """`value` with the spots of each of its strings wrapped as open_ + spot + close (dict keys are left alone).
+    spots(s) gives (start, end) pairs, sorted and apart. A template passes the markers through with the text they
+    sit in, or drops them with it, so that in the rendered chat they still say which characters a user wrote."""
+    if isinstance(value, str):
+        out, at = [], 0
+        for start, end in spots(value):
+            out += [value[at:start], open_, value[start:end], close]
+            at = end
+        return "".join(out) + value[at:] if out else value
+    if isinstance(value, dict):
+        return {k: mark_strings(v, spots, open_, close) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(mark_strings(v, spots, open_, close) for v in value)
+    return value
+
+
+def unused_chars(texts: Iterable[str], n: int) -> list[str]:
+    """Up to n characters found in none of `texts`: private-use ones first (U+E000..., planes 15 and 16)."""
+    used = set().union(*map(set, texts))
+    candidates = chain(range(0xE000, 0xF900), range(0xF0000, 0x110000), range(0x80, 0xD800), range(0x10000, 0xF0000))
+    return list(islice((c for c in map(chr, candidates) if c not in used), n))

@@ -11,6 +11,9 @@ Choices, and why:
 - Digits are split one per token before BPE (as DeepSeek-LLM and Llama do; V3 groups up to three). The verifiable
   tasks are digit-by-digit arithmetic, and a small model learns column sums far more easily from single digits.
 - Special tokens first, so bos=0 and eos=1 match ModelConfig's defaults (and DeepSeek-V3's own ids).
+- A chat's ids hold control tokens only where the template wrote them: special-token strings in what a user wrote
+  (content, reasoning, names, any field) are encoded as text (`encode_chat`), so no one can forge a turn's end, a
+  role or a think tag. `encode` of a bare text still turns them into their ids, as transformers does.
 """
 
 from __future__ import annotations
@@ -20,11 +23,12 @@ import os
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import ClassVar
 
 from .chat_template import BOS as _BOS
-from .chat_template import CHAT_TEMPLATE, render_chat
+from .chat_template import CHAT_TEMPLATE, mark_strings, render_chat, strings_in, unused_chars
 from .chat_template import EOS as _EOS
 from .errors import UsageError
 
@@ -230,14 +234,19 @@ class Tokenizer:
             return [[self.bos_id, *e.ids] for e in encs]
         return [e.ids for e in encs]
 
-    def decode(self, ids, skip_special_tokens: bool = False) -> str:
-        """ids -> text. An incomplete UTF-8 sequence at the end decodes to U+FFFD (stream with care)."""
+    def decode(self, ids, skip_special_tokens: bool = False, skip_control: bool = False) -> str:
+        """ids -> text. An incomplete UTF-8 sequence at the end decodes to U+FFFD (stream with care).
+        skip_control=True leaves out the control tokens (`control_ids`) and keeps the think tags: a model's answer
+        as a client may see it."""
         if hasattr(ids, "tolist"):
             ids = ids.tolist()
-        return self._tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        ids = [i for i in ids if i not in self.control_ids] if skip_control else list(ids)
+        return self._tk.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def decode_batch(self, batch, skip_special_tokens: bool = False) -> list[str]:
-        return self._tk.decode_batch([list(x) for x in batch], skip_special_tokens=skip_special_tokens)
+    def decode_batch(self, batch, skip_special_tokens: bool = False, skip_control: bool = False) -> list[str]:
+        drop = self.control_ids if skip_control else ()
+        return self._tk.decode_batch([[i for i in x if i not in drop] for x in batch],
+                                     skip_special_tokens=skip_special_tokens)
 
     def token_to_id(self, token: str) -> int | None:
         return self._tk.token_to_id(token)
@@ -247,22 +256,151 @@ class Tokenizer:
 
     @property
     def special_ids(self) -> set[int]:
-        return set(self._tk.get_added_tokens_decoder()) if hasattr(self._tk, "get_added_tokens_decoder") else set()
+        """Ids of every token added to the vocabulary (special or not in tokenizer.json's sense)."""
+        return set(self._added)
+
+    # ---------------------------------------------------------------- control tokens
+    @cached_property
+    def _added(self) -> dict:
+        """{id: AddedToken} of the tokens added to the vocabulary: bos, eos, pad, roles, think tags, tool markers..."""
+        return dict(self._tk.get_added_tokens_decoder())
+
+    @cached_property
+    def _protected(self) -> dict[str, int]:
+        """{string: id} of the added tokens that a user's text must never produce: all but runs of whitespace (some
+        vocabularies add those as tokens for code; they are text). Published DeepSeek tokenizers mark <｜User｜>,
+        <｜Assistant｜> and <think> *non*-special, so "special" in tokenizer.json's sense would not be enough."""
+        return {t.content: i for i, t in self._added.items() if t.content.strip()}
+
+    @cached_property
+    def control_ids(self) -> frozenset[int]:
+        """Ids that are never a chat's text: the protected added tokens but <think> and </think> (a model writes
+        those, and they become reasoning_content). Generated text for a client is decoded without them."""
+        return frozenset(self._protected.values()) - {self.think_start_id, self.think_end_id}
+
+    @cached_property
+    def _matcher(self):
+        """(tokenizer, {its id: our id}) that finds the protected tokens in a text by the library's own rules
+        (leftmost longest match, the tokens' strip/word flags, the normalizer) and sees all else as one unknown
+        word, so that finding them costs no BPE."""
+        from tokenizers import AddedToken, models
+        from tokenizers import Tokenizer as HFTokenizer
+        unknown = "\ufffe"  # a noncharacter: no token's string
+        m = HFTokenizer(models.WordLevel({unknown: 0}, unk_token=unknown))
+        if self._tk.normalizer is not None:
+            m.normalizer = self._tk.normalizer
+        added = [t for t in self._added.values() if t.content in self._protected]
+        m.add_tokens([AddedToken(t.content, single_word=t.single_word, lstrip=t.lstrip, rstrip=t.rstrip,
+                                 normalized=t.normalized, special=t.special) for t in added])
+        return m, {m.token_to_id(t.content): self._protected[t.content] for t in added}
+
+    @cached_property
+    def _plain(self):
+        """This tokenizer without the protected tokens: encodes a user's text, special-token strings as text."""
+        from tokenizers import Tokenizer as HFTokenizer
+        data = json.loads(self._tk.to_str())
+        data["added_tokens"] = [t for t in data.get("added_tokens") or [] if t["content"] not in self._protected]
+        return HFTokenizer.from_str(json.dumps(data))
+
+    @cached_property
+    def _edges(self) -> tuple[set[str], set[str], int]:
+        """(proper prefixes, proper suffixes, longest length) of the protected strings."""
+        words = list(self._protected)
+        prefixes = {w[:n] for w in words for n in range(1, len(w))}
+        suffixes = {w[n:] for w in words for n in range(1, len(w))}
+        return prefixes, suffixes, max(map(len, words), default=0)
+
+    def _find_protected(self, text: str) -> list[tuple[int, int, int]]:
+        """(start, end, id) of each protected token in `text`, as encode() would match it."""
+        m, ids = self._matcher
+        enc = m.encode(text, add_special_tokens=False)
+        return [(s, e, ids[i]) for i, (s, e) in zip(enc.ids, enc.offsets) if i in ids]
+
+    def _user_spots(self, text: str) -> list[tuple[int, int]]:
+        """Spans of a user's string to mark: each protected token in it, and a start that ends one (a proper
+        suffix) or an end that starts one (a proper prefix), which the text beside it could complete."""
+        spots = [(s, e) for s, e, _ in self._find_protected(text)]
+        prefixes, suffixes, longest = self._edges
+        first, last = (spots[0][0], spots[-1][1]) if spots else (len(text), 0)
+        head = next((k for k in range(min(longest - 1, first), 0, -1) if text[:k] in suffixes), 0)
+        tail = next((k for k in range(min(longest - 1, len(text) - last), 0, -1) if text[-k:] in prefixes), 0)
+        if head and tail and head > len(text) - tail:  # one short string that is both: mark it whole
+            return [(0, len(text))]
+        return ([(0, head)] if head else []) + spots + ([(len(text) - tail, len(text))] if tail else [])
+
+    def _encode_text(self, text: str, drop: str = "") -> list[int]:
+        """A text that holds no control token: the characters of `drop` are removed, the rest encoded with the
+        protected tokens' strings taken as text."""
+        for c in drop:
+            text = text.replace(c, "")
+        ids = self._plain.encode(text, add_special_tokens=False).ids if text else []
+        forged = set(ids) & set(self._protected.values())
+        if forged:
+            name = self.id_to_token(min(forged))
+            raise UsageError(f"this tokenizer's vocabulary spells the control token {name!r} from plain text, so a "
+                             "user could forge it; remove it from tokenizer.json's model vocabulary and merges, and "
+                             "keep it only among the added tokens")
+        return ids
 
     # ---------------------------------------------------------------- chat
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, tokenize: bool = False,
                             thinking: bool = True, **variables) -> str | list[int]:
         """Render messages with the chat template (as transformers does; `thinking` is a template variable).
 
-        tokenize=True returns ids; the template already writes bos, so none is added again."""
+        tokenize=True returns `encode_chat`'s ids: control-token strings that came from the messages (or from
+        `variables`) are text; the template's own markers are control tokens. The template already writes bos, so
+        none is added again."""
+        if tokenize:
+            return self.encode_chat(messages, add_generation_prompt=add_generation_prompt, thinking=thinking,
+                                    **variables)
+        return self._render(messages, add_generation_prompt, thinking, variables)
+
+    def _render(self, messages, add_generation_prompt: bool, thinking: bool, variables: dict) -> str:
         if self.chat_template is None:
             raise UsageError("this tokenizer has no chat template (tokenizer_config.json has no chat_template and "
                              "there is no chat_template.jinja); add one or use a model folder that has it")
         special = {"bos_token": self.bos_token or "", "eos_token": self.eos_token or "",
                    "pad_token": self.pad_token or ""}
-        text = render_chat(messages, self.chat_template, add_generation_prompt=add_generation_prompt,
+        return render_chat(messages, self.chat_template, add_generation_prompt=add_generation_prompt,
                            thinking=thinking, **{**special, **variables})
-        return self.encode(text) if tokenize else text
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, thinking: bool = True,
+                    **variables) -> list[int]:
+        """The chat's ids, safe for any template: a control token comes only from the template, never from a
+        string a user wrote (any message field, any variable but bos/eos/pad_token), which is encoded as text.
+
+        How: where a user's string holds a control token's text (or the start or end of one, which a neighbouring
+        string could complete), that spot is wrapped in two marker characters found nowhere else, and the chat is
+        rendered with them. The template transforms the text as it likes (R1 splits a past answer on </think> and
+        keeps the rest, others trim it); the markers travel with the characters they wrap. In the result, a control
+        token's text between the two markers, or cut by one, is a user's; the others are the template's. The text
+        between the template's tokens is encoded with control tokens taken as text, the markers removed. With no
+        such spot in any string, this is exactly encode(apply_chat_template(...)).
+
+        Limits, all on the side of text: a template that looks at a user's string character by character (slices,
+        lengths, startswith on a marked end) sees the markers, so its text may differ from the text path's there;
+        a template that joins a user's string's pieces around a control token of its own writes that token as
+        text. Not seen: a template that deletes characters inside a user's string to join what was on either side
+        (none we know of does)."""
+        keep = {k: v for k, v in variables.items() if k in ("bos_token", "eos_token", "pad_token")}
+        user = {k: v for k, v in variables.items() if k not in keep}
+        spots = {s: self._user_spots(s) for s in strings_in((messages, user))}
+        if not any(spots.values()):
+            return self.encode(self._render(messages, add_generation_prompt, thinking, variables))
+        markers = unused_chars([*spots, self.chat_template or "", *self._protected], 2)
+        if len(markers) < 2:
+            raise UsageError("this chat uses nearly every Unicode character: no two are left to mark its text with")
+        open_, close = markers
+        messages, user = mark_strings((messages, user), spots.__getitem__, open_, close)
+        text = self._render(messages, add_generation_prompt, thinking, {**user, **keep})
+        ids, at = [], 0
+        for start, end, tid in self._find_protected(text):
+            if text[start - 1:start] == open_ and text[end:end + 1] == close:
+                continue  # a user's (a stray marker beside the template's own, from a cut string, is no sign)
+            ids += self._encode_text(text[at:start], markers)
+            ids.append(tid)
+            at = end
+        return ids + self._encode_text(text[at:], markers)
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_token!r}, eos={self.eos_token!r})"
