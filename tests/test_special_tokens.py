@@ -216,8 +216,6 @@ def test_decoding_generated_ids_without_control_tokens_keeps_think_tags(tok):
     assert tok.decode_batch([generated], skip_control=True) == ["<think>\nplan\n</think>\n\nhithere"]
 
 
-@pytest.mark.xfail(strict=True, reason="the engine decodes with control tokens: nanoseek/infer/engine.py's _decode "
-                   "must drop tok.control_ids (issue 9 item 4; remove this mark when it does)")
 def test_engine_chat_output_carries_no_control_tokens(tok, monkeypatch):
     import torch
 

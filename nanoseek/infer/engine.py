@@ -713,4 +713,7 @@ def _encode(tok, text: str) -> list[int]:
 
 
 def _decode(tok, ids: list[int]) -> str:
-    return tok.decode(ids, skip_special_tokens=False)   # keep <think> tags: the reasoning split needs them
+    """Generated ids -> text without control tokens (BOS/EOS/pad/role markers: a chat reply never carries them), but
+    with <think> tags, which the reasoning split needs. A tokenizer without `control_ids` decodes everything."""
+    control = getattr(tok, "control_ids", ())
+    return tok.decode([i for i in ids if i not in control], skip_special_tokens=False)
