@@ -131,16 +131,32 @@ def run_page(browser, url, key, shots):
     page = browser.new_page(viewport={"width": 1280, "height": 800})
     errors = []
     page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(url + "/")
+    # the page runs under the server's strict CSP (scripts and styles from the server only, nothing inline): it
+    # must work under it, and nothing it does may be blocked
+    page.add_init_script("window.__blocked = []; document.addEventListener('securitypolicyviolation', "
+                         "(e) => window.__blocked.push(e.violatedDirective + ' ' + e.blockedURI));")
+    response = page.goto(url + "/")
     assert page.title() == "nanoseek chat"
+    assert "script-src 'self'" in response.headers["content-security-policy"]
+    assert response.headers["x-frame-options"] == "DENY"
     # the key goes in through the settings panel and is remembered by the browser
     page.click("#settings-toggle")
     page.fill("#api-key", key)
     page.press("#api-key", "Tab")                     # "change" fires when the field loses focus
     page.eval_on_selector("#temperature", "el => { el.value = 0; el.dispatchEvent(new Event('input')); }")
     page.click("#settings-toggle")
-    page.wait_for_function("document.getElementById('model-name').textContent === 'tiny-r1'")
+    # (predicates are functions: the page's CSP forbids evaluating strings, which is how Playwright runs those)
+    page.wait_for_function("() => document.getElementById('model-name').textContent === 'tiny-r1'")
     assert key in page.evaluate("localStorage.getItem('nanoseek.settings')")
+    # the max-tokens field goes as far as the server accepts (GET v1/limits), not further
+    page.wait_for_function("() => document.getElementById('max-tokens').max === '4096'")
+    page.click("#settings-toggle")
+    page.fill("#max-tokens", "32768")
+    page.press("#max-tokens", "Tab")
+    assert page.input_value("#max-tokens") == "4096"
+    page.fill("#max-tokens", "512")
+    page.press("#max-tokens", "Tab")
+    page.click("#settings-toggle")
 
     # count how many times the answer's text changes while it streams in
     page.evaluate("""() => {
@@ -169,7 +185,7 @@ def run_page(browser, url, key, shots):
     assert page.get_attribute("#think-toggle", "aria-pressed") == "false"
     page.fill("#prompt", "hello")
     page.press("#prompt", "Enter")
-    page.wait_for_function("document.querySelectorAll('.msg.assistant').length === 2 && "
+    page.wait_for_function("() => document.querySelectorAll('.msg.assistant').length === 2 && "
                            "!document.querySelector('.msg.assistant.streaming')", timeout=30000)
     assert not page.locator(".msg.assistant").nth(1).locator("details.thinking").is_visible()
 
@@ -180,8 +196,11 @@ def run_page(browser, url, key, shots):
     # a phone: the same page, one column, nothing wider than the screen
     phone = browser.new_page(viewport={"width": 390, "height": 844}, is_mobile=True)
     phone.goto(url + "/")
-    phone.evaluate(f"localStorage.setItem('nanoseek.settings', JSON.stringify({{apiKey: '{key}', temperature: 0}}))")
+    # (a max_tokens kept from a time the field allowed more is brought down to the server's limit)
+    phone.evaluate(f"localStorage.setItem('nanoseek.settings', JSON.stringify({{apiKey: '{key}', temperature: 0, "
+                   "maxTokens: 32768}))")
     phone.reload()
+    phone.wait_for_function("() => JSON.parse(localStorage.getItem('nanoseek.settings')).maxTokens === 4096")
     phone.fill("#prompt", "what is 2+3?")
     phone.press("#prompt", "Enter")
     phone.wait_for_selector(".msg.assistant:not(.streaming) .answer:not(:empty)", timeout=30000)
@@ -206,3 +225,4 @@ def run_page(browser, url, key, shots):
     assert box["x"] >= 0 and box["x"] + box["width"] <= 390
     phone.screenshot(path=str(shots / "phone.png"), full_page=True)
     assert not errors, errors
+    assert page.evaluate("window.__blocked") == [], "the CSP blocked part of the page"

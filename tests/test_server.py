@@ -72,15 +72,19 @@ def build_chat_model(root) -> str:
 
 
 class ServerThread:
-    """uvicorn on a free 127.0.0.1 port, in a background thread (lifespan on: the engine thread starts with it)."""
+    """uvicorn on a free 127.0.0.1 port, in a background thread (lifespan on: the engine thread starts with it),
+    configured as `nanoseek serve` runs it (transport.server_config: read deadlines, connection cap); `transport`
+    overrides server_config's settings (e.g. header_timeout_s=1)."""
 
-    def __init__(self, app):
+    def __init__(self, app, **transport):
         import uvicorn
+
+        from nanoseek.serve.transport import server_config
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        self.server = uvicorn.Server(server_config(app, log_level="warning", **transport))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self):

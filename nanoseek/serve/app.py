@@ -3,8 +3,9 @@
     nanoseek serve --model DIR [--host 127.0.0.1] [--port 8000] [--api-key KEY]
 
 Endpoints (each also without the /v1 prefix): POST /v1/chat/completions, POST /v1/completions, GET /v1/models,
-GET /health, GET /metrics (Prometheus text), and the chat page at /. With an API key, the /v1 endpoints need
-`Authorization: Bearer KEY`; /health, /metrics and the page (which asks for the key) do not. The wire format
+GET /v1/limits (what a request may ask for), GET /health, GET /metrics (Prometheus text), and the chat page at /.
+GET routes answer HEAD too; a wrong method gets 405 with the route's Allow. With an API key, the /v1 endpoints
+need `Authorization: Bearer KEY`; /health, /metrics and the page (which asks for the key) do not. The wire format
 (schemas, errors, response and chunk builders) lives in protocol.py, the engine thread in worker.py; this module
 holds the routes, the one streaming pump both generation endpoints share, and the command.
 
@@ -14,13 +15,20 @@ The path of a request: `parse` (key, body, schema) -> prompt ids -> `make_params
 chunks).
 
 Robustness rules, because a public endpoint meets every kind of client:
-- every request is bounded (body bytes before any JSON parsing, number of messages, prompt tokens against the
-  context, max_tokens), and every error is an OpenAI-style body {"error": {"message", "type", "code"}} with the
+- every request is bounded (body bytes before any JSON parsing, number of messages, prompt characters against
+  the context before any tokenizing, then prompt tokens, max_tokens), and every error is an OpenAI-style body {"error": {"message", "type", "code"}} with the
   status of DeepSeek's table: 400 bad JSON / format, 401 bad key, 422 invalid parameters, 429 queue full, 503
   engine down. A client's mistake is never a 500;
 - backpressure: at most --max-concurrency requests in the engine and --max-queue waiting; the next one gets 429 and
   Retry-After at once (an unbounded queue only turns overload into timeouts for everybody);
-- a client that disconnects cancels its generation (engine.abort frees its cache blocks).
+- a client that disconnects cancels its generation (engine.abort frees its cache blocks), streamed or not;
+- nothing slow runs on the event loop: chat templates and tokenizing run in a worker thread, after the length check;
+- browsers: only this server's own page, or --allowed-origins, may call it (403 otherwise), a POST body must be
+  declared JSON (415: web pages send text/plain anywhere without asking), a Host header that is not one of this
+  server's names is refused (403: DNS rebinding), and every answer carries a strict CSP and nosniff / frame /
+  referrer headers (`Guard`);
+- slow clients are cut off by read deadlines, and open connections are capped far above what the queue admits
+  (transport.py), so an overload is still answered 429.
 """
 
 from __future__ import annotations
@@ -32,17 +40,21 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import ClassVar
 
+import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from fastapi.staticfiles import StaticFiles
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect
 
 from ..errors import UsageError
 from . import protocol as P
@@ -93,7 +105,7 @@ class BodyLimit:
 class CountRequests:
     """Counts answered requests by endpoint and status for /metrics (streams count when their headers go out)."""
 
-    ENDPOINTS = ("/chat/completions", "/completions", "/models", "/health", "/metrics")
+    ENDPOINTS = ("/chat/completions", "/completions", "/models", "/limits", "/health", "/metrics")
 
     def __init__(self, app, metrics: Metrics):
         self.app, self.metrics = app, metrics
@@ -111,6 +123,92 @@ class CountRequests:
             await send(msg)
 
         await self.app(scope, receive, counting_send)
+
+
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")       # as Host headers write them
+LOOPBACK_BINDS = ("127.0.0.1", "localhost", "::1", "[::1]")  # as --host writes them
+# The page loads its script, style and data from this server only: no inline code, no other site, no frames.
+PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+            "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+SECURITY_HEADERS = [(b"content-security-policy", PAGE_CSP.encode()), (b"x-content-type-options", b"nosniff"),
+                    (b"x-frame-options", b"DENY"), (b"referrer-policy", b"no-referrer")]
+
+
+def split_host(host: str) -> tuple[str, str]:
+    """A Host header -> (name, port): 'LocalHost:8000' -> ('localhost', '8000'), '[::1]' -> ('[::1]', '')."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        name, _, rest = host.partition("]")
+        return name + "]", rest[1:] if rest.startswith(":") else ""
+    name, _, port = host.partition(":")
+    return name, port
+
+
+class Guard:
+    """What every request must pass before any route, and the headers every answer carries.
+
+    - Host: a name this server answers to: 127.0.0.1, localhost or [::1] with the server's port, plus
+      `allowed_hosts` ("name" for any port, "name:port", "*" for any). A web page whose own name was re-pointed at
+      127.0.0.1 (DNS rebinding) sends its own name as Host, and is refused.
+    - Origin (browsers send it with cross-site requests): this server's own page, or one of `allowed_origins`
+      (which also get CORS headers, preflight included, from the CORS middleware inside); any other page is
+      refused, so a site the user visits cannot use a keyless local server.
+    - a POST body is declared `application/json`: a page may send text/plain or a form to any address without
+      asking first (a CORS "simple" request), but never JSON.
+    - every answer, errors included, carries the page's CSP, nosniff, frame and referrer protection.
+    """
+
+    def __init__(self, app, allowed_hosts: Sequence[str] = (), allowed_origins: Sequence[str] = ()):
+        self.app = app
+        self.hosts = {h.strip().lower() for h in allowed_hosts}
+        self.origins = {o.strip().lower().rstrip("/") for o in allowed_origins}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def secured_send(msg):
+            if msg["type"] == "http.response.start":
+                msg = {**msg, "headers": [*msg.get("headers", ()), *SECURITY_HEADERS]}
+            await send(msg)
+
+        err = self.refusal(scope, Headers(scope=scope))
+        if err is not None:
+            return await error_response(err)(scope, receive, secured_send)
+        await self.app(scope, receive, secured_send)
+
+    def refusal(self, scope, headers: Headers) -> APIError | None:
+        host, origin = headers.get("host", ""), headers.get("origin")
+        if not self.host_ok(host, scope.get("server")):
+            return APIError(403, f"this server does not answer to the host name {host!r} (a web page reaching it "
+                            "through DNS rebinding looks like this); to serve that name, start it with "
+                            "--allowed-hosts NAME", "host_not_allowed")
+        if origin is not None and not self.origin_ok(origin, host):
+            return APIError(403, f"requests from the web page at {origin} are not allowed; to let that page call "
+                            f"this server, start it with --allowed-origins {origin}", "origin_not_allowed")
+        if scope["method"] == "POST":
+            ctype = headers.get("content-type", "").partition(";")[0].strip().lower()
+            if ctype != "application/json":
+                return APIError(415, f"the request body must be JSON sent with 'Content-Type: application/json' "
+                                f"(got {ctype or 'no Content-Type'}); with curl, add "
+                                "-H 'Content-Type: application/json'", "unsupported_media_type")
+        return None
+
+    def host_ok(self, host: str, server) -> bool:
+        if "*" in self.hosts:
+            return True
+        name, port = split_host(host)
+        if name in LOOPBACK_NAMES:   # with this server's port (the browser sends it unless it is 80)
+            ours = str(server[1]) if server and server[1] else None
+            return ours is None or port == ours or (not port and ours == "80")
+        return bool(name) and (name in self.hosts or f"{name}:{port}" in self.hosts)
+
+    def origin_ok(self, origin: str, host: str) -> bool:
+        origin = origin.strip().lower().rstrip("/")
+        if "*" in self.origins or origin in self.origins:
+            return True
+        _, sep, netloc = origin.partition("://")   # this server's own page: the origin's host:port is its Host
+        return bool(sep and host) and netloc == host.strip().lower()
 
 
 class SSEResponse(StreamingResponse):
@@ -148,6 +246,10 @@ class Service:
         self.fingerprint = f"fp_nanoseek_{uuid.uuid5(uuid.NAMESPACE_DNS, self.model_name).hex[:8]}"
         self.vocab = self.tokenizer.vocab_size
         self.control_ids, self.control_strings = P.control_tokens(self.tokenizer)
+        # The most characters one token stands for (a byte-level token's string has one character per byte, so
+        # it is never shorter than the text it encodes): a prompt longer than max_prompt of these cannot fit.
+        self.max_token_chars = max((len(self.tokenizer.id_to_token(i) or "") for i in range(self.vocab)),
+                                   default=1) or 1
 
     def check_key(self, request: Request) -> None:
         if not self.api_key:
@@ -162,7 +264,11 @@ class Service:
     async def parse(self, request: Request, schema):
         """Key, then the body as JSON, then the schema: (request, thinking default of the model name asked for)."""
         self.check_key(request)
-        raw = await request.body()
+        try:
+            raw = await request.body()
+        except ClientDisconnect:
+            raise APIError(499, "the client closed the connection before sending its whole request",
+                           "client_closed_request") from None
         try:
             data = json.loads(raw)
         except (ValueError, RecursionError) as e:  # (RecursionError: nesting too deep for the parser)
@@ -185,11 +291,27 @@ class Service:
                            "(see GET /v1/models)", "model_not_found", param="model")
         return req, P.MODEL_ALIASES[req.model]
 
-    def make_params(self, req, n_prompt: int, logprobs: bool, top_logprobs: int):
-        """The engine's SamplingParams for `req`, checked against the context and this server's limits."""
+    def check_length(self, chars: int) -> None:
+        """Refuse a prompt by its length in characters alone, before any tokenizing: beyond max_prompt tokens of the
+        longest token, it cannot fit the context. (Tokenizing a 1 MB text takes a second.)"""
+        if self.max_prompt is not None and chars > self.max_prompt * self.max_token_chars:
+            raise APIError(400, f"This model's maximum context length is {self.ctx} tokens; the prompt has {chars} "
+                           "characters, more than that many tokens can hold. Shorten the conversation.",
+                           "context_length_exceeded")
+
+    def check_tokens(self, n_prompt: int) -> None:
         if self.max_prompt is not None and n_prompt > self.max_prompt:
             raise APIError(400, f"This model's maximum context length is {self.ctx} tokens; the prompt has "
                            f"{n_prompt} tokens. Shorten the conversation.", "context_length_exceeded")
+
+    async def off_loop(self, fn, *args, **kw):
+        """fn(*args, **kw) in a worker thread: chat templates and tokenizing are CPU work that would stall every
+        other request (and /health) if they ran on the event loop."""
+        return await anyio.to_thread.run_sync(partial(fn, *args, **kw))
+
+    def make_params(self, req, n_prompt: int, logprobs: bool, top_logprobs: int):
+        """The engine's SamplingParams for `req`, checked against the context and this server's limits."""
+        self.check_tokens(n_prompt)
         want = req.wanted_tokens()
         if want is not None and want > self.limits.max_tokens:
             raise APIError(422, f"max_tokens={want} is above this server's limit of {self.limits.max_tokens}",
@@ -226,14 +348,16 @@ class Service:
                 "system_fingerprint": self.fingerprint}
         return job, base
 
-    async def next_item(self, job: Job, request: Request | None):
-        """The job's next StreamDelta; None on a keep-alive tick. Raises what the engine thread reported."""
+    async def next_item(self, job: Job):
+        """The job's next StreamDelta; None on a keep-alive tick. Raises what the engine thread reported, or 499
+        when the client hung up (`watch_hang_up`)."""
         try:
             item = await asyncio.wait_for(job.queue.get(), self.limits.keepalive_s)
         except TimeoutError:
-            if request is not None and await request.is_disconnected():
-                raise asyncio.CancelledError() from None
             return None
+        if item is HUNG_UP:
+            raise APIError(499, "the client closed the connection before its answer was ready",
+                           "client_closed_request")
         if isinstance(item, WorkerDead):
             raise APIError(503, f"Server overloaded: {item}", "engine_unavailable", headers={"Retry-After": "5"})
         if isinstance(item, (ValueError, UsageError)):
@@ -243,13 +367,16 @@ class Service:
         return item
 
     async def run_to_end(self, job: Job, request: Request):
-        """Collect a non-streamed request; a client that hangs up meanwhile cancels it."""
+        """Collect a non-streamed request; a client that hangs up meanwhile cancels it (the engine frees its cache
+        blocks). Nothing is written before the end, so no failed write would tell: the connection is watched."""
+        watcher = asyncio.ensure_future(watch_hang_up(request.receive, job))
         try:
             while True:
-                d = await self.next_item(job, request)
+                d = await self.next_item(job)
                 if d is not None and d.finished:
                     return d.completion
         finally:
+            watcher.cancel()
             self.worker.cancel(job)  # no-op when finished
 
     def token_str(self, i: int) -> str:
@@ -262,6 +389,17 @@ class Service:
         return SSEResponse(pump(self, job, adapter), on_close=lambda: self.worker.cancel(job))
 
 
+HUNG_UP = object()     # put on a job's queue when its client closed the connection
+
+
+async def watch_hang_up(receive, job: Job) -> None:
+    """Wait until the client closes its connection, then wake the request's waiter with HUNG_UP. (Once the body is
+    read, the server's `receive` gives nothing but the disconnect.)"""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    job.queue.put_nowait(HUNG_UP)
+
+
 # --------------------------------------------------------------------------------------------- streaming
 async def pump(svc: Service, job: Job, adapter) -> AsyncIterator[str]:
     """The one streaming loop of both generation endpoints: the adapter's opening chunks, then the chunks of each
@@ -271,7 +409,7 @@ async def pump(svc: Service, job: Job, adapter) -> AsyncIterator[str]:
         for chunk in adapter.opening():
             yield P.sse(chunk)
         while True:
-            d = await svc.next_item(job, None)
+            d = await svc.next_item(job)
             if d is None:
                 yield P.KEEPALIVE
                 continue
@@ -383,9 +521,10 @@ async def chat_completions(request: Request):
         raise APIError(422, "top_logprobs requires logprobs=true", "invalid_parameter", param="top_logprobs")
     thinking = P.chat_thinking(req, thinking)
     messages = P.template_messages(req)
+    svc.check_length(sum(len(m["content"]) for m in messages))   # (every template writes each message's content)
     try:
-        prompt = svc.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                   thinking=thinking)
+        prompt = await svc.off_loop(svc.tokenizer.apply_chat_template, messages, add_generation_prompt=True,
+                                    tokenize=True, thinking=thinking)
     except Exception as e:  # a template that rejects this conversation (e.g. role order)
         raise APIError(400, f"the chat template could not render these messages: {e}", "invalid_messages") from None
     top_n = req.top_logprobs or 0
@@ -397,19 +536,23 @@ async def chat_completions(request: Request):
     return P.chat_response(base, comp, lp, svc.usage(comp))
 
 
-def completion_prompt_ids(svc: Service, req: CompletionRequest) -> tuple[list[int], str]:
-    """(prompt ids, prompt text) of a /v1/completions request."""
+async def completion_prompt_ids(svc: Service, req: CompletionRequest) -> tuple[list[int], str]:
+    """(prompt ids, prompt text) of a /v1/completions request, checked for length before it is encoded or decoded
+    (off the event loop)."""
     if req.suffix:
         raise APIError(422, "suffix (fill-in-the-middle) is not supported by this model", "invalid_parameter",
                        param="suffix")
     p = P.completion_prompt(req)
     if isinstance(p, str):
+        svc.check_length(len(p))
         bos = svc.tokenizer.bos_token
-        prompt, text = svc.tokenizer.encode(p, add_bos=not (bos and p.startswith(bos))), p  # a rendered chat has it
+        prompt = await svc.off_loop(svc.tokenizer.encode, p, add_bos=not (bos and p.startswith(bos)))  # a chat has it
+        text = p
     else:
         if any(not 0 <= t < svc.vocab for t in p):
             raise APIError(422, f"prompt token ids must be in [0, {svc.vocab})", "invalid_parameter", param="prompt")
-        prompt, text = list(p), svc.tokenizer.decode(p)
+        svc.check_tokens(len(p))
+        prompt, text = list(p), await svc.off_loop(svc.tokenizer.decode, p)
     if not prompt:
         raise APIError(422, "the prompt is empty", "invalid_parameter", param="prompt")
     return prompt, text
@@ -418,7 +561,7 @@ def completion_prompt_ids(svc: Service, req: CompletionRequest) -> tuple[list[in
 async def completions(request: Request):
     svc = service(request)
     req, _ = await svc.parse(request, CompletionRequest)
-    prompt, prompt_text = completion_prompt_ids(svc, req)
+    prompt, prompt_text = await completion_prompt_ids(svc, req)
     top_n, want_lp = req.logprobs or 0, req.logprobs is not None
     job, base = svc.submit(prompt, svc.make_params(req, len(prompt), want_lp, top_n), "cmpl")
     echo = prompt_text if req.echo else ""
@@ -445,6 +588,15 @@ async def model_info(request: Request, model_id: str):
     return P.model_card(svc.model_name, svc.created, svc.ctx)
 
 
+async def limits(request: Request):
+    """What a request may ask for (the chat page sizes its fields with it)."""
+    svc = service(request)
+    svc.check_key(request)
+    lim = svc.limits
+    return {"max_tokens": lim.max_tokens, "max_prompt_tokens": svc.max_prompt, "context_length": svc.ctx,
+            "max_messages": lim.max_messages, "max_body_bytes": lim.max_body_bytes}
+
+
 async def health(request: Request):
     svc = service(request)
     if not svc.worker.alive:
@@ -456,6 +608,13 @@ async def health(request: Request):
 async def prometheus(request: Request):
     worker = service(request).worker
     return Response(worker.metrics.render(worker), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+def page_file(path: Path):
+    """A route serving one file of the chat page."""
+    async def serve(request: Request):
+        return FileResponse(path)
+    return serve
 
 
 # --------------------------------------------------------------------------------------------- error handlers
@@ -481,13 +640,35 @@ async def on_unexpected(request, exc: Exception):
 
 
 # --------------------------------------------------------------------------------------------- the app
+def add_routes(app: FastAPI) -> None:
+    """The API (each path also without /v1), then the page's files one by one: a catch-all mount at / would answer
+    404 (or 405 with the wrong Allow) for every wrong method on an API path. GET routes answer HEAD too."""
+    get = ["GET", "HEAD"]
+    for prefix in ("/v1", ""):
+        app.add_api_route(f"{prefix}/chat/completions", chat_completions, methods=["POST"])
+        app.add_api_route(f"{prefix}/completions", completions, methods=["POST"])
+        app.add_api_route(f"{prefix}/models", models, methods=get)
+        app.add_api_route(f"{prefix}/models/{{model_id}}", model_info, methods=get)
+        app.add_api_route(f"{prefix}/limits", limits, methods=get)
+        app.add_api_route(f"{prefix}/health", health, methods=get)
+    app.add_api_route("/metrics", prometheus, methods=get)
+    if WEB.is_dir():
+        app.add_route("/", page_file(WEB / "index.html"), methods=["GET"], include_in_schema=False)  # (+ HEAD)
+        for f in sorted(WEB.iterdir()):
+            if f.is_file():
+                app.add_route(f"/{f.name}", page_file(f), methods=["GET"], include_in_schema=False)
+
+
 def create_app(engine, tokenizer, model_name: str = "nanoseek", api_key: str | None = None,
                max_concurrency: int = 16, max_queue: int = 64, limits: Limits | None = None,
-               sampling_params=None, thinking_default: bool = True) -> FastAPI:
+               sampling_params=None, thinking_default: bool = True, allowed_hosts: Sequence[str] = (),
+               allowed_origins: Sequence[str] = ()) -> FastAPI:
     """The FastAPI app serving `engine` (not yet started: uvicorn's lifespan starts and stops the engine thread).
 
     engine: the Engine contract of docs/internals.md (add_request / step / abort / has_unfinished / stats,
     max_seq_len); sampling_params: the SamplingParams class (default: nanoseek.infer.engine.SamplingParams).
+    allowed_hosts: Host names answered besides 127.0.0.1 / localhost / [::1] ("*": any); allowed_origins: web
+    origins whose pages may call the API, with CORS ("*": any). See `Guard`.
     """
     if sampling_params is None:
         from ..infer.engine import SamplingParams as sampling_params
@@ -506,21 +687,19 @@ def create_app(engine, tokenizer, model_name: str = "nanoseek", api_key: str | N
     app.state.service = Service(worker, tokenizer, model_name, api_key, limits, sampling_params, thinking_default,
                                 ctx=engine.max_seq_len or None)
     app.state.worker, app.state.metrics, app.state.engine, app.state.limits = worker, worker.metrics, engine, limits
+    # middleware, innermost first: a request meets CountRequests, Guard, CORS, BodyLimit, then the routes
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    origins = [o.strip().lower().rstrip("/") for o in allowed_origins]
+    if origins:
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "HEAD", "POST"],
+                           allow_headers=["*"], expose_headers=["Retry-After"], max_age=600)
+    app.add_middleware(Guard, allowed_hosts=allowed_hosts, allowed_origins=origins)
     app.add_middleware(CountRequests, metrics=worker.metrics)
     app.add_exception_handler(APIError, on_api_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(Exception, on_unexpected)
-    for prefix in ("/v1", ""):
-        app.add_api_route(f"{prefix}/chat/completions", chat_completions, methods=["POST"])
-        app.add_api_route(f"{prefix}/completions", completions, methods=["POST"])
-        app.add_api_route(f"{prefix}/models", models, methods=["GET"])
-        app.add_api_route(f"{prefix}/models/{{model_id}}", model_info, methods=["GET"])
-        app.add_api_route(f"{prefix}/health", health, methods=["GET"])
-    app.add_api_route("/metrics", prometheus, methods=["GET"])
-    if WEB.is_dir():
-        app.mount("/", StaticFiles(directory=WEB, html=True), name="web")
+    add_routes(app)
     return app
 
 
@@ -543,6 +722,12 @@ class ServeConfig:
     dtype: str | None = None             # float32 | bfloat16 | float16 (default: the checkpoint's)
     device: str | None = None            # cpu | cuda (default: cuda if available)
     threads: int = 0                     # torch CPU threads (0: one for small models, all cores for large)
+    allowed_hosts: list[str] = field(default_factory=list)  # Host names to answer besides 127.0.0.1/localhost/[::1] (NAME or NAME:PORT; '*': any; default on a non-loopback --host: any)
+    allowed_origins: list[str] = field(default_factory=list)  # web origins (https://app.example) whose pages may call the API, with CORS ('*': any); others get 403
+    header_timeout_s: float = 10.0       # a request's line and headers must arrive within this many seconds (else 408)
+    body_timeout_s: float = 30.0         # its body within this many seconds after the headers (else 408)
+    keep_alive_s: float = 5.0            # an idle kept-alive connection is closed after this many seconds
+    max_connections: int | None = None   # open connections at most, beyond: 503 (default: 1024 or 4 x (max-concurrency + max-queue), the larger)
     REQUIRED: ClassVar[tuple] = ("model",)
     ALIASES: ClassVar[dict] = {}
 
@@ -569,6 +754,28 @@ def check_config(cfg: ServeConfig) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)})")
     if cfg.max_queue < 0:
         raise UsageError(f"--max-queue must be >= 0 (got {cfg.max_queue})")
+    for name in ("header_timeout_s", "body_timeout_s", "keep_alive_s"):
+        if not getattr(cfg, name) > 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be a positive number of seconds (got {getattr(cfg, name)})")
+    admitted = cfg.max_concurrency + cfg.max_queue
+    if cfg.max_connections is not None and cfg.max_connections < 2 * admitted:
+        raise UsageError(f"--max-connections {cfg.max_connections} must be at least twice --max-concurrency + "
+                         f"--max-queue ({admitted}): an overload must be answered 429 by the queue, not 503 by the "
+                         "connection cap")
+
+
+def connection_cap(cfg: ServeConfig) -> int:
+    """Open connections at most: --max-connections, else far above what the queue admits (streams, clients that
+    will be told 429, /health and /metrics probes all hold one)."""
+    return cfg.max_connections or max(1024, 4 * (cfg.max_concurrency + cfg.max_queue))
+
+
+def hosts_to_allow(cfg: ServeConfig) -> list[str]:
+    """Host names answered besides the loopback ones: --allowed-hosts; else none on a loopback bind, any on another
+    (whoever binds 0.0.0.0 means the server to be reached under names it cannot know)."""
+    if cfg.allowed_hosts:
+        return list(cfg.allowed_hosts)
+    return [] if cfg.host in LOOPBACK_BINDS else ["*"]
 
 
 def api_key_of(cfg: ServeConfig) -> str | None:
@@ -580,6 +787,7 @@ def main(cfg: ServeConfig) -> int:
     import uvicorn
 
     from ..options import set_threads
+    from .transport import server_config
     check_config(cfg)
     engine, tok = load_engine(cfg.model, max_batch=cfg.max_concurrency, max_seq_len=cfg.max_seq_len,
                               dtype=cfg.dtype, device=cfg.device)
@@ -588,11 +796,14 @@ def main(cfg: ServeConfig) -> int:
     key = api_key_of(cfg)
     limits = Limits(max_body_bytes=cfg.max_body_bytes, max_messages=cfg.max_messages, max_tokens=cfg.max_tokens_limit)
     app = create_app(engine, tok, model_name=name, api_key=key, max_concurrency=cfg.max_concurrency,
-                     max_queue=cfg.max_queue, limits=limits, thinking_default=cfg.thinking)
-    if cfg.host not in ("127.0.0.1", "localhost", "::1") and not key:
+                     max_queue=cfg.max_queue, limits=limits, thinking_default=cfg.thinking,
+                     allowed_hosts=hosts_to_allow(cfg), allowed_origins=cfg.allowed_origins)
+    if cfg.host not in LOOPBACK_BINDS and not key:
         print(f"warning: serving on {cfg.host} without an API key: anyone who can reach this port can use it "
               "(set --api-key or NANOSEEK_API_KEY)")
     print(f"nanoseek: serving {name!r} on http://{cfg.host}:{cfg.port}/ (chat page) and "
           f"http://{cfg.host}:{cfg.port}/v1 (API); {threads} CPU thread(s)")
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info", timeout_graceful_shutdown=5)
+    uvicorn.Server(server_config(app, cfg.host, cfg.port, header_timeout_s=cfg.header_timeout_s,
+                                 body_timeout_s=cfg.body_timeout_s, keep_alive_s=cfg.keep_alive_s,
+                                 max_connections=connection_cap(cfg))).run()
     return 0

@@ -1,4 +1,5 @@
-// nanoseek chat page: plain JS, no build step, no external resources.
+// nanoseek chat page: plain JS, no build step, no external resources, nothing inline (the server's CSP allows
+// scripts and styles from its own address only).
 // Talks to the same server's /v1/chat/completions with stream=true and parses the SSE stream by hand
 // (EventSource cannot POST): `data: {chunk}` events, `: comment` keep-alives, `data: [DONE]` at the end.
 "use strict";
@@ -33,13 +34,20 @@ els.temperature.addEventListener("input", () => {
   els.temperatureValue.textContent = settings.temperature.toFixed(2);
   saveSettings();
 });
+// The largest max_tokens the server accepts (GET v1/limits); a larger request would be refused.
+let maxTokensLimit = null;
+function clampMaxTokens(v) {
+  v = Math.max(1, Math.floor(Number(v) || 512));
+  return maxTokensLimit ? Math.min(v, maxTokensLimit) : v;
+}
 els.maxTokens.addEventListener("change", () => {
-  const v = Math.max(1, Math.floor(Number(els.maxTokens.value) || 512));
+  const v = clampMaxTokens(els.maxTokens.value);
   settings.maxTokens = v; els.maxTokens.value = v; saveSettings();
 });
 els.apiKey.addEventListener("change", () => { settings.apiKey = els.apiKey.value.trim(); saveSettings(); loadModel(); });
 els.system.addEventListener("change", () => { settings.system = els.system.value; saveSettings(); });
 els.think.addEventListener("click", () => { settings.thinking = !settings.thinking; saveSettings(); showSettings(); });
+els.settings.addEventListener("submit", (ev) => ev.preventDefault());   // (Enter in a field: nothing to send)
 els.settingsToggle.addEventListener("click", () => {
   const open = els.settings.hidden;
   els.settings.hidden = !open;
@@ -61,10 +69,22 @@ async function loadModel() {
     modelId = body.data[0].id;
     els.model.textContent = modelId;
     els.model.title = "served model" + (body.data[0].max_model_len ? ", context " + body.data[0].max_model_len : "");
+    await loadLimits();
   } catch (e) {
     els.model.textContent = "(not connected)";
     setStatus(String(e.message || e), true);
   }
+}
+
+async function loadLimits() {
+  const r = await fetch("v1/limits", { headers: headers() });
+  if (!r.ok) return;                    // an older server: keep the field as it is
+  const limits = await r.json();
+  maxTokensLimit = limits.max_tokens;
+  els.maxTokens.max = String(maxTokensLimit);
+  const v = clampMaxTokens(settings.maxTokens);
+  if (v !== settings.maxTokens) { settings.maxTokens = v; saveSettings(); }
+  els.maxTokens.value = v;
 }
 
 // ------------------------------------------------------------------ conversation
