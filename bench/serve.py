@@ -1,11 +1,18 @@
 """Serving load test: N concurrent streaming clients against `nanoseek serve`, over loopback, same run as its peers.
 
     .venv/bin/python bench/serve.py [--model DIR | --preset cpu] [--clients 16] [--requests 64] [--max-tokens 64]
+                                    [--streams 64] [--overload 256]
 
-Starts `nanoseek serve` in a subprocess on a free 127.0.0.1 port, then measures with vLLM's
-benchmark definitions: TTFT (request sent -> first streamed token), TPOT ((latency - TTFT) /
+Starts `nanoseek serve` in a subprocess on a free 127.0.0.1 port (--max-concurrency = --clients, --max-queue), then
+measures with vLLM's benchmark definitions: TTFT (request sent -> first streamed token), TPOT ((latency - TTFT) /
 (output tokens - 1)), ITL (gaps between chunks), end-to-end latency, request and output-token throughput, errors.
 Requests use EOS-ignoring sampling with a fixed max_tokens so every run generates the same number of tokens.
+
+Phases: 1 client (sequential), --clients clients, --streams concurrent streams (one request each; more than the
+engine batch, within what the queue admits: all must complete), then an overload of --overload concurrent streams,
+more than --max-concurrency + --max-queue: the excess must be answered 429 with Retry-After at once, nothing may be
+a 5xx or a reset, and the server must be healthy after (/health ok, no request or cache block left, and a normal
+request completes). The run exits 1 on any error of the first three phases or any failed overload check.
 
 Peers, measured in the same run on the same weights and prompts:
   * 1 client: the same requests one after the other through the server -> the gain of continuous batching;
@@ -91,14 +98,17 @@ class Server:
 
 
 async def one_request(client, url: str, prompt: str, max_tokens: int) -> dict:
+    """One streamed request's timings, or its "error" (with the HTTP "status", None when the connection failed)."""
     body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "ignore_eos": True,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
-    first, stamps, usage, error = None, [], None, None
+    first, stamps, usage, error, status = None, [], None, None, None
     try:
         async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
+            status = r.status_code
             if r.status_code != 200:
-                return {"error": f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"}
+                return {"error": f"HTTP {r.status_code}: {(await r.aread())[:200]!r}", "status": r.status_code,
+                        "retry_after": r.headers.get("retry-after"), "secs": time.perf_counter() - t0}
             async for line in r.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
@@ -117,9 +127,9 @@ async def one_request(client, url: str, prompt: str, max_tokens: int) -> dict:
         error = f"{type(e).__name__}: {e}"
     end = time.perf_counter()
     if error or usage is None or first is None:
-        return {"error": error or "no tokens / no usage"}
+        return {"error": error or "no tokens / no usage", "status": status}
     n = usage["completion_tokens"]
-    return {"ttft": first - t0, "latency": end - t0, "tokens": n,
+    return {"status": 200, "ttft": first - t0, "latency": end - t0, "tokens": n,
             "tpot": (end - first) / (n - 1) if n > 1 else 0.0,
             "itl": [b - a for a, b in zip(stamps, stamps[1:])]}
 
@@ -162,12 +172,115 @@ def summarize(name: str, results: list, secs: float) -> dict:
     return s
 
 
+def overload_summary(results: list, secs: float) -> dict:
+    """The overload phase's answers by kind: completed streams, 429s (with Retry-After, and how fast they came),
+    5xx, and any other failure (a reset, a broken stream, another status)."""
+    done = [r for r in results if "error" not in r]
+    busy = [r for r in results if r.get("status") == 429]
+    server_errors = [r for r in results if (r.get("status") or 0) >= 500]
+    other = [r for r in results if "error" in r and r not in busy and r not in server_errors]
+    for r in (server_errors + other)[:3]:
+        print(f"  overload: {r['error']}", file=sys.stderr)
+    return {"requests": len(results), "completed": len(done), "rejected_429": len(busy),
+            "with_retry_after": sum(1 for r in busy if r.get("retry_after")), "server_errors": len(server_errors),
+            "other_failures": len(other), "reject_p50": pct([r["secs"] for r in busy], 50),
+            "reject_p99": pct([r["secs"] for r in busy], 99), "seconds": secs,
+            "tok_per_s": sum(r["tokens"] for r in done) / secs}
+
+
+async def health_burst(url: str, n: int) -> list[float]:
+    """n concurrent GET /health from one client, as the overload's streams start: the seconds each answer took.
+    The baseline of the 429s' latency (what connecting n clients at once costs on this machine)."""
+    import httpx
+    limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as c:
+        t0 = time.perf_counter()
+
+        async def one():
+            (await c.get(url + "/health")).raise_for_status()
+            return time.perf_counter() - t0
+
+        return await asyncio.gather(*[one() for _ in range(n)])
+
+
+def healthy_after(url: str, prompt: str, max_tokens: int) -> dict:
+    """After the overload: /health ok, every request and cache block released (within 10 s), and a normal
+    (non-streamed) request completes with all its tokens."""
+    import httpx
+
+    def gauges() -> dict[str, float]:
+        lines = httpx.get(url + "/metrics", timeout=10).text.splitlines()
+        return {k: float(v) for k, v in (ln.rsplit(" ", 1) for ln in lines if ln and not ln.startswith("#"))}
+
+    health = httpx.get(url + "/health", timeout=10)
+    deadline = time.time() + 10
+    while True:
+        g = gauges()
+        drained = not (g["nanoseek_requests_running"] or g["nanoseek_requests_waiting"]
+                       or g["nanoseek_cache_blocks_used"])
+        if drained or time.time() > deadline:
+            break
+        time.sleep(0.1)
+    r = httpx.post(url + "/v1/chat/completions", timeout=120,
+                   json={"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+                         "ignore_eos": True, "temperature": 0})
+    return {"health_ok": health.status_code == 200 and health.json().get("status") == "ok", "drained": drained,
+            "normal_request_ok": r.status_code == 200 and r.json()["usage"]["completion_tokens"] == max_tokens}
+
+
+def overload_ok(over: dict) -> bool:
+    return (over["server_errors"] == over["other_failures"] == 0 and over["rejected_429"] > 0
+            and over["with_retry_after"] == over["rejected_429"] and over["health_ok"] and over["drained"]
+            and over["normal_request_ok"])
+
+
+def server_phases(srv, args, texts: list[str], seq_texts: list[str]) -> tuple[list[dict], dict]:
+    """The load phases against a running server: (rows of the streaming phases, the overload's summary)."""
+    asyncio.run(load(srv.url, prompts(2, args.prompt_words, seed=2), 2, 4, 30))          # warm-up
+    rows = []
+    res, secs = asyncio.run(load(srv.url, seq_texts, 1, args.max_tokens, args.time_limit))
+    rows.append(summarize("server, 1 client", res, secs))
+    res, secs = asyncio.run(load(srv.url, texts, args.clients, args.max_tokens, args.time_limit))
+    rows.append(summarize(f"server, {args.clients} clients", res, secs))
+    if args.streams:   # one request per stream, all at once: more than the engine batch, all admitted
+        res, secs = asyncio.run(load(srv.url, prompts(args.streams, args.prompt_words, seed=3), args.streams,
+                                     args.max_tokens, args.time_limit))
+        rows.append(summarize(f"server, {args.streams} streams", res, secs))
+    over = {}
+    if args.overload:
+        burst = asyncio.run(health_burst(srv.url, args.overload))
+        res, secs = asyncio.run(load(srv.url, prompts(args.overload, args.prompt_words, seed=4), args.overload,
+                                     args.max_tokens, args.time_limit))
+        over = overload_summary(res, secs)
+        over.update(health_burst_p50=pct(burst, 50), health_burst_p99=pct(burst, 99))
+        over.update(healthy_after(srv.url, seq_texts[0], args.max_tokens))
+    return rows, over
+
+
+def print_overload(args, over: dict) -> None:
+    admitted = args.clients + args.max_queue
+    print(f"\noverload: {over['requests']} concurrent streams against --max-concurrency {args.clients} + --max-queue "
+          f"{args.max_queue} = {admitted} admitted")
+    print(f"  completed {over['completed']}, 429 {over['rejected_429']} "
+          f"(with Retry-After: {over['with_retry_after']}; answered in p50 {over['reject_p50'] * 1e3:.0f} ms, "
+          f"p99 {over['reject_p99'] * 1e3:.0f} ms; {over['requests']} concurrent GET /health: p50 "
+          f"{over['health_burst_p50'] * 1e3:.0f} ms, p99 {over['health_burst_p99'] * 1e3:.0f} ms), "
+          f"5xx {over['server_errors']}, other failures {over['other_failures']}; "
+          f"{over['tok_per_s']:.1f} output tok/s over {over['seconds']:.1f} s")
+    print(f"  after: /health ok {over['health_ok']}, all requests and cache blocks released {over['drained']}, "
+          f"a normal request completes {over['normal_request_ok']} -> {'PASS' if overload_ok(over) else 'FAIL'}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="a model folder (default: a random --preset model)")
     ap.add_argument("--preset", default="cpu")
     ap.add_argument("--clients", type=int, default=16, help="concurrent streaming clients (= engine batch)")
     ap.add_argument("--requests", type=int, default=64, help="requests in the concurrent phase")
+    ap.add_argument("--max-queue", type=int, default=64, help="the server's --max-queue")
+    ap.add_argument("--streams", type=int, default=64, help="concurrent streams of the streams phase (0: skip)")
+    ap.add_argument("--overload", type=int, default=256,
+                    help="concurrent streams of the overload phase, above --clients + --max-queue (0: skip)")
     ap.add_argument("--sequential-requests", type=int, default=8, help="requests in the 1-client phase")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--prompt-words", type=int, default=40)
@@ -178,6 +291,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if not (1 <= args.clients <= 256 and 1 <= args.requests <= 10000 and args.max_tokens >= 2):
         ap.error("need 1 <= --clients <= 256, 1 <= --requests <= 10000, --max-tokens >= 2")
+    admitted = args.clients + args.max_queue
+    if not (0 <= args.streams <= admitted and (args.overload == 0 or admitted < args.overload <= 1000)):
+        ap.error(f"need --streams <= --clients + --max-queue ({admitted}: all are admitted) and, unless 0, "
+                 f"{admitted} < --overload <= 1000 (the excess must be refused)")
     torch.set_num_threads(args.threads)
 
     from nanoseek.infer.engine import SamplingParams
@@ -204,37 +321,34 @@ def main(argv=None) -> int:
 
     engine.generate(ids[:2], SamplingParams(temperature=0, max_tokens=4))                    # warm-up
     eng_secs, eng_tokens = engine_alone()
-    rows = []
-    with Server(folder, args.clients, max(args.requests, args.clients), ctx, args.threads, args.device) as srv:
-        asyncio.run(load(srv.url, prompts(2, args.prompt_words, seed=2), 2, 4, 30))          # warm-up
-        res, secs = asyncio.run(load(srv.url, seq_texts, 1, args.max_tokens, args.time_limit))
-        rows.append(summarize("server, 1 client", res, secs))
-        res, secs = asyncio.run(load(srv.url, texts, args.clients, args.max_tokens, args.time_limit))
-        rows.append(summarize(f"server, {args.clients} clients", res, secs))
+    with Server(folder, args.clients, args.max_queue, ctx, args.threads, args.device) as srv:
+        rows, over = server_phases(srv, args, texts, seq_texts)
     eng_secs = min(eng_secs, engine_alone()[0])
     eng_tps = eng_tokens / eng_secs
     tmp.cleanup()
 
     print(f"\nserve load test: {args.requests} requests x {args.max_tokens} tokens, prompts of ~{args.prompt_words} "
           f"words, model {args.model or 'random ' + args.preset}, {args.threads} torch thread(s), {args.device}\n")
-    print(f"{'phase':<22}{'reqs':>6}{'errors':>7}{'req/s':>8}{'tok/s':>9}{'TTFT p50':>10}{'TTFT p99':>10}"
+    print(f"{'phase':<24}{'reqs':>6}{'errors':>7}{'req/s':>8}{'tok/s':>9}{'TTFT p50':>10}{'TTFT p99':>10}"
           f"{'TPOT mean':>11}{'TPOT p99':>10}{'ITL p99':>9}")
     for r in rows:
-        print(f"{r['name']:<22}{r['requests']:>6}{r['errors']:>7}{r['req_per_s']:>8.2f}{r['tok_per_s']:>9.1f}"
+        print(f"{r['name']:<24}{r['requests']:>6}{r['errors']:>7}{r['req_per_s']:>8.2f}{r['tok_per_s']:>9.1f}"
               f"{r['ttft_p50'] * 1e3:>8.0f}ms{r['ttft_p99'] * 1e3:>8.0f}ms{r['tpot_mean'] * 1e3:>9.1f}ms"
               f"{r['tpot_p99'] * 1e3:>8.1f}ms{r['itl_p99'] * 1e3:>7.1f}ms")
-    print(f"{'engine.generate':<22}{len(ids):>6}{0:>7}{len(ids) / eng_secs:>8.2f}{eng_tps:>9.1f}")
-    seq, conc = rows
+    print(f"{'engine.generate':<24}{len(ids):>6}{0:>7}{len(ids) / eng_secs:>8.2f}{eng_tps:>9.1f}")
+    seq, conc = rows[:2]
     print(f"\nratio {args.clients} clients / 1 client (continuous batching): "
           f"{conc['tok_per_s'] / seq['tok_per_s']:.2f}x output tokens/s")
     print(f"ratio server / engine.generate at batch {args.clients} (HTTP + SSE + worker thread cost): "
           f"{conc['tok_per_s'] / eng_tps:.2f}x output tokens/s")
     errors = sum(r["errors"] for r in rows)
     print(f"errors: {errors}")
+    if over:
+        print_overload(args, over)
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, "engine_tok_per_s": eng_tps, "args": vars(args)},
-                                              indent=2))
-    return 1 if errors else 0
+        Path(args.json).write_text(json.dumps({"rows": rows, "overload": over, "engine_tok_per_s": eng_tps,
+                                               "args": vars(args)}, indent=2))
+    return 1 if errors or (over and not overload_ok(over)) else 0
 
 
 if __name__ == "__main__":

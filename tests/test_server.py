@@ -396,6 +396,7 @@ def test_full_queue_answers_429_at_once_and_the_server_stays_healthy(model_dir, 
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "Hello! How can I help?"
         m = httpx.get(srv.url + "/metrics").text
         assert 'nanoseek_requests_total{endpoint="/chat/completions",status="429"} 4' in m
+        assert "nanoseek_rejected_requests_total 4\n" in m
         r = httpx.post(srv.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}] * 5})
         assert r.status_code == 400 and r.json()["error"]["code"] == "too_many_messages"
 

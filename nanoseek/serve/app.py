@@ -16,9 +16,9 @@ chunks).
 
 Robustness rules, because a public endpoint meets every kind of client:
 - every request is bounded (body bytes before any JSON parsing, number of messages, prompt characters against
-  the context before any tokenizing, then prompt tokens, max_tokens), and every error is an OpenAI-style body {"error": {"message", "type", "code"}} with the
-  status of DeepSeek's table: 400 bad JSON / format, 401 bad key, 422 invalid parameters, 429 queue full, 503
-  engine down. A client's mistake is never a 500;
+  the context before any tokenizing, then prompt tokens, max_tokens), and every error is an OpenAI-style body
+  {"error": {"message", "type", "code"}} with the status of DeepSeek's table: 400 bad JSON / format, 401 bad key,
+  422 invalid parameters, 429 queue full, 503 engine down. A client's mistake is never a 500;
 - backpressure: at most --max-concurrency requests in the engine and --max-queue waiting; the next one gets 429 and
   Retry-After at once (an unbounded queue only turns overload into timeouts for everybody);
 - a client that disconnects cancels its generation (engine.abort frees its cache blocks), streamed or not;
@@ -334,14 +334,28 @@ class Service:
         except (ValueError, UsageError) as e:  # a combination the sampler refuses
             raise APIError(422, f"invalid parameters: {e}", "invalid_parameter") from None
 
+    def check_room(self) -> None:
+        """429 at once when the queue is already full, before the prompt is rendered and tokenized for nothing (under
+        an overload, that work would delay every answer, the 429s included). `submit` decides for real."""
+        w = self.worker
+        s = w.snapshot()
+        if s["running"] + s["waiting"] >= w.max_concurrency + w.max_queue:
+            with w.metrics.lock:
+                w.metrics.rejected += 1                  # (as worker.submit counts its own refusals)
+            raise self.busy(f"{w.max_concurrency} requests running and {w.max_queue} waiting")
+
+    @staticmethod
+    def busy(why) -> APIError:
+        return APIError(429, f"Rate limit reached: the server is busy ({why}). Retry after a second.", "queue_full",
+                        headers={"Retry-After": "1"})
+
     def submit(self, prompt: list[int], params, prefix: str) -> tuple[Job, dict]:
         """Queue the request: its job and the fields every response of it carries (id, created, model)."""
         rid = f"{prefix}-{uuid.uuid4().hex}"
         try:
             job = self.worker.submit(prompt, params, request_id=rid)
         except QueueFull as e:
-            raise APIError(429, f"Rate limit reached: the server is busy ({e}). Retry after a second.",
-                           "queue_full", headers={"Retry-After": "1"}) from None
+            raise self.busy(e) from None
         except WorkerDead as e:
             raise APIError(503, f"Server overloaded: {e}", "engine_unavailable", headers={"Retry-After": "5"}) from None
         base = {"id": rid, "created": int(time.time()), "model": self.model_name,
@@ -514,6 +528,7 @@ def service(request: Request) -> Service:
 async def chat_completions(request: Request):
     svc = service(request)
     req, thinking = await svc.parse(request, ChatRequest)
+    svc.check_room()
     if len(req.messages) > svc.limits.max_messages:
         raise APIError(400, f"too many messages: {len(req.messages)} > {svc.limits.max_messages}",
                        "too_many_messages")
@@ -561,6 +576,7 @@ async def completion_prompt_ids(svc: Service, req: CompletionRequest) -> tuple[l
 async def completions(request: Request):
     svc = service(request)
     req, _ = await svc.parse(request, CompletionRequest)
+    svc.check_room()
     prompt, prompt_text = await completion_prompt_ids(svc, req)
     top_n, want_lp = req.logprobs or 0, req.logprobs is not None
     job, base = svc.submit(prompt, svc.make_params(req, len(prompt), want_lp, top_n), "cmpl")
@@ -706,7 +722,13 @@ def create_app(engine, tokenizer, model_name: str = "nanoseek", api_key: str | N
 # --------------------------------------------------------------------------------------------- the command
 @dataclass
 class ServeConfig:
-    """`nanoseek serve`: one model folder behind the API and the chat page."""
+    """`nanoseek serve`: one model folder behind the API and the chat page.
+
+    Who may call it: on a loopback --host the server answers only to the Host names 127.0.0.1, localhost and [::1]
+    (a foreign name is how DNS rebinding looks), on any other --host to every name; --allowed-hosts names the ones
+    to add. Browsers may call it from its own page only; --allowed-origins https://app.example lets that site's
+    pages call it too (with CORS headers). Beyond --max-connections open connections a request is answered 503.
+    """
     model: str = ""                      # model folder (config.json, *.safetensors, tokenizer.json)
     host: str = "127.0.0.1"              # interface to bind (127.0.0.1: this machine only)
     port: int = 8000                     # TCP port
@@ -722,12 +744,12 @@ class ServeConfig:
     dtype: str | None = None             # float32 | bfloat16 | float16 (default: the checkpoint's)
     device: str | None = None            # cpu | cuda (default: cuda if available)
     threads: int = 0                     # torch CPU threads (0: one for small models, all cores for large)
-    allowed_hosts: list[str] = field(default_factory=list)  # Host names to answer besides 127.0.0.1/localhost/[::1] (NAME or NAME:PORT; '*': any; default on a non-loopback --host: any)
-    allowed_origins: list[str] = field(default_factory=list)  # web origins (https://app.example) whose pages may call the API, with CORS ('*': any); others get 403
+    allowed_hosts: list[str] = field(default_factory=list)    # more Host names to answer (NAME, NAME:PORT; '*': any)
+    allowed_origins: list[str] = field(default_factory=list)  # web origins whose pages may call the API ('*': any)
     header_timeout_s: float = 10.0       # a request's line and headers must arrive within this many seconds (else 408)
     body_timeout_s: float = 30.0         # its body within this many seconds after the headers (else 408)
     keep_alive_s: float = 5.0            # an idle kept-alive connection is closed after this many seconds
-    max_connections: int | None = None   # open connections at most, beyond: 503 (default: 1024 or 4 x (max-concurrency + max-queue), the larger)
+    max_connections: int | None = None   # open connections at most (default: max(1024, 4 x (concurrency + queue)))
     REQUIRED: ClassVar[tuple] = ("model",)
     ALIASES: ClassVar[dict] = {}
 
@@ -756,7 +778,8 @@ def check_config(cfg: ServeConfig) -> None:
         raise UsageError(f"--max-queue must be >= 0 (got {cfg.max_queue})")
     for name in ("header_timeout_s", "body_timeout_s", "keep_alive_s"):
         if not getattr(cfg, name) > 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be a positive number of seconds (got {getattr(cfg, name)})")
+            raise UsageError(f"--{name.replace('_', '-')} must be a positive number of seconds "
+                             f"(got {getattr(cfg, name)})")
     admitted = cfg.max_concurrency + cfg.max_queue
     if cfg.max_connections is not None and cfg.max_connections < 2 * admitted:
         raise UsageError(f"--max-connections {cfg.max_connections} must be at least twice --max-concurrency + "
