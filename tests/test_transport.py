@@ -258,6 +258,34 @@ def test_serve_options_open_hosts_and_origins():
     assert cfg.header_timeout_s == 2.0
 
 
+def test_serve_runs_uvicorn_with_the_guard_deadlines_and_cap(model_dir, monkeypatch):
+    """`nanoseek serve` wires its options into the app (Guard) and into uvicorn (deadline protocol, keep-alive, cap)."""
+    import uvicorn
+
+    from nanoseek.serve import app as app_module
+    from nanoseek.serve.transport import DeadlineProtocol
+    ran = {}
+
+    class FakeServer:
+        def __init__(self, config):
+            ran["config"] = config
+
+        def run(self):
+            ran["ran"] = True
+
+    monkeypatch.setattr(uvicorn, "Server", FakeServer)
+    cfg = ServeConfig(model=model_dir, host="0.0.0.0", port=8123, api_key="k", header_timeout_s=2.5,
+                      body_timeout_s=7, keep_alive_s=3, allowed_origins=["https://app.example"], device="cpu")
+    assert app_module.main(cfg) == 0 and ran["ran"]
+    config = ran["config"]
+    assert (config.host, config.port, config.limit_concurrency, config.timeout_keep_alive) == ("0.0.0.0", 8123,
+                                                                                                 1024, 3)
+    protocol = config.http
+    assert protocol.func is DeadlineProtocol and protocol.keywords == {"header_timeout_s": 2.5, "body_timeout_s": 7}
+    guard = next(m for m in config.app.user_middleware if m.cls is app_module.Guard)
+    assert guard.kwargs == {"allowed_hosts": ["*"], "allowed_origins": ["https://app.example"]}
+
+
 # ----------------------------------------------------------------------------------------------- item 8
 def test_half_sent_headers_are_answered_408_and_closed_within_the_deadline(srv):
     s = send_raw(srv, f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{srv.port}\r\nContent-Ty".encode())
