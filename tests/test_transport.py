@@ -145,6 +145,40 @@ def test_health_answers_at_once_while_huge_prompts_are_refused(srv):
     assert len(latencies) >= 3 and max(latencies) < 0.25, f"/health stalled {max(latencies):.2f} s"
 
 
+class SlowTokenizer:
+    """The real tokenizer, but encoding takes a second more (as a long prompt would on a big vocabulary)."""
+
+    def __init__(self, tok):
+        self.tok = tok
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+    def apply_chat_template(self, *args, **kw):
+        time.sleep(1.0)
+        return self.tok.apply_chat_template(*args, **kw)
+
+    def encode(self, *args, **kw):
+        time.sleep(1.0)
+        return self.tok.encode(*args, **kw)
+
+
+def test_tokenizing_runs_off_the_event_loop(srv):
+    import nanoseek as ns
+    engine = ns.Engine(srv.slow.engine.model, srv.tok, max_batch=2)
+    app = create_app(engine, SlowTokenizer(srv.tok), model_name=MODEL)
+    with ServerThread(app) as s, httpx.Client(timeout=30) as c:
+        for path, body in [("/v1/chat/completions", {**HELLO, "max_tokens": 2}),
+                           ("/v1/completions", {"prompt": "hello", "max_tokens": 2})]:
+            pending = threading.Thread(target=lambda p=path, b=body: c.post(s.url + p, json=b))
+            pending.start()
+            time.sleep(0.3)                               # ... while its prompt is being encoded
+            t = time.perf_counter()
+            assert httpx.get(s.url + "/health").status_code == 200
+            assert time.perf_counter() - t < 0.3, f"/health waited for {path}'s tokenizing"
+            pending.join()
+
+
 # ----------------------------------------------------------------------------------------------- item 6
 def test_a_client_that_hangs_up_cancels_its_non_streamed_generation(srv, slow_engine):
     before = metrics(srv)
