@@ -103,7 +103,7 @@ def add_options(parser: argparse.ArgumentParser, cls) -> argparse.ArgumentParser
         help_ = docs.get(name, "")
         if name in required:
             help_ = (help_ + " (required)").strip()
-        elif default not in (None, "", False):
+        elif default not in (None, "", False, [], ()):
             help_ = f"{help_} (default {default})".strip()
         help_ = help_.replace("%", "%%")
         if tp is bool:

@@ -40,6 +40,22 @@ def _token_str(v) -> str | None:
     return v if isinstance(v, str) else None
 
 
+
+# Above this many characters a text is encoded through the batch API, which releases the GIL while Rust works:
+# `encode` holds it (a 1 MB prompt stopped every other Python thread, the server's event loop included, for 0.8 s).
+# Below it the single call is cheaper. Same ids either way.
+LONG_TEXT = 8192
+
+
+def _encode_one(tk, text: str, offsets: bool = False):
+    """One text through a tokenizers.Tokenizer -> its Encoding, without holding the GIL for long texts."""
+    if len(text) < LONG_TEXT:
+        return tk.encode(text, add_special_tokens=False)
+    if offsets or not hasattr(tk, "encode_batch_fast"):
+        return tk.encode_batch([text], add_special_tokens=False)[0]
+    return tk.encode_batch_fast([text], add_special_tokens=False)[0]
+
+
 class Tokenizer:
     """A byte-level BPE tokenizer: `Tokenizer.train(...)` or `Tokenizer.load(folder)`, then encode/decode/chat."""
 
@@ -224,7 +240,7 @@ class Tokenizer:
         the text become their special ids, as in transformers."""
         if isinstance(text, (list, tuple)):
             return self.encode_batch(text, add_bos=add_bos)
-        ids = self._tk.encode(text, add_special_tokens=False).ids
+        ids = _encode_one(self._tk, text).ids
         return [self.bos_id, *ids] if add_bos and self.bos_id is not None else ids
 
     def encode_batch(self, texts: list[str], add_bos: bool = False) -> list[list[int]]:
@@ -313,7 +329,7 @@ class Tokenizer:
     def _find_protected(self, text: str) -> list[tuple[int, int, int]]:
         """(start, end, id) of each protected token in `text`, as encode() would match it."""
         m, ids = self._matcher
-        enc = m.encode(text, add_special_tokens=False)
+        enc = _encode_one(m, text, offsets=True)
         return [(s, e, ids[i]) for i, (s, e) in zip(enc.ids, enc.offsets) if i in ids]
 
     def _user_spots(self, text: str) -> list[tuple[int, int]]:
@@ -333,7 +349,7 @@ class Tokenizer:
         protected tokens' strings taken as text."""
         for c in drop:
             text = text.replace(c, "")
-        ids = self._plain.encode(text, add_special_tokens=False).ids if text else []
+        ids = _encode_one(self._plain, text).ids if text else []
         forged = set(ids) & set(self._protected.values())
         if forged:
             name = self.id_to_token(min(forged))

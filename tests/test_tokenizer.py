@@ -234,3 +234,40 @@ def test_train_on_a_list_of_long_texts_treats_them_as_texts_not_file_names():
     # A text longer than the OS's file-name limit used to crash the "is this a path?" check.
     tok = Tokenizer.train(["x" * 400 + " hello world", "some more text here " * 30], vocab_size=300)
     assert tok.decode(tok.encode("hello world")) == "hello world"
+
+
+def _longest_stall(fn) -> float:
+    """The longest time another Python thread could not run while fn() ran (it ticks every millisecond)."""
+    import threading
+    import time
+
+    gaps, done = [0.0], threading.Event()
+
+    def ticker():
+        last = time.perf_counter()
+        while not done.is_set():
+            time.sleep(0.001)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    t = threading.Thread(target=ticker)
+    t.start()
+    time.sleep(0.02)
+    try:
+        fn()
+    finally:
+        done.set()
+        t.join()
+    return max(gaps)
+
+
+def test_a_long_text_is_encoded_without_holding_the_gil(tok):
+    """A server encodes prompts in a worker thread: a long prompt must not stop the event loop's thread. The batch
+    API releases the GIL; a single `encode` call of the library holds it (the negative control)."""
+    text = "Solve for x: 6x+2=14 and then more words. " * 20000
+    assert tok.encode(text) == tok._tk.encode(text, add_special_tokens=False).ids
+    held = _longest_stall(lambda: tok._tk.encode(text, add_special_tokens=False))
+    ours = _longest_stall(lambda: tok.encode(text))
+    assert held > 0.1, f"the negative control should stall the other thread (it did for {held:.3f} s)"
+    assert ours < held / 2, f"encode stalled another thread for {ours:.3f} s (the library's encode: {held:.3f} s)"
