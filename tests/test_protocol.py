@@ -31,7 +31,7 @@ def completion(**kw) -> dict:
     (ChatRequest, chat(stream="yes")),                        # "yes" is not true
     (ChatRequest, chat(stream=1)),
     (ChatRequest, chat(max_tokens="5")),                      # a string is not a number
-    (ChatRequest, chat(max_tokens=5.0)),                      # integers are written as integers
+    (ChatRequest, chat(max_tokens=5.5)),                      # an integer has no fraction
     (ChatRequest, chat(temperature="0.5")),
     (ChatRequest, chat(temperature=True)),
     (ChatRequest, chat(seed=True)),
@@ -49,7 +49,8 @@ def completion(**kw) -> dict:
     (CompletionRequest, completion(logprobs=False)),          # OpenAI: an integer or null; false is not 0
     (CompletionRequest, completion(logprobs=True)),
     (CompletionRequest, completion(echo=1)),
-    (CompletionRequest, completion(max_tokens=2.0)),
+    (CompletionRequest, completion(max_tokens=2.5)),
+    (CompletionRequest, {"prompt": [1, 2.5]}),
     (CompletionRequest, {"prompt": [1, True]}),
     (CompletionRequest, {"prompt": 5}),
 ])
@@ -58,11 +59,15 @@ def test_known_fields_are_not_coerced(model, body):
         model.model_validate(body)
 
 
-def test_numbers_written_as_integers_are_numbers_and_vendor_extras_are_accepted():
+def test_numbers_are_numbers_whichever_way_written_and_vendor_extras_are_accepted():
     req = ChatRequest.model_validate(chat(temperature=1, top_p=1, logit_bias={"5": 1}, vendor={"x": [1, "a"]},
                                           messages=[{"role": "user", "content": "hi", "x-trace": 7}]))
     assert req.temperature == 1.0 and isinstance(req.temperature, float)
     assert req.logit_bias == {"5": 1} and req.vendor == {"x": [1, "a"]}
+    # JSON has one kind of number: 5.0 is the integer 5 (JSON Schema agrees, and clients write either)
+    req = ChatRequest.model_validate(chat(max_tokens=5.0, seed=7.0, top_k=40.0))
+    assert (req.max_tokens, req.seed, req.top_k) == (5, 7, 40) and type(req.max_tokens) is int
+    assert CompletionRequest.model_validate({"prompt": [1.0, 2]}).prompt == [1, 2]
     req = CompletionRequest.model_validate(completion(logprobs=0, extra_field=None))
     assert req.logprobs == 0
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model, field_validator, model_validator
 
 # Model names that DeepSeek's own API uses, accepted so that tools configured for it work unchanged:
 # deepseek-reasoner thinks first (R1 style), deepseek-chat answers directly.
@@ -63,15 +63,27 @@ def validation_message(errors) -> str:
 
 
 # --------------------------------------------------------------------------------------------- request schemas
-# Known fields are strict: JSON's types are not converted into each other. `true` is not 1, "yes" is not true, and
-# an integer field wants an integer literal (5, not 5.0; JSON Schema would call 5.0 an integer, we do not). A number
-# field takes integers (1 is the number 1.0). NaN and Infinity (which Python's json module reads) are refused.
-# Unknown fields are accepted and ignored, as OpenAI-compatible servers do (clients send vendor extras).
+# Known fields are strict: JSON's types are not converted into each other. `true` is not 1, "yes" is not true, "5" is
+# not 5. A number field takes integers (1 is 1.0); an integer field takes a number with no fraction (5.0 is 5, as JSON
+# Schema counts integers, so the published schema is exact), not 5.5. NaN and Infinity (which Python's json module
+# reads) are refused. Unknown fields are accepted and ignored, as OpenAI-compatible servers do (vendor extras).
 MAX_TOP_K = 2**31 - 1    # top_k above the vocabulary keeps every token; the cap keeps it an ordinary integer everywhere
 SHORT_TEXT = 256         # model, user, name: identifiers, not texts
 MAX_STOP, MAX_STOP_CHARS, MAX_STOP_IDS, MAX_TOOLS = 16, 256, 64, 128
 
-TokenId = Annotated[int, Field(ge=0)]
+
+
+def _whole(v):
+    """5.0 -> 5 (a JSON number with no fraction is an integer); anything else is left for the strict check."""
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+def integer(**bounds):
+    """An integer type with Field's bounds (ge, gt, le, lt) that also takes a number with no fraction: 5.0 is 5."""
+    return Annotated[int, Field(**bounds), BeforeValidator(_whole)]
+
+
+TokenId = integer(ge=0)
 Short = Annotated[str, Field(max_length=SHORT_TEXT)]
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 
@@ -119,21 +131,21 @@ class TemplateKwargs(_Open):
 
 class _Sampling(_Open):
     model: Short | None = None
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: integer(ge=1) | None = None
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=-1, le=MAX_TOP_K)   # -1 or 0: off (vLLM's convention)
+    top_k: integer(ge=-1, le=MAX_TOP_K) | None = None   # -1 or 0: off (vLLM's convention)
     min_p: float | None = Field(None, ge=0, le=1)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     repetition_penalty: float | None = Field(None, gt=0, le=10)
     stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None = None
-    seed: int | None = Field(None, ge=-(2**63), lt=2**64)   # what torch.Generator.manual_seed accepts
+    seed: integer(ge=-(2**63), lt=2**64) | None = None  # what torch.Generator.manual_seed accepts
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
     stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP_IDS)] | None = None
-    n: int = Field(1, ge=1, le=1)                          # one choice per request (ask twice for two)
+    n: integer(ge=1, le=1) = 1                            # one choice per request (ask twice for two)
     user: Short | None = None
 
     @field_validator("stop")
@@ -158,9 +170,9 @@ _TOP_NEEDS_LOGPROBS = {"if": {"properties": {"top_logprobs": {"type": "integer",
 class ChatRequest(_Sampling):
     model_config = ConfigDict(json_schema_extra=_TOP_NEEDS_LOGPROBS)
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: integer(ge=1) | None = None
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: integer(ge=0, le=20) | None = None
     response_format: ResponseFormat | None = None      # json_object is accepted; output is not constrained
     tools: Annotated[list[dict], Field(max_length=MAX_TOOLS)] | None = None  # accepted; never emits tool_calls
     tool_choice: Any = None
@@ -183,8 +195,8 @@ class CompletionRequest(_Sampling):
                                                                                               max_length=1)]
     suffix: Annotated[str, Field(max_length=0)] | None = None
     echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=20)
-    best_of: int | None = Field(None, ge=1, le=1)
+    logprobs: integer(ge=0, le=20) | None = None
+    best_of: integer(ge=1, le=1) | None = None
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -195,7 +207,7 @@ class CompletionRequest(_Sampling):
                 raise ValueError("the prompt is empty")
             if all(isinstance(x, str) for x in p) and len(p) != 1:
                 raise ValueError("one prompt per request (send a list of prompts as separate requests)")
-            ids = all(type(x) is int for x in p)
+            ids = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in p)
             if ids and cls.vocab_size and not all(0 <= x < cls.vocab_size for x in p):
                 raise ValueError(f"prompt token ids must be in [0, {cls.vocab_size})")
         return p
@@ -219,8 +231,8 @@ def request_models(limits: Limits, model_name: str | None = None, ctx: int | Non
     names = [model_name, *MODEL_ALIASES] if model_name else None
     model = (Annotated[str, Field(max_length=SHORT_TEXT, json_schema_extra={"enum": names} if names else None)]
              | None, None)
-    tokens = (int | None, Field(None, ge=1, le=limits.max_tokens))
-    token_id = Annotated[int, Field(ge=0, lt=vocab_size)]
+    tokens = (integer(ge=1, le=limits.max_tokens) | None, None)
+    token_id = integer(ge=0, lt=vocab_size)
     stop_ids = (Annotated[list[token_id], Field(max_length=MAX_STOP_IDS)] | None, None)
     ids = Annotated[list[token_id], Field(min_length=1, json_schema_extra={"maxItems": max_prompt} if max_prompt
                                           else None)]
@@ -593,31 +605,37 @@ def _error(why: str, headers: dict | None = None) -> dict:
     return {"description": why, "content": _json("ErrorBody"), **({"headers": headers} if headers else {})}
 
 
+# app.py's guard: a web page of a foreign origin, or a Host this server does not answer to (DNS rebinding)
+_FORBIDDEN = {"403": _error("a web page of another origin (Origin), or a Host name this server does not answer to")}
+
+
+def _operation(summary: str, responses: dict, auth: bool, **more) -> dict:
+    """One operation; with `auth`, it needs the bearer key (401 without)."""
+    op = {"summary": summary, **more, "responses": {**responses, **_FORBIDDEN}}
+    if auth:
+        op["security"] = [{"bearer": []}]
+        op["responses"]["401"] = _error("missing or wrong API key")
+    return op
+
+
 def _generation(summary: str, request: str, answer: str, chunk: str, auth: bool) -> dict:
     retry = {"Retry-After": {"description": "seconds to wait", "required": True, "schema": {"type": "string"}}}
-    op = {"summary": summary,
-          "requestBody": {"required": True, "content": _json(request)},
-          "responses": {
-              "200": {"description": "the answer (server-sent events when stream is true)",
-                      "content": {**_json(answer), **_events(chunk)}},
-              "400": _error("the body is not a JSON object, is too large or has invalid unicode; the prompt is longer "
-                            "than the context (context_length_exceeded); an unknown model; too many messages"),
-              "422": _error("a parameter is invalid (the schema says which values are accepted)"),
-              "429": _error("the server is busy: retry after Retry-After seconds", retry),
-              "500": _error("the engine failed while generating"),
-              "503": _error("the engine is not running")}}
-    if auth:
-        op["security"] = [{"bearer": []}]
-        op["responses"]["401"] = _error("missing or wrong API key")
-    return {"post": op}
+    responses = {
+        "200": {"description": "the answer (server-sent events when stream is true)",
+                "content": {**_json(answer), **_events(chunk)}},
+        "400": _error("the body is not a JSON object, is too large or has invalid unicode; the prompt is longer than "
+                      "the context (context_length_exceeded); an unknown model; too many messages"),
+        "415": _error("the body is not declared Content-Type: application/json"),
+        "422": _error("a parameter is invalid (the schema says which values are accepted)"),
+        "429": _error("the server is busy: retry after Retry-After seconds", retry),
+        "500": _error("the engine failed while generating"),
+        "503": _error("the engine is not running")}
+    body = {"required": True, "content": _json(request)}
+    return {"post": _operation(summary, responses, auth, requestBody=body)}
 
 
-def _get(summary: str, answer: dict, auth: bool, errors: dict) -> dict:
-    op = {"summary": summary, "responses": {"200": {"description": summary, "content": answer}, **errors}}
-    if auth:
-        op["security"] = [{"bearer": []}]
-        op["responses"]["401"] = _error("missing or wrong API key")
-    return {"get": op}
+def _get(summary: str, answer: dict, auth: bool, errors: dict, **more) -> dict:
+    return {"get": _operation(summary, {"200": {"description": summary, "content": answer}, **errors}, auth, **more)}
 
 
 def openapi_schema(limits: Limits, model_name: str, ctx: int | None = None, vocab_size: int | None = None,
@@ -639,11 +657,11 @@ def openapi_schema(limits: Limits, model_name: str, ctx: int | None = None, voca
         "/v1/completions": _generation("text completion", "CompletionRequest", "TextCompletion", "TextCompletion",
                                        auth),
         "/v1/models": _get("the served model", _json("ModelList"), auth, {}),
-        "/v1/models/{model_id}": _get("one model", _json("ModelCard"), auth, {"404": _error("no such model")}),
+        "/v1/models/{model_id}": _get("one model", _json("ModelCard"), auth, {"404": _error("no such model")},
+                                      parameters=[model_path]),
         "/health": _get("the engine is running", _json("Health"), False, {"503": _error("the engine is down")}),
         "/metrics": _get("Prometheus metrics", {"text/plain": {"schema": {"type": "string"}}}, False, {}),
     }
-    paths["/v1/models/{model_id}"]["get"]["parameters"] = [model_path]
     context = f"{ctx} tokens" if ctx else "the model's"
     doc = {"openapi": "3.1.0",
            "info": {"title": "nanoseek", "version": "0.1.0",
