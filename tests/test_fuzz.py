@@ -180,7 +180,7 @@ def test_every_operation_answers_as_its_schema_says(app):
     assert not failures, f"{len(failures)} failure(s):\n\n" + "\n\n".join(failures)
     # the run reached the engine: each operation answered, each generation endpoint both ways and refused some
     for op in ("POST /v1/chat/completions", "POST /v1/completions", "GET /v1/models", "GET /v1/models/{model_id}",
-               "GET /health", "GET /metrics"):
+               "GET /v1/limits", "GET /health", "GET /metrics"):
         assert any(label == op and status == 200 for label, status, _ in answers), (op, answers)
     for op in ("POST /v1/chat/completions", "POST /v1/completions"):
         for status, ctype in ((200, "application/json"), (200, "text/event-stream"), (422, "application/json")):

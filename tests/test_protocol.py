@@ -185,7 +185,7 @@ def test_openapi_lists_every_operation_with_its_responses(doc):
     assert doc["openapi"].startswith("3.")
     ops = {(path, method) for path, item in doc["paths"].items() for method in item}
     assert ops == {("/v1/chat/completions", "post"), ("/v1/completions", "post"), ("/v1/models", "get"),
-                   ("/v1/models/{model_id}", "get"), ("/health", "get"), ("/metrics", "get")}
+                   ("/v1/models/{model_id}", "get"), ("/v1/limits", "get"), ("/health", "get"), ("/metrics", "get")}
     chat_op = doc["paths"]["/v1/chat/completions"]["post"]
     assert {"200", "400", "401", "422", "429"} <= set(chat_op["responses"])
     assert set(chat_op["responses"]["200"]["content"]) == {"application/json", "text/event-stream"}

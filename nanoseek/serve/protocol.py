@@ -579,6 +579,15 @@ class ModelList(_Closed):
     data: list[ModelCard]
 
 
+class ServedLimits(_Closed):
+    """GET /v1/limits: what a request may ask for (the chat page sizes its fields with it)."""
+    max_tokens: int = Field(ge=1)
+    max_prompt_tokens: int | None
+    context_length: int | None
+    max_messages: int = Field(ge=1)
+    max_body_bytes: int = Field(ge=1)
+
+
 class Health(_Closed):
     status: Literal["ok"]
     model: str
@@ -648,7 +657,7 @@ def openapi_schema(limits: Limits, model_name: str, ctx: int | None = None, voca
     models = [(chat, "validation"), (completion, "validation"), (ErrorBody, "serialization"),
               (ChatCompletion, "serialization"), (ChatCompletionChunk, "serialization"),
               (TextCompletion, "serialization"), (ModelList, "serialization"), (ModelCard, "serialization"),
-              (Health, "serialization")]
+              (ServedLimits, "serialization"), (Health, "serialization")]
     _, defs = models_json_schema(models, ref_template="#/components/schemas/{model}")
     model_path = {"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}
     paths = {
@@ -659,6 +668,7 @@ def openapi_schema(limits: Limits, model_name: str, ctx: int | None = None, voca
         "/v1/models": _get("the served model", _json("ModelList"), auth, {}),
         "/v1/models/{model_id}": _get("one model", _json("ModelCard"), auth, {"404": _error("no such model")},
                                       parameters=[model_path]),
+        "/v1/limits": _get("what a request may ask for", _json("ServedLimits"), auth, {}),
         "/health": _get("the engine is running", _json("Health"), False, {"503": _error("the engine is down")}),
         "/metrics": _get("Prometheus metrics", {"text/plain": {"schema": {"type": "string"}}}, False, {}),
     }
