@@ -72,7 +72,6 @@ SHORT_TEXT = 256         # model, user, name: identifiers, not texts
 MAX_STOP, MAX_STOP_CHARS, MAX_STOP_IDS, MAX_TOOLS = 16, 256, 64, 128
 
 
-
 def _whole(v):
     """5.0 -> 5 (a JSON number with no fraction is an integer); anything else is left for the strict check."""
     return int(v) if isinstance(v, float) and v.is_integer() else v
