@@ -58,7 +58,7 @@ from starlette.requests import ClientDisconnect
 
 from ..errors import UsageError
 from . import protocol as P
-from .protocol import APIError, ChatRequest, CompletionRequest, Limits
+from .protocol import APIError, CompletionRequest, Limits
 from .worker import EngineWorker, Job, Metrics, QueueFull, WorkerDead
 
 log = logging.getLogger("nanoseek.serve")
@@ -186,7 +186,7 @@ class Guard:
         if origin is not None and not self.origin_ok(origin, host):
             return APIError(403, f"requests from the web page at {origin} are not allowed; to let that page call "
                             f"this server, start it with --allowed-origins {origin}", "origin_not_allowed")
-        if scope["method"] == "POST":
+        if scope["method"] == "POST" and scope["path"].rstrip("/").endswith("completions"):   # the JSON endpoints
             ctype = headers.get("content-type", "").partition(";")[0].strip().lower()
             if ctype != "application/json":
                 return APIError(415, f"the request body must be JSON sent with 'Content-Type: application/json' "
@@ -246,6 +246,11 @@ class Service:
         self.fingerprint = f"fp_nanoseek_{uuid.uuid5(uuid.NAMESPACE_DNS, self.model_name).hex[:8]}"
         self.vocab = self.tokenizer.vocab_size
         self.control_ids, self.control_strings = P.control_tokens(self.tokenizer)
+        # the request models with this server's limits in them, and the OpenAPI document built from the same models
+        # (so that schema-valid means acceptable, up to the two limits JSON Schema cannot say: prompt tokens, bytes)
+        self.chat_request, self.completion_request = P.request_models(self.limits, self.model_name, self.ctx,
+                                                                      self.vocab)
+        self.openapi = P.openapi_schema(self.limits, self.model_name, self.ctx, self.vocab, auth=bool(self.api_key))
         # The most characters one token stands for (a byte-level token's string has one character per byte, so
         # it is never shorter than the text it encodes): a prompt longer than max_prompt of these cannot fit.
         self.max_token_chars = max((len(self.tokenizer.id_to_token(i) or "") for i in range(self.vocab)),
@@ -527,7 +532,7 @@ def service(request: Request) -> Service:
 
 async def chat_completions(request: Request):
     svc = service(request)
-    req, thinking = await svc.parse(request, ChatRequest)
+    req, thinking = await svc.parse(request, svc.chat_request)
     svc.check_room()
     if len(req.messages) > svc.limits.max_messages:
         raise APIError(400, f"too many messages: {len(req.messages)} > {svc.limits.max_messages}",
@@ -575,7 +580,7 @@ async def completion_prompt_ids(svc: Service, req: CompletionRequest) -> tuple[l
 
 async def completions(request: Request):
     svc = service(request)
-    req, _ = await svc.parse(request, CompletionRequest)
+    req, _ = await svc.parse(request, svc.completion_request)
     svc.check_room()
     prompt, prompt_text = await completion_prompt_ids(svc, req)
     top_n, want_lp = req.logprobs or 0, req.logprobs is not None
@@ -656,6 +661,11 @@ async def on_unexpected(request, exc: Exception):
 
 
 # --------------------------------------------------------------------------------------------- the app
+async def openapi(request: Request):
+    """The OpenAPI document of the real request models with this server's limits (protocol.openapi_schema)."""
+    return service(request).openapi
+
+
 def add_routes(app: FastAPI) -> None:
     """The API (each path also without /v1), then the page's files one by one: a catch-all mount at / would answer
     404 (or 405 with the wrong Allow) for every wrong method on an API path. GET routes answer HEAD too."""
@@ -668,6 +678,7 @@ def add_routes(app: FastAPI) -> None:
         app.add_api_route(f"{prefix}/limits", limits, methods=get)
         app.add_api_route(f"{prefix}/health", health, methods=get)
     app.add_api_route("/metrics", prometheus, methods=get)
+    app.add_api_route("/openapi.json", openapi, methods=get, include_in_schema=False)
     if WEB.is_dir():
         app.add_route("/", page_file(WEB / "index.html"), methods=["GET"], include_in_schema=False)  # (+ HEAD)
         for f in sorted(WEB.iterdir()):

@@ -38,9 +38,10 @@ class Limits:
 class APIError(Exception):
     """An error answered as {"error": {...}} with its HTTP status (and headers, e.g. Retry-After)."""
 
-    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-             405: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
-             500: "server_error", 503: "service_unavailable_error"}
+    TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+             404: "not_found_error", 405: "invalid_request_error", 408: "timeout_error",
+             415: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
+             499: "client_closed_request", 500: "server_error", 503: "service_unavailable_error"}
 
     def __init__(self, status: int, message: str, code: str | None = None, headers: dict | None = None,
                  param: str | None = None):
