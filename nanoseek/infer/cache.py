@@ -1,27 +1,33 @@
-"""The paged latent KV cache of the engine: MLA's latent only, in fixed-size blocks, with prefix reuse.
+"""The engine's paged caches: one interface (blocks, block tables, prefix reuse, per-step plan) for every attention.
 
-What is cached (DeepSeek-V2 Section 2.1.2): per token and per layer, the normalised latent c_kv (kv_lora_rank) and
-the roped shared key k_pe (qk_rope_head_dim), nothing else: 576 elements per token per layer for V3, where
-transformers' cache holds 40,960 (per-head K and V).
+What a token leaves in the cache depends on the attention (chosen by `cfg.attention`), nothing else does:
+* "mla" (DeepSeek-V2 Section 2.1.2): per layer, the normalised latent c_kv (kv_lora_rank) and the roped shared key
+  k_pe (qk_rope_head_dim): 576 elements per token per layer for V3, where a per-head K/V cache holds 40,960.
+* "gqa" (the dense students: qwen2, llama, qwen3): per layer, K (after RoPE, and qwen3's k-norm) and V of each of
+  the n_kv_heads key/value heads: 2 x n_kv_heads x head_dim elements (1,024 for Qwen2.5-7B / Llama-3-8B).
 
-Layout (the PagedAttention idea of vLLM, Kwon et al. 2023): each layer owns one pool of `num_blocks` blocks of
-`block_size` token slots, c_kv (num_blocks, block_size, kv_lora_rank) and k_pe (num_blocks, block_size, rope).
-A sequence holds a list of block ids (its block table); slot = block * block_size + offset. Block 0 is a scratch
-block that is never handed out: padding tokens write there and padded reads point there (always masked).
+Layout (the PagedAttention idea of vLLM, Kwon et al. 2023): each layer owns, for each of its two cached tensors,
+one pool of `num_blocks` blocks of `block_size` token slots, e.g. c_kv (num_blocks, block_size, kv_lora_rank) or
+K (num_blocks, block_size, n_kv_heads, head_dim). A sequence holds a list of block ids (its block table);
+slot = block * block_size + offset. Block 0 is a scratch block that is never handed out: padding tokens write
+there and padded reads point there (always masked).
 
 Prefix cache: a full block is named by a hash chain, key_k = (hash(key_{k-1}), the block's tokens), so a block
 is only reused when every token before it matches too. Blocks carry reference counts; a cached block nobody
 references stays in the pool (LRU order) until the allocator needs it back.
 
-Per step the engine computes, once for all layers, the slots each new token writes, the slots each sequence reads
-(its blocks gathered into a padded (B, S) view) and the attention mask; `update(layer, ...)` (the cache protocol of
-nanoseek.model.mla) then does one scatter and one gather per layer.
+Per forward the engine calls `plan(tables, starts, lens)` once: the slots each new token writes, the slots each
+sequence reads (its blocks gathered into a padded (B, S) view) and the attention mask, for all layers; each layer's
+`update(layer, a, b)` (the cache protocol of MLA.forward and GQA.forward) then does one scatter and one gather per
+cached tensor.
 
-LatentCache (at the end) is the contiguous, unpaged cache of the same protocol, for tests and simple generation.
+LatentCache and KVCache (at the end) are contiguous, unpaged caches of the same protocols, for tests and simple
+generation.
 """
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict, deque
 
 import torch
@@ -61,7 +67,7 @@ class BlockPool:
             del self.cached[self.key[b]]
             self.key[b] = None
         else:
-            raise RuntimeError("latent cache out of blocks (the engine reserves blocks before admitting requests; "
+            raise RuntimeError("the paged cache is out of blocks (the engine reserves blocks before admitting requests; "
                                "this is a bug)")
         self.ref[b] = 1
         return b
@@ -114,67 +120,168 @@ def block_keys(tokens: list[int], block_size: int, n_blocks: int, lookahead: int
     return keys
 
 
-class PagedLatentCache:
-    """Per-layer pools of c_kv and k_pe blocks, and the per-step view that MLA attends through."""
+class PagedCache:
+    """The engine's cache: a BlockPool shared by every layer, per-layer pools of the two tensors a token leaves
+    (what they are is the subclass's `token_shapes`), and the per-step view the attention reads through.
+
+    Subclasses name the two tensors (`names`) and give their per-token shapes; the pools are then also attributes
+    under those names (PagedLatentCache: `c_kv`, `k_pe`; PagedKVCache: `k`, `v`), one tensor per layer each.
+    """
+
+    names: tuple[str, str]
+
+    @staticmethod
+    def token_shapes(cfg: ModelConfig) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        raise NotImplementedError
+
+    @classmethod
+    def elems_per_token(cls, cfg: ModelConfig) -> int:
+        """Elements one token costs per layer (both tensors)."""
+        return sum(math.prod(s) for s in cls.token_shapes(cfg))
 
     def __init__(self, cfg: ModelConfig, num_layers: int, num_blocks: int, block_size: int,
                  dtype: torch.dtype, device: torch.device | str):
-        r, rope = cfg.kv_lora_rank, cfg.qk_rope_head_dim
-        self.block_size = block_size
+        self.block_size, self.device = block_size, device
         self.pool = BlockPool(num_blocks, block_size)
-        # one pool per layer (the MTP layer included when used): (num_blocks, block_size, dim)
-        self.c_kv = [torch.zeros(num_blocks, block_size, r, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.k_pe = [torch.zeros(num_blocks, block_size, rope, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.bytes_per_token = num_layers * (r + rope) * self.c_kv[0].element_size()
+        for name, shape in zip(self.names, self.token_shapes(cfg)):     # (num_blocks, block_size, *shape) per layer
+            setattr(self, name, [torch.zeros(num_blocks, block_size, *shape, dtype=dtype, device=device)
+                                 for _ in range(num_layers)])
+        a, b = (getattr(self, name) for name in self.names)
+        # slot-major views (num_blocks * block_size, elems) that update() scatters into and gathers from
+        self._flat = [(x.view(-1, x[0, 0].numel()), y.view(-1, y[0, 0].numel())) for x, y in zip(a, b)]
+        self.bytes_per_token = num_layers * self.elems_per_token(cfg) * torch.empty((), dtype=dtype).element_size()
         self._write = self._read = self._mask = None
 
+    def plan(self, tables: list[list[int]], starts: list[int], lens: list[int]) -> torch.Tensor:
+        """Fix the indices of one forward, for every layer, and return the new tokens' positions (B, T).
+
+        Row b runs lens[b] new tokens at positions starts[b], starts[b] + 1, ... (a prefill chunk, a decode token,
+        a token and its MTP draft); tables[b] is its block table, covering starts[b] + lens[b] tokens. Rows are
+        right-padded to T = max(lens); padding writes to the scratch slot 0 and attends to its row's real keys
+        only (never an all-masked softmax row)."""
+        bs, dev = self.block_size, self.device
+        T = max(lens)
+        totals = [s + n for s, n in zip(starts, lens)]
+        S = max(totals)
+        nb = max(len(t) for t in tables)
+        table = torch.tensor([t + [0] * (nb - len(t)) for t in tables], device=dev)            # (B, nb)
+        meta = torch.tensor([starts, lens, totals], device=dev)                                 # (3, B)
+        start, n_valid, total = meta[0, :, None], meta[1, :, None], meta[2, :, None]
+        j = torch.arange(S, device=dev)
+        read = table[:, j // bs] * bs + j % bs                                                    # (B, S)
+        read = read.masked_fill(j >= total, 0)                     # past the end: the scratch slot
+        t = torch.arange(T, device=dev)
+        qpos = start + t                                                                          # (B, T)
+        valid = t < n_valid
+        write = torch.where(valid, read.gather(1, qpos.clamp(max=S - 1)), 0)
+        mask = None            # one new token per row and equal lengths: every key is visible (saves a fill/layer)
+        if T > 1 or min(totals) < S:   # causal within the row; padded query rows see the row's real keys only
+            mask = ((j <= qpos[..., None]) & (j < total[..., None]))[:, None]                   # (B, 1, T, S)
+        self.set_step(write.view(-1), read, mask)
+        return qpos
+
     def set_step(self, write_slots: torch.Tensor, read_slots: torch.Tensor, mask: torch.Tensor | None) -> None:
-        """Fix the indices of this forward for every layer.
+        """Fix the indices of this forward for every layer (plan() computes them).
 
         write_slots (B*T,): slot of each new token (padding -> scratch slot 0); read_slots (B, S): the slots each
         sequence attends over, padded with 0; mask (B, 1, T, S) bool, True = may attend (None: all S visible).
         """
         self._write, self._read, self._mask = write_slots, read_slots, mask
 
-    def update(self, layer: int, c_kv: torch.Tensor, k_pe: torch.Tensor):
-        """Store this step's latents (B, T, .) and return every visible latent (B, S, .) and the mask."""
+    def update(self, layer: int, a: torch.Tensor, b: torch.Tensor):
+        """Store this step's two tensors (B, T, *shape) and return every visible one (B, S, *shape) and the mask.
+
+        MLA: (c_kv, k_pe); GQA: (k, v) with shape (n_kv_heads, head_dim)."""
         B, S = self._read.shape
-        flat_c = self.c_kv[layer].view(-1, c_kv.shape[-1])
-        flat_k = self.k_pe[layer].view(-1, k_pe.shape[-1])
-        flat_c.index_copy_(0, self._write, c_kv.reshape(-1, c_kv.shape[-1]))
-        flat_k.index_copy_(0, self._write, k_pe.reshape(-1, k_pe.shape[-1]))
+        flat_a, flat_b = self._flat[layer]
+        flat_a.index_copy_(0, self._write, a.reshape(-1, flat_a.shape[1]))
+        flat_b.index_copy_(0, self._write, b.reshape(-1, flat_b.shape[1]))
         read = self._read.view(-1)
-        return (flat_c.index_select(0, read).view(B, S, -1), flat_k.index_select(0, read).view(B, S, -1),
-                self._mask)
+        return (flat_a.index_select(0, read).view(B, S, *a.shape[2:]),
+                flat_b.index_select(0, read).view(B, S, *b.shape[2:]), self._mask)
 
 
-class LatentCache:
+class PagedLatentCache(PagedCache):
+    """MLA's paged cache: c_kv (kv_lora_rank) and k_pe (qk_rope_head_dim) per token and layer."""
+
+    names = ("c_kv", "k_pe")
+
+    @staticmethod
+    def token_shapes(cfg: ModelConfig):
+        return (cfg.kv_lora_rank,), (cfg.qk_rope_head_dim,)
+
+
+class PagedKVCache(PagedCache):
+    """Grouped-query attention's paged cache: K and V, (n_kv_heads, head_dim) each, per token and layer."""
+
+    names = ("k", "v")
+
+    @staticmethod
+    def token_shapes(cfg: ModelConfig):
+        return (cfg.num_key_value_heads, cfg.head_dim), (cfg.num_key_value_heads, cfg.head_dim)
+
+
+PAGED_CACHES: dict[str, type[PagedCache]] = {"mla": PagedLatentCache, "gqa": PagedKVCache}
+
+
+def paged_cache_class(cfg: ModelConfig) -> type[PagedCache]:
+    """The paged cache of this model's attention (cfg.attention: "mla" or "gqa")."""
+    attention = getattr(cfg, "attention", "mla")
+    if attention not in PAGED_CACHES:
+        raise ValueError(f"no paged cache for attention {attention!r}: the engine serves {sorted(PAGED_CACHES)}")
+    return PAGED_CACHES[attention]
+
+
+class _ContiguousCache:
+    """A contiguous cache of two per-token tensors for B sequences that advance together (tests, simple generation):
+    per layer, (B, max_len, *shape) each. Call `advance()` after each forward."""
+
+    names: tuple[str, str]
+
+    def __init__(self, shapes, n_layers: int, batch: int, max_len: int, dtype, device):
+        for name, shape in zip(self.names, shapes):
+            setattr(self, name, torch.zeros(n_layers, batch, max_len, *shape, dtype=dtype, device=device))
+        self.length = 0   # tokens already cached (the same for every layer once a forward finishes)
+        self._new = 0
+
+    def update(self, layer, a, b):
+        T = a.shape[1]
+        start = self.length
+        store_a, store_b = (getattr(self, name) for name in self.names)
+        store_a[layer, :, start:start + T] = a
+        store_b[layer, :, start:start + T] = b
+        self._new = T
+        S = start + T
+        mask = None
+        if T > 1:  # (T, S): the new tokens see the cached ones and, causally, each other
+            mask = torch.ones(T, S, dtype=torch.bool, device=a.device).tril(start)
+        return store_a[layer, :, :S], store_b[layer, :, :S], mask
+
+    def advance(self):
+        """Call after each forward: the tokens just written become part of the context."""
+        self.length += self._new
+        self._new = 0
+
+
+class LatentCache(_ContiguousCache):
     """A contiguous latent KV cache for B sequences that advance together (tests, simple generation).
 
     Holds, per layer, c_kv (B, max_len, kv_lora_rank) and k_pe (B, max_len, qk_rope_head_dim) and nothing else:
     that is all MLA needs. PagedLatentCache (above, the engine's) implements the same `update`.
     """
 
+    names = ("c_kv", "k_pe")
+
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype=torch.float32, device=None):
-        n = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
-        self.c_kv = torch.zeros(n, batch, max_len, cfg.kv_lora_rank, dtype=dtype, device=device)
-        self.k_pe = torch.zeros(n, batch, max_len, cfg.qk_rope_head_dim, dtype=dtype, device=device)
-        self.length = 0   # tokens already cached (the same for every layer once a forward finishes)
-        self._new = 0
+        super().__init__(PagedLatentCache.token_shapes(cfg), cfg.num_hidden_layers + cfg.num_nextn_predict_layers,
+                         batch, max_len, dtype, device)
 
-    def update(self, layer, c_kv, k_pe):
-        T = c_kv.shape[1]
-        start = self.length
-        self.c_kv[layer, :, start:start + T] = c_kv
-        self.k_pe[layer, :, start:start + T] = k_pe
-        self._new = T
-        S = start + T
-        mask = None
-        if T > 1:  # (T, S): the new tokens see the cached ones and, causally, each other
-            mask = torch.ones(T, S, dtype=torch.bool, device=c_kv.device).tril(start)
-        return self.c_kv[layer, :, :S], self.k_pe[layer, :, :S], mask
 
-    def advance(self):
-        """Call after each forward: the tokens just written become part of the context."""
-        self.length += self._new
-        self._new = 0
+class KVCache(_ContiguousCache):
+    """A contiguous K/V cache for grouped-query attention: per layer, k and v (B, max_len, n_kv_heads, head_dim).
+    PagedKVCache (above, the engine's) implements the same `update`."""
+
+    names = ("k", "v")
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype=torch.float32, device=None):
+        super().__init__(PagedKVCache.token_shapes(cfg), cfg.num_hidden_layers, batch, max_len, dtype, device)

@@ -1,4 +1,4 @@
-"""The serving engine: continuous batching over a paged MLA latent cache, sampling, stop rules, MTP speculation.
+"""The serving engine: continuous batching over a paged cache (MLA's latent or GQA's K/V), sampling, stop rules, MTP.
 
     eng = Engine(model, tokenizer)
     eng.generate(["Hello", [1, 2, 3]], SamplingParams(temperature=0, max_tokens=32))   # -> list[Completion]
@@ -7,8 +7,9 @@
 One `step()` = (1) admit waiting requests while a batch slot and enough cache blocks are free (their prompt prefix
 is looked up in the prefix cache first), (2) a batched prefill forward for the admitted prompts (right-padded,
 different lengths; long prompts in chunks), (3) one batched decode forward for the requests already running.
-Requests leave as soon as they finish; their blocks return to the pool. Attention always runs on MLA's absorbed path against the latent cache
-(nanoseek.infer.cache): the engine computes the gather indices and mask once per forward, the layers reuse them.
+Requests leave as soon as they finish; their blocks return to the pool. Attention always runs against the paged
+cache (nanoseek.infer.cache): MLA's absorbed path against the latent, grouped-query attention against K and V; the
+cache computes the gather indices and mask once per forward (plan), the layers reuse them.
 
 MTP speculative decoding (DeepSeek-V3 Section 2.2 / 5.4.3): the MTP module, given the main model's last hidden
 state h_n and the token t_{n+1}, drafts t_{n+2}. A decode step then feeds [t_{n+1}, draft] at positions [n+1, n+2]:
@@ -32,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import UsageError
-from .cache import PagedLatentCache, block_keys
+from .cache import block_keys, paged_cache_class
 from .sampling import Sampled, SamplingParams, sample
 
 __all__ = ["Engine", "SamplingParams", "Completion", "StreamDelta"]
@@ -40,7 +41,7 @@ __all__ = ["Engine", "SamplingParams", "Completion", "StreamDelta"]
 log = logging.getLogger("nanoseek.engine")
 
 THINK_START, THINK_END = "<think>", "</think>"
-DEFAULT_CACHE_BYTES = 2 << 30    # default latent pool size cap (pass num_blocks for more)
+DEFAULT_CACHE_BYTES = 2 << 30    # default cache pool size cap (pass num_blocks for more)
 PREFILL_TOKENS = 4096           # tokens (rows x chunk) per prefill forward; longer prompts are chunked
 MTP_PROBE, MTP_MIN_ACCEPT = 64, 0.25   # auto mode: drafts to judge the MTP head by, and the break-even acceptance
 
@@ -56,7 +57,7 @@ class Completion:
     finish_reason: str              # "stop" | "length" | "abort" | "error" (this request failed alone: see error)
     prompt_tokens: int
     completion_tokens: int
-    cached_tokens: int              # prompt tokens whose latents came from the prefix cache
+    cached_tokens: int              # prompt tokens whose cache entries (latents or K/V) came from the prefix cache
     logprobs: list[float] | None = None             # log p(token) per generated token (see SamplingParams)
     top_logprobs: list[dict[int, float]] | None = None   # per token: {token_id: logprob} of the top-n
     error: str | None = None        # finish_reason "error": what failed ("sampling failed: ValueError: ...")
@@ -205,7 +206,7 @@ class _Request:
     spec: bool                          # eligible for MTP speculation
     output: list[int] = field(default_factory=list)
     blocks: list[int] = field(default_factory=list)
-    num_cached: int = 0                 # leading tokens whose latents are in the cache (every layer)
+    num_cached: int = 0                 # leading tokens whose cache entries are written (every layer)
     num_registered: int = 0             # leading blocks already offered to the prefix cache
     parent_hash: int = 0                # hash of the last registered block's key (the chain)
     cached_tokens: int = 0
@@ -222,7 +223,8 @@ class _Request:
 
 
 class Engine:
-    """Batched generation with a paged latent cache. Single-threaded: one thread calls step() (or generate)."""
+    """Batched generation with a paged cache (the model's attention picks which: cfg.attention "mla" | "gqa").
+    Single-threaded: one thread calls step() (or generate)."""
 
     def __init__(self, model, tokenizer=None, max_batch: int = 16, max_seq_len: int | None = None,
                  block_size: int = 16, num_blocks: int | None = None, mtp: bool | None = None):
@@ -244,14 +246,15 @@ class Engine:
         self.max_seq_len = int(max_seq_len or min(cfg.max_position_embeddings, 4096))
         n_layers = cfg.num_hidden_layers + (1 if self.mtp else 0)      # the MTP layer's cache index is L
         blocks_per_seq = math.ceil(self.max_seq_len / block_size)
+        cache_cls = paged_cache_class(cfg)
         if num_blocks is None:
             # room for max_batch full-length sequences, within DEFAULT_CACHE_BYTES (then fewer run at once)
-            block_bytes = block_size * n_layers * cfg.kv_cache_elems_per_token * self.dtype.itemsize
+            block_bytes = block_size * n_layers * cache_cls.elems_per_token(cfg) * self.dtype.itemsize
             fit = max(blocks_per_seq, DEFAULT_CACHE_BYTES // block_bytes)
             num_blocks = min(max_batch * blocks_per_seq, fit) + 1       # + the scratch block
         elif num_blocks < 2:
             raise UsageError(f"num_blocks={num_blocks}: need at least 2 (one is the padding scratch block)")
-        self.cache = PagedLatentCache(cfg, n_layers, num_blocks, block_size, self.dtype, self.device)
+        self.cache = cache_cls(cfg, n_layers, num_blocks, block_size, self.dtype, self.device)
         self.pool = self.cache.pool
         self.kv_bytes_per_token = self.cache.bytes_per_token
         self.eos_id = getattr(tokenizer, "eos_id", None) if tokenizer is not None else None
@@ -356,7 +359,7 @@ class Engine:
                 "mtp": self.mtp, "mtp_active": self.mtp_active, "mtp_acceptance": c["mtp_accepted"] / c["mtp_drafts"] if c["mtp_drafts"] else 0.0}
 
     def reset_prefix_cache(self) -> None:
-        """Forget cached prefixes: call after the weights change (their latents are stale)."""
+        """Forget cached prefixes: call after the weights change (their cache entries are stale)."""
         self.pool.reset_prefix_cache()
         if self.mtp:                              # new weights: give the MTP head another chance
             self.mtp_active, self._probe = True, [0, 0]
@@ -465,33 +468,15 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------ forwards
     def _plan(self, reqs: list[_Request], ids: list[list[int]], starts: list[int]):
-        """Pad a batch of new tokens and fix the cache indices for it (once for all layers).
+        """Pad a batch of new tokens and fix the cache indices for it (once for all layers: cache.plan).
 
         ids[b]: the tokens of row b to run, at positions starts[b], starts[b] + 1, ...  Returns input ids and
         positions (B, T) and the number of valid tokens per row.
         """
-        bs, dev = self.block_size, self.device
-        T = max(len(x) for x in ids)
         lens = [len(x) for x in ids]
-        totals = [s + n for s, n in zip(starts, lens)]
-        S = max(totals)
-        nb = max(len(r.blocks) for r in reqs)
-        table = torch.tensor([r.blocks + [0] * (nb - len(r.blocks)) for r in reqs], device=dev)      # (B, nb)
-        meta = torch.tensor([starts, lens, totals], device=dev)                                   # (3, B)
-        start, n_valid, total = meta[0, :, None], meta[1, :, None], meta[2, :, None]
-        j = torch.arange(S, device=dev)
-        read = table[:, j // bs] * bs + j % bs                                                      # (B, S)
-        read = read.masked_fill(j >= total, 0)                       # past the end: the (zeroed) scratch slot
-        t = torch.arange(T, device=dev)
-        qpos = start + t                                                                            # (B, T)
-        valid = t < n_valid
-        write = torch.where(valid, read.gather(1, qpos.clamp(max=S - 1)), 0)
-        # causal within the row; padded query rows see the row's real keys only (never an all-masked row)
-        mask = None              # one new token per row and equal lengths: every key is visible (saves a fill/layer)
-        if T > 1 or min(totals) < S:
-            mask = ((j <= qpos[..., None]) & (j < total[..., None]))[:, None]                     # (B, 1, T, S)
-        self.cache.set_step(write.view(-1), read, mask)
-        inp = torch.tensor([x + [0] * (T - len(x)) for x in ids], device=dev)
+        qpos = self.cache.plan([r.blocks for r in reqs], starts, lens)                          # (B, T)
+        T = max(lens)
+        inp = torch.tensor([x + [0] * (T - len(x)) for x in ids], device=self.device)
         return inp, qpos, lens
 
     def _draft(self, h: torch.Tensor, next_ids: torch.Tensor, rope, rows: torch.Tensor, cols: torch.Tensor):
