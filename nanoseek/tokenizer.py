@@ -40,6 +40,41 @@ def _token_str(v) -> str | None:
     return v if isinstance(v, str) else None
 
 
+def _special(config: dict, special_map: dict, key: str) -> str | None:
+    """A special token's string as transformers reads it: tokenizer_config.json first, then special_tokens_map.json."""
+    return _token_str(config.get(key)) or _token_str(special_map.get(key))
+
+
+def _config_template(config: dict) -> str | None:
+    """The chat template a tokenizer_config.json holds: a string, or the "default" of a list of named ones."""
+    template = config.get("chat_template")
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default") or next(iter(named.values()), None)
+    return template if isinstance(template, str) else None
+
+
+def _max_length(value) -> int:
+    """tokenizer_config.json's model_max_length; transformers writes a huge sentinel for "unknown"."""
+    return value if isinstance(value, int) and value <= 10**9 else 131072
+
+
+def _read_json(path: Path, strict: bool) -> dict:
+    """A JSON object from `path` ({} when there is none; when it is broken: an error if strict, else {})."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        if strict:
+            raise UsageError(f"{path} is not valid JSON: {e}; fix or delete it") from e
+        return {}
+    if not isinstance(data, dict):
+        if strict:
+            raise UsageError(f"{path} should hold a JSON object, found {type(data).__name__}; fix or delete it")
+        return {}
+    return data
+
 
 # Above this many characters a text is encoded through the batch API, which releases the GIL while Rust works:
 # `encode` holds it (a 1 MB prompt stopped every other Python thread, the server's event loop included, for 0.8 s).
@@ -70,9 +105,15 @@ class Tokenizer:
     SPECIAL_TOKENS = (BOS, EOS, PAD, USER, ASSISTANT, THINK_START, THINK_END)
 
     def __init__(self, tokenizer, chat_template: str | None = CHAT_TEMPLATE, bos_token: str | None = BOS,
-                 eos_token: str | None = EOS, pad_token: str | None = PAD, model_max_length: int = 131072):
+                 eos_token: str | None = EOS, pad_token: str | None = PAD, model_max_length: int = 131072,
+                 config: dict | None = None, special_tokens_map: dict | None = None):
         self._tk = tokenizer  # tokenizers.Tokenizer
         self.chat_template = chat_template
+        # tokenizer_config.json and special_tokens_map.json as read (empty for a trained tokenizer): `save` writes
+        # them back with only the fields this object holds brought up to date, so what we do not model
+        # (add_bos_token, tokenizer_class, added_tokens_decoder, legacy...) survives a load -> save round trip
+        self.config = dict(config or {})
+        self.special_tokens_map = dict(special_tokens_map or {})
         self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
         self.model_max_length = model_max_length
         tid = self._tk.token_to_id
@@ -167,55 +208,28 @@ class Tokenizer:
             tk = HFTokenizer.from_file(str(path))
         except Exception as e:  # the Rust parser's own message says what is wrong
             raise UsageError(f"cannot read {path}: {e}") from e
-        config = {}
-        if (folder / "tokenizer_config.json").is_file():
-            try:
-                config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
-            except json.JSONDecodeError as e:
-                raise UsageError(f"{folder / 'tokenizer_config.json'} is not valid JSON: {e}") from e
-        special_map = {}
-        if (folder / "special_tokens_map.json").is_file():
-            try:
-                special_map = json.loads((folder / "special_tokens_map.json").read_text(encoding="utf-8"))
-            except json.JSONDecodeError:
-                special_map = {}
-
-        def special(key: str) -> str | None:
-            return _token_str(config.get(key)) or _token_str(special_map.get(key))
-
-        template = config.get("chat_template")
-        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
-            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-            template = named.get("default") or next(iter(named.values()), None)
+        config = _read_json(folder / "tokenizer_config.json", strict=True)
+        special_map = _read_json(folder / "special_tokens_map.json", strict=False)
+        template = _config_template(config)
         if (folder / "chat_template.jinja").is_file():
             template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
-        max_len = config.get("model_max_length")
-        if not isinstance(max_len, int) or max_len > 10**9:  # transformers writes a huge sentinel for "unknown"
-            max_len = 131072
-        return cls(tk, chat_template=template, bos_token=special("bos_token"), eos_token=special("eos_token"),
-                   pad_token=special("pad_token"), model_max_length=max_len)
+        tokens = {k: _special(config, special_map, k) for k in ("bos_token", "eos_token", "pad_token")}
+        return cls(tk, chat_template=template, model_max_length=_max_length(config.get("model_max_length")),
+                   config=config, special_tokens_map=special_map, **tokens)
 
     def save(self, folder: str | os.PathLike) -> Path:
         """Write tokenizer.json, tokenizer_config.json (with the chat template), special_tokens_map.json and
-        chat_template.jinja: a folder that transformers.AutoTokenizer loads and encodes identically."""
+        chat_template.jinja: a folder that transformers.AutoTokenizer loads and encodes identically.
+
+        A loaded tokenizer writes back the tokenizer_config.json and special_tokens_map.json it was read from, with
+        only what differs from this object (special tokens, model_max_length, chat template) changed."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self._tk.save(str(folder / "tokenizer.json"))
-        config = {
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "bos_token": self.bos_token,
-            "eos_token": self.eos_token,
-            "pad_token": self.pad_token,
-            "add_bos_token": self.bos_id is not None,
-            "add_eos_token": False,
-            "clean_up_tokenization_spaces": False,
-            "model_max_length": self.model_max_length,
-            "chat_template": self.chat_template,
-        }
-        config = {k: v for k, v in config.items() if v is not None}
+        config = self._config_to_save()
         (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
                                                       encoding="utf-8")
-        smap = {k: config[k] for k in ("bos_token", "eos_token", "pad_token") if k in config}
+        smap = self._special_map_to_save(config)
         (folder / "special_tokens_map.json").write_text(json.dumps(smap, indent=2, ensure_ascii=False) + "\n",
                                                         encoding="utf-8")
         # transformers >= 5 reads the template from here first; keep it in step with tokenizer_config.json
@@ -225,6 +239,33 @@ class Tokenizer:
         elif jinja.exists():
             jinja.unlink()
         return folder
+
+    def _config_to_save(self) -> dict:
+        """tokenizer_config.json: the one loaded (our defaults for a trained tokenizer), with each field this object
+        holds written only where the file would otherwise load a different value."""
+        config = dict(self.config) or {"tokenizer_class": "PreTrainedTokenizerFast",
+                                       "add_bos_token": self.bos_id is not None, "add_eos_token": False,
+                                       "clean_up_tokenization_spaces": False,
+                                       "model_max_length": self.model_max_length}
+        for key in ("bos_token", "eos_token", "pad_token"):
+            value = getattr(self, key)
+            if _special(config, self.special_tokens_map, key) != value:
+                config[key] = value
+        if _max_length(config.get("model_max_length")) != self.model_max_length:
+            config["model_max_length"] = self.model_max_length
+        if _config_template(config) != self.chat_template:
+            config["chat_template"] = self.chat_template
+        return {k: v for k, v in config.items() if v is not None or (k in self.config and self.config[k] is None)}
+
+    def _special_map_to_save(self, config: dict) -> dict:
+        """special_tokens_map.json: the one loaded, its tokens brought up to date (built from `config` if none)."""
+        if not self.special_tokens_map:
+            return {k: config[k] for k in ("bos_token", "eos_token", "pad_token") if config.get(k) is not None}
+        smap = dict(self.special_tokens_map)
+        for key in ("bos_token", "eos_token", "pad_token"):
+            if key in smap and _token_str(smap[key]) != getattr(self, key):
+                smap[key] = getattr(self, key)
+        return {k: v for k, v in smap.items() if v is not None}
 
     # ---------------------------------------------------------------- encode / decode
     @property
@@ -360,8 +401,9 @@ class Tokenizer:
 
     # ---------------------------------------------------------------- chat
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, tokenize: bool = False,
-                            thinking: bool = True, **variables) -> str | list[int]:
-        """Render messages with the chat template (as transformers does; `thinking` is a template variable).
+                            thinking: bool | None = None, **variables) -> str | list[int]:
+        """Render messages with the chat template (as transformers does; `thinking` is a template variable, passed
+        only when given: left out, the template's own default holds, e.g. on in ours, off in DeepSeek-V3.1's).
 
         tokenize=True returns `encode_chat`'s ids: control-token strings that came from the messages (or from
         `variables`) are text; the template's own markers are control tokens. The template already writes bos, so
@@ -371,16 +413,18 @@ class Tokenizer:
                                     **variables)
         return self._render(messages, add_generation_prompt, thinking, variables)
 
-    def _render(self, messages, add_generation_prompt: bool, thinking: bool, variables: dict) -> str:
+    def _render(self, messages, add_generation_prompt: bool, thinking: bool | None, variables: dict) -> str:
         if self.chat_template is None:
             raise UsageError("this tokenizer has no chat template (tokenizer_config.json has no chat_template and "
                              "there is no chat_template.jinja); add one or use a model folder that has it")
         special = {"bos_token": self.bos_token or "", "eos_token": self.eos_token or "",
                    "pad_token": self.pad_token or ""}
+        if thinking is not None:  # else undefined in the template, as in transformers when a caller leaves it out
+            variables = {**variables, "thinking": thinking}
         return render_chat(messages, self.chat_template, add_generation_prompt=add_generation_prompt,
-                           thinking=thinking, **{**special, **variables})
+                           **{**special, **variables})
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, thinking: bool = True,
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, thinking: bool | None = None,
                     **variables) -> list[int]:
         """The chat's ids, safe for any template: a control token comes only from the template, never from a
         string a user wrote (any message field, any variable but bos/eos/pad_token), which is encoded as text.

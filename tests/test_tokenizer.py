@@ -2,6 +2,7 @@
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 
@@ -271,3 +272,54 @@ def test_a_long_text_is_encoded_without_holding_the_gil(tok):
     ours = _longest_stall(lambda: tok.encode(text))
     assert held > 0.1, f"the negative control should stall the other thread (it did for {held:.3f} s)"
     assert ours < held / 2, f"encode stalled another thread for {ours:.3f} s (the library's encode: {held:.3f} s)"
+
+
+# ---------------------------------------------------------------- bugs found on published files (issue 10, item 6)
+# DeepSeek-V3.1's published chat template (its tokenizer_config.json's "chat_template"), kept verbatim as test data
+V31_TEMPLATE = (Path(__file__).parent / "data" / "deepseek_v3.1_chat_template.jinja").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("thinking", [None, True, False])
+def test_thinking_left_out_keeps_the_templates_own_default(tok, tmp_path, thinking):
+    # 6a: DeepSeek-V3.1's published template defaults to non-thinking ("<｜Assistant｜></think>"); we used to pass
+    # thinking=True whatever the caller gave, so an unset switch rendered "<｜Assistant｜><think>"
+    transformers = pytest.importorskip("transformers")
+    tok.save(tmp_path)
+    (tmp_path / "chat_template.jinja").write_text(V31_TEMPLATE, encoding="utf-8")
+    ours, hf = Tokenizer.load(tmp_path), transformers.AutoTokenizer.from_pretrained(tmp_path)
+    kw = {} if thinking is None else {"thinking": thinking}
+    text = ours.apply_chat_template(MESSAGES[:2], **kw)
+    assert text == hf.apply_chat_template(MESSAGES[:2], tokenize=False, add_generation_prompt=True, **kw)
+    assert text.endswith("<｜Assistant｜><think>" if thinking else "<｜Assistant｜></think>")
+    ids = ours.apply_chat_template(MESSAGES[:2], tokenize=True, **kw)
+    assert ids == hf(text, add_special_tokens=False)["input_ids"]
+    # our own template thinks unless told not to, through its own default
+    assert tok.apply_chat_template(MESSAGES[:2], **kw).endswith("<think>\n" if thinking is not False else
+                                                               "<think>\n\n</think>\n\n")
+
+
+def test_save_keeps_the_tokenizer_config_it_loaded(tok, tmp_path):
+    # 6d: a published V3/R1 folder says add_bos_token=false and tokenizer_class LlamaTokenizerFast (plus keys we do
+    # not model); save used to write add_bos_token=true and PreTrainedTokenizerFast over them
+    tok.save(tmp_path / "published")
+    token = lambda s: {"__type": "AddedToken", "content": s, "lstrip": False, "normalized": True, "rstrip": False,
+                       "single_word": False}
+    published = {"add_bos_token": False, "add_eos_token": False, "bos_token": token(Tokenizer.BOS),
+                 "clean_up_tokenization_spaces": False, "eos_token": token(Tokenizer.EOS), "legacy": True,
+                 "model_max_length": 1000000000000000019884624838656, "pad_token": token(Tokenizer.EOS),
+                 "sp_model_kwargs": {}, "unk_token": None, "tokenizer_class": "LlamaTokenizerFast",
+                 "chat_template": V31_TEMPLATE}
+    (tmp_path / "published" / "tokenizer_config.json").write_text(json.dumps(published), encoding="utf-8")
+    (tmp_path / "published" / "chat_template.jinja").unlink()
+    (tmp_path / "published" / "special_tokens_map.json").unlink()
+    loaded = Tokenizer.load(tmp_path / "published")
+    loaded.save(tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "tokenizer_config.json").read_text(encoding="utf-8")) == published
+    again = Tokenizer.load(tmp_path / "again")
+    assert (again.bos_id, again.eos_id, again.pad_id) == (0, 1, 1) and again.chat_template == V31_TEMPLATE
+    assert [again.encode(s) for s in TRICKY] == [tok.encode(s) for s in TRICKY]
+    # what this object holds and was changed is written; the rest stays as loaded
+    again.chat_template, again.model_max_length = "{{ bos_token }}", 4096
+    again.save(tmp_path / "changed")
+    changed = json.loads((tmp_path / "changed" / "tokenizer_config.json").read_text(encoding="utf-8"))
+    assert changed == {**published, "chat_template": "{{ bos_token }}", "model_max_length": 4096}
