@@ -1,11 +1,14 @@
-"""load() / save() of Hugging Face model folders: config.json + safetensors (single file or sharded).
+"""load() / save() of Hugging Face model folders: config.json + safetensors (single file or sharded), and GGUF.
 
 Reads DeepSeek-V2/V3 folders as published (bf16, or FP8 e4m3 with 128x128 `weight_scale_inv` blocks, which are
-dequantised on load) and as transformers saves them; writes folders that transformers loads unchanged. Only
-safetensors are ever read: pickled weights (.bin/.pt) are refused, never unpickled.
+dequantised on load), the dense families R1 was distilled into (qwen2, llama, qwen3) as published, and all of them
+as transformers saves them; writes folders that transformers loads unchanged, with each family's own config keys
+and tensor names. Only safetensors are ever read: pickled weights (.bin/.pt) are refused, never unpickled. A path
+ending in .gguf goes to nanoseek.gguf.
 
 Loading streams: the model is built on the meta device, allocated once, and each tensor is read from its file
-and copied into place, so peak memory is the model plus one tensor.
+and copied into place (model/weights.py: build_from_tensors), so peak memory is the model plus one tensor: an 8B
+student in bf16 takes 16 GB.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import os
 import re
 import warnings
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -23,76 +27,12 @@ from safetensors.torch import save_file
 
 from .config import ModelConfig
 from .errors import UsageError
-from .model.rope import RotaryEmbedding
 from .model.transformer import Transformer
+from .model.weights import DTYPES, CheckpointError, build_from_tensors, hf_to_ours, ours_to_hf, resolve_dtype
 
-_EXPERT = re.compile(r"^mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
-_MTP_OWN = ("enorm.", "hnorm.", "eh_proj.", "shared_head.norm.")
-_MTP_SHARED = ("embed_tokens.weight", "shared_head.head.weight")  # copies of the main model's, which we share
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-class CheckpointError(UsageError, ValueError):
-    """A model folder that cannot be read, with the file and tensor at fault (a UsageError: the CLI prints it)."""
-
-
-def hf_to_ours(name: str, cfg: ModelConfig) -> tuple[str, int | None] | None:
-    """Map a checkpoint tensor name to (our parameter name, expert index or None); None for tensors we skip."""
-    if name == "model.embed_tokens.weight":
-        return "embed_tokens.weight", None
-    if name == "model.norm.weight":
-        return "norm.weight", None
-    if name == "lm_head.weight":
-        return "lm_head.weight", None
-    m = re.match(r"^model\.layers\.(\d+)\.(.+)$", name)
-    if not m:
-        return None
-    i, rest = int(m.group(1)), m.group(2)
-    L = cfg.num_hidden_layers
-    if i < L:
-        prefix = f"layers.{i}."
-    else:
-        k = i - L
-        if rest in _MTP_SHARED:
-            return None
-        if rest.startswith(_MTP_OWN):
-            return f"mtp.{k}.{rest}", None
-        prefix = f"mtp.{k}.block."
-    e = _EXPERT.match(rest)
-    if e:
-        return f"{prefix}mlp.experts.{e.group(2)}", int(e.group(1))
-    return prefix + rest, None
-
-
-def ours_to_hf(model: Transformer):
-    """Yield (checkpoint name, tensor) for every tensor of the model, experts unstacked, MTP in published form."""
-    cfg = model.cfg
-    L = cfg.num_hidden_layers
-    state = model.state_dict()
-    for name, t in state.items():
-        if cfg.tie_word_embeddings and name == "lm_head.weight":
-            continue
-        if name in ("embed_tokens.weight", "norm.weight"):
-            yield f"model.{name}", t
-            continue
-        if name == "lm_head.weight":
-            yield name, t
-            continue
-        m = re.match(r"^(layers\.(\d+)\.|mtp\.(\d+)\.(block\.)?)(.+)$", name)
-        if not m:
-            continue  # non-persistent or derived state
-        layer = int(m.group(2)) if m.group(2) is not None else L + int(m.group(3))
-        rest = m.group(5)
-        e = re.match(r"^mlp\.experts\.(gate_proj|up_proj|down_proj)$", rest)
-        if e:
-            for j in range(t.shape[0]):
-                yield f"model.layers.{layer}.mlp.experts.{j}.{e.group(1)}.weight", t[j]
-            continue
-        yield f"model.layers.{layer}.{rest}", t
-    for k in range(len(model.mtp)):  # published MTP layers carry their own copies of the shared embedding/head
-        yield f"model.layers.{L + k}.embed_tokens.weight", state["embed_tokens.weight"]
-        yield f"model.layers.{L + k}.shared_head.head.weight", state["lm_head.weight"]
-
+# the model-building half lives in model/weights.py (gguf.py uses it too); these names are public here as well
+__all__ = ["CheckpointError", "build_from_tensors", "hf_to_ours", "ours_to_hf", "read_config", "load", "save",
+           "load_model_and_tokenizer"]
 
 _PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -160,17 +100,18 @@ def _dequantize_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, 
 
 
 def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device=None) -> Transformer:
-    """Load a DeepSeek-V2/V3 Hugging Face folder (ours, transformers', or as published, bf16 or FP8)."""
+    """Load a Hugging Face folder (ours, transformers', or as published: DeepSeek-V2/V3 in bf16 or FP8, qwen2,
+    llama, qwen3) or a .gguf file. dtype: torch.bfloat16 or "bfloat16" etc.; None keeps the checkpoint's."""
+    if str(path).endswith(".gguf"):
+        from .gguf import load_gguf
+
+        return load_gguf(path, dtype, device)
     folder = Path(path)
     if not folder.is_dir():
-        raise CheckpointError(f"{folder}: not a folder (expected a Hugging Face model folder with config.json)")
+        raise CheckpointError(f"{folder}: not a folder (expected a Hugging Face model folder with config.json, or "
+                              f"a .gguf file)")
     cfg = read_config(folder)
-    if isinstance(dtype, str):
-        if dtype not in _DTYPES:
-            raise CheckpointError(f"dtype {dtype!r} is not supported: expected one of {', '.join(_DTYPES)}")
-        dtype = _DTYPES[dtype]
-    if dtype is None:
-        dtype = _DTYPES.get(cfg.torch_dtype or cfg.extra.get("dtype") or "float32", torch.float32)
+    dtype = resolve_dtype(dtype, cfg)
     files = _weight_files(folder)
     L = cfg.num_hidden_layers
     has_mtp = any(re.match(rf"^model\.layers\.{L + k}\.", n) for n in files for k in range(cfg.num_nextn_predict_layers))
@@ -180,31 +121,27 @@ def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device
         cfg.num_nextn_predict_layers = 0
     block = tuple((cfg.quantization_config or {}).get("weight_block_size", (128, 128)))
     cfg.quantization_config = None  # dequantised on load: what we hold, and save, is plain weights
-    cfg.torch_dtype = {v: k for k, v in _DTYPES.items()}[dtype]
+    searched = ", ".join(sorted({f.name for f in files.values()}))
 
-    model = _empty_model(cfg, dtype, device)
-    params = dict(model.named_parameters())
-    params.update(dict(model.named_buffers()))
-    filled = _fill(params, files, cfg, block)
-    _check_complete(folder, params, filled, files, cfg)
-    return model.eval()
+    def where(name: str) -> str:
+        return str(files[name]) if name in files else f"{folder} (weight files: {searched})"
+
+    return build_from_tensors(cfg, _stream(files, block), where, dtype, device)
 
 
-def _empty_model(cfg: ModelConfig, dtype: torch.dtype, device) -> Transformer:
-    """An uninitialised model in its final dtype and device (routing bias float32 and zero)."""
-    # Shapes and dtype are decided on the meta device, so the one allocation is in the final dtype (no float32
-    # copy of a bf16 model); the routing bias stays float32 whatever the model's dtype, as published.
-    with torch.device("meta"):
-        model = Transformer(cfg).to(dtype)
-    for m in model.modules():
-        if hasattr(m, "e_score_correction_bias"):
-            m.e_score_correction_bias = m.e_score_correction_bias.float()
-    model = model.to_empty(device=device or "cpu")
-    model.rotary = RotaryEmbedding(cfg).to(device or "cpu")
-    for m in model.modules():
-        if hasattr(m, "e_score_correction_bias"):
-            m.e_score_correction_bias.zero_()
-    return model
+def _stream(files: dict[str, Path], block) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every weight, read one at a time, file by file; FP8 dequantised, block scales consumed."""
+    by_file: dict[Path, list[str]] = defaultdict(list)
+    for name, f in files.items():
+        by_file[f].append(name)
+    for f, names in by_file.items():
+        if not f.exists():
+            raise CheckpointError(f"{f}: listed in model.safetensors.index.json but missing")
+        _keys(f)  # a clear error for a corrupt or non-safetensors file
+        with safe_open(f, "pt", device="cpu") as sf:
+            for name in names:
+                if not name.endswith(".weight_scale_inv"):
+                    yield name, _read_tensor(sf, name, f, files, block)
 
 
 def _read_tensor(sf, name: str, f: Path, files: dict[str, Path], block: tuple[int, int]) -> torch.Tensor:
@@ -225,77 +162,20 @@ def _read_tensor(sf, name: str, f: Path, files: dict[str, Path], block: tuple[in
     return _dequantize_fp8(t, scale_inv, block)
 
 
-def _fill(params: dict, files: dict[str, Path], cfg: ModelConfig, block) -> dict[str, set]:
-    """Stream every weight file tensor by tensor into `params`; returns what was filled (name -> expert ids)."""
-    filled: dict[str, set] = defaultdict(set)
-    by_file: dict[Path, list[str]] = defaultdict(list)
-    for name, f in files.items():
-        by_file[f].append(name)
-    for f, names in by_file.items():
-        if not f.exists():
-            raise CheckpointError(f"{f}: listed in model.safetensors.index.json but missing")
-        _keys(f)  # a clear error for a corrupt or non-safetensors file
-        with safe_open(f, "pt", device="cpu") as sf:
-            for name in names:
-                if name.endswith(".weight_scale_inv") or name.endswith("rotary_emb.inv_freq"):
-                    continue
-                target = hf_to_ours(name, cfg)
-                if target is None:
-                    continue
-                ours, expert = target
-                if ours not in params:
-                    raise CheckpointError(f"{f}: tensor {name} does not belong to a {cfg.model_type} model with this "
-                                          f"config.json (num_hidden_layers={cfg.num_hidden_layers}, "
-                                          f"num_nextn_predict_layers={cfg.num_nextn_predict_layers}, "
-                                          f"n_routed_experts={cfg.n_routed_experts})")
-                t = _read_tensor(sf, name, f, files, block)
-                if expert is not None and expert >= params[ours].shape[0]:
-                    raise CheckpointError(f"{f}: tensor {name} is expert {expert} but config.json has "
-                                          f"n_routed_experts={cfg.n_routed_experts}")
-                dst = params[ours] if expert is None else params[ours][expert]
-                if tuple(t.shape) != tuple(dst.shape):
-                    raise CheckpointError(f"{f}: tensor {name} has shape {tuple(t.shape)} but config.json implies "
-                                          f"{tuple(dst.shape)} (check hidden_size, heads, ranks and expert sizes)")
-                with torch.no_grad():
-                    dst.copy_(t.to(dst.dtype) if ours.endswith("e_score_correction_bias") else t)
-                filled[ours].add(expert)
-    return filled
+def _without_remote_code(d: dict, folder: Path) -> dict:
+    """config.json without an `auto_map` whose code is not in `folder`. A published config names its own modeling
+    files ("configuration_deepseek.DeepseekV3Config") or another repository's ("org/repo--module.Class"); written
+    into a folder without those files, transformers (trust_remote_code=True) fails with OSError and llama.cpp's
+    converter crashes. The classes it names are transformers' own, which `architectures` points at anyway."""
+    refs = [r for v in (d.get("auto_map") or {}).values() for r in (v if isinstance(v, list) else [v]) if r]
 
+    def present(ref: str) -> bool:
+        module = ref.rsplit(".", 1)[0]
+        return "--" not in ref and (folder / (module.replace(".", "/") + ".py")).is_file()
 
-def _check_complete(folder: Path, params: dict, filled: dict[str, set], files: dict[str, Path],
-                    cfg: ModelConfig) -> None:
-    """Every parameter the config implies was in the files (else name the first missing tensor)."""
-    for ours, p in params.items():
-        if ours.startswith("rotary.") or (ours == "lm_head.weight" and cfg.tie_word_embeddings):
-            continue
-        if ours.endswith("e_score_correction_bias") and cfg.topk_method != "noaux_tc":
-            continue
-        if ours.endswith("e_score_correction_bias") and ours not in filled:
-            continue  # absent in some exports: zero bias, which is what training starts from
-        want = set(range(p.shape[0])) if ".mlp.experts." in ours else {None}
-        missing = want - filled.get(ours, set())
-        if missing:
-            hf = next(n for n, _ in ours_to_hf_names(ours, missing, cfg))
-            searched = ", ".join(sorted({f.name for f in files.values()}))
-            raise CheckpointError(f"{folder}: tensor {hf} is missing from the weight files ({searched}) although "
-                                  f"config.json implies it")
-
-
-def ours_to_hf_names(ours: str, experts, cfg: ModelConfig):
-    """Checkpoint names of one of our parameters (for error messages)."""
-    L = cfg.num_hidden_layers
-    m = re.match(r"^(layers\.(\d+)\.|mtp\.(\d+)\.(block\.)?)(.+)$", ours)
-    if not m:
-        yield ("model." + ours if ours != "lm_head.weight" else ours), None
-        return
-    layer = int(m.group(2)) if m.group(2) is not None else L + int(m.group(3))
-    rest = m.group(5)
-    e = re.match(r"^mlp\.experts\.(\w+)$", rest)
-    if e:
-        for j in sorted(x for x in experts if x is not None):
-            yield f"model.layers.{layer}.mlp.experts.{j}.{e.group(1)}.weight", j
-        return
-    yield f"model.layers.{layer}.{rest}", None
+    if "auto_map" in d and not all(present(r) for r in refs):
+        d = {k: v for k, v in d.items() if k != "auto_map"}
+    return d
 
 
 def save(model: Transformer, path: str | os.PathLike, tokenizer=None, max_shard_bytes: int = 5 * 2**30) -> Path:
@@ -304,8 +184,8 @@ def save(model: Transformer, path: str | os.PathLike, tokenizer=None, max_shard_
     folder.mkdir(parents=True, exist_ok=True)
     cfg = model.cfg
     dtype = next(model.parameters()).dtype
-    d = cfg.to_hf()
-    d["torch_dtype"] = d["dtype"] = {v: k for k, v in _DTYPES.items()}.get(dtype, "float32")
+    d = _without_remote_code(cfg.to_hf(), folder)
+    d["torch_dtype"] = d["dtype"] = {v: k for k, v in DTYPES.items()}.get(dtype, "float32")
     (folder / "config.json").write_text(json.dumps(d, indent=2) + "\n")
     gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "do_sample": True,
            "temperature": 0.6, "top_p": 0.95}

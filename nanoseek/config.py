@@ -1,9 +1,16 @@
-"""ModelConfig: every hyper-parameter of a DeepSeek-V2/V3 model, named as transformers names them.
+"""ModelConfig: every hyper-parameter of a model, named as transformers names them.
 
-Field names are those of transformers' DeepseekV3Config / DeepseekV2Config so that a published `config.json`
-maps onto this dataclass one to one (`ModelConfig.from_hf`) and back (`to_hf`). The presets hold the published
-values of V2-Lite, V2 and V3 (DeepSeek-V2 report Table/Appendix, DeepSeek-V3 report Section 4.2) and three small
-shapes of our own for tests, the CPU demo and a one-GPU run.
+Two kinds of model share the one dataclass. DeepSeek-V2/V3 (`model_type` deepseek_v2 / deepseek_v3): Multi-head
+Latent Attention, DeepSeekMoE, multi-token prediction. The dense families of R1's distilled students (qwen2, llama,
+qwen3): grouped-query attention and a SwiGLU MLP. Field names are those of transformers' config classes
+(DeepseekV3Config, DeepseekV2Config, Qwen2Config, LlamaConfig, Qwen3Config), so a published `config.json` maps onto
+this dataclass one to one (`ModelConfig.from_hf`) and back (`to_hf`); the fields of the other kind are ignored and
+not written. `cfg.attention` ("mla" or "gqa") is what callers branch on.
+
+The presets hold published shapes: V2-Lite, V2 and V3 (DeepSeek-V2 report Appendix, DeepSeek-V3 report Section
+4.2); the distilled students (DeepSeek-R1 report Section 2.4: Qwen2.5-Math-1.5B/7B widths, Llama-3.1-8B with its
+llama3 rope scaling; Qwen3-8B, the base of R1-0528's student); and small shapes of our own for tests, the CPU demo
+and a one-GPU run.
 """
 
 from __future__ import annotations
@@ -12,24 +19,39 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+DEEPSEEK = ("deepseek_v3", "deepseek_v2")   # MLA + DeepSeekMoE (+ MTP)
+DENSE = ("qwen2", "llama", "qwen3")          # grouped-query attention + SwiGLU MLP
+ARCHITECTURES = {"deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM",
+                 "qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+# what a dense family's config.json holds (besides rope_scaling / rope_parameters, architectures and the keys we
+# do not model, kept in `extra`); qwen2 has no attention_bias: its q/k/v always carry a bias, o_proj never does
+_DENSE_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+               "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings",
+               "rope_theta", "rms_norm_eps", "initializer_range", "tie_word_embeddings", "attention_dropout",
+               "bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype")
+_DENSE_ONLY = ("head_dim",)                  # not written for DeepSeek (transformers derives its own)
+_ROPE_TYPES = {"deepseek": (None, "default", "yarn"), "dense": (None, "default", "yarn", "llama3")}
+_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
 
 @dataclass
 class ModelConfig:
-    model_type: str = "deepseek_v3"          # "deepseek_v3" or "deepseek_v2": picks the checkpoint flavour
+    model_type: str = "deepseek_v3"          # deepseek_v3 | deepseek_v2 | qwen2 | llama | qwen3
     vocab_size: int = 129280
     hidden_size: int = 7168
-    intermediate_size: int = 18432           # width of the dense SwiGLU MLP (layers < first_k_dense_replace)
+    intermediate_size: int = 18432           # width of the dense SwiGLU MLP (DeepSeek: layers < first_k_dense_replace)
     moe_intermediate_size: int = 2048        # width of one routed (or shared) expert
     num_hidden_layers: int = 61
     num_attention_heads: int = 128
-    num_key_value_heads: int = 128           # kept for transformers; MLA has no GQA
+    num_key_value_heads: int = 128           # GQA: key/value heads, each shared by a group of query heads (MLA: unused)
+    head_dim: int | None = None              # GQA: width of one q/k/v head; None: hidden_size // heads (qwen3 sets it)
     # --- MLA (DeepSeek-V2 Section 2.1) ---
     q_lora_rank: int | None = 1536           # None: a single q_proj (V2-Lite)
     kv_lora_rank: int = 512                  # d_c, the latent that the cache holds
     qk_nope_head_dim: int = 128
     qk_rope_head_dim: int = 64               # the decoupled RoPE part, shared k_pe across heads
     v_head_dim: int = 128
-    # --- DeepSeekMoE (V2 Section 2.2, V3 Section 2.1.2) ---
+    # --- DeepSeekMoE (V2 Section 2.2, V3 Section 2.1.2); None for the dense families ---
     n_routed_experts: int | None = 256
     n_shared_experts: int | None = 1
     num_experts_per_tok: int | None = 8      # K_r, routed experts per token
@@ -45,17 +67,19 @@ class ModelConfig:
     seq_aux: bool = True
     # --- multi-token prediction (V3 Section 2.2) ---
     num_nextn_predict_layers: int = 0
-    # --- positions: RoPE + YaRN ---
+    # --- positions: RoPE (+ YaRN, or llama3's scaling) ---
     max_position_embeddings: int = 163840
     rope_theta: float = 10000.0
-    rope_scaling: dict | None = None         # {"type": "yarn", "factor", "original_max_position_embeddings", ...}
-    rope_interleave: bool = True             # weights rotate adjacent pairs (V3 as published); False: half-split
+    rope_scaling: dict | None = None         # {"type": "yarn" | "llama3", "factor", "original_max_position_embeddings", ...}
+    # True: the weights rotate adjacent pairs (DeepSeek as published); False: half-split pairs (x_i, x_{i+d/2}),
+    # which the dense families always use. None: the family's own layout.
+    rope_interleave: bool | None = None
     # --- the rest ---
     hidden_act: str = "silu"
     rms_norm_eps: float = 1e-6
     initializer_range: float = 0.02
     tie_word_embeddings: bool = False
-    attention_bias: bool = False
+    attention_bias: bool = False             # DeepSeek, llama, qwen3: bias on q/k/v/o projections (qwen2: see above)
     attention_dropout: float = 0.0
     bos_token_id: int | None = 0
     eos_token_id: int | None = 1
@@ -65,14 +89,20 @@ class ModelConfig:
     extra: dict = field(default_factory=dict, repr=False)  # unknown keys of config.json, written back by to_hf
 
     def __post_init__(self):
+        if self.model_type not in ARCHITECTURES:
+            raise ValueError(f"model_type {self.model_type!r} is not supported: expected one of "
+                             f"{', '.join(ARCHITECTURES)}")
         if self.q_lora_rank == 0:
             self.q_lora_rank = None
-        if self.model_type not in ("deepseek_v3", "deepseek_v2"):
-            raise ValueError(f"model_type {self.model_type!r} is not supported: expected 'deepseek_v3' or 'deepseek_v2'")
+        rope_type = (self.rope_scaling or {}).get("type", (self.rope_scaling or {}).get("rope_type"))
+        if self.attention == "gqa":
+            self._check_dense(rope_type)
+            return
+        if self.rope_interleave is None:
+            self.rope_interleave = True
         if self.topk_method not in ("greedy", "group_limited_greedy", "noaux_tc"):
             raise ValueError(f"topk_method {self.topk_method!r}: expected greedy, group_limited_greedy or noaux_tc")
-        rope_type = (self.rope_scaling or {}).get("type", (self.rope_scaling or {}).get("rope_type"))
-        if rope_type not in (None, "default", "yarn"):
+        if rope_type not in _ROPE_TYPES["deepseek"]:
             raise ValueError(f"rope_scaling type {rope_type!r} is not supported: DeepSeek models use 'yarn' (or none)")
         if self.scoring_func not in ("softmax", "sigmoid"):
             raise ValueError(f"scoring_func {self.scoring_func!r}: expected softmax or sigmoid")
@@ -81,7 +111,36 @@ class ModelConfig:
         if self.n_routed_experts and self.num_experts_per_tok and self.num_experts_per_tok > self.n_routed_experts:
             raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok} > n_routed_experts={self.n_routed_experts}")
 
+    def _check_dense(self, rope_type):
+        """The dense families: no experts, no MTP, half-split rope, whole groups of query heads per K/V head."""
+        mt = self.model_type
+        self.n_routed_experts = None  # a dense family has no routed experts, whatever the DeepSeek defaults say
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.rope_interleave is None:
+            self.rope_interleave = False
+        if self.rope_interleave:
+            raise ValueError(f"rope_interleave=True is not a {mt} layout: its q/k weights rotate half-split pairs")
+        if self.num_nextn_predict_layers:
+            raise ValueError(f"num_nextn_predict_layers={self.num_nextn_predict_layers}: multi-token prediction "
+                             f"is a DeepSeek-V3 module; a {mt} model has none (set it to 0)")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads={self.num_key_value_heads}: grouped-query attention shares each "
+                             f"key/value head among a whole group of query heads")
+        if rope_type not in _ROPE_TYPES["dense"]:
+            raise ValueError(f"rope_scaling type {rope_type!r} is not supported for {mt}: expected 'llama3', "
+                             f"'yarn' or none")
+        if rope_type == "llama3" and any(k not in self.rope_scaling for k in _LLAMA3_KEYS):
+            raise ValueError(f"rope_scaling of type 'llama3' needs {', '.join(_LLAMA3_KEYS)}; got "
+                             f"{sorted(self.rope_scaling)}")
+
     # ------------------------------------------------------------------ derived values
+    @property
+    def attention(self) -> str:
+        """"mla" (DeepSeek: Multi-head Latent Attention) or "gqa" (the dense families: grouped-query attention)."""
+        return "mla" if self.model_type in DEEPSEEK else "gqa"
+
     @property
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
@@ -95,13 +154,37 @@ class ModelConfig:
 
     @property
     def kv_cache_elems_per_token(self) -> int:
-        """Elements one token costs in the MLA latent cache, per layer: kv_lora_rank + qk_rope_head_dim."""
+        """Elements one token costs in the cache, per layer: the MLA latent, kv_lora_rank + qk_rope_head_dim, or
+        GQA's keys and values, 2 x num_key_value_heads x head_dim."""
+        if self.attention == "gqa":
+            return 2 * self.num_key_value_heads * self.head_dim
         return self.kv_lora_rank + self.qk_rope_head_dim
 
     @property
     def mha_cache_elems_per_token(self) -> int:
         """Per layer, what a classic MHA cache of the same heads would hold: K (heads x qk_head_dim) + V."""
+        if self.attention == "gqa":
+            return 2 * self.num_attention_heads * self.head_dim
         return self.num_attention_heads * (self.qk_head_dim + self.v_head_dim)
+
+    def _attention_params(self) -> int:
+        """Parameters of one attention module (projections, their biases, q/k norms)."""
+        h, H = self.hidden_size, self.num_attention_heads
+        if self.attention == "gqa":
+            q, kv = H * self.head_dim, self.num_key_value_heads * self.head_dim
+            n = 2 * h * q + 2 * h * kv                                        # q_proj, o_proj, k_proj, v_proj
+            if self.model_type == "qwen2":
+                n += q + 2 * kv                                               # q/k/v biases
+            elif self.attention_bias:
+                n += q + 2 * kv + h
+            return n + (2 * self.head_dim if self.model_type == "qwen3" else 0)   # q_norm, k_norm
+        if self.q_lora_rank:
+            q = h * self.q_lora_rank + self.q_lora_rank + self.q_lora_rank * H * self.qk_head_dim
+        else:
+            q = h * H * self.qk_head_dim
+        kv = h * (self.kv_lora_rank + self.qk_rope_head_dim) + self.kv_lora_rank
+        kv += self.kv_lora_rank * H * (self.qk_nope_head_dim + self.v_head_dim)
+        return q + kv + H * self.v_head_dim * h
 
     def num_params(self, include_mtp: bool = False) -> dict:
         """Total and activated (per token) parameter counts, computed from the shapes alone.
@@ -111,14 +194,7 @@ class ModelConfig:
         and is not counted. This reproduces the reports' 37B (V3) and 2.4B (V2-Lite) activated parameters.
         """
         h, L = self.hidden_size, self.num_hidden_layers
-        H = self.num_attention_heads
-        if self.q_lora_rank:
-            q = h * self.q_lora_rank + self.q_lora_rank + self.q_lora_rank * H * self.qk_head_dim
-        else:
-            q = h * H * self.qk_head_dim
-        kv = h * (self.kv_lora_rank + self.qk_rope_head_dim) + self.kv_lora_rank
-        kv += self.kv_lora_rank * H * (self.qk_nope_head_dim + self.v_head_dim)
-        attn = q + kv + H * self.v_head_dim * h
+        attn = self._attention_params()
         norms = 2 * h
         dense = 3 * h * self.intermediate_size
         expert = 3 * h * self.moe_intermediate_size
@@ -140,7 +216,7 @@ class ModelConfig:
         emb = self.vocab_size * h
         head = 0 if self.tie_word_embeddings else self.vocab_size * h
         total += emb + head + h
-        active += head + h
+        active += self.vocab_size * h + h  # the head's matmul, whether or not it shares the embedding's matrix
         if include_mtp and self.num_nextn_predict_layers:
             # enorm + hnorm + eh_proj + one MoE block + shared_head.norm (embedding and head are shared)
             block = attn + norms + (moe_total if self.is_moe else dense)
@@ -150,26 +226,16 @@ class ModelConfig:
     # ------------------------------------------------------------------ conversion
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> ModelConfig:
-        """Build from a config.json dict: published DeepSeek configs and transformers >= 5 (`rope_parameters`)."""
+        """Build from a config.json dict: published configs and transformers >= 5 (`rope_parameters`)."""
         d = dict(d)
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         mt = d.get("model_type", "deepseek_v3")
-        if mt not in ("deepseek_v3", "deepseek_v2"):
-            raise ValueError(f"config.json has model_type={mt!r}; nanoseek reads deepseek_v3 and deepseek_v2 models")
-        rp = d.pop("rope_parameters", None)
-        if rp:  # transformers >= 5 keeps rope_theta and the YaRN values together
-            rp = dict(rp)
-            d.setdefault("rope_theta", rp.pop("rope_theta", 10000.0))
-            rtype = rp.pop("rope_type", rp.pop("type", "default"))
-            if rtype and rtype != "default" and not d.get("rope_scaling"):
-                d["rope_scaling"] = {"type": rtype, **rp}
-        if d.get("rope_scaling"):
-            rs = dict(d["rope_scaling"])
-            rs["type"] = rs.pop("rope_type", rs.get("type"))
-            if rs["type"] in (None, "default"):
-                rs = None
-            d["rope_scaling"] = rs
-        if mt == "deepseek_v2":
+        if mt not in ARCHITECTURES:
+            raise ValueError(f"config.json has model_type={mt!r}; nanoseek reads {', '.join(ARCHITECTURES)} models")
+        _read_rope(d)
+        if mt in DENSE:
+            _read_dense(d)
+        elif mt == "deepseek_v2":
             d.setdefault("topk_method", "greedy")
             d.setdefault("scoring_func", "softmax")
             d.setdefault("norm_topk_prob", False)
@@ -178,7 +244,7 @@ class ModelConfig:
         else:
             d.setdefault("topk_method", "noaux_tc")
             d.setdefault("scoring_func", "sigmoid")
-        if d.get("n_routed_experts") is None:
+        if mt in DEEPSEEK and d.get("n_routed_experts") is None:
             d["n_routed_experts"] = None
         if isinstance(d.get("eos_token_id"), list):
             d["eos_token_id"] = d["eos_token_id"][0]
@@ -188,19 +254,29 @@ class ModelConfig:
 
     def to_hf(self) -> dict[str, Any]:
         """A config.json dict that transformers (>= 5) and published-style loaders both read."""
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        if self.attention == "gqa":
+            d = {k: getattr(self, k) for k in _DENSE_KEYS}
+            if self.model_type != "qwen2":
+                d["attention_bias"] = self.attention_bias
+        else:
+            d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                 if f.name != "extra" and f.name not in _DENSE_ONLY}
+            d["q_lora_rank"] = self.q_lora_rank
         for k in ("torch_dtype", "quantization_config"):
-            if d[k] is None:
+            if k in d and d[k] is None:
                 d.pop(k)
-        d["q_lora_rank"] = self.q_lora_rank
         # transformers >= 5 reads rope_parameters; older readers and vLLM read rope_theta / rope_scaling
         rp = {"rope_theta": self.rope_theta, "rope_type": "default"}
+        d["rope_scaling"] = None
         if self.rope_scaling:
             rs = dict(self.rope_scaling)
-            rp.update({k: v for k, v in rs.items() if k not in ("type", "rope_type")})
-            rp["rope_type"] = rs.get("type", "yarn")
+            rtype = rs.pop("type", rs.pop("rope_type", "yarn"))
+            rp.update({k: v for k, v in rs.items() if k != "rope_type"})
+            rp["rope_type"] = rtype
+            # DeepSeek's published configs say "type"; Llama's and Qwen's say "rope_type"
+            d["rope_scaling"] = {"type": rtype, **rs} if self.attention == "mla" else {"rope_type": rtype, **rs}
         d["rope_parameters"] = rp
-        d["architectures"] = ["DeepseekV3ForCausalLM" if self.model_type == "deepseek_v3" else "DeepseekV2ForCausalLM"]
+        d["architectures"] = [ARCHITECTURES[self.model_type]]
         d.update({k: v for k, v in self.extra.items() if k not in d})
         return d
 
@@ -217,10 +293,47 @@ class ModelConfig:
         return cls(**kw)
 
 
+def _read_rope(d: dict) -> None:
+    """rope_parameters (transformers >= 5) and rope_scaling (published configs) -> rope_theta + rope_scaling with a
+    "type" key, or None for plain RoPE. In place."""
+    rp = d.pop("rope_parameters", None)
+    if rp:  # transformers >= 5 keeps rope_theta and the scaling values together
+        rp = dict(rp)
+        d.setdefault("rope_theta", rp.pop("rope_theta", 10000.0))
+        rtype = rp.pop("rope_type", rp.pop("type", "default"))
+        if rtype and rtype != "default" and not d.get("rope_scaling"):
+            d["rope_scaling"] = {"type": rtype, **rp}
+    if d.get("rope_scaling"):
+        rs = dict(d["rope_scaling"])
+        rs["type"] = rs.pop("rope_type", rs.get("type"))
+        if rs["type"] in (None, "default"):
+            rs = None
+        d["rope_scaling"] = rs
+
+
+def _read_dense(d: dict) -> None:
+    """Refuse what a dense family's config.json may switch on that we do not compute (rather than ignore it)."""
+    mt = d["model_type"]
+    if d.get("use_sliding_window"):
+        raise ValueError(f"config.json has use_sliding_window=true: sliding-window attention of {mt} is not "
+                         f"supported (the published R1 students use full attention: set it to false)")
+    if d.get("mlp_bias"):
+        raise ValueError("config.json has mlp_bias=true: the SwiGLU MLP here has no biases (published Llama "
+                         "models have none)")
+    if float(d.get("partial_rotary_factor") or 1.0) != 1.0:
+        raise ValueError(f"config.json has partial_rotary_factor={d['partial_rotary_factor']}: only full-width "
+                         f"rotary embeddings are supported for {mt}")
+    if d.get("rope_interleave") is None:
+        d.pop("rope_interleave", None)
+
+
 _YARN_V3 = {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1,
             "mscale": 1.0, "mscale_all_dim": 1.0}
 _YARN_V2 = {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1,
             "mscale": 0.707, "mscale_all_dim": 0.707}
+
+_LLAMA3_1 = {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+             "original_max_position_embeddings": 8192}
 
 PRESETS: dict[str, dict] = {
     # tests: a few hundred thousand parameters, every feature on (q_lora, noaux_tc groups, dense first, MTP)
@@ -264,4 +377,37 @@ PRESETS: dict[str, dict] = {
                routed_scaling_factor=2.5, norm_topk_prob=True, topk_method="noaux_tc", scoring_func="sigmoid",
                first_k_dense_replace=3, num_nextn_predict_layers=1, max_position_embeddings=163840,
                rope_scaling=_YARN_V3, bos_token_id=0, eos_token_id=1),
+    # --- R1's distilled students (dense; DeepSeek-R1 report Section 2.4), shapes of their published config.json
+    # DeepSeek-R1-Distill-Qwen-1.5B: Qwen2.5-Math-1.5B widths, embeddings untied (1.78B; Qwen2.5-1.5B ties, 1.54B)
+    "qwen-1.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                      num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                      max_position_embeddings=131072, rope_theta=10000.0, tie_word_embeddings=False,
+                      bos_token_id=151643, eos_token_id=151643),
+    # DeepSeek-R1-Distill-Qwen-7B: Qwen2.5-Math-7B widths (7.62B)
+    "qwen-7b": dict(model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                    num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                    max_position_embeddings=131072, rope_theta=10000.0, bos_token_id=151643,
+                    eos_token_id=151643),
+    # DeepSeek-R1-Distill-Llama-8B: Llama-3.1-8B with its llama3 rope scaling (8.03B)
+    "llama-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                     num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                     max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5,
+                     rope_scaling=_LLAMA3_1, bos_token_id=128000, eos_token_id=128001),
+    # Qwen3-8B, the base of DeepSeek-R1-0528-Qwen3-8B: q/k norms, head_dim 128 (8.19B)
+    "qwen3-8b": dict(model_type="qwen3", vocab_size=151936, hidden_size=4096, intermediate_size=12288,
+                     num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                     max_position_embeddings=40960, rope_theta=1000000.0, bos_token_id=151643,
+                     eos_token_id=151645),
+    # tests: the dense families in a few hundred thousand parameters (GQA ratio 2, llama3 scaling, qwen3's head_dim)
+    "tiny-qwen2": dict(model_type="qwen2", vocab_size=512, hidden_size=64, intermediate_size=128,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=512, tie_word_embeddings=True, bos_token_id=0, eos_token_id=1),
+    "tiny-llama": dict(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=512, rope_theta=500000.0, bos_token_id=0, eos_token_id=1,
+                       rope_scaling={"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    "tiny-qwen3": dict(model_type="qwen3", vocab_size=512, hidden_size=64, intermediate_size=128,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+                       max_position_embeddings=512, bos_token_id=0, eos_token_id=1),
 }

@@ -124,8 +124,8 @@ def test_published_config_round_trip_keeps_every_key():
 
 
 def test_bad_config_values_are_refused_with_the_reason():
-    with pytest.raises(ValueError, match="model_type='llama'"):
-        ns.ModelConfig.from_hf({**PUBLISHED_V3, "model_type": "llama"})
+    with pytest.raises(ValueError, match="model_type='mistral'"):
+        ns.ModelConfig.from_hf({**PUBLISHED_V3, "model_type": "mistral"})
     with pytest.raises(ValueError, match="topk_method"):
         ns.ModelConfig.preset("tiny", topk_method="top2")
     with pytest.raises(ValueError, match="not divisible by n_group"):

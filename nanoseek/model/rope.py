@@ -1,11 +1,15 @@
-"""Rotary position embedding with YaRN context extension, applied to the decoupled RoPE part of q and k only.
+"""Rotary position embedding (RoFormer, Su et al. 2021) with YaRN or llama3 context extension.
 
-DeepSeek-V2 Section 2.1.3: RoPE is incompatible with the low-rank KV compression, so a separate
-`qk_rope_head_dim` slice of each query head and ONE shared key slice (k_pe) carry the positions.
+DeepSeek-V2 Section 2.1.3: RoPE is incompatible with the low-rank KV compression, so in MLA a separate
+`qk_rope_head_dim` slice of each query head and ONE shared key slice (k_pe) carry the positions. The dense families
+(GQA) rotate every q/k head over its whole head_dim, in half-split pairs.
 YaRN (Peng et al. 2023, used by V2/V3 to extend 4K -> 128K): frequencies whose wavelength is long compared with
 the original context are interpolated (divided by `factor`), short ones are kept, with a linear ramp between the
 `beta_fast`/`beta_slow` correction dimensions; cos/sin get an attention factor mscale(factor, mscale) /
 mscale(factor, mscale_all_dim).
+llama3 (Llama 3.1, used by R1-Distill-Llama): frequencies whose wavelength exceeds original / low_freq_factor are
+divided by `factor`, those shorter than original / high_freq_factor are kept, and the band between is blended
+linearly in original / wavelength; no attention factor.
 """
 
 from __future__ import annotations
@@ -31,13 +35,36 @@ def yarn_get_mscale(scale: float = 1.0, mscale: float = 1.0) -> float:
     return 0.1 * mscale * math.log(scale) + 1.0
 
 
+def rope_dim(cfg: ModelConfig) -> int:
+    """How many dims of a head rotate: MLA's decoupled qk_rope_head_dim, or GQA's whole head_dim."""
+    return cfg.qk_rope_head_dim if cfg.attention == "mla" else cfg.head_dim
+
+
 def rope_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies (qk_rope_head_dim // 2,) and the cos/sin attention factor."""
-    dim, base = cfg.qk_rope_head_dim, cfg.rope_theta
+    """Inverse frequencies (rope_dim // 2,) and the cos/sin attention factor."""
+    dim, base = rope_dim(cfg), cfg.rope_theta
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-    rs = yarn_scaling(cfg)
-    if rs is None:
-        return inv_freq, 1.0
+    rs = cfg.rope_scaling or {}
+    kind = rs.get("type", rs.get("rope_type"))
+    if kind == "llama3":
+        return llama3_frequencies(inv_freq, rs), 1.0
+    if kind == "yarn":
+        return yarn_frequencies(inv_freq, rs, dim, base)
+    return inv_freq, 1.0
+
+
+def llama3_frequencies(inv_freq: torch.Tensor, rs: dict) -> torch.Tensor:
+    """Llama 3.1's scaling of the inverse frequencies (see the module docstring)."""
+    factor, low, high = float(rs["factor"]), float(rs["low_freq_factor"]), float(rs["high_freq_factor"])
+    original = rs["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    # smooth: 0 at wavelength original / low_freq_factor (fully interpolated), 1 at original / high_freq_factor
+    smooth = ((original / wavelen - low) / (high - low)).clamp(0, 1)
+    return (1 - smooth) * inv_freq / factor + smooth * inv_freq
+
+
+def yarn_frequencies(inv_freq: torch.Tensor, rs: dict, dim: int, base: float) -> tuple[torch.Tensor, float]:
+    """YaRN's interpolated inverse frequencies and attention factor (see the module docstring)."""
     factor = float(rs["factor"])
     original = rs.get("original_max_position_embeddings", 4096)
     beta_fast, beta_slow = rs.get("beta_fast") or 32, rs.get("beta_slow") or 1
@@ -45,8 +72,10 @@ def rope_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
     def correction_dim(num_rotations):  # the dimension whose wavelength makes num_rotations turns in `original`
         return dim * math.log(original / (num_rotations * 2 * math.pi)) / (2 * math.log(base))
 
-    low = max(math.floor(correction_dim(beta_fast)), 0)
-    high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if rs.get("truncate", True):  # transformers' default; gpt-oss-style configs set truncate=false
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001
     ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
@@ -63,7 +92,7 @@ def rope_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
 
 
 class RotaryEmbedding(nn.Module):
-    """Maps positions (B, T) to (cos, sin), each (B, T, qk_rope_head_dim // 2)."""
+    """Maps positions (B, T) to (cos, sin), each (B, T, rope_dim // 2)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()

@@ -1,9 +1,12 @@
-"""The DeepSeek-V2/V3 decoder: embedding -> Blocks (MLA + dense MLP or MoE) -> RMSNorm -> head, plus MTP.
+"""The decoder: embedding -> Blocks (attention + MLP or MoE) -> RMSNorm -> head, plus MTP.
+
+DeepSeek-V2/V3 blocks are MLA + a dense MLP or MoE, with MTP modules after the trunk; the dense families (qwen2,
+llama, qwen3) are GQA + a SwiGLU MLP in every block, with no MTP. The block picks its modules from the config.
 
 `Transformer(cfg)(input_ids)` returns logits (B, T, vocab). It is the ONE forward of every caller; the rest are
 keywords: `positions` (B, T) for RoPE, `mask` (boolean, True = may attend) for the full attention path, e.g.
-`document_mask` of packed training rows, `cache` (the latent KV cache protocol of MLA.forward) for the absorbed
-path, and `return_hidden` (the final hidden state, input to the MTP module). Its pieces are public so that no
+`document_mask` of packed training rows, `cache` (the cache protocol of MLA.forward: latents, absorbed path; or of
+GQA.forward: keys and values), and `return_hidden` (the final hidden state, input to the MTP module). Its pieces are public so that no
 caller writes the forward again: `trunk` (embedding -> blocks -> final norm), `head` (the output projection),
 `mtp_hidden` / `mtp_forward` (one multi-token-prediction depth) and `losses` (the training objective).
 """
@@ -15,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .gqa import GQA
 from .layers import MLP, RMSNorm
 from .mla import MLA
 from .moe import MoE
@@ -38,13 +42,13 @@ class Block(nn.Module):
         super().__init__()
         self.layer = layer
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = MLA(cfg)
+        self.self_attn = MLA(cfg) if cfg.attention == "mla" else GQA(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         moe = cfg.is_moe_layer(layer) or layer >= cfg.num_hidden_layers  # the MTP block is an MoE block (V3)
         self.mlp = MoE(cfg) if moe and cfg.is_moe else MLP(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, x, cos, sin, mask=None, cache=None):
-        """x (B, T, hidden) -> (B, T, hidden); mask and cache as in MLA.forward."""
+        """x (B, T, hidden) -> (B, T, hidden); mask and cache as in MLA.forward / GQA.forward."""
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, self.layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -96,7 +100,7 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, std: float | None = None):
-        """Normal(0, initializer_range) for every matrix, ones for norms, zeros for the routing bias."""
+        """Normal(0, initializer_range) for every matrix, ones for norms, zeros for biases and the routing bias."""
         std = std or self.cfg.initializer_range
         for name, p in self.named_parameters():
             if p.dim() >= 2:
@@ -112,7 +116,7 @@ class Transformer(nn.Module):
     def trunk(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
               cache=None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """The main model up to its final norm: input_ids (B, T) -> h (B, T, hidden) and rope = (cos, sin), each
-        (B, T, qk_rope_head_dim // 2). The head is separate so that a caller who needs logits at a few positions
+        (B, T, rope_dim // 2). The head is separate so that a caller who needs logits at a few positions
         (the engine) pays vocab x hidden for those only; rope serves the MTP module at the same positions."""
         B, T = input_ids.shape
         if positions is None:

@@ -1,0 +1,78 @@
+"""Grouped-query attention (Ainslie et al. 2023, "GQA: Training Generalized Multi-Query Transformer Models from
+Multi-Head Checkpoints"): the attention of the dense families R1 was distilled into (qwen2, llama, qwen3).
+
+num_attention_heads query heads are split into num_key_value_heads groups; the heads of one group share one key
+and one value head. num_key_value_heads = heads is multi-head attention, 1 is multi-query attention. The cache
+holds K and V per token: 2 x num_key_value_heads x head_dim elements per layer (Qwen2.5-7B: 1,024), where MLA holds
+one latent (V3: 576) for 128 heads.
+
+Per family (transformers' Qwen2Attention / LlamaAttention / Qwen3Attention):
+* qwen2: q/k/v projections carry a bias, o_proj none.
+* llama: no biases (attention_bias=true puts one on all four projections).
+* qwen3: RMSNorm over each q and k head (q_norm / k_norm, weight of head_dim) before RoPE; head_dim is its own
+  setting, not hidden_size / heads (Qwen3-8B: 32 heads x 128 = 4,096 = hidden; Qwen3-0.6B: 16 x 128 > 1,024).
+All rotate whole heads in half-split pairs (rope.apply_rope with interleave=False).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .layers import RMSNorm
+from .rope import apply_rope
+
+
+class GQA(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.softmax_scale = self.head_dim ** -0.5
+        h, qwen2 = cfg.hidden_size, cfg.model_type == "qwen2"
+        qkv_bias, o_bias = qwen2 or cfg.attention_bias, cfg.attention_bias and not qwen2
+        self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(h, self.n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(h, self.n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=o_bias)
+        self.qk_norm = cfg.model_type == "qwen3"
+        if self.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.interleave = cfg.rope_interleave  # False for every dense family (the config refuses True)
+
+    def forward(self, x, cos, sin, mask=None, cache=None, layer: int = 0):
+        """x (B, T, hidden) -> (B, T, hidden).
+
+        Without `cache`: attention over these T tokens, causal, or under `mask` (B, 1, T, T) or (T, T), True = may
+        attend (every row needs one True). With `cache`: cache.update(layer, k, v) stores this step's keys (after
+        RoPE and k_norm) and values, each (B, T, n_kv_heads, head_dim), and returns every visible key and value
+        (B, S, n_kv_heads, head_dim) and a boolean mask (B|1, 1, T, S) (True = may attend) or None (the last T of
+        the S positions are these tokens: causal among them, all earlier ones visible).
+        """
+        if mask is not None and cache is not None:
+            raise ValueError("GQA got both a mask and a cache: the cache supplies the mask (cache.update returns "
+                             "it); pass one of them")
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if self.qk_norm:  # qwen3: per-head RMSNorm before the rotation
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin, self.interleave), apply_rope(k, cos, sin, self.interleave)
+        if cache is not None:
+            k, v, mask = cache.update(layer, k, v)                                     # (B, S, n_kv_heads, d)
+            S = k.shape[1]
+            if mask is None and T > 1:  # SDPA's is_causal aligns to the top-left corner; ours is bottom-right
+                mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
+        out = self.attend(q, k, v, mask, causal=cache is None and mask is None and T > 1)    # (B, T, H, d)
+        return self.o_proj(out.reshape(B, T, self.n_heads * self.head_dim))
+
+    def attend(self, q, k, v, mask, causal: bool) -> torch.Tensor:
+        """softmax(q k^T / sqrt(head_dim)) v with each group of n_heads / n_kv_heads query heads reading one
+        key/value head: q (B, T, H, d), k and v (B, S, n_kv_heads, d) -> (B, T, H, d)."""
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             attn_mask=mask, is_causal=causal, scale=self.softmax_scale,
+                                             enable_gqa=self.n_kv_heads != self.n_heads)   # (B, H, T, d)
+        return out.transpose(1, 2)

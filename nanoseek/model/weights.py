@@ -1,0 +1,205 @@
+"""Checkpoint tensor names <-> our parameters, and a model built from a stream of named tensors.
+
+Every family keeps transformers' tensor names (model.layers.N.self_attn.q_proj.weight, ...mlp.experts.E.up_proj
+.weight, lm_head.weight absent when tied), so the readers only have to produce (name, tensor) pairs:
+checkpoint.py from safetensors files, gguf.py from a GGUF file. `build_from_tensors` allocates the model once, in
+its final dtype, and copies each tensor into place as it arrives: peak memory is the model plus one tensor.
+
+This module reads no file (the readers do): it lives here, below both readers, so that checkpoint.load can hand a
+.gguf path to gguf.py while gguf.py builds its model with this function, without an import cycle.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+
+import torch
+
+from ..config import ModelConfig
+from ..errors import UsageError
+from .rope import RotaryEmbedding
+from .transformer import Transformer
+
+_EXPERT = re.compile(r"^mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_MTP_OWN = ("enorm.", "hnorm.", "eh_proj.", "shared_head.norm.")
+_MTP_SHARED = ("embed_tokens.weight", "shared_head.head.weight")  # copies of the main model's, which we share
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class CheckpointError(UsageError, ValueError):
+    """A model folder that cannot be read, with the file and tensor at fault (a UsageError: the CLI prints it)."""
+
+
+def hf_to_ours(name: str, cfg: ModelConfig) -> tuple[str, int | None] | None:
+    """Map a checkpoint tensor name to (our parameter name, expert index or None); None for tensors we skip."""
+    if name == "model.embed_tokens.weight":
+        return "embed_tokens.weight", None
+    if name == "model.norm.weight":
+        return "norm.weight", None
+    if name == "lm_head.weight":  # tied: the embedding is the head (transformers ignores the copy too)
+        return None if cfg.tie_word_embeddings else ("lm_head.weight", None)
+    m = re.match(r"^model\.layers\.(\d+)\.(.+)$", name)
+    if not m:
+        return None
+    i, rest = int(m.group(1)), m.group(2)
+    L = cfg.num_hidden_layers
+    if i < L:
+        prefix = f"layers.{i}."
+    else:
+        k = i - L
+        if rest in _MTP_SHARED:
+            return None
+        if rest.startswith(_MTP_OWN):
+            return f"mtp.{k}.{rest}", None
+        prefix = f"mtp.{k}.block."
+    e = _EXPERT.match(rest)
+    if e:
+        return f"{prefix}mlp.experts.{e.group(2)}", int(e.group(1))
+    return prefix + rest, None
+
+
+def ours_to_hf(model: Transformer):
+    """Yield (checkpoint name, tensor) for every tensor of the model, experts unstacked, MTP in published form.
+
+    Leaves out what the family's own checkpoints do not hold: lm_head when tied to the embedding, and the
+    routing bias e_score_correction_bias unless the routing uses it (noaux_tc): published V2 folders have none,
+    and transformers reports an extra one as UNEXPECTED."""
+    cfg = model.cfg
+    L = cfg.num_hidden_layers
+    state = model.state_dict()
+    for name, t in state.items():
+        if cfg.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        if name.endswith("e_score_correction_bias") and cfg.topk_method != "noaux_tc":
+            continue
+        if name in ("embed_tokens.weight", "norm.weight"):
+            yield f"model.{name}", t
+            continue
+        if name == "lm_head.weight":
+            yield name, t
+            continue
+        m = re.match(r"^(layers\.(\d+)\.|mtp\.(\d+)\.(block\.)?)(.+)$", name)
+        if not m:
+            continue  # non-persistent or derived state
+        layer = int(m.group(2)) if m.group(2) is not None else L + int(m.group(3))
+        rest = m.group(5)
+        e = re.match(r"^mlp\.experts\.(gate_proj|up_proj|down_proj)$", rest)
+        if e:
+            for j in range(t.shape[0]):
+                yield f"model.layers.{layer}.mlp.experts.{j}.{e.group(1)}.weight", t[j]
+            continue
+        yield f"model.layers.{layer}.{rest}", t
+    for k in range(len(model.mtp)):  # published MTP layers carry their own copies of the shared embedding/head
+        yield f"model.layers.{L + k}.embed_tokens.weight", state["embed_tokens.weight"]
+        yield f"model.layers.{L + k}.shared_head.head.weight", state["lm_head.weight"]
+
+
+def ours_to_hf_names(ours: str, experts, cfg: ModelConfig):
+    """Checkpoint names of one of our parameters (for error messages)."""
+    L = cfg.num_hidden_layers
+    m = re.match(r"^(layers\.(\d+)\.|mtp\.(\d+)\.(block\.)?)(.+)$", ours)
+    if not m:
+        yield ("model." + ours if ours != "lm_head.weight" else ours), None
+        return
+    layer = int(m.group(2)) if m.group(2) is not None else L + int(m.group(3))
+    rest = m.group(5)
+    e = re.match(r"^mlp\.experts\.(\w+)$", rest)
+    if e:
+        for j in sorted(x for x in experts if x is not None):
+            yield f"model.layers.{layer}.mlp.experts.{j}.{e.group(1)}.weight", j
+        return
+    yield f"model.layers.{layer}.{rest}", None
+
+
+def empty_model(cfg: ModelConfig, dtype: torch.dtype, device=None) -> Transformer:
+    """An uninitialised model in its final dtype and device (routing bias float32 and zero)."""
+    # Shapes and dtype are decided on the meta device, so the one allocation is in the final dtype (no float32
+    # copy of a bf16 model); the routing bias stays float32 whatever the model's dtype, as published.
+    with torch.device("meta"):
+        model = Transformer(cfg).to(dtype)
+    for m in model.modules():
+        if hasattr(m, "e_score_correction_bias"):
+            m.e_score_correction_bias = m.e_score_correction_bias.float()
+    model = model.to_empty(device=device or "cpu")
+    if cfg.tie_word_embeddings:  # to_empty allocates each module's tensors anew, which unties the head
+        model.lm_head.weight = model.embed_tokens.weight
+    model.rotary = RotaryEmbedding(cfg).to(device or "cpu")
+    for m in model.modules():
+        if hasattr(m, "e_score_correction_bias"):
+            m.e_score_correction_bias.zero_()
+    return model
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, cfg: ModelConfig) -> torch.dtype:
+    """A dtype, its name, or None for the config's own (torch_dtype / dtype; float32 when it names none)."""
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise CheckpointError(f"dtype {dtype!r} is not supported: expected one of {', '.join(DTYPES)}")
+        return DTYPES[dtype]
+    if dtype is None:
+        return DTYPES.get(cfg.torch_dtype or cfg.extra.get("dtype") or "float32", torch.float32)
+    return dtype
+
+
+def build_from_tensors(cfg: ModelConfig, named_tensors: Iterable[tuple[str, torch.Tensor]],
+                       source: str | Callable[[str], str], dtype: torch.dtype | str | None = None,
+                       device=None) -> Transformer:
+    """A model of `cfg` filled from (checkpoint name, tensor) pairs, consumed one at a time (the caller may read
+    each tensor lazily: only one is alive at once). Tensors are cast to `dtype` (default: the config's, else
+    float32) except the float32 routing bias. Every parameter must arrive exactly in its shape; names that
+    belong to no parameter are an error; rotary inv_freq copies are skipped. `source` names where the tensors
+    come from in error messages: a path, or a function of the tensor name (the file that holds it).
+    Returns the model in eval mode, with cfg.torch_dtype set to the dtype it holds."""
+    dtype = resolve_dtype(dtype, cfg)
+    cfg.torch_dtype = {v: k for k, v in DTYPES.items()}[dtype]
+    where = source if callable(source) else (lambda name: str(source))
+    model = empty_model(cfg, dtype, device)
+    params = dict(model.named_parameters())
+    params.update(dict(model.named_buffers()))
+    filled = _fill(params, named_tensors, cfg, where)
+    _check_complete(params, filled, cfg, where)
+    return model.eval()
+
+
+def _fill(params: dict, named_tensors, cfg: ModelConfig, where) -> dict[str, set]:
+    """Copy each tensor into its parameter as it arrives; returns what was filled (name -> expert ids)."""
+    filled: dict[str, set] = defaultdict(set)
+    for name, t in named_tensors:
+        if name.endswith("rotary_emb.inv_freq"):
+            continue
+        target = hf_to_ours(name, cfg)
+        if target is None:
+            continue
+        ours, expert = target
+        if ours not in params:
+            raise CheckpointError(f"{where(name)}: tensor {name} does not belong to a {cfg.model_type} model with "
+                                  f"this config (num_hidden_layers={cfg.num_hidden_layers}, "
+                                  f"num_nextn_predict_layers={cfg.num_nextn_predict_layers}, "
+                                  f"n_routed_experts={cfg.n_routed_experts})")
+        if expert is not None and expert >= params[ours].shape[0]:
+            raise CheckpointError(f"{where(name)}: tensor {name} is expert {expert} but the config has "
+                                  f"n_routed_experts={cfg.n_routed_experts}")
+        dst = params[ours] if expert is None else params[ours][expert]
+        if tuple(t.shape) != tuple(dst.shape):
+            raise CheckpointError(f"{where(name)}: tensor {name} has shape {tuple(t.shape)} but config.json implies "
+                                  f"{tuple(dst.shape)} (check hidden_size, heads, head_dim, ranks and expert sizes)")
+        with torch.no_grad():
+            dst.copy_(t)
+        filled[ours].add(expert)
+    return filled
+
+
+def _check_complete(params: dict, filled: dict[str, set], cfg: ModelConfig, where) -> None:
+    """Every parameter the config implies was given (else name the first missing tensor)."""
+    for ours, p in params.items():
+        if ours.startswith("rotary.") or (ours == "lm_head.weight" and cfg.tie_word_embeddings):
+            continue
+        if ours.endswith("e_score_correction_bias") and (cfg.topk_method != "noaux_tc" or ours not in filled):
+            continue  # unused by this routing, or absent in some exports: zero, which is what training starts from
+        want = set(range(p.shape[0])) if ".mlp.experts." in ours else {None}
+        missing = want - filled.get(ours, set())
+        if missing:
+            hf = next(n for n, _ in ours_to_hf_names(ours, missing, cfg))
+            raise CheckpointError(f"{where(hf)}: tensor {hf} is missing although config.json implies it")
