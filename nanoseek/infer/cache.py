@@ -226,10 +226,9 @@ PAGED_CACHES: dict[str, type[PagedCache]] = {"mla": PagedLatentCache, "gqa": Pag
 
 def paged_cache_class(cfg: ModelConfig) -> type[PagedCache]:
     """The paged cache of this model's attention (cfg.attention: "mla" or "gqa")."""
-    attention = getattr(cfg, "attention", "mla")
-    if attention not in PAGED_CACHES:
-        raise ValueError(f"no paged cache for attention {attention!r}: the engine serves {sorted(PAGED_CACHES)}")
-    return PAGED_CACHES[attention]
+    if cfg.attention not in PAGED_CACHES:
+        raise ValueError(f"no paged cache for attention {cfg.attention!r}: the engine serves {sorted(PAGED_CACHES)}")
+    return PAGED_CACHES[cfg.attention]
 
 
 class _ContiguousCache:
