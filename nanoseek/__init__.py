@@ -18,6 +18,7 @@ _HOMES = {
     "PRESETS": "nanoseek.config",
     "Transformer": "nanoseek.model.transformer",
     "LatentCache": "nanoseek.infer.cache",
+    "KVCache": "nanoseek.infer.cache",
     "load": "nanoseek.checkpoint",
     "save": "nanoseek.checkpoint",
     "Tokenizer": "nanoseek.tokenizer",

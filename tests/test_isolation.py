@@ -316,3 +316,24 @@ def test_a_running_stream_survives_hostile_sampling_values(tmp_path_factory):
     assert all(status < 500 for status, _ in answers)
     assert answers[2][0] == 200 and answers[2][1]["choices"][0]["logprobs"]["content"]      # finite logprobs
     assert engine.stats()["blocks_used"] == 0
+
+
+def test_generate_raises_when_a_request_failed_unless_asked_to_return_it(tiny, tok, monkeypatch):
+    """Trainers and eval call generate(): a completion that failed inside the engine must not be scored as a wrong
+    answer. Every request still completes (the failure is its own), then generate() raises naming it;
+    errors="return" hands the failed completion back instead."""
+    reqs = batch(tok)
+    real = engine_mod.sample
+
+    def flaky(logits, params, generators, prompts, outputs):
+        if any(sp is reqs[2][1] for sp in params):
+            raise Boom("injected sampling failure")
+        return real(logits, params, generators, prompts, outputs)
+
+    monkeypatch.setattr(engine_mod, "sample", flaky)
+    eng = ns.Engine(tiny, tok, max_batch=4)
+    with pytest.raises(RuntimeError, match="1 of 4 generations failed.*injected sampling failure"):
+        eng.generate([p for p, _ in reqs], [sp for _, sp in reqs])
+    assert eng.stats()["blocks_used"] == 0 and not eng.requests
+    done = eng.generate([p for p, _ in reqs], [sp for _, sp in reqs], errors="return")
+    assert [c.finish_reason for c in done] == ["length", "length", "error", "length"]

@@ -1,4 +1,5 @@
-"""Inference: the paged latent KV cache (cache.py), the sampler (sampling.py) and the Engine (engine.py)."""
+"""Inference: paged caches behind one interface (cache.py: MLA latent, GQA K/V), the sampler (sampling.py) and the
+Engine (engine.py)."""
 
 from .engine import Completion, Engine, SamplingParams, StreamDelta
 

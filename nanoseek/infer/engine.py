@@ -365,11 +365,17 @@ class Engine:
             self.mtp_active, self._probe = True, [0, 0]
 
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
-                 progress: bool = False) -> list[Completion]:
+                 progress: bool = False, errors: str = "raise") -> list[Completion]:
         """Generate for every prompt (str or token ids; a single prompt is accepted too); results in order.
+
+        A request that fails inside the engine (finish_reason "error", see _fail) fails alone; once every request
+        is done, errors="raise" raises RuntimeError naming the first failure (a trainer or an eval must not score
+        a broken completion as a wrong answer), errors="return" returns those completions as they are.
 
         generate() and stream() drive step() themselves and drop other requests' deltas: do not mix them with a
         step() loop of your own on the same engine (the server uses add_request/step only)."""
+        if errors not in ("raise", "return"):
+            raise UsageError(f"errors={errors!r}: expected 'raise' or 'return'")
         if isinstance(prompts, torch.Tensor):
             prompts = prompts.tolist()
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
@@ -398,7 +404,12 @@ class Engine:
         finally:
             if bar is not None:
                 bar.close()
-        return [out[rid] for rid in ids]
+        done = [out[rid] for rid in ids]
+        failed = [c for c in done if c.finish_reason == "error"]
+        if failed and errors == "raise":
+            raise RuntimeError(f"{len(failed)} of {len(done)} generations failed in the engine; the first: "
+                               f"{failed[0].error}")
+        return done
 
     def stream(self, prompt, params: SamplingParams | None = None) -> Iterator[StreamDelta]:
         """Yield this request's deltas as they are generated (other requests in the engine advance too)."""
