@@ -106,13 +106,13 @@ class Tokenizer:
 
     def __init__(self, tokenizer, chat_template: str | None = CHAT_TEMPLATE, bos_token: str | None = BOS,
                  eos_token: str | None = EOS, pad_token: str | None = PAD, model_max_length: int = 131072,
-                 config: dict | None = None, special_tokens_map: dict | None = None):
+                 tokenizer_config: dict | None = None, special_tokens_map: dict | None = None):
         self._tk = tokenizer  # tokenizers.Tokenizer
         self.chat_template = chat_template
         # tokenizer_config.json and special_tokens_map.json as read (empty for a trained tokenizer): `save` writes
         # them back with only the fields this object holds brought up to date, so what we do not model
         # (add_bos_token, tokenizer_class, added_tokens_decoder, legacy...) survives a load -> save round trip
-        self.config = dict(config or {})
+        self.tokenizer_config = dict(tokenizer_config or {})
         self.special_tokens_map = dict(special_tokens_map or {})
         self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
         self.model_max_length = model_max_length
@@ -215,7 +215,7 @@ class Tokenizer:
             template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
         tokens = {k: _special(config, special_map, k) for k in ("bos_token", "eos_token", "pad_token")}
         return cls(tk, chat_template=template, model_max_length=_max_length(config.get("model_max_length")),
-                   config=config, special_tokens_map=special_map, **tokens)
+                   tokenizer_config=config, special_tokens_map=special_map, **tokens)
 
     def save(self, folder: str | os.PathLike) -> Path:
         """Write tokenizer.json, tokenizer_config.json (with the chat template), special_tokens_map.json and
@@ -243,10 +243,10 @@ class Tokenizer:
     def _config_to_save(self) -> dict:
         """tokenizer_config.json: the one loaded (our defaults for a trained tokenizer), with each field this object
         holds written only where the file would otherwise load a different value."""
-        config = dict(self.config) or {"tokenizer_class": "PreTrainedTokenizerFast",
-                                       "add_bos_token": self.bos_id is not None, "add_eos_token": False,
-                                       "clean_up_tokenization_spaces": False,
-                                       "model_max_length": self.model_max_length}
+        loaded = self.tokenizer_config
+        config = dict(loaded) or {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": self.bos_id is not None,
+                                  "add_eos_token": False, "clean_up_tokenization_spaces": False,
+                                  "model_max_length": self.model_max_length}
         for key in ("bos_token", "eos_token", "pad_token"):
             value = getattr(self, key)
             if _special(config, self.special_tokens_map, key) != value:
@@ -255,7 +255,8 @@ class Tokenizer:
             config["model_max_length"] = self.model_max_length
         if _config_template(config) != self.chat_template:
             config["chat_template"] = self.chat_template
-        return {k: v for k, v in config.items() if v is not None or (k in self.config and self.config[k] is None)}
+        # a None of ours drops the key; a null the file had (unk_token: null) stays
+        return {k: v for k, v in config.items() if v is not None or (k in loaded and loaded[k] is None)}
 
     def _special_map_to_save(self, config: dict) -> dict:
         """special_tokens_map.json: the one loaded, its tokens brought up to date (built from `config` if none)."""
