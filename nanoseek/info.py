@@ -12,7 +12,7 @@ from .errors import UsageError
 
 @dataclass
 class InfoConfig:
-    what: str = "cpu"               # a preset name (cpu, v3, ...) or a model folder
+    what: str = "cpu"               # a preset name (cpu, v3, qwen-7b, ...) or a model folder
     POSITIONAL: ClassVar[tuple] = ("what",)   # `nanoseek info v3` as well as `--what v3`
 
 
@@ -22,16 +22,37 @@ CONFIG = InfoConfig
 def summary(cfg: ModelConfig, name: str = "") -> str:
     n = cfg.num_params()
     L = cfg.num_hidden_layers
-    mla, mha = cfg.kv_cache_elems_per_token * L, cfg.mha_cache_elems_per_token * L
+    if cfg.attention == "gqa":
+        shape = (f"{cfg.num_attention_heads} query heads over {cfg.num_key_value_heads} key/value heads (GQA), "
+                 f"head_dim {cfg.head_dim}, dense SwiGLU MLP")
+    else:
+        shape = (f"{cfg.num_attention_heads} heads (MLA), {cfg.n_routed_experts or 0} routed + "
+                 f"{cfg.n_shared_experts or 0} shared experts, top-{cfg.num_experts_per_tok}")
     lines = [
-        f"model {name} ({cfg.model_type}): {L} layers, hidden {cfg.hidden_size}, {cfg.num_attention_heads} heads, "
-        f"{cfg.n_routed_experts or 0} routed + {cfg.n_shared_experts or 0} shared experts, top-{cfg.num_experts_per_tok}",
+        f"model {name} ({cfg.model_type}): {L} layers, hidden {cfg.hidden_size}, {shape}",
         f"  parameters: {n['total'] / 1e6:,.2f}M total, {n['activated'] / 1e6:,.2f}M activated per token"
         + (f" (+ {cfg.num_nextn_predict_layers} MTP layer)" if cfg.num_nextn_predict_layers else ""),
-        f"  KV cache per token: MLA latent {mla:,} elements ({cfg.kv_lora_rank} + {cfg.qk_rope_head_dim} per layer) "
-        f"vs {mha:,} for MHA with the same heads ({mha / mla:.1f}x smaller)",
+        *cache_lines(cfg),
     ]
     return "\n".join(lines)
+
+
+def cache_lines(cfg: ModelConfig) -> list[str]:
+    """The KV cache one token costs, all layers, next to the other attention's: MLA's latent (kv_lora_rank +
+    qk_rope_head_dim per layer) vs GQA's keys and values (2 x num_key_value_heads x head_dim per layer)."""
+    L = cfg.num_hidden_layers
+    own, mha = cfg.kv_cache_elems_per_token * L, cfg.mha_cache_elems_per_token * L
+    kb = 2 / 1024  # bf16 bytes per element, in KiB
+    if cfg.attention == "mla":
+        return [f"  KV cache per token: MLA latent {own:,} elements ({cfg.kv_lora_rank} + {cfg.qk_rope_head_dim} per "
+                f"layer, {own * kb:,.1f} KiB in bf16) vs {mha:,} for MHA with the same heads ({mha / own:.1f}x "
+                f"smaller)"]
+    v3 = PRESETS["v3"]
+    latent = (v3["kv_lora_rank"] + v3["qk_rope_head_dim"]) * L
+    return [f"  KV cache per token: GQA keys + values {own:,} elements (2 x {cfg.num_key_value_heads} kv heads x "
+            f"{cfg.head_dim} per layer, {own * kb:,.1f} KiB in bf16); MHA with the same heads: {mha:,}",
+            f"  for comparison, an MLA latent of V3's width ({v3['kv_lora_rank']} + {v3['qk_rope_head_dim']} per "
+            f"layer) over these {L} layers: {latent:,} elements ({own / latent:.1f}x smaller than this GQA cache)"]
 
 
 def resolve(what: str) -> ModelConfig:

@@ -264,3 +264,44 @@ def test_missing_config_or_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="no config.json"):
         ns.load(tmp_path / "empty")
+
+
+def test_saved_config_has_no_auto_map_pointing_at_missing_code(tmp_path):
+    """Issue 10, 6b: a published config's auto_map names modeling files of its repository; written into a folder
+    without them, transformers (trust_remote_code=True) fails with OSError and llama.cpp's converter crashes."""
+    import transformers
+
+    cfg = ns.ModelConfig.from_hf({**ns.ModelConfig.preset("tiny").to_hf(), "auto_map": {
+        "AutoConfig": "configuration_deepseek.DeepseekV3Config",
+        "AutoModel": "modeling_deepseek.DeepseekV3Model",
+        "AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM"}})
+    ns.save(ns.Transformer(cfg.replace(num_nextn_predict_layers=0)), tmp_path / "out")
+    hf = transformers.AutoConfig.from_pretrained(tmp_path / "out", trust_remote_code=True)  # OSError before the fix
+    assert type(hf).__name__ == "DeepseekV3Config"
+    assert "auto_map" not in json.loads((tmp_path / "out" / "config.json").read_text())
+    # kept when the code it names is in the folder (saving over a published folder that ships it)
+    for module in ("configuration_deepseek", "modeling_deepseek"):
+        (tmp_path / "out" / f"{module}.py").write_text("# the repository's own code\n")
+    ns.save(ns.Transformer(cfg.replace(num_nextn_predict_layers=0)), tmp_path / "out")
+    assert "auto_map" in json.loads((tmp_path / "out" / "config.json").read_text())
+
+
+@pytest.mark.parametrize("topk_method", ["greedy", "group_limited_greedy"])
+def test_v2_routing_without_bias_saves_no_routing_bias(tmp_path, topk_method):
+    """Issue 10, 6c: V2's routing has no e_score_correction_bias; published V2 folders hold none, and an extra zero
+    one is UNEXPECTED to transformers (and becomes a bogus exp_probs_b in llama.cpp's converter)."""
+    import transformers
+
+    cfg = ns.ModelConfig.preset("tiny", **{**V2_TINY, "topk_method": topk_method})
+    ns.save(_random_model(cfg), tmp_path / "v2")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "v2", output_loading_info=True)
+    assert not info["unexpected_keys"] and not info["missing_keys"]
+    with safe_open(tmp_path / "v2" / "model.safetensors", "pt") as f:
+        assert not [n for n in f.keys() if "e_score_correction_bias" in n]
+    ns.load(tmp_path / "v2")  # and it reads back without the bias
+    # V3's noaux_tc routing uses it: still written
+    ns.save(_random_model(ns.ModelConfig.preset("tiny")), tmp_path / "v3")
+    with safe_open(tmp_path / "v3" / "model.safetensors", "pt") as f:
+        assert [n for n in f.keys() if "e_score_correction_bias" in n]

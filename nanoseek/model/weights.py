@@ -187,6 +187,7 @@ def _fill(params: dict, named_tensors, cfg: ModelConfig, where) -> dict[str, set
                                   f"{tuple(dst.shape)} (check hidden_size, heads, head_dim, ranks and expert sizes)")
         with torch.no_grad():
             dst.copy_(t)
+        del t  # before the stream reads the next one: one tensor alive at a time
         filled[ours].add(expert)
     return filled
 
