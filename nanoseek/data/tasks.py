@@ -190,8 +190,9 @@ class Task:
 
 
 def prompt_ids(tok, task: Task, problem: Problem) -> list[int]:
-    """The chat-template prompt (generation prompt included) for a problem, as the engine receives it."""
-    return tok.apply_chat_template(task.messages(problem), add_generation_prompt=True, tokenize=True)
+    """The chat-template prompt (generation prompt included) for a problem, as the engine receives it. Thinking on,
+    whatever the template's default (V3.1's is off): GRPO and eval grade `<think>` reasoning + `<answer>`."""
+    return tok.apply_chat_template(task.messages(problem), add_generation_prompt=True, tokenize=True, thinking=True)
 
 
 _REGISTRY: dict[str, Task] = {}
