@@ -230,17 +230,24 @@ def save(model: Transformer, path: str | os.PathLike, tokenizer=None, max_shard_
 
 def load_model_and_tokenizer(folder: str | os.PathLike, dtype: torch.dtype | str | None = None, device=None,
                              purpose: str = "this command"):
-    """A model folder -> (model, tokenizer): the one loader behind eval, chat, serve and the post-training recipes.
-    A missing folder, config.json or tokenizer.json is one clear UsageError (what is wrong, what to pass)."""
+    """A model folder or .gguf file -> (model, tokenizer): the one loader behind eval, chat, serve and the
+    post-training recipes (a GGUF file carries its tokenizer in its metadata). A missing folder, file, config.json
+    or tokenizer.json is one clear UsageError (what is wrong, what to pass)."""
     from .tokenizer import Tokenizer
 
     path = Path(folder)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UsageError(f"GGUF file {folder} does not exist; pass a .gguf file or a model folder")
+        return load(path, dtype=dtype, device=device), Tokenizer.load(path)
     if not path.is_dir():
         raise UsageError(f"model folder {folder} does not exist; pass the folder written by `nanoseek "
-                         f"pretrain/sft/grpo` (its final/ or ckpt/step-N/) or a Hugging Face DeepSeek-V2/V3 folder")
+                         f"pretrain/sft/grpo` (its final/ or ckpt/step-N/), a Hugging Face folder (DeepSeek-V2/V3, "
+                         f"qwen2, llama, qwen3) or a .gguf file")
     if not (path / "config.json").is_file():
         raise UsageError(f"{folder} is not a model folder (no config.json); pass the folder written by `nanoseek "
-                         f"pretrain/sft/grpo` or a Hugging Face DeepSeek-V2/V3 folder")
+                         f"pretrain/sft/grpo`, a Hugging Face folder (DeepSeek-V2/V3, qwen2, llama, qwen3) or a "
+                         f".gguf file")
     if not (path / "tokenizer.json").is_file():
         raise UsageError(f"{folder} has no tokenizer.json: {purpose} needs the model's tokenizer in its folder (save "
                          f"the model with ns.save(model, folder, tokenizer=tok), or copy tokenizer*.json there)")

@@ -305,3 +305,10 @@ def test_v2_routing_without_bias_saves_no_routing_bias(tmp_path, topk_method):
     ns.save(_random_model(ns.ModelConfig.preset("tiny")), tmp_path / "v3")
     with safe_open(tmp_path / "v3" / "model.safetensors", "pt") as f:
         assert [n for n in f.keys() if "e_score_correction_bias" in n]
+
+
+def test_the_one_loader_names_a_missing_gguf_file(tmp_path):
+    from nanoseek.checkpoint import load_model_and_tokenizer
+
+    with pytest.raises(UsageError, match=r"GGUF file .*nothing\.gguf does not exist"):
+        load_model_and_tokenizer(tmp_path / "nothing.gguf")
