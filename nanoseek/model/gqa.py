@@ -77,8 +77,8 @@ class GQA(nn.Module):
         group = H // self.n_kv_heads
         if T == 1 and group > 1:
             # Decode: the group's query heads become `group` query rows against their one K/V head, so attention
-            # reads each cached K/V head once. SDPA's enable_gqa would instead copy K and V per query head:
-            # measured 1.6-2.6x slower per decode step on CPU (12 over 2 heads, 256-2048 cached tokens).
+            # reads each cached K/V head once. SDPA's enable_gqa would instead copy K and V per query head, which
+            # is slower per decode step on CPU (docs/benchmarks.md, "GQA decode attention").
             m = None if mask is None else mask.reshape(-1, 1, 1, mask.shape[-1])          # (B|1, 1, 1, S)
             out = F.scaled_dot_product_attention(q.view(B, self.n_kv_heads, group, d), k.transpose(1, 2),
                                                  v.transpose(1, 2), attn_mask=m, scale=self.softmax_scale)
