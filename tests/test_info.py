@@ -42,7 +42,7 @@ def test_the_command_line_prints_one_error_line_and_exits_2(capsys):
 
 def test_import_nanoseek_does_not_import_torch():
     # `nanoseek --help` must stay fast: the package's public names load on first use
-    public = {"ModelConfig", "PRESETS", "Transformer", "LatentCache", "load", "save", "Tokenizer", "Engine",
+    public = {"ModelConfig", "PRESETS", "Transformer", "LatentCache", "KVCache", "load", "save", "Tokenizer", "Engine",
               "SamplingParams", "Completion"}
     code = (f"import sys, nanoseek as ns; assert 'torch' not in sys.modules, 'torch imported'; "
             f"assert set(ns.__all__) == {public!r} and set(ns.__all__) <= set(dir(ns)); "
