@@ -57,14 +57,16 @@ def byte_unit(largest: float) -> tuple[str, int]:
 
 
 def plot_kv_cache(cfg: ModelConfig, out: Path) -> Path:
-    """Bytes of KV cache per token (bf16): MLA's latent vs an MHA model with the same heads, and V3 for scale."""
+    """Bytes of KV cache per token (bf16): this model's cache (MLA's latent, or GQA's grouped K/V for the dense
+    families) vs an MHA model with the same heads, and V3 for scale."""
     v3 = ModelConfig.preset("v3")
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     for ax, (title, c) in zip(axes, [("this model", cfg), ("DeepSeek-V3", v3)]):
         L = c.num_hidden_layers
         mla, mha = c.kv_cache_elems_per_token * L * 2, c.mha_cache_elems_per_token * L * 2
         unit, size = byte_unit(mha)   # plain numbers in one unit on the axis: no 1e6 offset
-        bars = ax.bar(["MLA latent", "MHA, same heads"], [mla / size, mha / size], color=["#4d6bfe", "#aaaaaa"])
+        ours = "MLA latent" if c.attention == "mla" else f"GQA K/V ({c.num_key_value_heads} kv heads)"
+        bars = ax.bar([ours, "MHA, same heads"], [mla / size, mha / size], color=["#4d6bfe", "#aaaaaa"])
         ax.bar_label(bars, labels=[format_bytes(mla), format_bytes(mha)])
         ax.set_title(f"KV cache per token: {title} ({mha / mla:.0f}x)")
         ax.set_ylabel(f"{'bytes' if unit == 'B' else unit} per token (bf16)")

@@ -81,3 +81,21 @@ def test_report_writes_the_stage_table_machine_line_and_plots(tmp_path):
     for png in ("kv_cache.png", "accuracy.png", "grpo_reward.png", "pretrain_loss.png"):
         assert (tmp_path / png).exists() and f"({png})" in text, png
     assert not (tmp_path / "expert_imbalance.png").exists()   # no load_imbalance logged: no empty plot
+
+
+def test_kv_cache_plot_names_the_cache_the_model_has(tmp_path, monkeypatch):
+    """A dense student's cache is GQA's grouped K/V, not an MLA latent: the bar says so and the ratio is its own."""
+    import matplotlib.axes
+
+    from nanoseek.config import ModelConfig
+    from nanoseek.report import plot_kv_cache
+
+    labels, titles = [], []
+    real_bar, real_title = matplotlib.axes.Axes.bar, matplotlib.axes.Axes.set_title
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar", lambda ax, x, *a, **k: labels.append(list(x)) or
+                        real_bar(ax, x, *a, **k))
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_title", lambda ax, t, *a, **k: titles.append(t) or
+                        real_title(ax, t, *a, **k))
+    plot_kv_cache(ModelConfig.preset("qwen-7b"), tmp_path / "kv.png")
+    assert labels[0] == ["GQA K/V (4 kv heads)", "MHA, same heads"] and labels[1][0] == "MLA latent"
+    assert "(7x)" in titles[0]          # 28 heads / 4 kv heads
