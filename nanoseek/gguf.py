@@ -446,6 +446,9 @@ def _tokenizer_keys(w: gguf.GGUFWriter, folder: Path, vocab_size: int) -> None:
     vocab = {i: tok for tok, i in model["vocab"].items()}
     added = {t["id"]: t for t in data.get("added_tokens", [])}
     n = max([vocab_size, *(i + 1 for i in vocab), *(i + 1 for i in added)])
+    if n > vocab_size:
+        raise UsageError(f"the tokenizer has ids up to {n - 1} but the model's vocab_size is {vocab_size}: llama.cpp "
+                         f"needs one embedding row per token (use the tokenizer the model was trained with)")
     tokens, types = [], []
     for i in range(n):
         if i in added:
