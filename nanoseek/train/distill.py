@@ -6,8 +6,10 @@ R1's distilled models are plain SFT on ~800k samples that R1 wrote and a grader 
 2. only the correct ones are kept (the task's grader; at most `keep_per_problem` per problem, distinct texts):
    OUT/traces.jsonl holds them as chat conversations (reasoning_content + content), OUT/rejection.json the counts
    and the keep rate;
-3. the student (fresh from a preset with the teacher's tokenizer, or an existing model folder) is fine-tuned on
-   them with nanoseek.train.sft, writing OUT/metrics.jsonl, OUT/ckpt/ and OUT/final as SFT does.
+3. the student is fine-tuned on them with nanoseek.train.sft, writing OUT/metrics.jsonl, OUT/ckpt/ and OUT/final
+   as SFT does. The traces are text, not token ids: the student's own chat template renders them and its own
+   tokenizer encodes them, so it may be of another architecture and vocabulary (R1's Qwen2 and Llama students of
+   a DeepSeek teacher): a model folder or .gguf file (--student), or a fresh preset with the teacher's tokenizer.
 """
 
 from __future__ import annotations
@@ -24,11 +26,11 @@ from .sft import SFTConfig, sft
 
 @dataclass
 class DistillConfig:
-    teacher: str = ""                     # teacher model folder (with tokenizer.json)
+    teacher: str = ""                     # teacher model folder (with tokenizer.json) or .gguf file
     task: str = ""                        # task whose training-split problems the teacher attempts
     out: str = ""                         # run folder (traces.jsonl, rejection.json, the student's SFT run)
     student_preset: str | None = None     # a fresh student of this preset (teacher's tokenizer and vocabulary)
-    student: str | None = None            # or an existing student model folder
+    student: str | None = None            # or a student model folder / .gguf file (any family, its own tokenizer)
     difficulty: int | None = None         # task difficulty (None: the task's default)
     problems: int = 256                   # training-split problems the teacher attempts
     samples_per_problem: int = 4          # teacher samples per problem
@@ -59,8 +61,8 @@ def split_completion(text: str, eos: str = "") -> tuple[str, str]:
     text = text.replace(eos, "") if eos else text
     if "</think>" not in text:
         return "", text.strip()
-    reasoning, content = text.split("</think>", 1)
-    return reasoning.strip("\n"), content.strip("\n")
+    reasoning, content = text.split("</think>", 1)      # (a teacher whose prompt does not open <think> writes it)
+    return reasoning.split("<think>")[-1].strip("\n"), content.strip("\n")
 
 
 def teacher_traces(cfg: DistillConfig, task, teacher, tok, rt) -> tuple[list, dict]:
@@ -138,9 +140,9 @@ def distill(cfg: DistillConfig) -> Path:
         del teacher
         if cfg.student is not None:
             student, stok = load_model_and_tokenizer(cfg.student, purpose="distillation")
-            if stok.vocab_size > student.cfg.vocab_size or stok.encode("<think>") != tok.encode("<think>"):
-                raise UsageError(f"the student {cfg.student} has a different tokenizer from the teacher's; "
-                                 f"distillation by SFT on text needs the same special tokens (or use --student-preset)")
+            if stok.vocab_size > student.cfg.vocab_size:
+                raise UsageError(f"the student {cfg.student}'s tokenizer has {stok.vocab_size} tokens but its model "
+                                 f"only {student.cfg.vocab_size} embeddings; pass a folder whose tokenizer fits it")
         else:
             torch.manual_seed(cfg.seed)
             student, stok = Transformer(ModelConfig.preset(cfg.student_preset, vocab_size=max(tok.vocab_size, 1),

@@ -127,9 +127,9 @@ def load_imbalance(loads: list[list[float]]) -> float | None:
 def flops_per_token(cfg, seq_len: int, mtp: bool = True) -> float:
     """Training FLOPs per token, PaLM appendix B: 6 * activated parameters (embedding lookup excluded) plus the
     attention matmuls, 6 * layers * heads * seq_len * (qk_head_dim + v_head_dim) (QK^T and AV, fwd + bwd; with
-    qk = v = Q this is PaLM's 12 L H Q T). The MTP modules count as one more block + eh_proj + head each."""
-    act = cfg.num_params()["activated"]
-    attn_layer = 6 * cfg.num_attention_heads * seq_len * (cfg.qk_head_dim + cfg.v_head_dim)
+    qk = v = Q, GQA's head_dim, this is PaLM's 12 L H Q T). MTP modules count as one more block + eh_proj + head."""
+    qk_v = 2 * cfg.head_dim if cfg.attention == "gqa" else cfg.qk_head_dim + cfg.v_head_dim
+    act, attn_layer = cfg.num_params()["activated"], 6 * cfg.num_attention_heads * seq_len * qk_v
     total = 6 * act + attn_layer * cfg.num_hidden_layers
     if mtp and cfg.num_nextn_predict_layers:
         one = cfg.replace(num_hidden_layers=1, first_k_dense_replace=0, vocab_size=0, num_nextn_predict_layers=0)

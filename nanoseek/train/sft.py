@@ -108,7 +108,7 @@ def sft(cfg: SFTConfig, model=None, tokenizer=None, record=None) -> Path:
             loss, mtp_loss = rt.sum(out["loss"].item() * w / W if n else 0.0, out["mtp_loss"].item() * w_mtp / W)
             run.log({"loss": loss, "mtp_loss": mtp_loss, "lr": lr, "grad_norm": grad_norm, "tokens": int(tokens),
                      "trained_tokens": int(N)}, tokens=int(tokens), loss=loss)
-        return run.finish(summary=("loss", "mtp_loss"))
+        return run.finish(summary=("loss", "mtp_loss") if len(model.mtp) else ("loss",))
     finally:
         runtime.shutdown(rt)
 
