@@ -28,6 +28,7 @@ would be a cycle); the export-gguf command, which loads folders through checkpoi
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -81,12 +82,29 @@ _QWEN2 = _LLAMA3.replace(r"\p{N}{1,3}", r"\p{N}")  # one digit per piece
 _DEEPSEEK3 = (r"\p{N}{1,3}", "[一-龥\u3040-ゟ゠-ヿ]+",
               "[!\"#$%&'()*+,\\-./:;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z]+|[^\r\n\\p{L}\\p{P}\\p{S}]?[\\p{L}\\p{M}]+"
               "| ?[\\p{P}\\p{S}]+[\r\n]*|\\s*[\r\n]+|\\s+(?!\\S)|\\s+")
+# DeepSeek-V2 (DeepSeek LLM's vocabulary): line breaks, cased letters of the alphabetic scripts, ASCII / full-width
+# punctuation, trailing space, CJK runs, then single digits (its tokenizer.json has these five and Digits)
+_DEEPSEEK_LLM = ("[\r\n]",
+                 "\\s?[A-Za-z\u00b5\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u01ba\u01bc-\u01bf\u01c4-\u0293\u0295-\u02af"
+                 "\u0370-\u0373\u0376\u0377\u037b-\u037d\u037f\u0386\u0388-\u038a\u038c\u038e-\u03a1\u03a3-\u03f5"
+                 "\u03f7-\u0481\u048a-\u052f\u0531-\u0556\u10a0-\u10c5\u13a0-\u13f5\u13f8-\u13fd\u1c90-\u1cba"
+                 "\u1cbd-\u1cbf\u1d00-\u1d2b\u1d6b-\u1d77\u1d79-\u1d9a\u1e00-\u1f15\u1f18-\u1f1d\u1f20-\u1f45"
+                 "\u1f48-\u1f4d\u1f50-\u1f57\u1f59\u1f5b\u1f5d\u1f5f-\u1f7d\u1f80-\u1fb4\u1fb6-\u1fbc\u1fbe\u1fc2-"
+                 "\u1fc4\u1fc6-\u1fcc\u1fd0-\u1fd3\u1fd6-\u1fdb\u1fe0-\u1fec\u1ff2-\u1ff4\u1ff6-\u1ffc\u2102\u2107"
+                 "\u210a-\u2113\u2115\u2119-\u211d\u2124\u2126\u2128\u212a-\u212d\u212f-\u2134\u2139\u213c-\u213f"
+                 "\u2145-\u2149\u214e\u2183\u2184\u2c00-\u2c7b\u2c7e-\u2ce4\u2ceb-\u2cee\u2cf2\u2cf3\ua640-\ua66d"
+                 "\ua680-\ua69b\ua722-\ua76f\ua771-\ua787\ua78b-\ua78e\uab70-\uabbf\ufb00-\ufb06\ufb13-\ufb17"
+                 "\uff21-\uff3a\uff41-\uff5a\U00010400-\U0001044f\U000104b0-\U000104d3\U000104d8-\U000104fb"
+                 "\U00010c80-\U00010cb2\U00010cc0-\U00010cf2\U000118a0-\U000118df\U0001e900-\U0001e943]+",
+                 "\\s?[!-/:-~\uff01-\uff0f\uff1a-\uff5e\u2018-\u201f\u3000-\u3002]+", "\\s+$",
+                 "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+", r"\p{N}")
 PRE_TOKENIZERS = {
     "smollm": (r"\p{N}", _GPT2), "starcoder": (r"\p{N}", _GPT2), "refact": (r"\p{N}", _GPT2),  # nanoseek's own
     "gpt-2": (_GPT2,),
     "llama-bpe": (_LLAMA3,), "llama3": (_LLAMA3,), "llama-v3": (_LLAMA3,),
     "qwen2": (_QWEN2,), "deepseek-r1-qwen": (_QWEN2,),
     "deepseek-v3": _DEEPSEEK3,
+    "deepseek-llm": _DEEPSEEK_LLM,   # llama.cpp ends it with \p{N}+; V2's vocabulary has no multi-digit token
 }
 _LLAMA3_PRE = ("llama-bpe", "llama3", "llama-v3")  # llama.cpp: whole-word vocabulary hits skip the merges; add bos
 
@@ -101,10 +119,18 @@ def _open(path: str | os.PathLike) -> gguf.GGUFReader:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such GGUF file")
+    stat = path.stat()
     try:
-        return gguf.GGUFReader(path)
+        return _reader(str(path.resolve()), stat.st_ino, stat.st_mtime_ns, stat.st_size)
     except (ValueError, OSError, IndexError) as e:  # bad magic, unsupported version, truncated
         raise CheckpointError(f"{path}: not a readable GGUF file ({e})") from None
+
+
+@functools.lru_cache(maxsize=1)
+def _reader(path: str, inode: int, mtime_ns: int, size: int) -> gguf.GGUFReader:
+    """The last file opened, kept: parsing the metadata of a 150k-token vocabulary takes seconds, and a model and
+    its tokenizer (load_model_and_tokenizer) read the same file one after the other. Keyed by the file's state."""
+    return gguf.GGUFReader(path)
 
 
 def _field(reader: gguf.GGUFReader, key: str, default=None):
@@ -438,6 +464,11 @@ def _tokenizer_keys(w: gguf.GGUFWriter, folder: Path, vocab_size: int) -> None:
         raise UsageError("GGUF export needs a byte-level BPE tokenizer (as nanoseek trains, and Llama 3, Qwen2 and "
                          f"DeepSeek publish); this one is {model.get('type')} with a "
                          f"{(data.get('decoder') or {}).get('type')} decoder")
+    normalizer = data.get("normalizer") or {}
+    if normalizer and normalizer.get("normalizers", True):  # None and an empty Sequence change nothing
+        warnings.warn(f"the tokenizer's {normalizer.get('type')} normalizer has no place in a GGUF file: llama.cpp "
+                      f"tokenizes without it, so text it would change (e.g. decomposed accents, for NFC) may get "
+                      f"other ids there", stacklevel=3)
     pre = _pre_name(data.get("pre_tokenizer"))
     if pre is None:
         warnings.warn("this tokenizer splits text in a way llama.cpp has no name for: the GGUF says 'default', and "

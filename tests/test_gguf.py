@@ -746,3 +746,37 @@ def test_export_gguf_command(tmp_path, nano_tokenizer, capsys):
     assert ns.load(tmp_path / "model.gguf").cfg.torch_dtype == "float32"
     with pytest.raises(UsageError, match=r"should end in \.gguf"):
         run(str(tmp_path / "model"), str(tmp_path / "model.bin"))
+
+
+# ---------------------------------------------------------------------------------------------- published tokenizers
+
+@pytest.mark.slow  # reading a 100k-150k token vocabulary back from GGUF metadata takes ~10 s per file
+@pytest.mark.parametrize("name", ["qwen2", "deepseek-v3", "deepseek-v2"])
+def test_published_tokenizers_survive_export(tmp_path, name):
+    """Published vocabularies (tests/test_real_tokenizers.py's cache) exported inside a GGUF and read back give
+    the original ids, under llama.cpp's pre-tokenizer name for each (qwen2, deepseek-v3, deepseek-llm). Qwen2's
+    NFC normalizer has no GGUF form (llama.cpp does not normalize): the texts are given already normalized, and the
+    export says so. For Qwen2, transformers' own GGUF tokenizer agrees with ours on every text."""
+    import unicodedata
+
+    from test_real_tokenizers import TEXTS as PUBLISHED_TEXTS
+    from test_real_tokenizers import _random_texts, _release
+
+    tok = ns.Tokenizer.load(_release(name))
+    model = random_dense("qwen2", tok.vocab_size, hidden_size=32, num_attention_heads=2, num_key_value_heads=2,
+                         num_hidden_layers=1, intermediate_size=32, tie_word_embeddings=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        path = export_gguf(model, tok, tmp_path / f"{name}.gguf", "f16")
+    assert any("NFC normalizer" in str(w.message) for w in caught) == (name == "qwen2")
+    pre = {"qwen2": "qwen2", "deepseek-v3": "deepseek-v3", "deepseek-v2": "deepseek-llm"}[name]
+    assert gguf.GGUFReader(path).fields["tokenizer.ggml.pre"].contents() == pre
+    back = ns.Tokenizer.load(tokenizer_files(path, tmp_path / "tok"))
+    texts = [unicodedata.normalize("NFC", t) for t in PUBLISHED_TEXTS + _random_texts(100, 0)]
+    for text in texts:
+        assert back.encode(text) == tok.encode(text), (name, text)
+    assert back.apply_chat_template(CHAT[:2], tokenize=True) == tok.apply_chat_template(CHAT[:2], tokenize=True)
+    if name == "qwen2":
+        hf = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        for text in texts + PUBLISHED_TEXTS:
+            assert back.encode(text) == hf.encode(text, add_special_tokens=False), text
