@@ -145,7 +145,7 @@ def _f32(v: float) -> float:
 
 def load_gguf(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device=None) -> Transformer:
     """A GGUF file of the llama, qwen2, qwen3 or deepseek2 architecture -> our Transformer, dequantised tensor by
-    tensor. dtype None: the file's own float type when its matrices share one (F32, F16, BF16), else bfloat16."""
+    tensor. dtype None: the file's own type when it is F32, F16 or BF16 (general.file_type), else bfloat16."""
     reader = _open(path)
     cfg = gguf_config(reader, path)
     return build_from_tensors(cfg, _hf_tensors(reader, cfg, path), source=str(path), dtype=dtype, device=device)
@@ -183,9 +183,14 @@ def gguf_config(reader: gguf.GGUFReader, path) -> ModelConfig:
 
 
 def _file_dtype(reader: gguf.GGUFReader) -> str:
-    """The model dtype a file implies: its matrices' float type when they share one, else bfloat16 (quantised)."""
-    kinds = {t.tensor_type for t in reader.tensors if len(t.shape) > 1}
-    return {Q.F32: "float32", Q.F16: "float16"}.get(kinds.pop(), "bfloat16") if len(kinds) == 1 else "bfloat16"
+    """The model dtype a file implies: its own type (general.file_type, else its matrices' one type) when that is
+    F32, F16 or BF16; bfloat16 for a quantised file (what such files are made from)."""
+    F = gguf.LlamaFileType
+    file_type = _field(reader, "general.file_type")
+    if file_type is None:
+        kinds = {t.tensor_type for t in reader.tensors if len(t.shape) > 1}
+        file_type = {Q.F32: F.ALL_F32, Q.F16: F.MOSTLY_F16}.get(kinds.pop()) if len(kinds) == 1 else None
+    return {F.ALL_F32: "float32", F.MOSTLY_F16: "float16"}.get(file_type, "bfloat16")
 
 
 def _dense_config(arch: str, key, names: dict, d: dict, path) -> dict:
@@ -204,9 +209,9 @@ def _dense_config(arch: str, key, names: dict, d: dict, path) -> dict:
         factors = _dequantize(names["rope_freqs.weight"], path).double().numpy()
         out["rope_scaling"] = _llama3_scaling(factors, d["rope_theta"], head_dim, path)
     elif key(R.SCALING_TYPE) not in (None, "none"):
+        original = key(R.SCALING_ORIG_CTX_LEN, d["max_position_embeddings"])
         out["rope_scaling"] = {"rope_type": key(R.SCALING_TYPE), "factor": _f32(key(R.SCALING_FACTOR, 1.0)),
-                               "original_max_position_embeddings": key(R.SCALING_ORIG_CTX_LEN, d[
-                                   "max_position_embeddings"])}
+                               "original_max_position_embeddings": original}
     return out
 
 
@@ -233,12 +238,14 @@ def _deepseek_config(key, names: dict, d: dict) -> dict:
            "first_k_dense_replace": key(K.LEADING_DENSE_BLOCK_COUNT, 0), "n_group": n_group,
            "topk_group": key(K.EXPERT_GROUP_USED_COUNT, 1), "topk_method": method,
            "routed_scaling_factor": _f32(key(K.EXPERT_WEIGHTS_SCALE, 1.0)),
-           "norm_topk_prob": bool(key(K.EXPERT_WEIGHTS_NORM, False)), "scoring_func": "sigmoid" if sigmoid else "softmax",
+           "norm_topk_prob": bool(key(K.EXPERT_WEIGHTS_NORM, False)),
+           "scoring_func": "sigmoid" if sigmoid else "softmax",
            "rope_interleave": True, "num_nextn_predict_layers": 0, "rope_scaling": None}
     if key(R.SCALING_TYPE) == "yarn":
         yarn = {"type": "yarn", "factor": _f32(key(R.SCALING_FACTOR, 1.0)),
                 "original_max_position_embeddings": key(R.SCALING_ORIG_CTX_LEN, d["max_position_embeddings"]),
-                "beta_fast": _f32(key(R.SCALING_YARN_BETA_FAST, 32.0)), "beta_slow": _f32(key(R.SCALING_YARN_BETA_SLOW, 1.0))}
+                "beta_fast": _f32(key(R.SCALING_YARN_BETA_FAST, 32.0)),
+                "beta_slow": _f32(key(R.SCALING_YARN_BETA_SLOW, 1.0))}
         if key(R.SCALING_YARN_LOG_MUL) is not None:  # 0.1 * mscale_all_dim (llama.cpp assumes mscale = mscale_all_dim)
             yarn["mscale"] = yarn["mscale_all_dim"] = _f32(_f32(key(R.SCALING_YARN_LOG_MUL)) / 0.1)
         out["rope_scaling"] = yarn

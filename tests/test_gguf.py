@@ -186,7 +186,8 @@ def dense_plan(arch: str, c: dict, vocab: int) -> dict[str, tuple[tuple[int, ...
     for i in range(L):
         b = f"blk.{i}."
         plan |= {b + "attn_norm.weight": ((h,), Q.F32), b + "ffn_norm.weight": ((h,), Q.F32),
-                 b + "attn_q.weight": ((H * d, h), types["attn_q"]), b + "attn_k.weight": ((kv * d, h), types["attn_k"]),
+                 b + "attn_q.weight": ((H * d, h), types["attn_q"]),
+                 b + "attn_k.weight": ((kv * d, h), types["attn_k"]),
                  b + "attn_v.weight": ((kv * d, h), types["attn_v"]),
                  b + "attn_output.weight": ((h, H * d), types["attn_output"]),
                  b + "ffn_gate.weight": ((ff, h), types["ffn_gate"]), b + "ffn_up.weight": ((ff, h), types["ffn_up"]),
@@ -295,7 +296,8 @@ def test_gguf_model_logits_equal_transformers_gguf_loading(dense_files, arch):
     ours = ns.load(path, dtype=torch.float32)
     hf = hf_gguf_model(path)
     c = SHAPES[arch]
-    assert (ours.cfg.model_type, ours.cfg.num_key_value_heads, ours.cfg.head_dim) == (arch, c["kv_heads"], c["head_dim"])
+    assert (ours.cfg.model_type, ours.cfg.num_key_value_heads, ours.cfg.head_dim) == (arch, c["kv_heads"],
+                                                                                      c["head_dim"])
     assert ours.cfg.tie_word_embeddings == (arch == "qwen2") == hf.config.tie_word_embeddings
     ids = torch.randint(0, ours.cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -415,7 +417,9 @@ def test_deepseek_export_config_reads_back(tmp_path, nano_tokenizer):
         # a GGUF has one set of special ids, the tokenizer's (config.json's may differ: V2's say 100000/100001)
         assert (back.cfg.bos_token_id, back.cfg.eos_token_id) == (nano_tokenizer.bos_id, nano_tokenizer.eos_id)
         assert back.cfg.rope_scaling == ours.cfg.rope_scaling, variant
-        assert back.cfg.torch_dtype == "float32"
+        assert back.cfg.torch_dtype == "float32"   # the file's own type (general.file_type) unless told otherwise
+    f16 = load_gguf(export_gguf(ours, nano_tokenizer, tmp_path / "f16.gguf", "f16"))
+    assert f16.cfg.torch_dtype == "float16" and f16.embed_tokens.weight.dtype == torch.float16
 
 
 def deepseek_tensors(cfg: ns.ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -516,8 +520,8 @@ def test_q8_0_export_holds_what_gguf_quantises_each_weight_to(tmp_path, nano_tok
             want = gguf.quants.dequantize(gguf.quants.quantize(x, Q.Q8_0), Q.Q8_0).reshape(x.shape)
         if name.endswith("kv_b_proj.weight"):  # stored as k_b (H, rank, nope): rows 16 wide, F16; and v_b (H, v,
             heads = x.reshape(4, 16 + 16, -1)   # rank): rows 32 wide, Q8_0, the same blocks as kv_b_proj's rows
-            want = np.concatenate([heads[:, :16].astype(np.float16).astype(np.float32), want.reshape(4, 32, -1)[:, 16:]],
-                                  axis=1).reshape(x.shape)
+            k = heads[:, :16].astype(np.float16).astype(np.float32)
+            want = np.concatenate([k, want.reshape(4, 32, -1)[:, 16:]], axis=1).reshape(x.shape)
         np.testing.assert_array_equal(got[name].detach().numpy(), want, err_msg=name)
     assert set(got) == {n for n, _ in model.named_parameters()} - mtp
 
@@ -661,8 +665,8 @@ def test_unsupported_files_are_refused_with_what_is_supported(tmp_path, dense_fi
         tokenizer_files(_with_keys(dense_files["llama"][0], tmp_path / "spm.gguf", {"tokenizer.ggml.model": "llama"}),
                         tmp_path / "t1")
     with pytest.raises(UsageError, match=r"pre-tokenizer 'chatglm-bpe'.*Hugging Face folder"):
-        tokenizer_files(_with_keys(dense_files["llama"][0], tmp_path / "glm.gguf", {"tokenizer.ggml.pre": "chatglm-bpe"}),
-                        tmp_path / "t2")
+        glm = _with_keys(dense_files["llama"][0], tmp_path / "glm.gguf", {"tokenizer.ggml.pre": "chatglm-bpe"})
+        tokenizer_files(glm, tmp_path / "t2")
 
 
 def _with_keys(src: Path, dst: Path, strings: dict[str, str]) -> Path:
