@@ -1,18 +1,29 @@
 """Decode throughput: nanoseek.Engine vs transformers `generate` on the same weights, same run.
 
     .venv/bin/python bench/decode.py [--preset cpu] [--prompt-lens 32,512] [--new-tokens 64] [--batches 1,16]
+    .venv/bin/python bench/decode.py --preset qwen-1.5b --layers 2 --prompt-lens 32 --roofline [--profile]
 
-Both sides load one random-weight DeepSeek-V3-shaped checkpoint (written by transformers, read by ns.load) and run
-greedy decoding in float32 with EOS ignored, on the same prompts (same length within a batch, so transformers
-needs no padding). Decode time runs from the first generated token (the end of prefill) to the last: transformers
-is timed with a streamer whose put() marks each step, the engine by its steps (the first step is the prefill).
-Decode tokens/s = batch * (new_tokens - 1) / decode time, best of --repeat interleaved runs; the ratio is
-engine / transformers.
+Both sides hold the same random weights and run greedy decoding in float32 with EOS ignored, on the same prompts
+(same length within a batch, so transformers needs no padding). DeepSeek presets: a checkpoint written by
+transformers (DeepseekV3ForCausalLM) and read by ns.load. Dense presets (qwen2 / llama / qwen3, e.g. qwen-1.5b):
+transformers' own model class built from `cfg.to_hf()`, its state dict handed to ours through
+`build_from_tensors` (no copy on disk; the widths of a real model with `--layers` of its layers).
+Decode time runs from the first generated token (the end of prefill) to the last: transformers is timed with a
+streamer whose put() marks each step, the engine by its steps (the first step is the prefill). Decode tokens/s =
+batch * (new_tokens - 1) / decode time, best of --repeat interleaved runs; the ratio is engine / transformers.
+Each repetition notes the machine's load average (os.getloadavg, 1 minute).
+
+`--roofline`: the memory-bandwidth bound of batch-1 decode, measured in the same run. Bandwidth: the best of
+several single-thread sums over a float32 array far larger than the caches (torch and numpy). Bytes per token:
+every weight once (the embedding table counts one row unless tied to the head) plus the K/V (or latent) cache
+read at the mean decode context. Roofline tokens/s = bandwidth / bytes per token. `--profile`: torch profiler
+table of the engine's decode steps at each batch.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 import warnings
@@ -24,8 +35,14 @@ def build(preset: str, folder: str, seed: int = 0, **overrides):
     import transformers
 
     import nanoseek as ns
-    cfg = ns.ModelConfig.preset(preset, num_nextn_predict_layers=0, initializer_range=0.1, **overrides)
+    cfg = ns.ModelConfig.preset(preset, **overrides)
     torch.manual_seed(seed)
+    if cfg.attention == "gqa":
+        from nanoseek.model.weights import build_from_tensors
+        hf_cfg = transformers.AutoConfig.for_model(**cfg.to_hf())
+        hf = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32).eval()
+        return hf, build_from_tensors(cfg, hf.state_dict().items(), "transformers", dtype=torch.float32)
+    cfg = cfg.replace(num_nextn_predict_layers=0, initializer_range=0.1)
     hf = transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(**cfg.to_hf())).eval()
     hf.save_pretrained(folder)
     with warnings.catch_warnings():
@@ -55,7 +72,7 @@ def hf_decode_time(hf, prompts, n):
     return clock.times[-1] - clock.times[1]        # times[1]: the first generated token, after prefill
 
 
-def engine_decode_time(engine, prompts, n):
+def engine_decode_time(engine, prompts, n, profiler=None):
     import nanoseek as ns
     engine.reset_prefix_cache()                    # no help from the previous repetition's prompt blocks
     sp = ns.SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
@@ -63,14 +80,88 @@ def engine_decode_time(engine, prompts, n):
         engine.add_request(p, sp)
     engine.step()                                  # admission + prefill + first token
     t0 = time.perf_counter()
+    if profiler is not None:
+        profiler.start()
     while engine.has_unfinished():
         engine.step()
+    if profiler is not None:
+        profiler.stop()
     return time.perf_counter() - t0
+
+
+def read_bandwidth(gib: float = 1.0, repeat: int = 5) -> tuple[float, float]:
+    """Single-thread read bandwidth in bytes/s: best of `repeat` sums over a float32 array of `gib` GiB (torch,
+    numpy), far larger than any cache. Returns (best, torch's best)."""
+    x = torch.ones(int(gib * 2**30) // 4)
+    a = x.numpy()
+    best_t = best_n = 0.0
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        x.sum()
+        best_t = max(best_t, x.numel() * 4 / (time.perf_counter() - t0))
+        t0 = time.perf_counter()
+        a.sum()
+        best_n = max(best_n, a.size * 4 / (time.perf_counter() - t0))
+    return max(best_t, best_n), best_t
+
+
+def bytes_per_token(model, context: float) -> float:
+    """Bytes one batch-1 decode step reads: every parameter once (the embedding table one row, unless the head
+    shares it) + the cache of `context` tokens over all layers."""
+    emb = model.embed_tokens.weight
+    tied = model.lm_head.weight is emb if hasattr(model, "lm_head") else True
+    n = 0
+    for p in model.parameters():          # parameters() lists a tied tensor once
+        n += p.numel() * p.element_size()
+    if not tied:
+        n -= emb.numel() * emb.element_size() - emb.shape[1] * emb.element_size()
+    import nanoseek as ns
+    kv = ns.Engine(model, max_batch=1, max_seq_len=16).kv_bytes_per_token
+    return n + context * kv
+
+
+def load1() -> float:
+    return os.getloadavg()[0]
+
+
+def measure(model, hf, P: int, B: int, args, V: int):
+    """One (prompt length, batch) cell: greedy equality guard, then --repeat interleaved timings."""
+    import nanoseek as ns
+    g = torch.Generator().manual_seed(B * 1000 + P)
+    prompts = torch.randint(3, V, (B, P), generator=g)
+    engine = ns.Engine(model, max_batch=B, max_seq_len=P + args.new_tokens + 8, mtp=args.mtp or None)
+    a = [c.token_ids for c in engine.generate(prompts.tolist(), ns.SamplingParams(
+        temperature=0, max_tokens=8, ignore_eos=True))]
+    with torch.inference_mode():
+        b = hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=8, min_new_tokens=8,
+                        do_sample=False)[:, P:].tolist()
+    same = sum(x == y for x, y in zip(a, b))
+    n = args.new_tokens
+    te, th, loads = [], [], []
+    for _ in range(args.repeat):    # interleaved, so that load changes on the machine hit both sides
+        loads.append(load1())
+        te.append(engine_decode_time(engine, prompts, n))
+        th.append(hf_decode_time(hf, prompts, n))
+    loads.append(load1())
+    te, th = min(te), min(th)
+    if args.profile:
+        profile_engine(engine, prompts, n, B)
+    return B * (n - 1) / te, B * (n - 1) / th, same, loads
+
+
+def profile_engine(engine, prompts, n, B):
+    from torch.profiler import ProfilerActivity, profile
+    prof = profile(activities=[ProfilerActivity.CPU])
+    t = engine_decode_time(engine, prompts, n, profiler=prof)
+    steps = n - 1
+    print(f"\nprofile: engine decode, batch {B}, {steps} steps, {1e3 * t / steps:.2f} ms/step under the profiler")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="cpu")
+    ap.add_argument("--layers", type=int, default=None, help="override num_hidden_layers (real widths, fewer layers)")
     ap.add_argument("--prompt-lens", default="32,512", help="prompt lengths (comma-separated)")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--batches", default="1,16")
@@ -79,44 +170,51 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=3, help="best of N timings (the machine is shared)")
     ap.add_argument("--mtp", action="store_true", help="engine with MTP speculation (random MTP: low acceptance)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: stable timings on a shared machine)")
+    ap.add_argument("--roofline", action="store_true", help="batch 1 as a fraction of the memory-bandwidth bound")
+    ap.add_argument("--profile", action="store_true", help="torch profiler table of the engine's decode steps")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    import nanoseek as ns
+    overrides = {"num_attention_heads": args.heads, "num_key_value_heads": args.heads} if args.heads else {}
+    if args.layers:
+        overrides["num_hidden_layers"] = args.layers
     with tempfile.TemporaryDirectory() as d:
-        hf, model = build(args.preset, d, **({"num_attention_heads": args.heads,
-                                               "num_key_value_heads": args.heads} if args.heads else {}))
+        hf, model = build(args.preset, d, **overrides)
     hf.generation_config.pad_token_id = 0
-    V = model.cfg.vocab_size
+    cfg = model.cfg
     lens = [int(x) for x in args.prompt_lens.split(",")]
-    print(f"preset={args.preset} heads={model.cfg.num_attention_heads} new_tokens={args.new_tokens} threads={torch.get_num_threads()} "
-          f"torch={torch.__version__} engine kv bytes/token={ns.Engine(model, max_seq_len=64).kv_bytes_per_token} "
-          f"transformers kv bytes/token={model.cfg.num_hidden_layers * model.cfg.mha_cache_elems_per_token * 4}")
+    print(f"preset={args.preset} model_type={cfg.model_type} layers={cfg.num_hidden_layers} "
+          f"hidden={cfg.hidden_size} heads={cfg.num_attention_heads} kv_heads={cfg.num_key_value_heads} "
+          f"vocab={cfg.vocab_size} params={sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
+          f"new_tokens={args.new_tokens} threads={torch.get_num_threads()} torch={torch.__version__} "
+          f"cpus={os.cpu_count()} load at start={load1():.2f}")
+    bw = read_bandwidth() if args.roofline else None
+    if bw:
+        print(f"read bandwidth (1 thread, sum over 1 GiB): {bw[0] / 1e9:.2f} GB/s (torch {bw[1] / 1e9:.2f} GB/s), "
+              f"load={load1():.2f}")
     print(f"{'prompt':>6} {'batch':>5} {'engine tok/s':>13} {'transformers tok/s':>19} {'ratio':>6}")
     rows = []
     for P in lens:
         for B in [int(b) for b in args.batches.split(",")]:
-            g = torch.Generator().manual_seed(B * 1000 + P)
-            prompts = torch.randint(3, V, (B, P), generator=g)
-            engine = ns.Engine(model, max_batch=B, max_seq_len=P + args.new_tokens + 8, mtp=args.mtp or None)
-            # the same tokens first (a guard on the numbers below)
-            a = [c.token_ids for c in engine.generate(prompts.tolist(), ns.SamplingParams(
-                temperature=0, max_tokens=8, ignore_eos=True))]
-            with torch.inference_mode():
-                b = hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=8, min_new_tokens=8,
-                                do_sample=False)[:, P:].tolist()
-            same = sum(x == y for x, y in zip(a, b))
-            n = args.new_tokens
-            te, th = [], []
-            for _ in range(args.repeat):    # interleaved, so that load changes on the machine hit both sides
-                te.append(engine_decode_time(engine, prompts, n))
-                th.append(hf_decode_time(hf, prompts, n))
-            te, th = min(te), min(th)
-            tps_e, tps_h = B * (n - 1) / te, B * (n - 1) / th
+            tps_e, tps_h, same, loads = measure(model, hf, P, B, args, cfg.vocab_size)
             rows.append((P, B, tps_e, tps_h))
-            print(f"{P:>6} {B:>5} {tps_e:>13.1f} {tps_h:>19.1f} {tps_e / tps_h:>5.2f}x   "
-                  f"(greedy tokens equal: {same}/{B})", flush=True)
+            print(f"{P:>6} {B:>5} {tps_e:>13.2f} {tps_h:>19.2f} {tps_e / tps_h:>5.2f}x   "
+                  f"(greedy tokens equal: {same}/{B}; load {' '.join(f'{x:.1f}' for x in loads)})", flush=True)
+            if bw and B == 1:
+                report_roofline(model, P + args.new_tokens / 2, tps_e, tps_h)
+    if bw:
+        bw2 = read_bandwidth()
+        print(f"read bandwidth again at the end: {bw2[0] / 1e9:.2f} GB/s, load={load1():.2f}")
     return rows
+
+
+def report_roofline(model, context: float, tps_e: float, tps_h: float) -> None:
+    bw = read_bandwidth(repeat=3)[0]
+    nbytes = bytes_per_token(model, context)
+    roof = bw / nbytes
+    print(f"       roofline: {nbytes / 1e6:.1f} MB/token (weights + cache at mean context {context:.0f}), "
+          f"bandwidth {bw / 1e9:.2f} GB/s (re-measured, load {load1():.2f}) -> {roof:.2f} tok/s; "
+          f"engine {100 * tps_e / roof:.0f}%, transformers {100 * tps_h / roof:.0f}%", flush=True)
 
 
 if __name__ == "__main__":

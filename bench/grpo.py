@@ -9,12 +9,19 @@ budget, temperature 1, beta 0 (no reference model), loss_type dapo, one iteratio
 CPU (TRL: use_cpu=True, bf16=False). Rewards are the same Python function on both sides. A step is sampling +
 scoring + the training forward/backward + the optimizer step; the first step (warm-up) is not counted and the
 median of the others is reported. ratio = TRL seconds per step / ours.
+
+`--shape llama-135m` (instead of a preset): a llama model of SmolLM-135M's widths (hidden 576, 9 heads over 3
+key/value heads, intermediate 1536, vocabulary 49,152, tied embeddings, 30 layers; `--layers N` keeps N of them),
+random weights. Our tokenizer (trained on the task corpus) holds fewer ids than the 49,152 rows: the extra ids
+decode to nothing on both sides, so rewards see shorter texts, equally for both. Each side's run notes the load
+average (os.getloadavg, 1 minute) before and after.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -23,18 +30,33 @@ from pathlib import Path
 
 import torch
 
+# real widths of small published models, random weights (llama-135m: SmolLM-135M's config.json)
+SHAPES = {
+    "llama-135m": dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                       num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                       max_position_embeddings=2048, rope_theta=10000.0, rms_norm_eps=1e-5,
+                       tie_word_embeddings=True),
+}
 
-def build(preset: str, folder: Path, seed: int = 0):
+
+def build(preset: str, folder: Path, seed: int = 0, shape: str | None = None, layers: int | None = None):
     import nanoseek as ns
     from nanoseek.data.tasks import corpus_documents
     from nanoseek.tokenizer import Tokenizer
 
-    cfg = ns.ModelConfig.preset(preset)
-    tok = Tokenizer.train(list(corpus_documents(2000)), cfg.vocab_size, progress=False)
+    cfg = ns.ModelConfig(**SHAPES[shape]) if shape else ns.ModelConfig.preset(preset)
+    if layers:
+        cfg = cfg.replace(num_hidden_layers=layers)
+    tok = Tokenizer.train(list(corpus_documents(2000)), min(cfg.vocab_size, 4096), progress=False)
+    if shape:   # the shape's vocabulary rows, the tokenizer's special ids
+        cfg = cfg.replace(vocab_size=max(cfg.vocab_size, tok.vocab_size), bos_token_id=tok.bos_id,
+                          eos_token_id=tok.eos_id)
+    else:
+        cfg = cfg.replace(vocab_size=tok.vocab_size)
     torch.manual_seed(seed)
-    model = ns.Transformer(cfg.replace(vocab_size=tok.vocab_size, num_nextn_predict_layers=0))
+    model = ns.Transformer(cfg.replace(num_nextn_predict_layers=0))
     ns.save(model, folder, tokenizer=tok)
-    return folder
+    return folder, model.cfg, sum(p.numel() for p in model.parameters())
 
 
 def digit_reward_ours(problems, texts, task):
@@ -98,6 +120,8 @@ def run_trl(folder: Path, out: Path, args) -> list[float]:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default=None, help="a real-width model instead of a preset")
+    ap.add_argument("--layers", type=int, default=None, help="override num_hidden_layers")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--prompts", type=int, default=4, help="prompts per step")
     ap.add_argument("--group", type=int, default=8, help="completions per prompt")
@@ -106,17 +130,24 @@ def main():
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    loads = []
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
-        folder = build(args.preset, d / "model")
+        folder, cfg, n_params = build(args.preset, d / "model", shape=args.shape, layers=args.layers)
+        loads.append(os.getloadavg()[0])
         ours = run_ours(folder, d / "ours", args)
+        loads.append(os.getloadavg()[0])
         trl = run_trl(folder, d / "trl", args)
+        loads.append(os.getloadavg()[0])
     o, t = statistics.median(ours[1:]), statistics.median(trl[1:])
-    print(f"GRPO step, {args.preset} preset, {args.prompts} prompts x {args.group} completions, "
-          f"<= {args.max_tokens} tokens, {torch.get_num_threads()} thread(s)")
+    what = f"{args.shape} shape ({cfg.model_type}, {cfg.num_hidden_layers} layers)" if args.shape else \
+        f"{args.preset} preset"
+    print(f"GRPO step, {what}, {n_params / 1e6:.1f}M parameters, {args.prompts} prompts x {args.group} "
+          f"completions, <= {args.max_tokens} tokens, {torch.get_num_threads()} thread(s)")
     print(f"  nanoseek : {o:7.3f} s/step   (steps: {', '.join(f'{x:.2f}' for x in ours)})")
     print(f"  TRL      : {t:7.3f} s/step   (steps: {', '.join(f'{x:.2f}' for x in trl)})")
-    print(f"  ratio TRL / nanoseek = {t / o:.1f}x")
+    print(f"  ratio TRL / nanoseek = {t / o:.2f}x   (load average before ours / before TRL / after: "
+          f"{' / '.join(f'{x:.2f}' for x in loads)})")
 
 
 if __name__ == "__main__":
