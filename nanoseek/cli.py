@@ -27,6 +27,7 @@ COMMANDS = {
     "serve": ("nanoseek.serve.app", "DeepSeek/OpenAI-compatible API server with a web chat page"),
     "chat": ("nanoseek.serve.chat", "chat with a model in the terminal"),
     "info": ("nanoseek.info", "parameters and KV-cache size of a preset or model folder"),
+    "export-gguf": ("nanoseek.export_gguf", "write a model as a GGUF file for llama.cpp / ollama (f32, f16, q8_0)"),
 }
 
 

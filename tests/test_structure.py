@@ -153,7 +153,8 @@ def test_import_nanoseek_and_help_do_not_import_torch():
     assert out.split() == ["False", "True"], out
 
 
-COMMANDS = ["speedrun", "tokenizer", "pretrain", "sft", "grpo", "distill", "eval", "serve", "chat", "info"]
+COMMANDS = ["speedrun", "tokenizer", "pretrain", "sft", "grpo", "distill", "eval", "serve", "chat", "info",
+            "export-gguf"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
