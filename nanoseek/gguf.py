@@ -103,7 +103,7 @@ PRE_TOKENIZERS = {
     "gpt-2": (_GPT2,),
     "llama-bpe": (_LLAMA3,), "llama3": (_LLAMA3,), "llama-v3": (_LLAMA3,),
     "qwen2": (_QWEN2,), "deepseek-r1-qwen": (_QWEN2,),
-    "deepseek-v3": _DEEPSEEK3,
+    "deepseek-v3": _DEEPSEEK3, "joyai-llm": _DEEPSEEK3, "hunyuan-dense": _DEEPSEEK3,  # same split, later names
     "deepseek-llm": _DEEPSEEK_LLM,   # llama.cpp ends it with \p{N}+; V2's vocabulary has no multi-digit token
 }
 _LLAMA3_PRE = ("llama-bpe", "llama3", "llama-v3")  # llama.cpp: whole-word vocabulary hits skip the merges; add bos
@@ -580,6 +580,10 @@ def _check_exportable(cfg: ModelConfig) -> None:
     if yarn and (yarn.get("mscale") or 0) != (yarn.get("mscale_all_dim") or 0):
         raise UsageError(f"YaRN with mscale={yarn.get('mscale')} != mscale_all_dim={yarn.get('mscale_all_dim')}: "
                          f"llama.cpp's deepseek2 stores one (yarn_log_multiplier) and assumes both equal")
+    if cfg.topk_method == "group_limited_greedy" and (cfg.n_group or 1) > 1:
+        warnings.warn("llama.cpp scores an expert group by the sum of its two best experts (V3's noaux_tc rule), not "
+                      "by its best one (V2's group_limited_greedy): in llama.cpp this model may route some tokens "
+                      "to other experts (llama.cpp's own converter writes V2 the same way)", stacklevel=3)
     if cfg.num_nextn_predict_layers:
         warnings.warn(f"the {cfg.num_nextn_predict_layers} MTP layer(s) are not exported: llama.cpp's deepseek2 does "
                       f"not run them (its own converter drops them too)", stacklevel=3)

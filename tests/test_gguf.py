@@ -379,9 +379,10 @@ def deepseek_model(tmp_path: Path, variant: str) -> tuple[ns.Transformer, torch.
 
 
 LITE_RULE = "ignore:llama.cpp decides whether"  # its 26/27-layer rule for q_lora_rank (V2-Lite: 27 layers; ours 3)
+GROUP_RULE = "ignore:llama.cpp scores an expert group"  # V2's group-limited routing has no llama.cpp form
 
 
-@pytest.mark.filterwarnings(LITE_RULE)
+@pytest.mark.filterwarnings(LITE_RULE, GROUP_RULE)
 @pytest.mark.parametrize("variant", list(DEEPSEEK))
 def test_deepseek_export_loads_back_to_the_original_logits(tmp_path, nano_tokenizer, variant):
     """export-gguf -> ns.load gives transformers' logits of the model exported: exactly the same weights in F32
@@ -784,3 +785,77 @@ def test_published_tokenizers_survive_export(tmp_path, name):
         hf = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         for text in texts + PUBLISHED_TEXTS:
             assert back.encode(text) == hf.encode(text, add_special_tokens=False), text
+
+
+# ---------------------------------------------------------------------------------------------- llama.cpp itself
+# llama.cpp's sources ship in the llama-cpp-python sdist (vendor/llama.cpp). Built once (a few minutes: cmake
+# -S vendor/llama.cpp -B build -DBUILD_SHARED_LIBS=ON -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
+# -DLLAMA_BUILD_TESTS=OFF -DLLAMA_CURL=OFF && cmake --build build --target llama), these tests run with
+#   LLAMA_CPP_DIR=.../vendor/llama.cpp  LLAMA_CPP_LIB_PATH=.../build/bin  PYTHONPATH=<the sdist folder>:<diskcache>
+# and skip otherwise.
+
+LLAMA_CPP_RUNS = {  # variant -> the model exported (F32)
+    "v3": lambda tmp: deepseek_model(tmp, "v3")[0],                          # q_lora, noaux_tc in groups, shared
+    "v3-half-split": lambda tmp: deepseek_model(tmp, "v3-half-split")[0],    # rope rows permuted on export
+    "v3-yarn": lambda tmp: ns.load(make_hf_checkpoint(tmp, "v3", name="yarn", vocab_size=320, scale=SCALE,
+                                                      rope=dict(YARN, mscale_all_dim=1.0)), dtype=torch.float32),
+    "v2-greedy": lambda tmp: ns.load(make_hf_checkpoint(tmp, "v2", name="v2g", vocab_size=320, scale=SCALE,
+                                                        topk_method="greedy", n_group=1, topk_group=1),
+                                     dtype=torch.float32),
+    "llama": lambda tmp: random_dense("llama", 320),
+    "llama3": lambda tmp: random_dense("llama", 320, hidden_size=128, num_attention_heads=2, num_key_value_heads=1,
+                                       rope_theta=500000.0, rope_scaling={
+                                           "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                           "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    "qwen2": lambda tmp: random_dense("qwen2", 320, num_key_value_heads=4, tie_word_embeddings=True),
+    "qwen3": lambda tmp: random_dense("qwen3", 320, head_dim=24),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", list(LLAMA_CPP_RUNS))
+def test_exports_run_in_llama_cpp(tmp_path, nano_tokenizer, variant):
+    """llama.cpp itself loads each export and computes our logits (F32 weights and K/V cache: < 1e-5 relative; its
+    default F16 cache alone costs ~1e-3), and tokenizes as nanoseek does (the 'smollm' pre-tokenizer)."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python with a built libllama (see above)")
+    model = LLAMA_CPP_RUNS[variant](tmp_path).eval()
+    path = export_gguf(model, nano_tokenizer, tmp_path / f"{variant}.gguf", "f32")
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_batch=64, logits_all=True, verbose=False, n_threads=1,
+                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+    ids = torch.randint(0, 300, (1, 20), generator=torch.Generator().manual_seed(0))
+    llm.eval(ids[0].tolist())
+    with torch.no_grad():
+        assert rel_err(torch.tensor(np.array(llm.scores[:20])), model(ids)[0]) < 1e-5
+    for text in TEXTS + corpus()[:30]:
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == nano_tokenizer.encode(text), text
+
+
+@pytest.mark.slow
+def test_llama_cpp_converter_output_loads(tmp_path):
+    """A deepseek2 file written by llama.cpp's own converter (convert_hf_to_gguf.py, from a transformers DeepSeek-V3
+    folder with V3's published tokenizer) loads to that model's logits, with V3's tokenizer."""
+    import os
+    import subprocess
+    import sys
+
+    from test_real_tokenizers import _release
+
+    source = Path(os.environ.get("LLAMA_CPP_DIR", "/nonexistent"))
+    if not (source / "convert_hf_to_gguf.py").is_file():
+        pytest.skip("set LLAMA_CPP_DIR to a llama.cpp source tree (see above)")
+    folder = make_hf_checkpoint(tmp_path, "v3", name="hf", vocab_size=129280, scale=SCALE)
+    published = _release("deepseek-v3")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / f).write_bytes((published / f).read_bytes())
+    config = json.loads((folder / "config.json").read_text())   # as published (transformers writes neither)
+    (folder / "config.json").write_text(json.dumps({**config, "scoring_func": "sigmoid", "topk_method": "noaux_tc"}))
+    subprocess.run([sys.executable, str(source / "convert_hf_to_gguf.py"), str(folder), "--outfile",
+                    str(tmp_path / "v3.gguf"), "--outtype", "f32"], check=True, capture_output=True,
+                   env={**os.environ, "PYTHONPATH": str(source / "gguf-py")})
+    ours = ns.load(tmp_path / "v3.gguf", dtype=torch.float32)
+    ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert rel_err(ours(ids), make_hf_model("v3", vocab_size=129280, scale=SCALE)(ids).logits) < 1e-5
+    tok, want = ns.Tokenizer.load(tokenizer_files(tmp_path / "v3.gguf", tmp_path / "tok")), ns.Tokenizer.load(published)
+    for text in TEXTS:
+        assert tok.encode(text) == want.encode(text), text
