@@ -8,6 +8,7 @@ import cycle).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -39,7 +40,11 @@ def main(cfg: ExportGGUFConfig) -> int:
     if not out.parent.is_dir():
         raise UsageError(f"{out.parent} is not a folder: create it first, or write {out.name} elsewhere")
     model, tokenizer = load_model_and_tokenizer(cfg.model, purpose="export-gguf")
-    export_gguf(model, tokenizer, out, cfg.type, progress=True)
+    with warnings.catch_warnings(record=True) as notes:   # what llama.cpp will do differently: said plainly
+        warnings.simplefilter("always")
+        export_gguf(model, tokenizer, out, cfg.type, progress=True)
+    for note in notes:
+        print(f"note: {note.message}")
     size = out.stat().st_size / 2**20
     print(f"wrote {out} ({size:,.1f} MiB): llama.cpp architecture {ARCHS[model.cfg.model_type]}, "
           f"{model.cfg.num_hidden_layers} layers, matrices in {cfg.type}, tokenizer and chat template included.\n"
