@@ -194,12 +194,19 @@ class Tokenizer:
     # ---------------------------------------------------------------- files
     @classmethod
     def load(cls, folder: str | os.PathLike) -> Tokenizer:
-        """Load any Hugging Face tokenizer folder (tokenizer.json [+ tokenizer_config.json, chat_template.jinja]).
+        """Load any Hugging Face tokenizer folder (tokenizer.json [+ tokenizer_config.json, chat_template.jinja]), or
+        the tokenizer inside a .gguf file.
 
         Published DeepSeek folders work: bos/eos/pad and the chat template come from their tokenizer_config.json
         (a `chat_template.jinja` file, which transformers >= 5 writes, takes precedence)."""
         from tokenizers import Tokenizer as HFTokenizer
         folder = Path(folder)
+        if folder.suffix == ".gguf":   # a GGUF file's vocabulary, merges, special tokens and chat template
+            import tempfile
+
+            from .gguf import tokenizer_files
+            with tempfile.TemporaryDirectory() as d:
+                return cls.load(tokenizer_files(folder, d))
         path = folder / "tokenizer.json"
         if not path.is_file():
             raise UsageError(f"no tokenizer in {folder}: expected {path} (train one with `nanoseek tokenizer "
