@@ -101,7 +101,8 @@ def run_trl(folder: Path, out: Path, args) -> list[float]:
                      per_device_train_batch_size=args.prompts * args.group, num_generations=args.group,
                      max_completion_length=args.max_tokens, temperature=1.0, learning_rate=1e-5, beta=0.0,
                      loss_type="dapo", num_iterations=1, report_to=[], save_strategy="no", logging_steps=1,
-                     seed=0, dataloader_num_workers=0, disable_tqdm=True)
+                     seed=0, dataloader_num_workers=0, disable_tqdm=True,
+                     **({} if args.trl_checkpointing is None else {"gradient_checkpointing": bool(args.trl_checkpointing)}))
     times: list[float] = []
 
     class Clock(transformers.TrainerCallback):
@@ -127,6 +128,8 @@ def main():
     ap.add_argument("--group", type=int, default=8, help="completions per prompt")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--trl-checkpointing", type=int, choices=(0, 1), default=None,
+                    help="TRL's gradient_checkpointing (default: TRL's own default, on since TRL 1.x; ours has none)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
