@@ -12,7 +12,8 @@ as GB/s of weight read (bytes of W / time) and as a fraction of that bandwidth. 
 `--engine PRESET`: the same question end to end. A random-weight model of the preset's widths (`--layers` of its
 layers) decodes greedily in nanoseek.Engine, alternating its own nn.Linear layout with a trial layout in which
 every projection wider out than in (the vocabulary head, the MLP's gate and up) computes x @ W^T from a contiguous
-(in, out) copy of its weight; tokens/s of both, best of --repeat alternated runs, and the greedy tokens compared.
+(in, out) copy of its weight; tokens/s of both, best of --repeat alternated runs, and the greedy tokens compared;
+at batch 1 also the fraction of the bandwidth roofline (as in bench/decode.py --roofline).
 The trial is applied from outside the model (bench code only), to size a change before making it.
 """
 
@@ -64,7 +65,7 @@ def use_layout(pairs, on: bool) -> None:
 
 
 def engine_trial(args) -> None:
-    from decode import engine_decode_time
+    from decode import bytes_per_token, engine_decode_time, read_bandwidth
 
     import nanoseek as ns
     cfg = ns.ModelConfig.preset(args.engine, **({"num_hidden_layers": args.layers} if args.layers else {}))
@@ -86,6 +87,12 @@ def engine_trial(args) -> None:
                 tokens[on] = [c.token_ids for c in engine.generate(prompts.tolist(), ns.SamplingParams(
                     temperature=0, max_tokens=8, ignore_eos=True))]
         use_layout(pairs, False)
+        if B == 1:
+            bw, nbytes = read_bandwidth(repeat=3)[0], bytes_per_token(model, P + n / 2)
+            roof = bw / nbytes
+            print(f"  roofline: {nbytes / 1e6:.1f} MB/token, bandwidth {bw / 1e9:.2f} GB/s (load "
+                  f"{os.getloadavg()[0]:.2f}) -> {roof:.2f} tok/s; nn.Linear {100 * best[False] / roof:.0f}%, "
+                  f"(in, out) layout {100 * best[True] / roof:.0f}%")
         print(f"  batch {B:>2}: nn.Linear {best[False]:8.2f} tok/s, (in, out) layout {best[True]:8.2f} tok/s, "
               f"{best[True] / best[False]:.2f}x; same greedy tokens: {tokens[False] == tokens[True]}; "
               f"load {min(loads):.1f}-{max(loads):.1f}", flush=True)
