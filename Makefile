@@ -40,7 +40,7 @@ $(TOKENIZER_CACHE)/%/.unpacked: | $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check nanoseek tests bench
 
-test: $(STAMP) lint
+test: install lint
 	$(PY) -m pytest -q -rs -m "not slow"
 
 test-all: $(STAMP) lint
