@@ -180,3 +180,26 @@ def test_sft_writes_its_effective_config_and_resumes_an_old_checkpoint(tmp_path,
     _, resumed, _ = _tiny_sft(tmp_path, tok, "b", steps=4, resume=True)
     wa, wb = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_an_r1_distill_style_template_trains_what_the_student_writes(tok):
+    """R1-Distill's published templates open <think> in the generation prompt but render a finished assistant turn
+    from its answer alone (the reasoning dropped). The trained text is then what the model writes after the prompt:
+    reasoning, </think>, the answer, end of sentence; one example per turn (past turns render without reasoning)."""
+    import copy
+    from pathlib import Path
+
+    student = copy.copy(tok)
+    student.chat_template = (Path(__file__).parent / "data" / "r1_distill_style_chat_template.jinja").read_text()
+    examples = render(student, CONV)
+    assert len(examples) == 2
+    for (ids, mask), turn in zip(examples, (2, 4)):
+        prompt = student.apply_chat_template(CONV[:turn], add_generation_prompt=True, tokenize=False)
+        assert prompt.endswith("<think>\n") and tok.decode([i for i, m in zip(ids, mask) if not m]) == prompt
+        want = f"{CONV[turn]['reasoning_content']}\n</think>\n\n{CONV[turn]['content']}{Tokenizer.EOS}"
+        assert tok.decode([i for i, m in zip(ids, mask) if m]) == want
+    # a template that neither extends its generation prompt nor opens <think> in it is still refused
+    student.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}" \
+                            "{% if add_generation_prompt %}assistant says: {% endif %}"
+    with pytest.raises(UsageError, match="does not extend its generation prompt"):
+        render(student, CONV)

@@ -33,21 +33,36 @@ def render(tok, messages: list[dict]) -> list[tuple[list[int], list[bool]]]:
     The trained mask is True exactly on the assistant's tokens (reasoning, answer, EOS); everything the template
     adds around them and every system/user token is False.
     """
-    spans = []   # per assistant turn: (the conversation rendered up to its generation prompt, and with the turn)
+    spans = []   # per assistant turn: (its prompt, the assistant's text, the conversation rendered with the turn)
     for i in (i for i, m in enumerate(messages) if m.get("role") == "assistant"):
         prefix = tok.apply_chat_template(messages[:i], add_generation_prompt=True, tokenize=False)
         full = tok.apply_chat_template(messages[:i + 1], add_generation_prompt=False, tokenize=False)
-        if not full.startswith(prefix):
-            raise UsageError("the chat template renders an assistant turn in a way that does not extend its "
-                             "generation prompt; cannot tell the assistant's tokens apart")
-        spans.append((prefix, full))
-    if not all(prefix.startswith(before) for (prefix, _), (_, before) in zip(spans[1:], spans)):
-        return [_encode(tok, [(prefix, False), (full[len(prefix):], True)]) for prefix, full in spans]
+        spans.append((prefix, assistant_text(prefix, full, messages[i]), full))
+    if any(prefix + text != full for prefix, text, full in spans) or \
+            not all(prefix.startswith(before) for (prefix, _, _), (_, _, before) in zip(spans[1:], spans)):
+        return [_encode(tok, [(prefix, False), (text, True)]) for prefix, text, _ in spans]
     pieces, done = [], ""
-    for prefix, full in spans:
-        pieces += [(prefix[len(done):], False), (full[len(prefix):], True)]
+    for prefix, text, full in spans:
+        pieces += [(prefix[len(done):], False), (text, True)]
         done = full
     return [_encode(tok, pieces)] if spans else []
+
+
+def assistant_text(prefix: str, full: str, message: dict) -> str:
+    """What the model writes after the generation prompt `prefix` for this assistant turn.
+
+    Most templates render a finished turn as its generation prompt followed by that text. Templates in the style
+    of DeepSeek-R1-Distill's open `<think>` in the generation prompt but render a finished turn from its answer
+    alone (the reasoning dropped); the model's text is then rebuilt as it writes it: the reasoning, `</think>`,
+    and the answer with the template's end of turn."""
+    if full.startswith(prefix):
+        return full[len(prefix):]
+    k = prefix.rfind("<think>")
+    if k < 0 or not full.startswith(prefix[:k]) or prefix[k:].strip() != "<think>":
+        raise UsageError("the chat template renders an assistant turn in a way that does not extend its "
+                         "generation prompt; cannot tell the assistant's tokens apart")
+    reasoning = (message.get("reasoning_content") or "").strip("\n")
+    return f"{reasoning}\n</think>\n\n" + full[k:]
 
 
 def _encode(tok, pieces: list[tuple[str, bool]]) -> tuple[list[int], list[bool]]:
