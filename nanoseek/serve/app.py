@@ -245,7 +245,7 @@ class Service:
         self.max_prompt = self.limits.max_prompt_tokens or (self.ctx - 1 if self.ctx else None)
         self.fingerprint = f"fp_nanoseek_{uuid.uuid5(uuid.NAMESPACE_DNS, self.model_name).hex[:8]}"
         self.vocab = self.tokenizer.vocab_size
-        self.control_ids, self.control_strings = P.control_tokens(self.tokenizer)
+        self.control_ids = self.tokenizer.control_ids   # never in a text; legacy logprobs skip them too
         # the request models with this server's limits in them, and the OpenAPI document built from the same models
         # (so that schema-valid means acceptable, up to the two limits JSON Schema cannot say: prompt tokens, bytes)
         self.chat_request, self.completion_request = P.request_models(self.limits, self.model_name, self.ctx,
@@ -483,7 +483,7 @@ class ChatStream:
 @dataclass
 class CompletionStream:
     """StreamDeltas -> text_completion pieces: the echoed prompt first, then the text as generated (<think> tags
-    included, control tokens left out), legacy logprobs with offsets into the returned text."""
+    included; the engine decodes without control tokens), legacy logprobs with offsets into the returned text."""
     base: dict
     usage: Callable
     token_str: Callable[[int], str]
@@ -491,8 +491,7 @@ class CompletionStream:
     logprobs: bool
     top_n: int
     echo: str
-    text: P.StripStrings                  # removes the control tokens' strings
-    hidden: set[int]                      # their ids
+    hidden: frozenset[int]                # control token ids: in token_ids, not in the text
     pos: int = 0                          # text offset of the next token
     streamed_lp: bool = False
 
@@ -506,8 +505,7 @@ class CompletionStream:
         return [self.chunk(self.echo)] if self.echo else []
 
     def chunks(self, d) -> list[dict]:
-        out, lp = [], None
-        text = self.text.feed(d.raw_text, final=d.finished)
+        out, lp, text = [], None, d.raw_text
         if self.logprobs and d.token_ids and d.logprobs is not None:
             lp = P.text_logprobs(d, self.top_n, self.pos, self.token_str, self.hidden)
             self.pos += sum(len(self.token_str(t)) for t in d.token_ids if t not in self.hidden)
@@ -586,13 +584,12 @@ async def completions(request: Request):
     top_n, want_lp = req.logprobs or 0, req.logprobs is not None
     job, base = svc.submit(prompt, svc.make_params(req, len(prompt), want_lp, top_n), "cmpl")
     echo = prompt_text if req.echo else ""
-    text = P.StripStrings(svc.control_strings)
     if req.stream:
         return svc.stream(job, CompletionStream(base, svc.usage, svc.token_str, req.include_usage(), want_lp, top_n,
-                                                echo, text, svc.control_ids))
+                                                echo, svc.control_ids))
     comp = await svc.run_to_end(job, request)
     lp = P.text_logprobs(comp, top_n, len(echo), svc.token_str, svc.control_ids) if want_lp else None
-    return P.completion_response(base, echo + text.feed(comp.text, final=True), comp, lp, svc.usage(comp))
+    return P.completion_response(base, echo + comp.text, comp, lp, svc.usage(comp))
 
 
 async def models(request: Request):

@@ -321,13 +321,6 @@ class StripStrings:
         return 0
 
 
-def control_tokens(tokenizer) -> tuple[set[int], tuple[str, ...]]:
-    """The tokenizer's control tokens (ids, strings): its special tokens except <think> and </think>, which are
-    text the model writes. /v1/completions leaves them out of its text (decoding with special tokens skipped)."""
-    ids = set(tokenizer.special_ids) - {tokenizer.think_start_id, tokenizer.think_end_id}
-    return ids, tuple(tokenizer.id_to_token(i) for i in sorted(ids))
-
-
 # --------------------------------------------------------------------------------------------- response pieces
 def sse(obj) -> str:
     """One server-sent event carrying `obj` as compact JSON."""
