@@ -37,6 +37,19 @@ TINY_HF = dict(vocab_size=128, hidden_size=64, intermediate_size=96, moe_interme
 YARN = dict(factor=4.0, original_max_position_embeddings=16, beta_fast=32, beta_slow=1, mscale=1.0, mscale_all_dim=0.8)
 
 
+def randomize_(model, seed: int = 0, scale: float = 0.3, vector_std: float = 1.0) -> torch.Generator:
+    """Weights drawn large so that rope, norms, biases, masks and cache slots matter in a comparison: matrices
+    Normal(0, scale), other vectors Normal(0, vector_std), norm weights Uniform(0.5, 1.5). Returns the generator."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5, generator=g)
+            else:
+                p.normal_(0.0, scale if p.dim() > 1 else vector_std, generator=g)
+    return g
+
+
 def make_hf_model(kind: str = "v3", seed: int = 0, scale: float = 0.3, rope: dict | None = None,
                   experts_implementation: str | None = None, **cfg):
     """A random transformers DeepSeek model (eval, float32). kind: "v3" or "v2". experts_implementation="eager"
@@ -58,13 +71,8 @@ def make_hf_model(kind: str = "v3", seed: int = 0, scale: float = 0.3, rope: dic
     model = model_cls(config_cls(**kw)).float().eval()
     if experts_implementation:
         model.set_experts_implementation(experts_implementation)
-    g = torch.Generator().manual_seed(seed)
+    g = randomize_(model, seed, scale)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5, generator=g)
-            else:
-                p.normal_(0.0, scale if p.dim() > 1 else 1.0, generator=g)
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):  # steers selection only; must be non-zero to be tested
                 b.normal_(0.0, 0.5, generator=g)

@@ -17,7 +17,7 @@ import weakref
 
 import pytest
 import torch
-from conftest import rel_err
+from conftest import randomize_, rel_err
 from safetensors import safe_open
 from torch import nn
 
@@ -43,13 +43,7 @@ def make_hf_dense(family: str, seed: int = 0, scale: float = 0.3, rope: dict | N
     name = FAMILIES[family]
     config = getattr(transformers, f"{name}Config")(**kw)
     model = getattr(transformers, f"{name}ForCausalLM")(config).float().eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if "norm" in pname:
-                p.uniform_(0.5, 1.5, generator=g)
-            else:
-                p.normal_(0.0, scale if p.dim() > 1 else 1.0, generator=g)
+    randomize_(model, seed, scale)
     return model
 
 

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import randomize_
 
 import nanoseek as ns
 from nanoseek.infer.cache import KVCache, PagedKVCache
@@ -118,13 +119,7 @@ def make_hf_dense(family: str, seed: int = 0, scale: float = 0.3, rope: dict | N
     kw = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, max_position_embeddings=256,
               rms_norm_eps=1e-6, rope_parameters={"rope_theta": 10000.0, **(rope or {"rope_type": "default"})}, **cfg)
     model = model_cls(config_cls(**kw)).float().eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5, generator=g)
-            else:
-                p.normal_(0.0, scale if p.dim() > 1 else 1.0, generator=g)
+    randomize_(model, seed, scale)
     model.generation_config.eos_token_id = None     # pure argmax for N_NEW steps, as ignore_eos in the engine
     model.generation_config.pad_token_id = 0
     return model

@@ -27,7 +27,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from conftest import YARN, make_hf_checkpoint, make_hf_model, rel_err
+from conftest import YARN, make_hf_checkpoint, make_hf_model, randomize_, rel_err
 from gguf import GGMLQuantizationType as Q
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
@@ -545,13 +545,7 @@ def random_dense(arch: str, vocab: int, seed: int = 0, **kw) -> ns.Transformer:
                  num_key_value_heads=2, max_position_embeddings=512, rope_theta=10000.0, rms_norm_eps=1e-5)
     cfg = ns.ModelConfig(model_type=arch, vocab_size=vocab, **{**shape, **kw})
     model = ns.Transformer(cfg).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5, generator=g)
-            else:
-                p.normal_(0.0, 0.1 if p.dim() > 1 else 0.3, generator=g)
+    randomize_(model, seed, scale=0.1, vector_std=0.3)
     return model
 
 
