@@ -21,6 +21,13 @@ from .errors import UsageError
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
 
+# Tool-call markers, written by a model in its answer (DeepSeek's added tokens; the tags of Qwen2/Qwen3 templates).
+# The tokenizer keeps them in generated text (they are not control_ids) so that serve/tools.py can read the calls.
+CALLS_BEGIN, CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
+CALL_BEGIN, CALL_END, TOOL_SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
+QWEN_CALL_BEGIN, QWEN_CALL_END = "<tool_call>", "</tool_call>"
+TOOL_MARKERS = (CALLS_BEGIN, CALLS_END, CALL_BEGIN, CALL_END, TOOL_SEP, QWEN_CALL_BEGIN, QWEN_CALL_END)
+
 # DeepSeek-R1's chat format, written as a transformers chat template. Variables (the same names transformers
 # passes): messages, add_generation_prompt, bos_token, eos_token; plus `thinking` (default on), the "deep think"
 # switch: off, the prompt ends with an empty think block so the model answers directly.
@@ -90,9 +97,10 @@ def render_chat(messages: list[dict], template: str = CHAT_TEMPLATE, add_generat
         chat.append({**m, "reasoning_content": reasoning} if reasoning is not None else dict(m))
     variables.setdefault("bos_token", BOS)
     variables.setdefault("eos_token", EOS)
+    variables.setdefault("tools", None)          # (OpenAI-style tool dicts when given, as transformers passes them)
     try:
-        return compiled.render(messages=chat, tools=None, documents=None,
-                               add_generation_prompt=add_generation_prompt, **variables)
+        return compiled.render(messages=chat, documents=None, add_generation_prompt=add_generation_prompt,
+                               **variables)
     except jinja2.exceptions.TemplateError as e:
         raise UsageError(f"chat template failed: {e}") from e
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from .chat_template import BOS as _BOS
-from .chat_template import CHAT_TEMPLATE, mark_strings, render_chat, strings_in, unused_chars
+from .chat_template import CHAT_TEMPLATE, TOOL_MARKERS, mark_strings, render_chat, strings_in, unused_chars
 from .chat_template import EOS as _EOS
 from .errors import UsageError
 
@@ -339,9 +339,11 @@ class Tokenizer:
 
     @cached_property
     def control_ids(self) -> frozenset[int]:
-        """Ids that are never a chat's text: the protected added tokens but <think> and </think> (a model writes
-        those, and they become reasoning_content). Generated text for a client is decoded without them."""
-        return frozenset(self._protected.values()) - {self.think_start_id, self.think_end_id}
+        """Ids that are never a chat's text: the protected added tokens but <think> and </think> and the tool-call
+        markers (a model writes those: they become reasoning_content and tool_calls). Generated text for a client is
+        decoded without them."""
+        written = {self.think_start_id, self.think_end_id, *(self._protected.get(m) for m in TOOL_MARKERS)}
+        return frozenset(self._protected.values()) - written
 
     @cached_property
     def _matcher(self):
@@ -412,6 +414,8 @@ class Tokenizer:
                             thinking: bool | None = None, **variables) -> str | list[int]:
         """Render messages with the chat template (as transformers does; `thinking` is a template variable, passed
         only when given: left out, the template's own default holds, e.g. on in ours, off in DeepSeek-V3.1's).
+        `tools=[{"type": "function", "function": {...}}]` reaches the template as transformers passes it; assistant
+        messages may carry `tool_calls` and `reasoning_content`, and role "tool" messages `tool_call_id`.
 
         tokenize=True returns `encode_chat`'s ids: control-token strings that came from the messages (or from
         `variables`) are text; the template's own markers are control tokens. The template already writes bos, so
