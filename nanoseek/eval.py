@@ -74,7 +74,9 @@ def evaluate(model_or_dir, task: str, n: int = 100, k: int = 1, difficulty: int 
         model, tok = model_or_dir
     else:
         from .checkpoint import load_model_and_tokenizer
+        from .model.layers import decode_layout
         model, tok = load_model_and_tokenizer(model_or_dir, purpose="evaluation")
+        decode_layout(model)             # loaded here to be evaluated only
     level = difficulty if difficulty is not None else getattr(t, "default_difficulty", 1)
     problems = draw_problems(t, eval_rng(seed), level, n, split="eval")
     prompts = [prompt_ids(tok, t, p) for p in problems]
@@ -139,12 +141,14 @@ CONFIG = EvalConfig
 
 def main(cfg: EvalConfig) -> int:
     from .checkpoint import load_model_and_tokenizer
+    from .model.layers import decode_layout
     from .options import set_threads
 
     if cfg.json and Path(cfg.json).exists():
         raise UsageError(f"{cfg.json} exists already; choose another --json path (results are never overwritten)")
     _checked_task(cfg.task, cfg.n, cfg.k)
     model, tok = load_model_and_tokenizer(cfg.model, purpose="evaluation")
+    decode_layout(model)                 # evaluated only: the layout of fast one-row decoding
     # one thread for a small model: torch's default (every core) makes its eval many times slower on a shared CPU
     set_threads(cfg.threads, sum(p.numel() for p in model.parameters()))
     res = evaluate((model, tok), cfg.task, n=cfg.n, k=cfg.k, difficulty=cfg.difficulty, seed=cfg.seed,

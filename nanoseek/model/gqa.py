@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .layers import RMSNorm
+from .layers import Linear, RMSNorm
 from .rope import apply_rope
 
 
@@ -32,10 +32,10 @@ class GQA(nn.Module):
         self.softmax_scale = self.head_dim ** -0.5
         h, qwen2 = cfg.hidden_size, cfg.model_type == "qwen2"
         qkv_bias, o_bias = qwen2 or cfg.attention_bias, cfg.attention_bias and not qwen2
-        self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=qkv_bias)
-        self.k_proj = nn.Linear(h, self.n_kv_heads * self.head_dim, bias=qkv_bias)
-        self.v_proj = nn.Linear(h, self.n_kv_heads * self.head_dim, bias=qkv_bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=o_bias)
+        self.q_proj = Linear(h, self.n_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = Linear(h, self.n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = Linear(h, self.n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.o_proj = Linear(self.n_heads * self.head_dim, h, bias=o_bias)
         self.qk_norm = cfg.model_type == "qwen3"
         if self.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)

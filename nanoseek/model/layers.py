@@ -1,10 +1,50 @@
-"""Layers shared by every block: RMSNorm and the SwiGLU MLP (dense layers and shared experts)."""
+"""Layers shared by every block: the projection (Linear), RMSNorm and the SwiGLU MLP (dense layers and shared
+experts)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+# Inference on the CPU: which matrix product runs a projection. Decoding is a stream of skinny products (one row
+# per sequence), and there MKL's product over nn.Linear's (out, in) weight reads memory at about half the speed of
+# oneDNN's or of MKL's over an (in, out) copy (docs/benchmarks.md, "Dense decode"). Above ONEDNN_MIN_WEIGHT elements
+# the projection runs through oneDNN (its fixed cost, ~13 us a call, is lost below); decode_layout() stores the
+# widest weights (in, out) for one-row decoding.
+ONEDNN_MIN_WEIGHT = 1 << 20
+_ONEDNN = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, same checkpoint names) whose forward, when no gradient is wanted on the CPU in
+    float32, picks the faster matrix product; training and other devices run F.linear as nn.Linear does."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if (_ONEDNN is None or torch.is_grad_enabled() or x.device.type != "cpu" or w.dtype != torch.float32
+                or x.dtype != torch.float32 or w.numel() < ONEDNN_MIN_WEIGHT):
+            return F.linear(x, w, self.bias)
+        rows = x.numel() // x.shape[-1]
+        if rows == 1 and w.stride(0) == 1:     # one row and an (in, out) weight: MKL's x @ w.T streams it fastest
+            return F.linear(x, w, self.bias)
+        y = _ONEDNN(x.reshape(rows, x.shape[-1]), w, self.bias, "none", [], "")
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+
+@torch.no_grad()
+def decode_layout(model: nn.Module) -> int:
+    """Store the weight of every Linear wider out than in (the vocabulary head, the MLP's gate and up, ...) as
+    (in, out) in memory, for faster one-row decoding on the CPU. Same values, shapes and names (the parameter
+    becomes a transposed view of an (in, out) buffer), so save() writes the same file. For a model that only serves:
+    one that keeps training keeps nn.Linear's layout. One weight at a time (the peak is one weight more); returns
+    how many moved. Weights read directly rather than through forward (MLA's kv_b_proj) are plain nn.Linear."""
+    moved = 0
+    for m in model.modules():
+        if isinstance(m, Linear) and m.out_features > m.in_features and m.weight.is_contiguous():
+            m.weight.data = m.weight.data.t().contiguous().t()
+            moved += 1
+    return moved
 
 
 class RMSNorm(nn.Module):
@@ -29,9 +69,9 @@ class MLP(nn.Module):
 
     def __init__(self, dim: int, inter: int):
         super().__init__()
-        self.gate_proj = nn.Linear(dim, inter, bias=False)
-        self.up_proj = nn.Linear(dim, inter, bias=False)
-        self.down_proj = nn.Linear(inter, dim, bias=False)
+        self.gate_proj = Linear(dim, inter, bias=False)
+        self.up_proj = Linear(dim, inter, bias=False)
+        self.down_proj = Linear(inter, dim, bias=False)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .layers import RMSNorm
+from .layers import Linear, RMSNorm
 from .rope import apply_rope, yarn_get_mscale, yarn_scaling
 
 
@@ -41,15 +41,16 @@ class MLA(nn.Module):
         self.interleave = cfg.rope_interleave
         h, bias = cfg.hidden_size, cfg.attention_bias
         if self.q_lora_rank:
-            self.q_a_proj = nn.Linear(h, self.q_lora_rank, bias=bias)         # W_DQ
+            self.q_a_proj = Linear(h, self.q_lora_rank, bias=bias)         # W_DQ
             self.q_a_layernorm = RMSNorm(self.q_lora_rank)
-            self.q_b_proj = nn.Linear(self.q_lora_rank, self.n_heads * self.qk_dim, bias=False)  # W_UQ, W_QR
+            self.q_b_proj = Linear(self.q_lora_rank, self.n_heads * self.qk_dim, bias=False)  # W_UQ, W_QR
         else:
-            self.q_proj = nn.Linear(h, self.n_heads * self.qk_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(h, self.kv_lora_rank + self.rope, bias=bias)  # W_DKV and W_KR
+            self.q_proj = Linear(h, self.n_heads * self.qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = Linear(h, self.kv_lora_rank + self.rope, bias=bias)  # W_DKV and W_KR
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank)
-        self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.n_heads * (self.nope + self.v_dim), bias=False)  # W_UK, W_UV
-        self.o_proj = nn.Linear(self.n_heads * self.v_dim, h, bias=bias)
+        # W_UK, W_UV; plain nn.Linear: the absorbed path reads its weight directly
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.n_heads * (self.nope + self.v_dim), bias=False)
+        self.o_proj = Linear(self.n_heads * self.v_dim, h, bias=bias)
 
     def queries(self, x, cos, sin):
         B, T, _ = x.shape

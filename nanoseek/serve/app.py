@@ -772,9 +772,11 @@ def load_engine(folder: str, max_batch: int = 16, max_seq_len: int | None = None
 
     from ..checkpoint import load_model_and_tokenizer
     from ..infer.engine import Engine
+    from ..model.layers import decode_layout
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tok = load_model_and_tokenizer(folder, dtype=dtype, device=device, purpose=purpose)
+    decode_layout(model)                 # it only serves: the layout of fast one-row decoding
     return Engine(model.eval(), tok, max_batch=max_batch, max_seq_len=max_seq_len), tok
 
 
