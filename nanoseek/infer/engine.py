@@ -18,6 +18,12 @@ greedy decoding), and when accepted its prediction at n+2 is a second new token.
 penalties; others in the same batch decode one token per step. A speculative step costs about 1.3 plain steps on
 CPU (two positions and the MTP block), so with mtp=None (auto) speculation switches itself off when fewer than 25%
 of the first 64 drafts are accepted (an untrained MTP head); reset_prefix_cache() (new weights) re-arms it.
+
+Constraints (SamplingParams.constraint, a grammar.Grammar): each constrained row of a batch is masked to the tokens
+its own matcher allows, the matcher advances with every token, and the request stops ("stop") when the grammar is
+complete; a thinking prompt's reasoning is free (only EOS is barred) until the model writes </think>. Constrained
+requests never speculate. Copies of a prompt admitted together (n > 1) share its cache blocks: the first computes
+them, the others are admitted one step later and find them in the prefix cache.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import torch
 
 from ..errors import UsageError
 from .cache import block_keys, paged_cache_class
+from .grammar import ConstraintError
 from .sampling import Sampled, SamplingParams, sample
 
 __all__ = ["Engine", "SamplingParams", "Completion", "StreamDelta"]
@@ -216,6 +223,8 @@ class _Request:
     finish_reason: str | None = None
     reasoning: list[str] = field(default_factory=list)
     content: list[str] = field(default_factory=list)
+    matcher: object = None              # grammar.Matcher of params.constraint, once the constraint applies
+    in_reasoning: bool = False          # constrained, thinking prompt, no </think> yet: free text, but no EOS
 
     @property
     def tokens(self) -> list[int]:
@@ -292,6 +301,12 @@ class Engine:
                              f"{[t for t in params.stop_token_ids if not 0 <= t < V][:5]}")
         if params.stop and self.tokenizer is None:
             raise UsageError("stop strings need a tokenizer; use stop_token_ids with a token-id-only engine")
+        if params.logit_bias and max(params.logit_bias) >= V:
+            raise UsageError(f"logit_bias token ids must be in [0, {V}) (the model's vocab_size); got "
+                             f"{[t for t in params.logit_bias if t >= V][:5]}")
+        if params.constraint is not None and params.constraint.vocab_size > V:
+            raise UsageError(f"the constraint was built for a tokenizer of {params.constraint.vocab_size} tokens but "
+                             f"the model has {V}: build it with this engine's tokenizer")
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self.requests:
             raise UsageError(f"request id {rid!r} is already in use")
@@ -307,9 +322,15 @@ class Engine:
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos and self.eos_id is not None:
             stop_ids.add(self.eos_id)
+        thinking, constrained = self._starts_thinking(ids), params.constraint is not None
+        if constrained:     # the grammar alone decides where the answer ends (a "stop" always parses)
+            stop_ids = set()
         req = _Request(rid, ids, params, max_new, blocks, frozenset(stop_ids), gen,
-                       _TextStream(self.tokenizer, params.stop, self._starts_thinking(ids)),
-                       spec=self.mtp and params.greedy and not params.has_penalties)
+                       _TextStream(self.tokenizer, () if constrained else params.stop, thinking),
+                       spec=self.mtp and params.greedy and not params.has_penalties and not constrained)
+        if constrained:     # a thinking prompt reasons freely first (unless this tokenizer has no </think> token)
+            req.in_reasoning = thinking and getattr(self.tokenizer, "think_end_id", None) is not None
+            req.matcher = None if req.in_reasoning else params.constraint.matcher()
         self.requests[rid] = req
         self.waiting.append(req)
         return rid
@@ -431,8 +452,9 @@ class Engine:
         return sum(r.blocks_needed - len(r.blocks) for r in self.running)
 
     def _admit(self) -> list[_Request]:
-        """First come, first served: stop at the first waiting request that does not fit (no starvation)."""
-        admitted = []
+        """First come, first served: stop at the first waiting request that does not fit (no starvation), or that
+        would compute prompt blocks another request admitted now computes (it comes in the next step)."""
+        admitted, writing = [], set()    # writing: prefix keys of the blocks this step's prefill will fill
         bs, la = self.block_size, int(self.mtp)
         while self.waiting and len(self.running) < self.max_batch:
             req = self.waiting[0]
@@ -444,7 +466,10 @@ class Engine:
                 if b is None:
                     break
                 hits.append(b)
-            if self.pool.num_free() - self._reserved() < req.blocks_needed - len(hits):
+            # A request admitted in this step is about to write this one's next block (n > 1 copies of a prompt, a
+            # shared system prompt): wait one step and read it from the prefix cache instead of computing it twice.
+            wait = len(hits) < len(keys) and keys[len(hits)] in writing
+            if wait or self.pool.num_free() - self._reserved() < req.blocks_needed - len(hits):
                 for b in hits:
                     self.pool.release(b)
                 break
@@ -457,6 +482,7 @@ class Engine:
             self.counters["prompt_tokens"] += len(req.prompt)
             self.running.append(req)
             admitted.append(req)
+            writing.update(keys[len(hits):])
         return admitted
 
     def _ensure_blocks(self, req: _Request, n_tokens: int) -> None:
@@ -501,22 +527,43 @@ class Engine:
         """One batched sampler call for the rows of logits (one per entry of reqs). Should it raise, the rows are
         sampled again one by one (the sampler draws its random numbers last, so a failed call has consumed none),
         and only the requests whose own row raises fail: (Sampled, {request id: exception}), placeholder token 0
-        in a failed row."""
+        in a failed row. Constrained rows are masked to what their grammar allows (a grammar that fails here fails
+        its request alone too)."""
+        allowed, failed = self._allowed(reqs)
+        masked = any(a is not None for a in allowed)
         try:
             return sample(logits, [r.params for r in reqs], [r.gen for r in reqs], [r.prompt for r in reqs],
-                          [r.output for r in reqs]), {}
+                          [r.output for r in reqs], **({"allowed": allowed} if masked else {})), failed
         except Exception:
             pass
-        rows, failed = [], {}
+        rows = []
         for i, r in enumerate(reqs):
             if r.id not in failed:
                 try:
-                    rows.append(sample(logits[i:i + 1], [r.params], [r.gen], [r.prompt], [r.output]))
+                    mask = {"allowed": allowed[i:i + 1]} if allowed[i] is not None else {}
+                    rows.append(sample(logits[i:i + 1], [r.params], [r.gen], [r.prompt], [r.output], **mask))
                     continue
                 except Exception as e:
                     failed[r.id] = e
             rows.append(Sampled([0]))
         return _concat(rows), failed
+
+    def _allowed(self, reqs: list[_Request]) -> tuple[list[torch.Tensor | None], dict[str, Exception]]:
+        """Each row's constraint mask over the model's vocabulary (None: unconstrained), and {request id: error} for
+        the constraints that failed. A constrained request still reasoning may write anything but end-of-sequence:
+        ending there would give a "stop" without the answer the constraint promises."""
+        V = self.cfg.vocab_size
+        allowed, failed = [None] * len(reqs), {}
+        for i, r in enumerate(reqs):
+            try:
+                if r.matcher is not None:
+                    allowed[i] = r.matcher.allowed(V)
+                elif r.in_reasoning and self.eos_id is not None:
+                    allowed[i] = torch.ones(V, dtype=torch.bool)
+                    allowed[i][self.eos_id] = False
+            except Exception as e:
+                failed[r.id] = e
+        return allowed, failed
 
     def _fenced(self, forward, reqs: list[_Request], deltas: list[StreamDelta], what: str) -> None:
         """Run one batched phase, forward(reqs, deltas). If it raises, the requests of that phase that have not
@@ -611,9 +658,12 @@ class Engine:
         """_emit, fenced: a failure of this request alone, in its sampling (err) or in its detokenising and stop
         rules (raised here), ends it with finish_reason "error" while the rest of the batch goes on."""
         if err is not None:
-            return self._fail(req, err, "sampling failed")
+            return self._fail(req, err, "the constraint failed" if isinstance(err, ConstraintError) else
+                              "sampling failed")
         try:
             return self._emit(req, tokens, lps)
+        except ConstraintError as e:
+            return self._fail(req, e, "the constraint failed")
         except Exception as e:
             return self._fail(req, e, "detokenising or stop handling failed")
 
@@ -624,7 +674,9 @@ class Engine:
         for t in tokens:
             req.output.append(t)
             taken.append(t)
-            if t in req.stop_ids:
+            if req.params.constraint is not None and self._constrain(req, t):
+                reason = "stop"
+            elif t in req.stop_ids:
                 reason = "stop"
             elif req.text.add(t):
                 reason = "stop"
@@ -650,6 +702,19 @@ class Engine:
         return StreamDelta(req.id, taken, content, reasoning, logprobs=lp[:len(taken)] if req.params.logprobs else None,
                            top_logprobs=top[:len(taken)] if top is not None and req.params.top_logprobs else None,
                            raw_text=raw)
+
+    def _constrain(self, req: _Request, t: int) -> bool:
+        """Advance a constrained request's grammar by token t: True when the grammar is complete (the answer is
+        whole: the request stops). The constraint starts after the </think> of a thinking prompt."""
+        if req.in_reasoning:
+            if t == self.tokenizer.think_end_id:
+                req.in_reasoning, req.matcher = False, req.params.constraint.matcher()
+            return False
+        req.matcher.advance(t)
+        if req.matcher.is_finished:
+            req.text.add(t)
+            return True
+        return False
 
     def _close(self, req: _Request, reason: str) -> None:
         """The request is over: its blocks go back to the pool (cached prefixes stay reusable), its id is free."""

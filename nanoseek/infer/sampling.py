@@ -5,8 +5,9 @@ their parameters and draw one uniform number from each request's own torch.Gener
 the same tokens whatever else shares its batch). The draws come last: a failure before them leaves every generator
 as it was, so the engine can retry the rows one by one and fail only the request at fault.
 
-Order, as vLLM applies it: penalties on the raw logits (repetition, then frequency/presence), temperature, min-p,
-top-k, top-p, then one draw by inverse CDF. `logprobs` are computed before all of that, from log_softmax(logits /
+Order, as vLLM applies it: logit_bias, penalties on the raw logits (repetition, then frequency/presence), the
+constraint's mask (tokens the request's grammar does not allow get -inf: see grammar.py), temperature, min-p, top-k,
+top-p, then one draw by inverse CDF. `logprobs` are computed before all of that, from log_softmax(logits /
 temperature) (raw logits when greedy): the quantity a training forward recomputes (GRPO compares the two).
 
 Hostile values (a server passes its clients' numbers here) cannot break the arithmetic: SamplingParams refuses
@@ -23,16 +24,21 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import UsageError
+
+if TYPE_CHECKING:
+    from .grammar import Grammar
 
 MIN_TEMPERATURE = 1e-5      # below: greedy (vLLM's _SAMPLING_EPS)
 FLOAT_LIMIT = 1e6           # bound on temperatures and penalties inside the sampler's float32 tensors
 LOGPROB_FLOOR = -9999.0     # the lowest logprob reported (OpenAI's value for an impossible token)
 FLOAT_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
 INT_FIELDS = ("top_k", "max_tokens", "top_logprobs")
+MAX_LOGIT_BIAS, MAX_BIAS_ENTRIES = 100.0, 300   # OpenAI's bounds: values in [-100, 100], at most 300 tokens
 
 
 @dataclass
@@ -52,6 +58,11 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool = False            # report log p(chosen token) per generated token
     top_logprobs: int = 0             # and the top-n alternatives (0-20)
+    constraint: Grammar | None = None  # grammar.Grammar enforced while sampling (for a prompt that opens <think>:
+                                       # from the model's </think> on, the reasoning is free); stop strings and
+                                       # stop_token_ids do not apply: the answer ends where the grammar does
+    logit_bias: dict[int, float] | None = None   # OpenAI: {token id: -100..100} added to the logits before sampling
+                                                 # (-100 bans a token in practice, +100 forces it)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -59,6 +70,10 @@ class SamplingParams:
         self.stop = tuple(s for s in (self.stop or ()) if s)
         _check_types(self)
         self.stop_token_ids = tuple(int(t) for t in (self.stop_token_ids or ()))
+        self.logit_bias = _check_bias(self.logit_bias)
+        if self.constraint is not None and not callable(getattr(self.constraint, "matcher", None)):
+            raise UsageError(f"constraint={self.constraint!r}: expected a nanoseek.infer.grammar.Grammar "
+                             "(Grammar.json_schema(tokenizer, schema), .json_object(tokenizer) or .lark(tokenizer, text))")
         checks = [
             (self.temperature >= 0, f"temperature={self.temperature}: expected >= 0 (0 = greedy)"),
             (0 < self.top_p <= 1, f"top_p={self.top_p}: expected 0 < top_p <= 1"),
@@ -97,6 +112,26 @@ def _check_types(p: SamplingParams) -> None:
         raise UsageError(f"seed={p.seed!r}: expected an integer (or None for a random seed)")
     if not all(integer(t) for t in (p.stop_token_ids or ())):
         raise UsageError(f"stop_token_ids={p.stop_token_ids!r}: expected integer token ids")
+
+
+def _check_bias(bias) -> dict[int, float] | None:
+    """logit_bias as {int id: float}: keys may be ints or decimal strings (JSON object keys are strings)."""
+    if not bias:
+        return None
+    if not isinstance(bias, dict):
+        raise UsageError(f"logit_bias={bias!r}: expected a mapping of token ids to numbers")
+    if len(bias) > MAX_BIAS_ENTRIES:
+        raise UsageError(f"logit_bias has {len(bias)} entries: at most {MAX_BIAS_ENTRIES} tokens can be biased")
+    out = {}
+    for k, v in bias.items():
+        if isinstance(k, str) and k.strip().isdigit():
+            k = int(k)
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0:
+            raise UsageError(f"logit_bias key {k!r}: expected a token id (an integer >= 0)")
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not -MAX_LOGIT_BIAS <= v <= MAX_LOGIT_BIAS:
+            raise UsageError(f"logit_bias[{k}]={v!r}: expected a number from -100 to 100")
+        out[int(k)] = float(v)
+    return out
 
 
 def _clamp(x: float, lo: float, hi: float) -> float:
@@ -169,9 +204,38 @@ def _filter(x: torch.Tensor, params: list[SamplingParams]):
     return x, order
 
 
+def apply_bias(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """OpenAI's logit_bias: each row's {token id: bias} added to its logits, in place (ids checked by the engine)."""
+    rows, cols, vals = [], [], []
+    for i, p in enumerate(params):
+        for t, b in (p.logit_bias or {}).items():
+            rows.append(i)
+            cols.append(t)
+            vals.append(b)
+    if rows:
+        dev = logits.device
+        logits.index_put_((torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)),
+                          torch.tensor(vals, device=dev, dtype=logits.dtype), accumulate=True)
+    return logits
+
+
+def apply_allowed(logits: torch.Tensor, allowed: list[torch.Tensor | None]) -> torch.Tensor:
+    """Constraint masks: in row i, tokens where allowed[i] (bool (V,)) is False get -inf; None = no constraint."""
+    rows = [i for i, a in enumerate(allowed) if a is not None]
+    if not rows:
+        return logits
+    mask = torch.stack([allowed[i] for i in rows]).to(logits.device)                       # (R, V)
+    if not mask.any(-1).all():
+        raise ValueError("a constraint allows no token")
+    logits[rows] = logits[rows].masked_fill(~mask, float("-inf"))
+    return logits
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
-           prompts: list[list[int]], outputs: list[list[int]]) -> Sampled:
-    """Choose one token per row of logits (N, V). generators[i] is request i's RNG (None for greedy rows)."""
+           prompts: list[list[int]], outputs: list[list[int]],
+           allowed: list[torch.Tensor | None] | None = None) -> Sampled:
+    """Choose one token per row of logits (N, V). generators[i] is request i's RNG (None for greedy rows);
+    allowed[i] the tokens request i's constraint allows (bool (V,), None: all)."""
     N, V = logits.shape
     dev = logits.device
     logits = logits.float()
@@ -180,8 +244,13 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     if want_lp:
         t = torch.tensor([1.0 if p.greedy else _temperature(p) for p in params], device=dev)
         lp = torch.log_softmax(logits / t[:, None], dim=-1)
+    masked = allowed is not None and any(a is not None for a in allowed)
+    if masked or any(p.logit_bias for p in params):
+        logits = apply_bias(logits.clone(), params)      # (a copy: the caller's logits stay as the model made them)
     if any(p.has_penalties for p in params):
         logits = apply_penalties(logits.clone(), params, prompts, outputs)
+    if masked:
+        logits = apply_allowed(logits, allowed)
     tokens = logits.argmax(-1)
     rand_rows = [i for i, p in enumerate(params) if not p.greedy]
     if rand_rows:
