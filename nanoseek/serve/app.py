@@ -58,6 +58,7 @@ from starlette.requests import ClientDisconnect
 
 from ..errors import UsageError
 from . import protocol as P
+from . import tools
 from .protocol import APIError, CompletionRequest, Limits
 from .worker import EngineWorker, Job, Metrics, QueueFull, WorkerDead
 
@@ -248,9 +249,13 @@ class Service:
         self.control_ids = self.tokenizer.control_ids   # never in a text; legacy logprobs skip them too
         # the request models with this server's limits in them, and the OpenAPI document built from the same models
         # (so that schema-valid means acceptable, up to the two limits JSON Schema cannot say: prompt tokens, bytes)
+        template = getattr(self.tokenizer, "chat_template", None)
+        self.tool_format, self.shows_tools = tools.detect(template), tools.shows_tools(template)
+        fmt = self.tool_format and self.tool_format.name
         self.chat_request, self.completion_request = P.request_models(self.limits, self.model_name, self.ctx,
-                                                                      self.vocab)
-        self.openapi = P.openapi_schema(self.limits, self.model_name, self.ctx, self.vocab, auth=bool(self.api_key))
+                                                                      self.vocab, tool_format=fmt)
+        self.openapi = P.openapi_schema(self.limits, self.model_name, self.ctx, self.vocab, auth=bool(self.api_key),
+                                        tool_format=fmt)
         # The most characters one token stands for (a byte-level token's string has one character per byte, so
         # it is never shorter than the text it encodes): a prompt longer than max_prompt of these cannot fit.
         self.max_token_chars = max((len(self.tokenizer.id_to_token(i) or "") for i in range(self.vocab)),
@@ -339,6 +344,22 @@ class Service:
         except (ValueError, UsageError) as e:  # a combination the sampler refuses
             raise APIError(422, f"invalid parameters: {e}", "invalid_parameter") from None
 
+    def response_constraint(self, params, fmt):
+        """params with response_format's JSON as their constraint: any JSON object (json_object) or JSON valid under
+        json_schema.schema, compiled off the event loop (once per schema: grammar.py caches them). A schema the
+        grammar library refuses is the client's mistake: 400 with its reason."""
+        import dataclasses
+
+        from ..infer.grammar import Grammar
+        schema = fmt.json_schema.schema_ if fmt.type == "json_schema" else None
+        try:
+            grammar = (Grammar.json_object(self.tokenizer) if schema is None
+                       else Grammar.json_schema(self.tokenizer, schema))
+        except UsageError as e:
+            raise APIError(400, f"response_format.json_schema.schema cannot be enforced: {e}", "invalid_json_schema",
+                           param="response_format") from None
+        return dataclasses.replace(params, constraint=grammar)
+
     def check_room(self) -> None:
         """429 at once when the queue is already full, before the prompt is rendered and tokenized for nothing (under
         an overload, that work would delay every answer, the 429s included). `submit` decides for real."""
@@ -404,6 +425,47 @@ class Service:
     def usage(self, comp) -> dict:
         return P.usage(comp, self.tokenizer.think_end_id)
 
+    # ------------------------------------------------------------------ tool calls (serve/tools.py)
+    def forced_tool(self, req) -> str | None:
+        """For tool_choice "required" or a named function: the Lark grammar of the answer (a call of the named
+        function, or of any tool), else None. A name that is not among the tools is the client's mistake (400)."""
+        choice = req.tool_choice
+        if not req.tools or choice in (None, "auto", "none"):
+            return None
+        name = choice.function.name if isinstance(choice, P.NamedToolChoice) else None
+        names = [t.function.name for t in req.tools]
+        if name is not None and name not in names:
+            raise APIError(400, f"tool_choice names the function {name!r}, which is not among the tools "
+                           f"({', '.join(names)}); name one of them", "unknown_tool", param="tool_choice")
+        return tools.forced_call_grammar(self.tool_format, [t.model_dump(exclude_none=True) for t in req.tools],
+                                         self.marker_id, name, req.parallel_tool_calls)
+
+    def marker_id(self, text: str) -> int | None:
+        """The id of a tool-call marker when it is one added token of the vocabulary (else it is spelled out)."""
+        tid = self.tokenizer.token_to_id(text)
+        return tid if tid is not None and tid in self.tokenizer.special_ids else None
+
+    def constrain(self, params, grammar_text: str):
+        """params with the grammar of a forced call as their constraint (compiled off the event loop)."""
+        import dataclasses
+
+        from ..infer.grammar import Grammar
+        try:
+            grammar = Grammar.lark(self.tokenizer, grammar_text)
+        except UsageError as e:
+            raise APIError(400, f"the tools' parameters cannot be enforced while sampling: {e}", "invalid_tools",
+                           param="tools") from None
+        return dataclasses.replace(params, constraint=grammar)
+
+    def answer_reader(self, req):
+        """What reads the model's content: a tool-call parser when tools are offered and may be called, a reader that
+        drops stray tool-call markers when the template has a format but no calls are wanted, else None (as is)."""
+        if self.tool_format is None:
+            return None
+        if req.tools and req.tool_choice != "none":
+            return tools.ToolCallParser(self.tool_format)
+        return tools.PlainAnswer()
+
     def stream(self, job: Job, adapter) -> SSEResponse:
         return SSEResponse(pump(self, job, adapter), on_close=lambda: self.worker.cancel(job))
 
@@ -454,27 +516,36 @@ class ChatStream:
     logprobs: bool
     top_n: int
     streamed_lp: bool = False
+    answer: object = None                 # a tools.ToolCallParser / PlainAnswer that reads the content, or None
 
     def chunk(self, delta: dict, reason: str | None = None, logprobs: dict | None = None) -> dict:
         return P.chat_chunk(self.base, delta, reason, logprobs, self.include_usage)
+
+    def pieces(self, d) -> list[dict]:
+        """The delta's content as deltas: as is, or through the answer's reader (tool calls, marker-free text)."""
+        if self.answer is None:
+            return [{"content": d.text}] if d.text else []
+        return self.answer.feed(d.text, final=d.finished) if d.text or d.finished else []
 
     def opening(self) -> list[dict]:
         return [self.chunk({"role": "assistant", "content": ""})]
 
     def chunks(self, d) -> list[dict]:
-        out, delta = [], {}
+        out, delta, pieces = [], {}, self.pieces(d)
         if d.reasoning_text:
             delta["reasoning_content"] = d.reasoning_text
-        if d.text:
-            delta["content"] = d.text
+        if pieces and "content" in pieces[0]:
+            delta["content"] = pieces.pop(0)["content"]
         lp = P.chat_logprobs(d, self.top_n, self.token_str) if self.logprobs and d.token_ids else None
         self.streamed_lp = self.streamed_lp or lp is not None
         if delta or lp:
             out.append(self.chunk(delta, logprobs=lp))
+        out += [self.chunk(p) for p in pieces]           # tool calls: a call's start, then its arguments
         if d.finished:
             comp = d.completion
             lp = P.chat_logprobs(comp, self.top_n, self.token_str) if self.logprobs and not self.streamed_lp else None
-            out.append(self.chunk({}, P.finish_reason(d.finish_reason), lp))
+            calls = bool(self.answer is not None and self.answer.calls)
+            out.append(self.chunk({}, P.finish_reason(d.finish_reason, calls), lp))
             if self.include_usage:
                 out.append(P.usage_chunk(self.base, "chat.completion.chunk", self.usage(comp)))
         return out
@@ -538,20 +609,34 @@ async def chat_completions(request: Request):
     if req.top_logprobs and not req.logprobs:
         raise APIError(422, "top_logprobs requires logprobs=true", "invalid_parameter", param="top_logprobs")
     thinking = P.chat_thinking(req, thinking)
-    messages = P.template_messages(req)
-    svc.check_length(sum(len(m["content"]) for m in messages))   # (every template writes each message's content)
+    forced = svc.forced_tool(req)
+    messages = P.template_messages(req, svc.tool_format)
+    tool_list = P.template_tools(req, messages, svc.shows_tools)
+    svc.check_length(P.chat_chars(messages, tool_list))   # (every template writes each message's content)
+    extra = {"tools": tool_list} if tool_list else {}
     try:
         prompt = await svc.off_loop(svc.tokenizer.apply_chat_template, messages, add_generation_prompt=True,
-                                    tokenize=True, thinking=thinking)
+                                    tokenize=True, thinking=thinking, **extra)
     except Exception as e:  # a template that rejects this conversation (e.g. role order)
         raise APIError(400, f"the chat template could not render these messages: {e}", "invalid_messages") from None
     top_n = req.top_logprobs or 0
-    job, base = svc.submit(prompt, svc.make_params(req, len(prompt), req.logprobs, top_n), "chatcmpl")
+    params = svc.make_params(req, len(prompt), req.logprobs, top_n)
+    if forced is not None:
+        params = await svc.off_loop(svc.constrain, params, forced)
+    elif req.response_format is not None and req.response_format.type != "text":
+        params = await svc.off_loop(svc.response_constraint, params, req.response_format)
+    job, base = svc.submit(prompt, params, "chatcmpl")
+    reader = svc.answer_reader(req)
     if req.stream:
-        return svc.stream(job, ChatStream(base, svc.usage, svc.token_str, req.include_usage(), req.logprobs, top_n))
+        return svc.stream(job, ChatStream(base, svc.usage, svc.token_str, req.include_usage(), req.logprobs, top_n,
+                                          answer=reader))
     comp = await svc.run_to_end(job, request)
     lp = P.chat_logprobs(comp, top_n, svc.token_str) if req.logprobs else None
-    return P.chat_response(base, comp, lp, svc.usage(comp))
+    answer = None
+    if reader is not None:
+        reader.feed(comp.content or "", final=True)
+        answer = reader.message()
+    return P.chat_response(base, comp, lp, svc.usage(comp), answer)
 
 
 async def completion_prompt_ids(svc: Service, req: CompletionRequest) -> tuple[list[int], str]:

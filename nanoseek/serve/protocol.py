@@ -13,9 +13,11 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model, field_validator, model_validator
+
+from .tools import ToolFormat, tools_system_prompt
 
 # Model names that DeepSeek's own API uses, accepted so that tools configured for it work unchanged:
 # deepseek-reasoner thinks first (R1 style), deepseek-chat answers directly.
@@ -104,11 +106,61 @@ class ContentPart(_Open):
         return v
 
 
+FunctionName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]   # OpenAI's rule (plus . and :)
+
+
+class CalledFunction(_Open):
+    name: FunctionName
+    arguments: str                                     # a JSON text, as OpenAI sends it
+
+
+class ToolCall(_Open):
+    """A call an earlier assistant turn made (sent back with the conversation)."""
+    id: Short
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
+# a tool message answers a call: it names the call's id (the JSON Schema form of ChatMessage's check)
+_TOOL_NEEDS_ID = {"if": {"properties": {"role": {"const": "tool"}}, "required": ["role"]},
+                  "then": {"required": ["tool_call_id"], "properties": {"tool_call_id": {"type": "string"}}}}
+
+
 class ChatMessage(_Open):
+    model_config = ConfigDict(json_schema_extra=_TOOL_NEEDS_ID)
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: Short | None = None
     reasoning_content: str | None = None
+    tool_calls: Annotated[list[ToolCall], Field(max_length=MAX_TOOLS)] | None = None   # assistant turns
+    tool_call_id: Short | None = None                                                  # tool turns
+
+    @model_validator(mode="after")
+    def _tool_needs_id(self):
+        if self.role == "tool" and self.tool_call_id is None:
+            raise ValueError("a message with role 'tool' must carry the tool_call_id of the call it answers")
+        return self
+
+
+class FunctionDef(_Open):
+    name: FunctionName
+    description: str | None = None
+    parameters: dict | None = None                     # a JSON Schema of the arguments (an object)
+    strict: bool | None = None
+
+
+class Tool(_Open):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Open):
+    name: FunctionName
+
+
+class NamedToolChoice(_Open):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class StreamOptions(_Open):
@@ -161,6 +213,10 @@ class _Sampling(_Open):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
+# tool_choice "required" or a named function needs tools (the JSON Schema form of ChatRequest's check)
+_CHOICE_NEEDS_TOOLS = {"if": {"properties": {"tool_choice": {"anyOf": [{"const": "required"}, {"type": "object"}]}},
+                              "required": ["tool_choice"]},
+                       "then": {"properties": {"tools": {"type": "array", "minItems": 1}}, "required": ["tools"]}}
 # top_logprobs > 0 needs logprobs: true (the JSON Schema form of ChatRequest's check)
 _TOP_NEEDS_LOGPROBS = {"if": {"properties": {"top_logprobs": {"type": "integer", "minimum": 1}},
                               "required": ["top_logprobs"]},
@@ -168,14 +224,16 @@ _TOP_NEEDS_LOGPROBS = {"if": {"properties": {"top_logprobs": {"type": "integer",
 
 
 class ChatRequest(_Sampling):
-    model_config = ConfigDict(json_schema_extra=_TOP_NEEDS_LOGPROBS)
+    model_config = ConfigDict(json_schema_extra={"allOf": [_TOP_NEEDS_LOGPROBS, _CHOICE_NEEDS_TOOLS]})
+    tool_format: ClassVar[str | None] = None            # set by request_models: the template's tool-call format
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: integer(ge=1) | None = None
     logprobs: bool = False
     top_logprobs: integer(ge=0, le=20) | None = None
     response_format: ResponseFormat | None = None      # json_object is accepted; output is not constrained
-    tools: Annotated[list[dict], Field(max_length=MAX_TOOLS)] | None = None  # accepted; never emits tool_calls
-    tool_choice: Any = None
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None   # None: auto with tools
+    parallel_tool_calls: bool = True
     thinking: ThinkingOption | bool | None = None      # deep-think switch (DeepSeek style: {"type": "enabled"})
     chat_template_kwargs: TemplateKwargs | None = None  # vLLM style: {"thinking": true}
 
@@ -183,7 +241,18 @@ class ChatRequest(_Sampling):
     def _top_needs_logprobs(self):
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs=true")
+        forced = self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice)
+        if forced and not self.tools:
+            raise ValueError("tool_choice 'required' or a named function needs a non-empty tools list")
         return self
+
+    @field_validator("tools")
+    @classmethod
+    def _template_takes_tools(cls, v):
+        if v and cls.tool_format is None:
+            raise ValueError("this model's chat template has no tool-call format (DeepSeek's tool tokens or "
+                             "<tool_call> tags), so it cannot be offered tools; serve a model whose template has one")
+        return v
 
     def wanted_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens   # (OpenAI's newer name wins)
@@ -221,12 +290,15 @@ class CompletionRequest(_Sampling):
 
 
 def request_models(limits: Limits, model_name: str | None = None, ctx: int | None = None,
-                   vocab_size: int | None = None) -> tuple[type[ChatRequest], type[CompletionRequest]]:
+                   vocab_size: int | None = None, tool_format: str | None = None
+                   ) -> tuple[type[ChatRequest], type[CompletionRequest]]:
     """ChatRequest and CompletionRequest as this server accepts them: max_tokens up to limits.max_tokens, token ids
     below the vocabulary. Their JSON schema also states three limits that app.py checks with statuses of its own
     (400), so that the published schema is the whole contract: the model names (served name and MODEL_ALIASES),
     the number of messages, and a token-id prompt's length against the context. A text's length in tokens is only
-    known once encoded, so it stays app.py's check (400 context_length_exceeded), as does the body's size in bytes."""
+    known once encoded, so it stays app.py's check (400 context_length_exceeded), as does the body's size in bytes.
+    A model whose chat template has no tool-call format (tool_format None, see tools.detect) takes no tools: the
+    schema says so (maxItems 0)."""
     max_prompt = limits.max_prompt_tokens or (ctx - 1 if ctx else None)
     names = [model_name, *MODEL_ALIASES] if model_name else None
     model = (Annotated[str, Field(max_length=SHORT_TEXT, json_schema_extra={"enum": names} if names else None)]
@@ -238,8 +310,11 @@ def request_models(limits: Limits, model_name: str | None = None, ctx: int | Non
                                           else None)]
     prompt = (str | ids | Annotated[list[str], Field(min_length=1, max_length=1)], ...)
     messages = (list[ChatMessage], Field(min_length=1, json_schema_extra={"maxItems": limits.max_messages}))
+    tools = (Annotated[list[Tool], Field(max_length=MAX_TOOLS, json_schema_extra=None if tool_format
+                                         else {"maxItems": 0})] | None, None)
     chat = create_model("ChatRequest", __base__=ChatRequest, __module__=__name__, model=model, max_tokens=tokens,
-                        max_completion_tokens=tokens, stop_token_ids=stop_ids, messages=messages)
+                        max_completion_tokens=tokens, stop_token_ids=stop_ids, messages=messages, tools=tools)
+    chat.tool_format = tool_format
     completion = create_model("CompletionRequest", __base__=CompletionRequest, __module__=__name__, model=model,
                               max_tokens=tokens, stop_token_ids=stop_ids, prompt=prompt)
     completion.vocab_size = vocab_size
@@ -261,20 +336,62 @@ def chat_thinking(req: ChatRequest, default: bool) -> bool:
     return thinking
 
 
-def template_messages(req: ChatRequest) -> list[dict]:
-    """The request's messages as the chat template reads them: text only; developer -> system, tool -> user;
-    an assistant turn keeps its reasoning_content (a template may show or drop it)."""
+def template_messages(req: ChatRequest, fmt: ToolFormat | None = None) -> list[dict]:
+    """The request's messages as the chat template reads them: text only; developer -> system; an assistant turn
+    keeps its reasoning_content (a template may show or drop it). With a tool format (the template writes tool
+    calls), a tool message keeps its role and tool_call_id, an assistant turn its tool_calls (content null when it
+    sent none; arguments a string, or a dict for templates that write them with tojson, as transformers expects);
+    without one, a tool message is shown as the user's."""
     messages = []
     for m in req.messages:
         if isinstance(m.content, list):   # (ContentPart admits only text parts)
             text = "".join(p.text or "" for p in m.content)
         else:
             text = m.content or ""
-        msg = {"role": {"developer": "system", "tool": "user"}.get(m.role, m.role), "content": text}
+        role = {"developer": "system", "tool": "tool" if fmt else "user"}.get(m.role, m.role)
+        msg = {"role": role, "content": text}
         if m.role == "assistant" and m.reasoning_content:
             msg["reasoning_content"] = m.reasoning_content
+        if fmt and m.role == "assistant" and m.tool_calls:
+            msg["content"] = text if m.content is not None else None
+            msg["tool_calls"] = [{"id": c.id, "type": "function",
+                                  "function": {"name": c.function.name,
+                                               "arguments": _arguments(c.function.arguments, fmt)}}
+                                 for c in m.tool_calls]
+        if fmt and m.role == "tool":
+            msg["tool_call_id"] = m.tool_call_id
         messages.append(msg)
     return messages
+
+
+def _arguments(text: str, fmt: ToolFormat):
+    """A past call's arguments as its template writes them: the JSON text, or (tojson templates) the object."""
+    if not fmt.args_as_dict:
+        return text
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def template_tools(req: ChatRequest, messages: list[dict], shows_tools: bool) -> list[dict] | None:
+    """The tools as the chat template receives them (OpenAI's dicts, as transformers passes them). A template that
+    does not show `tools` itself (DeepSeek's V3, R1, V3.1) gets them described in a system message instead, put
+    after the conversation's leading system messages (`messages` is changed in place)."""
+    if not req.tools:
+        return None
+    tools = [t.model_dump(exclude_none=True) for t in req.tools]
+    if not shows_tools:
+        at = next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
+        messages.insert(at, {"role": "system", "content": tools_system_prompt(tools)})
+    return tools
+
+
+def chat_chars(messages: list[dict], tools: list[dict] | None) -> int:
+    """Characters of what a template writes from the request (every message's text, calls, the tool list)."""
+    n = sum(len(m["content"] or "") + len(m.get("reasoning_content") or "") for m in messages)
+    n += sum(len(json.dumps(c, ensure_ascii=False)) for m in messages for c in m.get("tool_calls") or ())
+    return n + (len(json.dumps(tools, ensure_ascii=False)) if tools else 0)
 
 
 def completion_prompt(req: CompletionRequest) -> str | list[int]:
@@ -327,9 +444,12 @@ def sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
-def finish_reason(reason: str | None) -> str:
-    """The engine's finish reason as the API names it ("abort" and "error" never reach a client as such)."""
-    return reason if reason in ("stop", "length") else "stop"
+def finish_reason(reason: str | None, tool_calls: bool = False) -> str:
+    """The engine's finish reason as the API names it ("abort" and "error" never reach a client as such); an answer
+    that ends with tool calls finishes with "tool_calls"."""
+    if reason == "length":
+        return reason
+    return "tool_calls" if tool_calls else "stop"
 
 
 def reasoning_tokens(comp, think_end_id: int | None) -> int:
@@ -416,12 +536,17 @@ def usage_chunk(base: dict, obj: str, usage_: dict) -> dict:
     return {**base, "object": obj, "choices": [], "usage": usage_}
 
 
-def chat_response(base: dict, comp, logprobs: dict | None, usage_: dict) -> dict:
-    """A whole `chat.completion`: the answer in content, the thinking in reasoning_content."""
-    msg = {"role": "assistant", "content": comp.content or "", "reasoning_content": comp.reasoning_content or None}
+def chat_response(base: dict, comp, logprobs: dict | None, usage_: dict,
+                  answer: tuple[str | None, list[dict]] | None = None) -> dict:
+    """A whole `chat.completion`: the answer in content, the thinking in reasoning_content; with `answer` (the
+    tool parser's (content, tool_calls)), the calls in tool_calls and finish_reason "tool_calls"."""
+    content, calls = answer or (comp.content or "", [])
+    msg = {"role": "assistant", "content": content, "reasoning_content": comp.reasoning_content or None}
+    if calls:
+        msg["tool_calls"] = calls
     return {**base, "object": "chat.completion",
             "choices": [{"index": 0, "message": msg, "logprobs": logprobs,
-                         "finish_reason": finish_reason(comp.finish_reason)}],
+                         "finish_reason": finish_reason(comp.finish_reason, bool(calls))}],
             "usage": usage_}
 
 
@@ -498,7 +623,7 @@ class TextLogprobs(_Closed):
     top_logprobs: list[dict[str, LogProb]]
 
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class _Answer(_Closed):
@@ -508,10 +633,22 @@ class _Answer(_Closed):
     system_fingerprint: str
 
 
+class FunctionCallOut(_Closed):
+    name: str
+    arguments: str
+
+
+class ToolCallOut(_Closed):
+    id: str
+    type: Literal["function"]
+    function: FunctionCallOut
+
+
 class AssistantMessage(_Closed):
     role: Literal["assistant"]
-    content: str
+    content: str | None                  # null when the answer is tool calls only
     reasoning_content: str | None
+    tool_calls: list[ToolCallOut] = None
 
 
 class ChatChoice(_Closed):
@@ -527,10 +664,23 @@ class ChatCompletion(_Answer):
     usage: Usage
 
 
+class FunctionDelta(_Closed):
+    name: str = None                     # in a call's first delta
+    arguments: str                       # then the arguments' text, in pieces
+
+
+class ToolCallDelta(_Closed):
+    index: int = Field(ge=0)
+    id: str = None                       # (id, type and name: in a call's first delta only)
+    type: Literal["function"] = None
+    function: FunctionDelta
+
+
 class ChatDelta(_Closed):
     role: Literal["assistant"] = None
     content: str = None
     reasoning_content: str = None
+    tool_calls: list[ToolCallDelta] = None
 
 
 class ChatChunkChoice(_Closed):
@@ -641,12 +791,12 @@ def _get(summary: str, answer: dict, auth: bool, errors: dict, **more) -> dict:
 
 
 def openapi_schema(limits: Limits, model_name: str, ctx: int | None = None, vocab_size: int | None = None,
-                   auth: bool = False) -> dict:
+                   auth: bool = False, tool_format: str | None = None) -> dict:
     """The OpenAPI document of this server: the request models of `request_models` (so the served limits are in
     it), the answers and stream chunks, the errors with their statuses. auth: the /v1 endpoints need a bearer key."""
     from pydantic.json_schema import models_json_schema
 
-    chat, completion = request_models(limits, model_name, ctx, vocab_size)
+    chat, completion = request_models(limits, model_name, ctx, vocab_size, tool_format)
     models = [(chat, "validation"), (completion, "validation"), (ErrorBody, "serialization"),
               (ChatCompletion, "serialization"), (ChatCompletionChunk, "serialization"),
               (TextCompletion, "serialization"), (ModelList, "serialization"), (ModelCard, "serialization"),

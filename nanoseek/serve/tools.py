@@ -23,7 +23,10 @@ import re
 import secrets
 from dataclasses import dataclass, field
 
-from ..chat_template import CALL_BEGIN, CALL_END, CALLS_BEGIN, CALLS_END, QWEN_CALL_BEGIN, QWEN_CALL_END, TOOL_SEP
+from .. import chat_template as ct
+
+CALLS_BEGIN, CALLS_END, CALL_BEGIN, CALL_END, TOOL_SEP = ct.CALLS_BEGIN, ct.CALLS_END, ct.CALL_BEGIN, ct.CALL_END, ct.TOOL_SEP
+QWEN_CALL_BEGIN, QWEN_CALL_END, TOOL_MARKERS = ct.QWEN_CALL_BEGIN, ct.QWEN_CALL_END, ct.TOOL_MARKERS
 
 FENCE = "```json\n"   # V3/R1 write the arguments as a JSON code block
 
@@ -297,8 +300,72 @@ class ToolCallParser:
             out.append({"content": text})
 
 
+@dataclass
+class PlainAnswer:
+    """An answer read without tool calls (tool_choice "none", or no tools offered) from a model whose template has
+    a tool format: the text as it is, less any tool-call markers the model wrote anyway (they are not text; this
+    is what the answer was before the markers were kept in generated text). ToolCallParser's interface."""
+    content: str = ""
+    calls: list[dict] = field(default_factory=list)     # (always empty)
+    buf: str = ""
+
+    def feed(self, text: str, final: bool = False) -> list[dict]:
+        buf = self.buf + text
+        for m in TOOL_MARKERS:
+            buf = buf.replace(m, "")
+        keep = 0 if final else _partial(buf, TOOL_MARKERS)
+        piece, self.buf = buf[:len(buf) - keep], buf[len(buf) - keep:]
+        self.content += piece
+        return [{"content": piece}] if piece else []
+
+    def message(self) -> tuple[str, list[dict]]:
+        return self.content, []
+
+
 def parse(fmt: ToolFormat, text: str) -> tuple[str | None, list[dict]]:
     """A finished answer -> (content, tool_calls): the streaming parser fed the whole text at once."""
     p = ToolCallParser(fmt)
     p.feed(text, final=True)
     return p.message()
+
+
+# --------------------------------------------------------------------------------------------- forcing a call
+# JSON as the templates write it (json.dumps' separators), and no free whitespace: a weak model given room for
+# whitespace can spend its whole max_tokens on it.
+JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+def _lark_str(s: str) -> str:
+    return json.dumps(s, ensure_ascii=False)
+
+
+def forced_call_grammar(fmt: ToolFormat, tools: list[dict], token_id, name: str | None = None,
+                        parallel: bool = True) -> str:
+    """A Lark grammar (llguidance's syntax, for nanoseek.infer.grammar.Grammar.lark) whose every sentence is a
+    tool-call answer in `fmt`: one call (or several, with `parallel`) of `name` or of any of `tools`, each call's
+    arguments valid under its function's `parameters` schema (%json). Markers that are one token of the vocabulary
+    (`token_id(text)` -> id or None) are written as token literals <[id]>, so the model writes that token, not its
+    spelling; others are plain strings."""
+    def lit(text: str) -> str:
+        tid = token_id(text)
+        return f"<[{tid}]>" if tid is not None else _lark_str(text)
+
+    funcs = [t["function"] for t in tools if name is None or t["function"]["name"] == name]
+    rules = []
+    for i, f in enumerate(funcs):
+        schema = {**(f.get("parameters") or {"type": "object"}), "x-guidance": JSON_STYLE}
+        args = "%json " + json.dumps(schema, ensure_ascii=False)
+        n = f["name"]
+        if fmt.name == "deepseek-v3":
+            body = f'{lit(CALL_BEGIN)} "function" {lit(TOOL_SEP)} {_lark_str(n + chr(10) + FENCE)} {args} ' \
+                   f'"\\n```" {lit(CALL_END)}'
+        elif fmt.name == "deepseek-v3.1":
+            body = f"{lit(CALL_BEGIN)} {_lark_str(n)} {lit(TOOL_SEP)} {args} {lit(CALL_END)}"
+        else:
+            head = '\n{"name": ' + json.dumps(n, ensure_ascii=False) + ', "arguments": '
+            body = f'{lit(QWEN_CALL_BEGIN)} {_lark_str(head)} {args} "}}\\n" {lit(QWEN_CALL_END)}'
+        rules.append(f"call_{i}: {body}")
+    calls = ("call+" if fmt.name == "deepseek-v3.1" else 'call ("\\n" call)*') if parallel else "call"
+    start = f"{lit(CALLS_BEGIN)} {calls} {lit(CALLS_END)}" if fmt.deepseek else calls
+    alternatives = " | ".join(f"call_{i}" for i in range(len(funcs)))
+    return "\n".join([f"start: {start}", f"call: {alternatives}", *rules]) + "\n"
