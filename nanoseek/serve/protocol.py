@@ -167,8 +167,27 @@ class StreamOptions(_Open):
     include_usage: bool = False
 
 
+class JSONSchemaFormat(_Open):
+    """OpenAI's response_format.json_schema: the schema the answer must satisfy, enforced while decoding."""
+    model_config = ConfigDict(populate_by_name=True)
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    description: str | None = None
+    schema_: dict | None = Field(None, alias="schema")   # (None: any JSON object)
+    strict: bool | None = None                          # the schema is always enforced, strict or not
+
+
 class ResponseFormat(_Open):
-    type: Literal["text", "json_object"] = "text"
+    """text (free), json_object (any JSON object) or json_schema (JSON valid under json_schema.schema); the JSON
+    kinds are enforced while decoding (nanoseek.infer.grammar): an answer that ends with "stop" always parses."""
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError('response_format of type "json_schema" needs a json_schema object '
+                             '({"name": ..., "schema": {...}})')
+        return self
 
 
 class ThinkingOption(_Open):
@@ -230,7 +249,7 @@ class ChatRequest(_Sampling):
     max_completion_tokens: integer(ge=1) | None = None
     logprobs: bool = False
     top_logprobs: integer(ge=0, le=20) | None = None
-    response_format: ResponseFormat | None = None      # json_object is accepted; output is not constrained
+    response_format: ResponseFormat | None = None      # json_object / json_schema: enforced while decoding
     tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None   # None: auto with tools
     parallel_tool_calls: bool = True
