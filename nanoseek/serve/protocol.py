@@ -176,9 +176,15 @@ class JSONSchemaFormat(_Open):
     strict: bool | None = None                          # the schema is always enforced, strict or not
 
 
+# type "json_schema" needs the json_schema object (the JSON Schema form of ResponseFormat's check)
+_FORMAT_NEEDS_SCHEMA = {"if": {"properties": {"type": {"const": "json_schema"}}, "required": ["type"]},
+                        "then": {"required": ["json_schema"], "properties": {"json_schema": {"type": "object"}}}}
+
+
 class ResponseFormat(_Open):
     """text (free), json_object (any JSON object) or json_schema (JSON valid under json_schema.schema); the JSON
     kinds are enforced while decoding (nanoseek.infer.grammar): an answer that ends with "stop" always parses."""
+    model_config = ConfigDict(json_schema_extra=_FORMAT_NEEDS_SCHEMA)
     type: Literal["text", "json_object", "json_schema"] = "text"
     json_schema: JSONSchemaFormat | None = None
 
