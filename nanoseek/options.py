@@ -12,9 +12,10 @@ help text:
         POSITIONAL: ClassVar = ()               # fields also accepted as a positional argument
 
 `add_options(parser, EvalConfig)` turns that into `--model`, `--n`, `--config FILE.toml` (and `--samples` as an
-alias); `make_config(EvalConfig, args)` builds the config from defaults < the TOML file < flags given on the command
-line < keyword overrides. TOML keys are the field names, with `-` or `_`; an unknown key is an error that lists the
-valid ones. Booleans accept `--x`, `--x true|false` and `--no-x`.
+alias; a list field takes several values, and a repeated flag adds to them); `make_config(EvalConfig, args)` builds
+the config from defaults < the TOML file < flags given on the command line < keyword overrides. TOML keys are the
+field names, with `-` or `_`; an unknown key is an error that lists the valid ones. Booleans accept `--x`,
+`--x true|false` and `--no-x`.
 
 This module imports nothing heavy (no torch): `nanoseek --help` builds every command's parser from it.
 """
@@ -111,10 +112,10 @@ def add_options(parser: argparse.ArgumentParser, cls) -> argparse.ArgumentParser
                                 metavar="BOOL", help=help_)
             parser.add_argument(f"--no-{name.replace('_', '-')}", dest=name, action="store_const", const=False,
                                 help=argparse.SUPPRESS)
-        elif typing.get_origin(tp) is list:      # --data a.txt b.txt
+        elif typing.get_origin(tp) is list:      # --data a.txt b.txt; a repeated flag adds (--api-key a --api-key b)
             (item,) = typing.get_args(tp) or (str,)
-            parser.add_argument(*flags, dest=name, nargs="+", type=item, default=None, metavar=name.upper(),
-                                help=help_)
+            parser.add_argument(*flags, dest=name, nargs="+", action="extend", type=item, default=None,
+                                metavar=name.upper(), help=help_)
         else:
             conv = tp if tp in (int, float) else str
             parser.add_argument(*flags, dest=name, type=conv, default=None, metavar=name.upper(), help=help_)

@@ -101,3 +101,13 @@ def hf_checkpoint(tmp_path):
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b|: the relative error the acceptance tests bound."""
     return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_real_data_dir(tmp_path_factory):
+    """Tests never write the user's own files: `nanoseek serve` keeps its chat history under $XDG_DATA_HOME by
+    default (history.default_path), so every test, and every process a test starts, gets a temporary one."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("XDG_DATA_HOME", str(tmp_path_factory.mktemp("xdg-data")))
+    yield
+    mp.undo()

@@ -112,7 +112,7 @@ def test_serve_flags_keep_their_names_and_read_a_config_file(tmp_path):
     cfg = config(app, ["--model", "m", "--api-key", "k", "--max-tokens-limit", "64", "--no-thinking",
                        "--served-model-name", "x", "--threads", "2"])
     assert (cfg.model, cfg.api_key, cfg.max_tokens_limit, cfg.thinking, cfg.served_model_name, cfg.threads) == \
-        ("m", "k", 64, False, "x", 2)
+        ("m", ["k"], 64, False, "x", 2)
     assert (cfg.host, cfg.port, cfg.max_concurrency, cfg.max_queue) == ("127.0.0.1", 8000, 16, 64)
     toml = tmp_path / "serve.toml"
     toml.write_text('model = "runs/demo/final"\nport = 9000\nmax-queue = 3\nthinking = false\n')
@@ -122,10 +122,10 @@ def test_serve_flags_keep_their_names_and_read_a_config_file(tmp_path):
 
 def test_serve_api_key_comes_from_the_environment_unless_given(monkeypatch):
     monkeypatch.setenv("NANOSEEK_API_KEY", "sk-env")
-    assert app.api_key_of(config(app, ["--model", "m"])) == "sk-env"
-    assert app.api_key_of(config(app, ["--model", "m", "--api-key", "sk-flag"])) == "sk-flag"
+    assert app.api_keys_of(config(app, ["--model", "m"])) == ["sk-env"]
+    assert app.api_keys_of(config(app, ["--model", "m", "--api-key", "sk-flag"])) == ["sk-flag"]
     monkeypatch.delenv("NANOSEEK_API_KEY")
-    assert app.api_key_of(config(app, ["--model", "m"])) is None
+    assert app.api_keys_of(config(app, ["--model", "m"])) == []
 
 
 def test_chat_flags_keep_their_names_and_read_a_config_file(tmp_path):

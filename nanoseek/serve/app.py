@@ -59,7 +59,10 @@ from starlette.requests import ClientDisconnect
 from ..errors import UsageError
 from . import protocol as P
 from . import tools
+from .history import History
+from .history import default_path as default_history_path
 from .protocol import APIError, CompletionRequest, Limits
+from .ui import add_ui_routes
 from .worker import EngineWorker, Job, Metrics, QueueFull, WorkerDead
 
 log = logging.getLogger("nanoseek.serve")
@@ -235,7 +238,7 @@ class Service:
     worker: EngineWorker
     tokenizer: object
     model_name: str
-    api_key: str | None
+    api_keys: tuple[str, ...]             # the keys that may call (none: an open server)
     limits: Limits
     sampling_params: type
     thinking_default: bool
@@ -254,22 +257,25 @@ class Service:
         fmt = self.tool_format and self.tool_format.name
         self.chat_request, self.completion_request = P.request_models(self.limits, self.model_name, self.ctx,
                                                                       self.vocab, tool_format=fmt)
-        self.openapi = P.openapi_schema(self.limits, self.model_name, self.ctx, self.vocab, auth=bool(self.api_key),
+        self.openapi = P.openapi_schema(self.limits, self.model_name, self.ctx, self.vocab, auth=bool(self.api_keys),
                                         tool_format=fmt)
         # The most characters one token stands for (a byte-level token's string has one character per byte, so
         # it is never shorter than the text it encodes): a prompt longer than max_prompt of these cannot fit.
         self.max_token_chars = max((len(self.tokenizer.id_to_token(i) or "") for i in range(self.vocab)),
                                    default=1) or 1
 
-    def check_key(self, request: Request) -> None:
-        if not self.api_key:
-            return
+    def check_key(self, request: Request) -> str | None:
+        """The request's API key if it is one of ours (None on an open server); else 401."""
+        if not self.api_keys:
+            return None
         auth = request.headers.get("authorization", "")
         given = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
-        if not hmac.compare_digest(given.encode(), self.api_key.encode()):
+        # every key compared, in constant time each: the time taken tells nothing about which key is near
+        if not sum(hmac.compare_digest(given.encode(), k.encode()) for k in self.api_keys):
             shown = f"****{given[-4:]}" if len(given) > 4 else "(none)"
             raise APIError(401, f"Authentication Fails, your api key {shown} is invalid. Send the key as "
                            "'Authorization: Bearer KEY'.", "invalid_api_key")
+        return given
 
     async def parse(self, request: Request, schema):
         """Key, then the body as JSON, then the schema: (request, thinking default of the model name asked for)."""
@@ -768,16 +774,18 @@ def add_routes(app: FastAPI) -> None:
                 app.add_route(f"/{f.name}", page_file(f), methods=["GET"], include_in_schema=False)
 
 
-def create_app(engine, tokenizer, model_name: str = "nanoseek", api_key: str | None = None,
+def create_app(engine, tokenizer, model_name: str = "nanoseek", api_key: str | Sequence[str] | None = None,
                max_concurrency: int = 16, max_queue: int = 64, limits: Limits | None = None,
                sampling_params=None, thinking_default: bool = True, allowed_hosts: Sequence[str] = (),
-               allowed_origins: Sequence[str] = ()) -> FastAPI:
+               allowed_origins: Sequence[str] = (), history: str | os.PathLike | History | None = None) -> FastAPI:
     """The FastAPI app serving `engine` (not yet started: uvicorn's lifespan starts and stops the engine thread).
 
     engine: the Engine contract of docs/internals.md (add_request / step / abort / has_unfinished / stats,
     max_seq_len); sampling_params: the SamplingParams class (default: nanoseek.infer.engine.SamplingParams).
     allowed_hosts: Host names answered besides 127.0.0.1 / localhost / [::1] ("*": any); allowed_origins: web
-    origins whose pages may call the API, with CORS ("*": any). See `Guard`.
+    origins whose pages may call the API, with CORS ("*": any). See `Guard`. api_key: one key or several (each
+    its own user of the page's history; none: an open server). history: the page's conversations (ui.py), a
+    SQLite file or an open History (None: none kept).
     """
     if sampling_params is None:
         from ..infer.engine import SamplingParams as sampling_params
@@ -793,7 +801,8 @@ def create_app(engine, tokenizer, model_name: str = "nanoseek", api_key: str | N
 
     app = FastAPI(title="nanoseek", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
-    app.state.service = Service(worker, tokenizer, model_name, api_key, limits, sampling_params, thinking_default,
+    keys = tuple(k for k in ([api_key] if isinstance(api_key, str) else api_key or ()) if k)
+    app.state.service = Service(worker, tokenizer, model_name, keys, limits, sampling_params, thinking_default,
                                 ctx=engine.max_seq_len or None)
     app.state.worker, app.state.metrics, app.state.engine, app.state.limits = worker, worker.metrics, engine, limits
     # middleware, innermost first: a request meets CountRequests, Guard, CORS, BodyLimit, then the routes
@@ -809,6 +818,7 @@ def create_app(engine, tokenizer, model_name: str = "nanoseek", api_key: str | N
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(Exception, on_unexpected)
     add_routes(app)
+    add_ui_routes(app, history, chat=chat_completions)
     return app
 
 
@@ -821,11 +831,18 @@ class ServeConfig:
     (a foreign name is how DNS rebinding looks), on any other --host to every name; --allowed-hosts names the ones
     to add. Browsers may call it from its own page only; --allowed-origins https://app.example lets that site's
     pages call it too (with CORS headers). Beyond --max-connections open connections a request is answered 503.
+
+    API keys: without any the server is open; each key (--api-key KEY, repeatable, and --api-keys-file) is one user,
+    whose page conversations no other key sees. The page's conversations are kept in --history (default
+    DATA/nanoseek/history.db, DATA being $XDG_DATA_HOME or ~/.local/share); --no-history keeps none.
     """
     model: str = ""                      # model folder (config.json, *.safetensors, tokenizer.json)
     host: str = "127.0.0.1"              # interface to bind (127.0.0.1: this machine only)
     port: int = 8000                     # TCP port
-    api_key: str | None = None           # require 'Authorization: Bearer KEY' (default: env NANOSEEK_API_KEY; none = open)
+    api_key: list[str] = field(default_factory=list)  # a key clients must send (repeatable; else env NANOSEEK_API_KEY)
+    api_keys_file: str | None = None     # file of API keys, one per line ('#' comments), besides --api-key
+    history: str | None = None           # SQLite file of the page's conversations (default: DATA/nanoseek/history.db)
+    no_history: bool = False             # keep no conversations (the page forgets them on reload)
     served_model_name: str | None = None  # the model id clients send (default: the folder's name)
     max_concurrency: int = 16            # requests decoded together (engine batch)
     max_queue: int = 64                  # requests waiting for a slot; beyond: 429
@@ -845,6 +862,10 @@ class ServeConfig:
     max_connections: int | None = None   # open connections at most (default: max(1024, 4 x (concurrency + queue)))
     REQUIRED: ClassVar[tuple] = ("model",)
     ALIASES: ClassVar[dict] = {}
+
+    def __post_init__(self):
+        if isinstance(self.api_key, str):     # a config written when the server took one key
+            self.api_key = [self.api_key]
 
 
 CONFIG = ServeConfig
@@ -896,9 +917,33 @@ def hosts_to_allow(cfg: ServeConfig) -> list[str]:
     return [] if cfg.host in LOOPBACK_BINDS else ["*"]
 
 
-def api_key_of(cfg: ServeConfig) -> str | None:
-    """--api-key, else the NANOSEEK_API_KEY environment variable ('' or neither: an open server)."""
-    return os.environ.get("NANOSEEK_API_KEY") if cfg.api_key is None else cfg.api_key
+def read_keys_file(path: str) -> list[str]:
+    """The keys of --api-keys-file: one per line; blank lines and '#' comments skipped."""
+    try:
+        lines = Path(path).expanduser().read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"--api-keys-file {path}: cannot read it ({e}); give a text file with one key per line") \
+            from None
+    keys = [s for s in (line.partition("#")[0].strip() for line in lines) if s]
+    if not keys:
+        raise UsageError(f"--api-keys-file {path} holds no key (one per line; '#' starts a comment)")
+    return keys
+
+
+def api_keys_of(cfg: ServeConfig) -> list[str]:
+    """--api-key (each of them) and the keys of --api-keys-file, else the NANOSEEK_API_KEY environment variable
+    (none, or only empty ones: an open server)."""
+    keys = list(cfg.api_key) + (read_keys_file(cfg.api_keys_file) if cfg.api_keys_file else [])
+    if not keys and os.environ.get("NANOSEEK_API_KEY"):
+        keys = [os.environ["NANOSEEK_API_KEY"]]
+    return [k for k in keys if k]
+
+
+def history_of(cfg: ServeConfig) -> Path | None:
+    """The history database: --history, else the default under the user's data directory; None with --no-history."""
+    if cfg.no_history:
+        return None
+    return Path(cfg.history).expanduser() if cfg.history else default_history_path()
 
 
 def main(cfg: ServeConfig) -> int:
@@ -907,20 +952,22 @@ def main(cfg: ServeConfig) -> int:
     from ..options import set_threads
     from .transport import server_config
     check_config(cfg)
+    keys, history = api_keys_of(cfg), history_of(cfg)     # (a bad keys file or database fails before the model loads)
+    store = None if history is None else History(history)
     engine, tok = load_engine(cfg.model, max_batch=cfg.max_concurrency, max_seq_len=cfg.max_seq_len,
                               dtype=cfg.dtype, device=cfg.device)
     threads = set_threads(cfg.threads, sum(p.numel() for p in engine.model.parameters()))
     name = cfg.served_model_name or Path(cfg.model).resolve().name
-    key = api_key_of(cfg)
     limits = Limits(max_body_bytes=cfg.max_body_bytes, max_messages=cfg.max_messages, max_tokens=cfg.max_tokens_limit)
-    app = create_app(engine, tok, model_name=name, api_key=key, max_concurrency=cfg.max_concurrency,
+    app = create_app(engine, tok, model_name=name, api_key=keys, max_concurrency=cfg.max_concurrency,
                      max_queue=cfg.max_queue, limits=limits, thinking_default=cfg.thinking,
-                     allowed_hosts=hosts_to_allow(cfg), allowed_origins=cfg.allowed_origins)
-    if cfg.host not in LOOPBACK_BINDS and not key:
+                     allowed_hosts=hosts_to_allow(cfg), allowed_origins=cfg.allowed_origins, history=store)
+    if cfg.host not in LOOPBACK_BINDS and not keys:
         print(f"warning: serving on {cfg.host} without an API key: anyone who can reach this port can use it "
               "(set --api-key or NANOSEEK_API_KEY)")
     print(f"nanoseek: serving {name!r} on http://{cfg.host}:{cfg.port}/ (chat page) and "
-          f"http://{cfg.host}:{cfg.port}/v1 (API); {threads} CPU thread(s)")
+          f"http://{cfg.host}:{cfg.port}/v1 (API); {threads} CPU thread(s); chat history: "
+          f"{history or 'off (--no-history)'}")
     uvicorn.Server(server_config(app, cfg.host, cfg.port, header_timeout_s=cfg.header_timeout_s,
                                  body_timeout_s=cfg.body_timeout_s, keep_alive_s=cfg.keep_alive_s,
                                  max_connections=connection_cap(cfg))).run()
