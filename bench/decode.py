@@ -16,7 +16,8 @@ Each repetition notes the machine's load average (os.getloadavg, 1 minute).
 `--roofline`: the memory-bandwidth bound of batch-1 decode, measured in the same run. Bandwidth: the best of
 several single-thread sums over a float32 array far larger than the caches (torch and numpy). Bytes per token:
 every weight once (the embedding table counts one row unless tied to the head) plus the K/V (or latent) cache
-read at the mean decode context. Roofline tokens/s = bandwidth / bytes per token. `--profile`: torch profiler
+read at the mean decode context. Our side serves as `nanoseek serve` does: weights in decode_layout
+(--training-layout keeps nn.Linear's). Roofline tokens/s = bandwidth / bytes per token. `--profile`: torch profiler
 table of the engine's decode steps at each batch.
 """
 
@@ -172,6 +173,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: stable timings on a shared machine)")
     ap.add_argument("--roofline", action="store_true", help="batch 1 as a fraction of the memory-bandwidth bound")
     ap.add_argument("--profile", action="store_true", help="torch profiler table of the engine's decode steps")
+    ap.add_argument("--training-layout", action="store_true", help="keep nn.Linear's weight layout on our side "
+                    "(default: decode_layout, as `nanoseek serve` loads a model)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -180,6 +183,9 @@ def main(argv=None):
         overrides["num_hidden_layers"] = args.layers
     with tempfile.TemporaryDirectory() as d:
         hf, model = build(args.preset, d, **overrides)
+    if not args.training_layout:
+        from nanoseek.model.layers import decode_layout
+        decode_layout(model)
     hf.generation_config.pad_token_id = 0
     cfg = model.cfg
     lens = [int(x) for x in args.prompt_lens.split(",")]

@@ -1,12 +1,12 @@
 """The models: layers.py, rope.py, mla.py (DeepSeek), gqa.py (dense families), moe.py, transformer.py."""
 
 from .gqa import GQA
-from .layers import MLP, RMSNorm
+from .layers import MLP, Linear, RMSNorm, decode_layout
 from .mla import MLA
 from .moe import Experts, Gate, MoE, sequence_balance_loss, update_bias
 from .rope import RotaryEmbedding, apply_rope
 from .transformer import Block, MTPLayer, Transformer, document_mask
 
-__all__ = ["MLA", "GQA", "RMSNorm", "MLP", "Experts", "Gate", "MoE", "sequence_balance_loss", "update_bias",
+__all__ = ["MLA", "GQA", "Linear", "decode_layout", "RMSNorm", "MLP", "Experts", "Gate", "MoE", "sequence_balance_loss", "update_bias",
            "RotaryEmbedding", "apply_rope", "Block", "MTPLayer", "Transformer", "document_mask"]
 

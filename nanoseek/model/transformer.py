@@ -132,14 +132,15 @@ class Transformer(nn.Module):
         return self.lm_head(h)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None, cache=None, return_hidden: bool = False):
+                mask: torch.Tensor | None = None, cache=None, return_hidden: bool = False, logits_to_keep: int = 0):
         """input_ids (B, T) -> logits (B, T, vocab) [, final hidden (B, T, hidden) after the last norm].
 
         positions (B, T): RoPE positions (default 0..T-1). mask: boolean (B, 1, T, T) or (T, T), True = may
         attend, for the full attention path (default causal). cache: the absorbed path through a latent cache
-        (MLA.forward's protocol), which supplies its own mask."""
+        (MLA.forward's protocol), which supplies its own mask. logits_to_keep k > 0: logits of the last k
+        positions only (B, k, vocab), as transformers' argument: the head is skipped where no loss is taken."""
         h, _ = self.trunk(input_ids, positions, mask, cache)
-        logits = self.head(h)
+        logits = self.head(h[:, -logits_to_keep:] if logits_to_keep else h)
         return (logits, h) if return_hidden else logits
 
     def mtp_hidden(self, hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor | None = None,

@@ -110,8 +110,7 @@ def distill(cfg: DistillConfig) -> Path:
     from ..config import PRESETS, ModelConfig
     from ..data.jsonl import write_jsonl
     from ..data.tasks import get_task
-    from ..model import Transformer
-    from ..model.layers import decode_layout
+    from ..model import Transformer, decode_layout
 
     if (cfg.student_preset is None) == (cfg.student is None):
         raise UsageError("pass exactly one of --student-preset NAME (a new student) or --student DIR")
@@ -125,8 +124,7 @@ def distill(cfg: DistillConfig) -> Path:
     try:
         teacher, tok = load_model_and_tokenizer(cfg.teacher, purpose="distillation")
         if not (cfg.resume and traces.exists() and report.exists()):
-            teacher = teacher.float().to(rt.device).eval()
-            decode_layout(teacher)         # the teacher only generates
+            decode_layout(teacher := teacher.float().to(rt.device).eval())   # the teacher only generates
             convs, stats = teacher_traces(cfg, task, teacher, tok, rt)
             if not convs:
                 raise UsageError(f"the teacher solved none of {cfg.problems} problems of {cfg.task} "

@@ -258,9 +258,9 @@ def rollout(engine, tok, task, problems: list, first: int, cfg: GRPOConfig, step
 
 
 def _rows(comps, idx, pad_id):
-    """Completions `idx` as right-padded rows prompt + completion -> (inputs, targets, completion mask, engine
-    logprobs) (n, T); the completion's tokens are the targets at positions len(prompt) - 1 onwards. No completion:
-    one padding row that the mask excludes (a process with nothing left to train still runs every forward)."""
+    """Completions `idx` as right-padded rows prompt + completion -> inputs (n, T), and targets, completion mask,
+    engine logprobs (n, K) for the last K positions: from the first completion token on (the head runs there only).
+    No completion: one padding row that the mask excludes (a process with nothing left still runs every forward)."""
     seqs = [list(comps[i].prompt_token_ids) + list(comps[i].token_ids) for i in idx] or [[pad_id, pad_id]]
     n, T = len(seqs), max(len(s) for s in seqs) - 1
     inputs, targets = torch.full((n, T), pad_id, dtype=torch.long), torch.full((n, T), pad_id, dtype=torch.long)
@@ -271,13 +271,14 @@ def _rows(comps, idx, pad_id):
         mask[r, start:start + k] = 1.0
         if comps[i].logprobs and k:
             eng_lp[r, start:start + k] = torch.tensor([float(x) for x in comps[i].logprobs[:k]])
-    return inputs, targets, mask, eng_lp
+    first = min((len(comps[i].prompt_token_ids) - 1 for i in idx), default=0)
+    return inputs, targets[:, first:], mask[:, first:], eng_lp[:, first:]
 
 
 def forward_logprobs(model, inputs, targets, temperature: float, device):
-    """Training forward of right-padded rows -> per-token log-probs and entropies (N, T) of the targets."""
+    """Training forward of right-padded rows (N, T) -> log-probs and entropies (N, K) of the last K targets."""
     with runtime.autocast(device):
-        logits = model(inputs.to(device))
+        logits = model(inputs.to(device), logits_to_keep=targets.shape[1])
     return token_logprobs(logits, targets.to(device), temperature)
 
 
