@@ -93,8 +93,10 @@ def render_chat(messages: list[dict], template: str = CHAT_TEMPLATE, add_generat
     for m in messages:
         if not isinstance(m, dict) or "role" not in m:
             raise UsageError(f"a chat message must be a dict with 'role' and 'content', got {m!r}")
+        m = {k: v for k, v in m.items() if v is not None}   # (a template handles a missing key, not always a None)
         reasoning = next((m[k] for k in _REASONING_FIELDS if m.get(k) is not None), None)
-        chat.append({**m, "reasoning_content": reasoning} if reasoning is not None else dict(m))
+        # reasoning under each name templates read: reasoning_content, and thinking (gpt-oss), as transformers does
+        chat.append({"thinking": reasoning, **m, "reasoning_content": reasoning} if reasoning is not None else m)
     variables.setdefault("bos_token", BOS)
     variables.setdefault("eos_token", EOS)
     variables.setdefault("tools", None)          # (OpenAI-style tool dicts when given, as transformers passes them)

@@ -364,8 +364,9 @@ def chat_thinking(req: ChatRequest, default: bool) -> bool:
 def template_messages(req: ChatRequest, fmt: ToolFormat | None = None) -> list[dict]:
     """The request's messages as the chat template reads them: text only; developer -> system; an assistant turn
     keeps its reasoning_content (a template may show or drop it). With a tool format (the template writes tool
-    calls), a tool message keeps its role and tool_call_id, an assistant turn its tool_calls (content null when it
-    sent none; arguments a string, or a dict for templates that write them with tojson, as transformers expects);
+    calls), a tool message keeps its role and tool_call_id, an assistant turn its tool_calls (content "" when it sent
+    none: DeepSeek's V3 template cannot read a missing one; arguments a string, or a dict for templates that write
+    them with tojson, as transformers expects);
     without one, a tool message is shown as the user's."""
     messages = []
     for m in req.messages:
@@ -378,7 +379,6 @@ def template_messages(req: ChatRequest, fmt: ToolFormat | None = None) -> list[d
         if m.role == "assistant" and m.reasoning_content:
             msg["reasoning_content"] = m.reasoning_content
         if fmt and m.role == "assistant" and m.tool_calls:
-            msg["content"] = text if m.content is not None else None
             msg["tool_calls"] = [{"id": c.id, "type": "function",
                                   "function": {"name": c.function.name,
                                                "arguments": _arguments(c.function.arguments, fmt)}}
