@@ -185,6 +185,8 @@ def test_matcher_masks_follow_the_grammar(tok):
     allowed = m.allowed(tok.vocab_size + 20)
     assert allowed.shape == (tok.vocab_size + 20,) and not allowed[tok.vocab_size:].any()
     assert not allowed[tok.eos_id] and not m.is_finished
+    assert torch.equal(m.logit_mask(tok.vocab_size + 20) == 0, allowed)       # the sampler's form of the same mask
+    assert allowed.sum() >= 2 and (~allowed[:tok.vocab_size]).sum() > tok.vocab_size // 2   # "t", "f" (+ merges)
     for t in tok.encode("true"):
         m.advance(t)
     assert m.is_finished and m.allowed().nonzero().flatten().tolist() == [tok.eos_id]
@@ -213,7 +215,7 @@ def test_a_failing_constraint_fails_its_request_alone(eng, tok):
         def matcher(self):
             return self
 
-        def allowed(self, vocab_size):
+        def logit_mask(self, vocab_size):
             raise RuntimeError("grammar exploded")
 
     outs = eng.generate(["hello", "hello"], [sp(0, constraint=Broken()), sp(0, max_tokens=10)], errors="return")

@@ -529,18 +529,18 @@ class Engine:
         and only the requests whose own row raises fail: (Sampled, {request id: exception}), placeholder token 0
         in a failed row. Constrained rows are masked to what their grammar allows (a grammar that fails here fails
         its request alone too)."""
-        allowed, failed = self._allowed(reqs)
-        masked = any(a is not None for a in allowed)
+        masks, failed = self._masks(reqs)
+        masked = any(m is not None for m in masks)
         try:
             return sample(logits, [r.params for r in reqs], [r.gen for r in reqs], [r.prompt for r in reqs],
-                          [r.output for r in reqs], **({"allowed": allowed} if masked else {})), failed
+                          [r.output for r in reqs], **({"masks": masks} if masked else {})), failed
         except Exception:
             pass
         rows = []
         for i, r in enumerate(reqs):
             if r.id not in failed:
                 try:
-                    mask = {"allowed": allowed[i:i + 1]} if allowed[i] is not None else {}
+                    mask = {"masks": masks[i:i + 1]} if masks[i] is not None else {}
                     rows.append(sample(logits[i:i + 1], [r.params], [r.gen], [r.prompt], [r.output], **mask))
                     continue
                 except Exception as e:
@@ -548,22 +548,22 @@ class Engine:
             rows.append(Sampled([0]))
         return _concat(rows), failed
 
-    def _allowed(self, reqs: list[_Request]) -> tuple[list[torch.Tensor | None], dict[str, Exception]]:
-        """Each row's constraint mask over the model's vocabulary (None: unconstrained), and {request id: error} for
-        the constraints that failed. A constrained request still reasoning may write anything but end-of-sequence:
-        ending there would give a "stop" without the answer the constraint promises."""
+    def _masks(self, reqs: list[_Request]) -> tuple[list[torch.Tensor | None], dict[str, Exception]]:
+        """Each row's constraint mask over the model's vocabulary (0 / -inf to add; None: unconstrained), and
+        {request id: error} for the constraints that failed. A constrained request still reasoning may write anything
+        but end-of-sequence: ending there would give a "stop" without the answer the constraint promises."""
         V = self.cfg.vocab_size
-        allowed, failed = [None] * len(reqs), {}
+        masks, failed = [None] * len(reqs), {}
         for i, r in enumerate(reqs):
             try:
                 if r.matcher is not None:
-                    allowed[i] = r.matcher.allowed(V)
+                    masks[i] = r.matcher.logit_mask(V)
                 elif r.in_reasoning and self.eos_id is not None:
-                    allowed[i] = torch.ones(V, dtype=torch.bool)
-                    allowed[i][self.eos_id] = False
+                    masks[i] = torch.zeros(V)
+                    masks[i][self.eos_id] = float("-inf")
             except Exception as e:
                 failed[r.id] = e
-        return allowed, failed
+        return masks, failed
 
     def _fenced(self, forward, reqs: list[_Request], deltas: list[StreamDelta], what: str) -> None:
         """Run one batched phase, forward(reqs, deltas). If it raises, the requests of that phase that have not

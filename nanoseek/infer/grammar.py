@@ -172,27 +172,43 @@ def _short(err: str) -> str:
     return err.replace("<non-verbose/>", "").strip()
 
 
+# llguidance's mask has one bit per token id (bit j of byte k: token 8k + j). Expanding it through a table of the
+# 256 byte values is one gather, where bool masking over a 129k vocabulary (masked_fill, where) costs milliseconds.
+_BYTE_BITS = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little").astype(np.bool_)
+_BYTE_LOGITS = np.where(_BYTE_BITS, np.float32(0), np.float32(-np.inf)).astype(np.float32)   # (256, 8)
+
+
 class Matcher:
     """One request's position in a Grammar: which tokens may come next, and whether the grammar is complete."""
 
     def __init__(self, ll_matcher, vocab_size: int):
         self._m, self._n = ll_matcher, vocab_size
 
-    def allowed(self, vocab_size: int | None = None) -> torch.Tensor:
-        """Bool tensor (vocab_size,): True for the tokens that may come next. vocab_size is the model's (default:
-        the tokenizer's); ids past the tokenizer's vocabulary are never allowed. ConstraintError when none is."""
+    def _bytes(self) -> np.ndarray:
         if self._m.is_error():
             raise ConstraintError(_short(self._m.get_error()))
         bits = np.frombuffer(self._m.compute_bitmask(), dtype=np.uint8)
-        mask = np.unpackbits(bits, bitorder="little")[:self._n].view(np.bool_)     # one bit per token id
-        V = self._n if vocab_size is None else vocab_size
-        out = torch.zeros(V, dtype=torch.bool)
-        n = min(V, self._n)
-        out[:n] = torch.from_numpy(mask[:n].copy())
-        if not out.any():
+        if not bits.any():
             raise ConstraintError("the grammar allows no token here" +
                                   (f": {_short(self._m.get_error())}" if self._m.is_error() else ""))
-        return out
+        return bits
+
+    def _expand(self, table: np.ndarray, fill, vocab_size: int | None) -> torch.Tensor:
+        V = self._n if vocab_size is None else vocab_size
+        n = min(V, self._n)
+        out = np.full(V, fill, dtype=table.dtype)            # ids past the tokenizer's vocabulary: never allowed
+        out[:n] = table[self._bytes()].reshape(-1)[:n]
+        return torch.from_numpy(out)
+
+    def allowed(self, vocab_size: int | None = None) -> torch.Tensor:
+        """Bool tensor (vocab_size,): True for the tokens that may come next. vocab_size is the model's (default:
+        the tokenizer's); ids past the tokenizer's vocabulary are never allowed. ConstraintError when none is."""
+        return self._expand(_BYTE_BITS, False, vocab_size)
+
+    def logit_mask(self, vocab_size: int | None = None) -> torch.Tensor:
+        """The same as float32 (vocab_size,) to add to logits: 0 where allowed, -inf elsewhere (what the sampler
+        takes: an addition is far cheaper than a boolean fill)."""
+        return self._expand(_BYTE_LOGITS, -np.inf, vocab_size)
 
     def advance(self, token_id: int) -> None:
         """Consume one generated token; ConstraintError if the grammar does not allow it here."""

@@ -219,23 +219,23 @@ def apply_bias(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tens
     return logits
 
 
-def apply_allowed(logits: torch.Tensor, allowed: list[torch.Tensor | None]) -> torch.Tensor:
-    """Constraint masks: in row i, tokens where allowed[i] (bool (V,)) is False get -inf; None = no constraint."""
-    rows = [i for i, a in enumerate(allowed) if a is not None]
-    if not rows:
-        return logits
-    mask = torch.stack([allowed[i] for i in rows]).to(logits.device)                       # (R, V)
-    if not mask.any(-1).all():
+def apply_masks(logits: torch.Tensor, masks: list[torch.Tensor | None]) -> torch.Tensor:
+    """Constraint masks, in place: row i plus masks[i] (float (V,): 0 where the constraint allows the token, -inf
+    where not; None = unconstrained). A row left with no finite logit is an error (its constraint allows nothing)."""
+    rows = [i for i, m in enumerate(masks) if m is not None]
+    for i in rows:
+        logits[i] += masks[i].to(logits.device, non_blocking=True)
+    if rows and not torch.isfinite(logits[rows].amax(-1)).all():
         raise ValueError("a constraint allows no token")
-    logits[rows] = logits[rows].masked_fill(~mask, float("-inf"))
     return logits
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
            prompts: list[list[int]], outputs: list[list[int]],
-           allowed: list[torch.Tensor | None] | None = None) -> Sampled:
+           masks: list[torch.Tensor | None] | None = None) -> Sampled:
     """Choose one token per row of logits (N, V). generators[i] is request i's RNG (None for greedy rows);
-    allowed[i] the tokens request i's constraint allows (bool (V,), None: all)."""
+    masks[i] request i's constraint as a float (V,) to add: 0 where allowed, -inf where not (None: no constraint;
+    grammar.Matcher.logit_mask)."""
     N, V = logits.shape
     dev = logits.device
     logits = logits.float()
@@ -244,13 +244,13 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     if want_lp:
         t = torch.tensor([1.0 if p.greedy else _temperature(p) for p in params], device=dev)
         lp = torch.log_softmax(logits / t[:, None], dim=-1)
-    masked = allowed is not None and any(a is not None for a in allowed)
+    masked = masks is not None and any(m is not None for m in masks)
     if masked or any(p.logit_bias for p in params):
         logits = apply_bias(logits.clone(), params)      # (a copy: the caller's logits stay as the model made them)
     if any(p.has_penalties for p in params):
         logits = apply_penalties(logits.clone(), params, prompts, outputs)
     if masked:
-        logits = apply_allowed(logits, allowed)
+        logits = apply_masks(logits, masks)
     tokens = logits.argmax(-1)
     rand_rows = [i for i, p in enumerate(params) if not p.greedy]
     if rand_rows:
