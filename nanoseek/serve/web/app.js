@@ -2,6 +2,8 @@
 // scripts and styles from its own address only).
 // Talks to the same server's /v1/chat/completions with stream=true and parses the SSE stream by hand
 // (EventSource cannot POST): `data: {chunk}` events, `: comment` keep-alives, `data: [DONE]` at the end.
+// When the server keeps a chat history (GET ui/conversations answers), a sidebar lists the conversations of this
+// API key and each turn goes through ui/chat instead, which sends the same stream and stores the turn (ui.py).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -11,6 +13,8 @@ const els = {
   newChat: $("new-chat"), settingsToggle: $("settings-toggle"), settings: $("settings"),
   temperature: $("temperature"), temperatureValue: $("temperature-value"), maxTokens: $("max-tokens"),
   apiKey: $("api-key"), system: $("system-prompt"),
+  sidebar: $("sidebar"), sidebarToggle: $("sidebar-toggle"), sidebarClose: $("sidebar-close"), scrim: $("scrim"),
+  search: $("search"), conversations: $("conversations"), conversationsEmpty: $("conversations-empty"),
 };
 
 // ------------------------------------------------------------------ settings kept in localStorage
@@ -44,7 +48,9 @@ els.maxTokens.addEventListener("change", () => {
   const v = clampMaxTokens(els.maxTokens.value);
   settings.maxTokens = v; els.maxTokens.value = v; saveSettings();
 });
-els.apiKey.addEventListener("change", () => { settings.apiKey = els.apiKey.value.trim(); saveSettings(); loadModel(); });
+els.apiKey.addEventListener("change", () => {
+  settings.apiKey = els.apiKey.value.trim(); saveSettings(); loadModel(); newChat(); loadConversations();
+});
 els.system.addEventListener("change", () => { settings.system = els.system.value; saveSettings(); });
 els.think.addEventListener("click", () => { settings.thinking = !settings.thinking; saveSettings(); showSettings(); });
 els.settings.addEventListener("submit", (ev) => ev.preventDefault());   // (Enter in a field: nothing to send)
@@ -90,6 +96,8 @@ async function loadLimits() {
 // ------------------------------------------------------------------ conversation
 let history = [];           // [{role, content}] sent back to the server (reasoning is not sent back, as DeepSeek asks)
 let controller = null;      // AbortController of the answer being streamed
+let historyOn = false;      // the server keeps conversations (then the turns go through ui/chat, which stores them)
+let currentId = null;       // the stored conversation on screen (null: a new chat, stored at its first answer)
 
 function setStatus(text, isError) {
   els.status.textContent = text || "";
@@ -183,20 +191,15 @@ async function send(text) {
   const view = addMessage("assistant");
   view.wrap.classList.add("streaming");
   scrollDown();
-  const messages = settings.system ? [{ role: "system", content: settings.system }, ...history] : history;
-  const body = {
-    model: modelId || undefined, messages, stream: true, stream_options: { include_usage: true },
-    temperature: settings.temperature, max_tokens: settings.maxTokens,
-    thinking: { type: settings.thinking ? "enabled" : "disabled" },
-  };
+  const request = historyOn ? pageTurn(text) : apiTurn();
   controller = new AbortController();
   setBusy(true);
   setStatus("waiting…");
   const started = performance.now();
   let firstToken = null, thinkEnd = null, reasoning = "", answer = "", usage = null, finish = null;
   try {
-    const r = await fetch("v1/chat/completions", {
-      method: "POST", headers: headers(), body: JSON.stringify(body), signal: controller.signal,
+    const r = await fetch(request.url, {
+      method: "POST", headers: headers(), body: JSON.stringify(request.body), signal: controller.signal,
     });
     if (!r.ok) {
       let msg = r.status + " " + r.statusText;
@@ -204,6 +207,7 @@ async function send(text) {
       if (r.status === 401) msg += " (set the API key in Settings)";
       throw new Error(msg);
     }
+    if (historyOn && r.headers.get("X-Conversation-Id")) currentId = r.headers.get("X-Conversation-Id");
     setStatus("generating…");
     await readSSE(r, (chunk) => {
       if (chunk.error) throw new Error(chunk.error.message);
@@ -258,7 +262,26 @@ async function send(text) {
     controller = null;
     setBusy(false);
     els.prompt.focus();
+    if (historyOn) loadConversations();
   }
+}
+
+// A turn without stored history: the whole conversation goes to the API.
+function apiTurn() {
+  const messages = settings.system ? [{ role: "system", content: settings.system }, ...history] : history;
+  return { url: "v1/chat/completions", body: {
+    model: modelId || undefined, messages, stream: true, stream_options: { include_usage: true },
+    temperature: settings.temperature, max_tokens: settings.maxTokens,
+    thinking: { type: settings.thinking ? "enabled" : "disabled" },
+  } };
+}
+
+// A turn of a stored conversation: the server adds the messages it keeps (and stores this turn).
+function pageTurn(text) {
+  return { url: "ui/chat", body: {
+    conversation_id: currentId || undefined, content: text, system: settings.system || undefined,
+    thinking: settings.thinking, temperature: settings.temperature, max_tokens: settings.maxTokens,
+  } };
 }
 
 els.composer.addEventListener("submit", (ev) => {
@@ -281,15 +304,176 @@ function autosize() {
 }
 els.prompt.addEventListener("input", autosize);
 els.stop.addEventListener("click", () => { if (controller) controller.abort(); });
-els.newChat.addEventListener("click", () => {
+function clearConversation() {
   if (controller) controller.abort();
   history = [];
   els.conversation.querySelectorAll(".msg").forEach((m) => m.remove());
   els.empty.hidden = false;
   setStatus("");
+}
+function newChat() {
+  clearConversation();
+  currentId = null;
+  markActive();
+  setSidebar(false);
   els.prompt.focus();
-});
+}
+els.newChat.addEventListener("click", newChat);
+
+// ------------------------------------------------------------------ stored conversations (the sidebar)
+async function api(method, path, body) {
+  const r = await fetch(path, { method, headers: headers(), body: body === undefined ? undefined : JSON.stringify(body) });
+  const data = await r.json().catch(() => ({}));
+  if (!r.ok) {
+    const err = new Error(data.error ? data.error.message : r.status + " " + r.statusText);
+    err.code = data.error && data.error.code;
+    throw err;
+  }
+  return data;
+}
+
+let listed = 0;             // (a newer listing wins over a slower older one)
+async function loadConversations() {
+  const mine = ++listed;
+  const q = els.search.value.trim();
+  try {
+    const body = await api("GET", "ui/conversations" + (q ? "?q=" + encodeURIComponent(q) : ""));
+    if (mine !== listed) return;
+    setHistoryOn(true);
+    renderConversations(body.data, q);
+  } catch (e) {
+    if (e.code === "history_disabled") setHistoryOn(false);
+    else if (mine === listed) renderConversations([], q, String(e.message || e));
+  }
+}
+
+function setHistoryOn(on) {
+  historyOn = on;
+  document.body.classList.toggle("has-history", on);
+  els.sidebar.hidden = !on;
+  els.sidebarToggle.hidden = !on;
+}
+
+function renderConversations(list, q, error) {
+  els.conversations.replaceChildren(...list.map(conversationItem));
+  els.conversationsEmpty.hidden = list.length > 0;
+  els.conversationsEmpty.textContent = error || (q ? "Nothing matches." : "No conversations yet.");
+  markActive();
+}
+
+function conversationItem(conv) {
+  const li = document.createElement("li");
+  li.className = "conv";
+  li.dataset.id = conv.id;
+  const open = document.createElement("button");
+  open.type = "button";
+  open.className = "conv-title";
+  open.textContent = conv.title || "New chat";
+  open.title = conv.title || "New chat";
+  open.addEventListener("click", () => openConversation(conv.id));
+  const rename = document.createElement("button");
+  rename.type = "button";
+  rename.className = "icon conv-rename";
+  rename.title = "Rename";
+  rename.setAttribute("aria-label", "Rename");
+  rename.textContent = "✎";
+  rename.addEventListener("click", () => startRename(li, conv));
+  const del = document.createElement("button");
+  del.type = "button";
+  del.className = "icon conv-delete";
+  del.title = "Delete";
+  del.setAttribute("aria-label", "Delete");
+  del.textContent = "×";
+  del.addEventListener("click", () => deleteConversation(conv));
+  li.append(open, rename, del);
+  return li;
+}
+
+function markActive() {
+  els.conversations.querySelectorAll(".conv").forEach((li) => li.classList.toggle("active", li.dataset.id === currentId));
+}
+
+async function openConversation(id) {
+  try {
+    const conv = await api("GET", "ui/conversations/" + encodeURIComponent(id));
+    clearConversation();
+    currentId = conv.id;
+    conv.messages.forEach(showStored);
+    markActive();
+    setSidebar(false);
+    window.scrollTo(0, document.body.scrollHeight);
+  } catch (e) {
+    setStatus(String(e.message || e), true);
+    loadConversations();
+  }
+}
+
+// A stored message, shown as it was when it streamed (the thinking collapsed).
+function showStored(m) {
+  history.push({ role: m.role, content: m.content });
+  if (m.role !== "assistant") { if (m.role === "user") addMessage("user", m.content); return; }
+  const view = addMessage("assistant");
+  if (m.reasoning_content) {
+    view.think.hidden = false;
+    view.think.open = false;
+    view.summary.textContent = "Thought";
+    view.thinkText.textContent = m.reasoning_content.trim();
+  }
+  view.answer.textContent = displayAnswer(m.content, false);
+  if (m.finish_reason === "length") view.meta.textContent = "stopped at max tokens";
+}
+
+function startRename(li, conv) {
+  const input = document.createElement("input");
+  input.type = "text";
+  input.className = "conv-edit";
+  input.value = conv.title;
+  input.setAttribute("aria-label", "New title");
+  let done = false;
+  const finish = async (save) => {
+    if (done) return;
+    done = true;
+    const title = input.value.trim();
+    if (save && title && title !== conv.title) {
+      try { await api("PATCH", "ui/conversations/" + encodeURIComponent(conv.id), { title }); }
+      catch (e) { setStatus(String(e.message || e), true); }
+    }
+    loadConversations();
+  };
+  input.addEventListener("keydown", (ev) => {
+    if (ev.key === "Enter") { ev.preventDefault(); finish(true); }
+    if (ev.key === "Escape") { ev.preventDefault(); finish(false); }
+  });
+  input.addEventListener("blur", () => finish(true));
+  li.replaceChildren(input);
+  input.focus();
+  input.select();
+}
+
+async function deleteConversation(conv) {
+  if (!window.confirm("Delete the conversation “" + (conv.title || "New chat") + "”?")) return;
+  try {
+    await api("DELETE", "ui/conversations/" + encodeURIComponent(conv.id));
+    if (conv.id === currentId) newChat();
+  } catch (e) {
+    setStatus(String(e.message || e), true);
+  }
+  loadConversations();
+}
+
+// On a narrow screen the sidebar is a drawer over the page; on a wide one it is always there.
+function setSidebar(open) {
+  els.sidebar.classList.toggle("open", open);
+  els.scrim.hidden = !open;
+  els.sidebarToggle.setAttribute("aria-expanded", String(open));
+}
+els.sidebarToggle.addEventListener("click", () => setSidebar(!els.sidebar.classList.contains("open")));
+els.sidebarClose.addEventListener("click", () => setSidebar(false));
+els.scrim.addEventListener("click", () => setSidebar(false));
+let searchTimer = null;
+els.search.addEventListener("input", () => { clearTimeout(searchTimer); searchTimer = setTimeout(loadConversations, 200); });
 
 showSettings();
 loadModel();
+loadConversations();
 els.prompt.focus();
