@@ -3,7 +3,8 @@
     nanoseek serve --model DIR [--host 127.0.0.1] [--port 8000] [--api-key KEY]
 
 Endpoints (each also without the /v1 prefix): POST /v1/chat/completions, POST /v1/completions, GET /v1/models,
-GET /v1/limits (what a request may ask for), GET /health, GET /metrics (Prometheus text), and the chat page at /.
+GET /v1/limits (what a request may ask for), GET /health, GET /metrics (Prometheus text), and the chat page at /
+with its stored conversations under /ui/ (ui.py).
 GET routes answer HEAD too; a wrong method gets 405 with the route's Allow. With an API key, the /v1 endpoints
 need `Authorization: Bearer KEY`; /health, /metrics and the page (which asks for the key) do not. The wire format
 (schemas, errors, response and chunk builders) lives in protocol.py, the engine thread in worker.py; this module
@@ -34,6 +35,7 @@ Robustness rules, because a public endpoint meets every kind of client:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import logging
@@ -255,10 +257,11 @@ class Service:
         template = getattr(self.tokenizer, "chat_template", None)
         self.tool_format, self.shows_tools = tools.detect(template), tools.shows_tools(template)
         fmt = self.tool_format and self.tool_format.name
+        fim = getattr(self.tokenizer, "fim_ids", None) is not None
         self.chat_request, self.completion_request = P.request_models(self.limits, self.model_name, self.ctx,
-                                                                      self.vocab, tool_format=fmt)
+                                                                      self.vocab, tool_format=fmt, fim=fim)
         self.openapi = P.openapi_schema(self.limits, self.model_name, self.ctx, self.vocab, auth=bool(self.api_keys),
-                                        tool_format=fmt)
+                                        tool_format=fmt, fim=fim)
         # The most characters one token stands for (a byte-level token's string has one character per byte, so
         # it is never shorter than the text it encodes): a prompt longer than max_prompt of these cannot fit.
         self.max_token_chars = max((len(self.tokenizer.id_to_token(i) or "") for i in range(self.vocab)),
@@ -383,16 +386,28 @@ class Service:
 
     def submit(self, prompt: list[int], params, prefix: str) -> tuple[Job, dict]:
         """Queue the request: its job and the fields every response of it carries (id, created, model)."""
+        jobs, base = self.submit_n(prompt, params, prefix, 1)
+        return jobs[0], base
+
+    def submit_n(self, prompt: list[int], params, prefix: str, n: int) -> tuple[list[Job], dict]:
+        """Queue n choices of one prompt (the engine shares the prompt's cache blocks between them). Choice i samples
+        with the request's seed + i (choice 0 as with n=1), or its own random seed. All or none: a queue that fills
+        up half way cancels those already queued (429)."""
         rid = f"{prefix}-{uuid.uuid4().hex}"
+        jobs: list[Job] = []
         try:
-            job = self.worker.submit(prompt, params, request_id=rid)
-        except QueueFull as e:
-            raise self.busy(e) from None
-        except WorkerDead as e:
+            for i in range(n):
+                p = params if i == 0 or params.seed is None else dataclasses.replace(params, seed=params.seed + i)
+                jobs.append(self.worker.submit(prompt, p, request_id=rid if i == 0 else f"{rid}-{i}"))
+        except (QueueFull, WorkerDead) as e:
+            for job in jobs:
+                self.worker.cancel(job)
+            if isinstance(e, QueueFull):
+                raise self.busy(e) from None
             raise APIError(503, f"Server overloaded: {e}", "engine_unavailable", headers={"Retry-After": "5"}) from None
         base = {"id": rid, "created": int(time.time()), "model": self.model_name,
                 "system_fingerprint": self.fingerprint}
-        return job, base
+        return jobs, base
 
     async def next_item(self, job: Job):
         """The job's next StreamDelta; None on a keep-alive tick. Raises what the engine thread reported, or 499
@@ -401,6 +416,21 @@ class Service:
             item = await asyncio.wait_for(job.queue.get(), self.limits.keepalive_s)
         except TimeoutError:
             return None
+        return self.checked(item)
+
+    async def next_of(self, jobs: list[Job], gets: dict) -> list[tuple[int, object]]:
+        """The next items of several jobs (n choices), as (choice, StreamDelta) for each job that has one ready;
+        [] on a keep-alive tick. `gets` keeps each job's pending queue read between calls, so nothing is lost."""
+        for i, job in enumerate(jobs):
+            if i not in gets and job is not None:
+                gets[i] = asyncio.ensure_future(job.queue.get())
+        done, _ = await asyncio.wait(list(gets.values()), timeout=self.limits.keepalive_s,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        ready = sorted(i for i, t in gets.items() if t in done)
+        return [(i, self.checked(gets.pop(i).result())) for i in ready]
+
+    def checked(self, item):
+        """A job's queue item as a StreamDelta, or the APIError it stands for."""
         if item is HUNG_UP:
             raise APIError(499, "the client closed the connection before its answer was ready",
                            "client_closed_request")
@@ -415,15 +445,23 @@ class Service:
     async def run_to_end(self, job: Job, request: Request):
         """Collect a non-streamed request; a client that hangs up meanwhile cancels it (the engine frees its cache
         blocks). Nothing is written before the end, so no failed write would tell: the connection is watched."""
-        watcher = asyncio.ensure_future(watch_hang_up(request.receive, job))
-        try:
+        return (await self.run_all([job], request))[0]
+
+    async def run_all(self, jobs: list[Job], request: Request) -> list:
+        """run_to_end for the n choices of one request: their Completions, in order."""
+        watcher = asyncio.ensure_future(watch_hang_up(request.receive, *jobs))
+
+        async def one(job):
             while True:
                 d = await self.next_item(job)
                 if d is not None and d.finished:
                     return d.completion
+        try:
+            return list(await asyncio.gather(*map(one, jobs)))
         finally:
             watcher.cancel()
-            self.worker.cancel(job)  # no-op when finished
+            for job in jobs:
+                self.worker.cancel(job)  # no-op when finished
 
     def token_str(self, i: int) -> str:
         return self.tokenizer.decode([int(i)])
@@ -472,42 +510,63 @@ class Service:
             return tools.ToolCallParser(self.tool_format)
         return tools.PlainAnswer()
 
-    def stream(self, job: Job, adapter) -> SSEResponse:
-        return SSEResponse(pump(self, job, adapter), on_close=lambda: self.worker.cancel(job))
+    def stream(self, jobs: Job | list[Job], adapters) -> SSEResponse:
+        """The SSE response of one job and its adapter, or of n choices (lists of both)."""
+        jobs, adapters = (jobs, adapters) if isinstance(jobs, list) else ([jobs], [adapters])
+        return SSEResponse(pump(self, jobs, adapters), on_close=lambda: [self.worker.cancel(j) for j in jobs])
 
 
 HUNG_UP = object()     # put on a job's queue when its client closed the connection
 
 
-async def watch_hang_up(receive, job: Job) -> None:
-    """Wait until the client closes its connection, then wake the request's waiter with HUNG_UP. (Once the body is
-    read, the server's `receive` gives nothing but the disconnect.)"""
+async def watch_hang_up(receive, *jobs: Job) -> None:
+    """Wait until the client closes its connection, then wake the request's waiters with HUNG_UP. (Once the body
+    is read, the server's `receive` gives nothing but the disconnect.)"""
     while (await receive())["type"] != "http.disconnect":
         pass
-    job.queue.put_nowait(HUNG_UP)
+    for job in jobs:
+        job.queue.put_nowait(HUNG_UP)
 
 
 # --------------------------------------------------------------------------------------------- streaming
-async def pump(svc: Service, job: Job, adapter) -> AsyncIterator[str]:
-    """The one streaming loop of both generation endpoints: the adapter's opening chunks, then the chunks of each
-    StreamDelta as it comes (a keep-alive comment while none does), then [DONE]. An error met on the way is sent
-    as a last {"error": ...} event (the status line has long gone out)."""
+async def pump(svc: Service, jobs: list[Job], adapters: list) -> AsyncIterator[str]:
+    """The one streaming loop of both generation endpoints: the adapters' opening chunks, then the chunks of each
+    StreamDelta as it comes (a keep-alive comment while none does), then [DONE]. n choices (one job and adapter
+    each) interleave as they come, each chunk carrying its choice's index; with include_usage their usage comes
+    once, summed, at the end. An error met on the way is sent as a last {"error": ...} event (the status line has
+    long gone out)."""
+    live, gets, usages = list(jobs), {}, []
     try:
-        for chunk in adapter.opening():
-            yield P.sse(chunk)
-        while True:
-            d = await svc.next_item(job)
-            if d is None:
+        for i, a in enumerate(adapters):
+            for chunk in a.opening():
+                yield P.sse(indexed(chunk, i))
+        while any(j is not None for j in live):
+            ready = await svc.next_of(live, gets)
+            if not ready:
                 yield P.KEEPALIVE
-                continue
-            for chunk in adapter.chunks(d):
-                yield P.sse(chunk)
-            if d.finished:
-                break
+            for i, d in ready:
+                for chunk in adapters[i].chunks(d):
+                    if len(jobs) == 1 or chunk["choices"]:
+                        yield P.sse(indexed(chunk, i))
+                if d.finished:
+                    live[i] = None
+                    usages.append(svc.usage(d.completion))
+        if len(jobs) > 1 and adapters[0].include_usage:
+            yield P.sse(P.usage_chunk(adapters[0].base, adapters[0].OBJECT, P.total_usage(usages)))
     except APIError as e:
         yield P.sse(e.body())
         return
+    finally:
+        for t in gets.values():
+            t.cancel()
     yield P.DONE
+
+
+def indexed(chunk: dict, i: int) -> dict:
+    """A choice's chunk with its index (adapters write index 0)."""
+    if i and chunk.get("choices"):
+        chunk["choices"] = [{**c, "index": i} for c in chunk["choices"]]
+    return chunk
 
 
 @dataclass
@@ -522,6 +581,7 @@ class ChatStream:
     logprobs: bool
     top_n: int
     streamed_lp: bool = False
+    OBJECT: ClassVar[str] = "chat.completion.chunk"
     answer: object = None                 # a tools.ToolCallParser / PlainAnswer that reads the content, or None
 
     def chunk(self, delta: dict, reason: str | None = None, logprobs: dict | None = None) -> dict:
@@ -571,6 +631,7 @@ class CompletionStream:
     hidden: frozenset[int]                # control token ids: in token_ids, not in the text
     pos: int = 0                          # text offset of the next token
     streamed_lp: bool = False
+    OBJECT: ClassVar[str] = "text_completion"
 
     def __post_init__(self):
         self.pos = len(self.echo)
@@ -631,27 +692,34 @@ async def chat_completions(request: Request):
         params = await svc.off_loop(svc.constrain, params, forced)
     elif req.response_format is not None and req.response_format.type != "text":
         params = await svc.off_loop(svc.response_constraint, params, req.response_format)
-    job, base = svc.submit(prompt, params, "chatcmpl")
-    reader = svc.answer_reader(req)
+    jobs, base = svc.submit_n(prompt, params, "chatcmpl", req.n)
+    readers = [svc.answer_reader(req) for _ in jobs]          # one tool-call reader per choice
     if req.stream:
-        return svc.stream(job, ChatStream(base, svc.usage, svc.token_str, req.include_usage(), req.logprobs, top_n,
-                                          answer=reader))
-    comp = await svc.run_to_end(job, request)
-    lp = P.chat_logprobs(comp, top_n, svc.token_str) if req.logprobs else None
-    answer = None
-    if reader is not None:
-        reader.feed(comp.content or "", final=True)
-        answer = reader.message()
-    return P.chat_response(base, comp, lp, svc.usage(comp), answer)
+        return svc.stream(jobs, [ChatStream(base, svc.usage, svc.token_str, req.include_usage(), req.logprobs, top_n,
+                                            answer=r) for r in readers])
+    answers = []
+    for comp, reader in zip(await svc.run_all(jobs, request), readers):
+        lp = P.chat_logprobs(comp, top_n, svc.token_str) if req.logprobs else None
+        answer = None
+        if reader is not None:
+            reader.feed(comp.content or "", final=True)
+            answer = reader.message()
+        answers.append(P.chat_response(base, comp, lp, svc.usage(comp), answer))
+    return P.merge_choices(answers, P.total_usage([a["usage"] for a in answers]))
 
 
 async def completion_prompt_ids(svc: Service, req: CompletionRequest) -> tuple[list[int], str]:
     """(prompt ids, prompt text) of a /v1/completions request, checked for length before it is encoded or decoded
     (off the event loop)."""
-    if req.suffix:
-        raise APIError(422, "suffix (fill-in-the-middle) is not supported by this model", "invalid_parameter",
-                       param="suffix")
     p = P.completion_prompt(req)
+    if req.suffix:   # (the request model takes a suffix only when the tokenizer has FIM tokens)
+        if not isinstance(p, str):
+            raise APIError(422, "suffix (fill-in-the-middle) needs a text prompt, not token ids", "invalid_parameter",
+                           param="suffix")
+        svc.check_length(len(p) + len(req.suffix))
+        prompt = await svc.off_loop(svc.tokenizer.fim_prompt, p, req.suffix)
+        svc.check_tokens(len(prompt))
+        return prompt, p
     if isinstance(p, str):
         svc.check_length(len(p))
         bos = svc.tokenizer.bos_token
@@ -673,14 +741,16 @@ async def completions(request: Request):
     svc.check_room()
     prompt, prompt_text = await completion_prompt_ids(svc, req)
     top_n, want_lp = req.logprobs or 0, req.logprobs is not None
-    job, base = svc.submit(prompt, svc.make_params(req, len(prompt), want_lp, top_n), "cmpl")
+    jobs, base = svc.submit_n(prompt, svc.make_params(req, len(prompt), want_lp, top_n), "cmpl", req.n)
     echo = prompt_text if req.echo else ""
     if req.stream:
-        return svc.stream(job, CompletionStream(base, svc.usage, svc.token_str, req.include_usage(), want_lp, top_n,
-                                                echo, svc.control_ids))
-    comp = await svc.run_to_end(job, request)
-    lp = P.text_logprobs(comp, top_n, len(echo), svc.token_str, svc.control_ids) if want_lp else None
-    return P.completion_response(base, echo + comp.text, comp, lp, svc.usage(comp))
+        return svc.stream(jobs, [CompletionStream(base, svc.usage, svc.token_str, req.include_usage(), want_lp,
+                                                  top_n, echo, svc.control_ids) for _ in jobs])
+    answers = []
+    for comp in await svc.run_all(jobs, request):
+        lp = P.text_logprobs(comp, top_n, len(echo), svc.token_str, svc.control_ids) if want_lp else None
+        answers.append(P.completion_response(base, echo + comp.text, comp, lp, svc.usage(comp)))
+    return P.merge_choices(answers, P.total_usage([a["usage"] for a in answers]))
 
 
 async def models(request: Request):
@@ -703,7 +773,7 @@ async def limits(request: Request):
     svc.check_key(request)
     lim = svc.limits
     return {"max_tokens": lim.max_tokens, "max_prompt_tokens": svc.max_prompt, "context_length": svc.ctx,
-            "max_messages": lim.max_messages, "max_body_bytes": lim.max_body_bytes}
+            "max_messages": lim.max_messages, "max_body_bytes": lim.max_body_bytes, "max_n": lim.max_n}
 
 
 async def health(request: Request):
@@ -847,6 +917,7 @@ class ServeConfig:
     max_concurrency: int = 16            # requests decoded together (engine batch)
     max_queue: int = 64                  # requests waiting for a slot; beyond: 429
     max_tokens_limit: int = 4096         # largest max_tokens a request may ask for
+    max_n: int = 8                       # most choices (n) one request may ask for
     max_seq_len: int | None = None       # context length (default: the model's, at most 4096)
     max_body_bytes: int = 1 << 20        # largest request body
     max_messages: int = 512              # most messages in one chat request
@@ -887,7 +958,7 @@ def load_engine(folder: str, max_batch: int = 16, max_seq_len: int | None = None
 
 
 def check_config(cfg: ServeConfig) -> None:
-    for name in ("max_concurrency", "max_tokens_limit", "max_body_bytes", "max_messages"):
+    for name in ("max_concurrency", "max_tokens_limit", "max_body_bytes", "max_messages", "max_n"):
         if getattr(cfg, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)})")
     if cfg.max_queue < 0:
@@ -958,7 +1029,8 @@ def main(cfg: ServeConfig) -> int:
                               dtype=cfg.dtype, device=cfg.device)
     threads = set_threads(cfg.threads, sum(p.numel() for p in engine.model.parameters()))
     name = cfg.served_model_name or Path(cfg.model).resolve().name
-    limits = Limits(max_body_bytes=cfg.max_body_bytes, max_messages=cfg.max_messages, max_tokens=cfg.max_tokens_limit)
+    limits = Limits(max_body_bytes=cfg.max_body_bytes, max_messages=cfg.max_messages, max_tokens=cfg.max_tokens_limit,
+                    max_n=cfg.max_n)
     app = create_app(engine, tok, model_name=name, api_key=keys, max_concurrency=cfg.max_concurrency,
                      max_queue=cfg.max_queue, limits=limits, thinking_default=cfg.thinking,
                      allowed_hosts=hosts_to_allow(cfg), allowed_origins=cfg.allowed_origins, history=store)
