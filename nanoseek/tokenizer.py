@@ -91,6 +91,9 @@ def _encode_one(tk, text: str, offsets: bool = False):
     return tk.encode_batch_fast([text], add_special_tokens=False)[0]
 
 
+FIM_TOKENS = ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>")   # DeepSeek's fill-in-the-middle markers
+
+
 class Tokenizer:
     """A byte-level BPE tokenizer: `Tokenizer.train(...)` or `Tokenizer.load(folder)`, then encode/decode/chat."""
 
@@ -315,6 +318,22 @@ class Tokenizer:
 
     def token_to_id(self, token: str) -> int | None:
         return self._tk.token_to_id(token)
+
+    @cached_property
+    def fim_ids(self) -> tuple[int, int, int] | None:
+        """(begin, hole, end) ids of DeepSeek's fill-in-the-middle tokens (V3/R1 and V4 tokenizers; Coder's), or
+        None when the vocabulary has them not."""
+        ids = tuple(self._protected.get(t) for t in FIM_TOKENS)
+        return None if None in ids else ids
+
+    def fim_prompt(self, prefix: str, suffix: str) -> list[int]:
+        """DeepSeek's fill-in-the-middle prompt, prefix-suffix-middle: <bos><｜fim▁begin｜>PREFIX<｜fim▁hole｜>SUFFIX
+        <｜fim▁end｜>; the model writes the middle next."""
+        if self.fim_ids is None:
+            raise UsageError(f"this tokenizer has no fill-in-the-middle tokens ({', '.join(FIM_TOKENS)})")
+        begin, hole, end = self.fim_ids
+        pre, suf = self.encode([prefix, suffix])
+        return [*([self.bos_id] if self.bos_id is not None else []), begin, *pre, hole, *suf, end]
 
     def id_to_token(self, i: int) -> str | None:
         return self._tk.id_to_token(i)

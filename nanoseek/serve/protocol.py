@@ -34,6 +34,7 @@ class Limits:
     max_tokens: int = 4096               # largest max_tokens a request may ask for
     max_prompt_tokens: int | None = None  # None: the engine's context minus one generated token
     keepalive_s: float = 5.0             # SSE ": keep-alive" comment while a request waits (also detects hang-ups)
+    max_n: int = 8                       # most choices (n) one request may ask for
 
 
 # --------------------------------------------------------------------------------------------- errors
@@ -222,7 +223,7 @@ class _Sampling(_Open):
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
     stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP_IDS)] | None = None
-    n: integer(ge=1, le=1) = 1                            # one choice per request (ask twice for two)
+    n: integer(ge=1, le=128) = 1                          # choices: copies sharing the prompt's cache, own seeds
     user: Short | None = None
 
     @field_validator("stop")
@@ -285,9 +286,10 @@ class ChatRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     vocab_size: ClassVar[int | None] = None             # set by request_models: token ids are below it
+    fim: ClassVar[bool] = False                         # set by request_models: the tokenizer has FIM tokens
     prompt: str | Annotated[list[TokenId], Field(min_length=1)] | Annotated[list[str], Field(min_length=1,
                                                                                               max_length=1)]
-    suffix: Annotated[str, Field(max_length=0)] | None = None
+    suffix: Annotated[str, Field(max_length=0)] | None = None   # fill-in-the-middle: the text after the hole
     echo: bool = False
     logprobs: integer(ge=0, le=20) | None = None
     best_of: integer(ge=1, le=1) | None = None
@@ -309,13 +311,14 @@ class CompletionRequest(_Sampling):
     @field_validator("suffix", mode="before")
     @classmethod
     def _no_suffix(cls, v):
-        if isinstance(v, str) and v:
-            raise ValueError("suffix (fill-in-the-middle) is not supported by this model")
+        if isinstance(v, str) and v and not cls.fim:
+            raise ValueError("suffix (fill-in-the-middle) is not supported by this model: its tokenizer has no FIM "
+                             "tokens (DeepSeek's V3/R1 and V4 tokenizers have them)")
         return v
 
 
 def request_models(limits: Limits, model_name: str | None = None, ctx: int | None = None,
-                   vocab_size: int | None = None, tool_format: str | None = None
+                   vocab_size: int | None = None, tool_format: str | None = None, fim: bool = False
                    ) -> tuple[type[ChatRequest], type[CompletionRequest]]:
     """ChatRequest and CompletionRequest as this server accepts them: max_tokens up to limits.max_tokens, token ids
     below the vocabulary. Their JSON schema also states three limits that app.py checks with statuses of its own
@@ -323,7 +326,7 @@ def request_models(limits: Limits, model_name: str | None = None, ctx: int | Non
     the number of messages, and a token-id prompt's length against the context. A text's length in tokens is only
     known once encoded, so it stays app.py's check (400 context_length_exceeded), as does the body's size in bytes.
     A model whose chat template has no tool-call format (tool_format None, see tools.detect) takes no tools: the
-    schema says so (maxItems 0)."""
+    schema says so (maxItems 0); nor does one without FIM tokens take a suffix (maxLength 0)."""
     max_prompt = limits.max_prompt_tokens or (ctx - 1 if ctx else None)
     names = [model_name, *MODEL_ALIASES] if model_name else None
     model = (Annotated[str, Field(max_length=SHORT_TEXT, json_schema_extra={"enum": names} if names else None)]
@@ -337,12 +340,14 @@ def request_models(limits: Limits, model_name: str | None = None, ctx: int | Non
     messages = (list[ChatMessage], Field(min_length=1, json_schema_extra={"maxItems": limits.max_messages}))
     tools = (Annotated[list[Tool], Field(max_length=MAX_TOOLS, json_schema_extra=None if tool_format
                                          else {"maxItems": 0})] | None, None)
+    n = (integer(ge=1, le=limits.max_n), 1)
     chat = create_model("ChatRequest", __base__=ChatRequest, __module__=__name__, model=model, max_tokens=tokens,
-                        max_completion_tokens=tokens, stop_token_ids=stop_ids, messages=messages, tools=tools)
+                        max_completion_tokens=tokens, stop_token_ids=stop_ids, messages=messages, tools=tools, n=n)
     chat.tool_format = tool_format
     completion = create_model("CompletionRequest", __base__=CompletionRequest, __module__=__name__, model=model,
-                              max_tokens=tokens, stop_token_ids=stop_ids, prompt=prompt)
-    completion.vocab_size = vocab_size
+                              max_tokens=tokens, stop_token_ids=stop_ids, prompt=prompt, n=n,
+                              **({"suffix": (str | None, None)} if fim else {}))
+    completion.vocab_size, completion.fim = vocab_size, fim
     return chat, completion
 
 
@@ -495,6 +500,22 @@ def usage(comp, think_end_id: int | None) -> dict:
             "prompt_cache_hit_tokens": hit, "prompt_cache_miss_tokens": p - hit,
             "prompt_tokens_details": {"cached_tokens": hit},
             "completion_tokens_details": {"reasoning_tokens": reasoning_tokens(comp, think_end_id)}}
+
+
+def total_usage(usages: list[dict]) -> dict:
+    """The usage of n choices of one prompt: the prompt (and its cache hits) once, the completions summed."""
+    u = {**usages[0], "completion_tokens_details": dict(usages[0]["completion_tokens_details"])}
+    for v in usages[1:]:
+        u["completion_tokens"] += v["completion_tokens"]
+        u["completion_tokens_details"]["reasoning_tokens"] += v["completion_tokens_details"]["reasoning_tokens"]
+    u["total_tokens"] = u["prompt_tokens"] + u["completion_tokens"]
+    return u
+
+
+def merge_choices(answers: list[dict], usage_: dict) -> dict:
+    """One response of n choices from the n single-choice responses of the same request (choice i at index i)."""
+    choices = [{**a["choices"][0], "index": i} for i, a in enumerate(answers)]
+    return {**answers[0], "choices": choices, "usage": usage_}
 
 
 def _top(entry, top_n: int) -> list[tuple[int, float]]:
@@ -677,7 +698,7 @@ class AssistantMessage(_Closed):
 
 
 class ChatChoice(_Closed):
-    index: Literal[0]
+    index: int = Field(ge=0)                                       # the choice (n > 1: 0 .. n-1)
     message: AssistantMessage
     logprobs: ChatLogprobs | None
     finish_reason: FinishReason
@@ -685,7 +706,7 @@ class ChatChoice(_Closed):
 
 class ChatCompletion(_Answer):
     object: Literal["chat.completion"]
-    choices: Annotated[list[ChatChoice], Field(min_length=1, max_length=1)]
+    choices: Annotated[list[ChatChoice], Field(min_length=1)]          # n of them
     usage: Usage
 
 
@@ -709,7 +730,7 @@ class ChatDelta(_Closed):
 
 
 class ChatChunkChoice(_Closed):
-    index: Literal[0]
+    index: int = Field(ge=0)                                       # the choice (n > 1: 0 .. n-1)
     delta: ChatDelta
     logprobs: ChatLogprobs | None
     finish_reason: FinishReason | None
@@ -717,12 +738,12 @@ class ChatChunkChoice(_Closed):
 
 class ChatCompletionChunk(_Answer):
     object: Literal["chat.completion.chunk"]
-    choices: Annotated[list[ChatChunkChoice], Field(max_length=1)]   # none in the last chunk, the usage one
+    choices: Annotated[list[ChatChunkChoice], Field(max_length=1)]   # one choice's delta; none in the usage chunk
     usage: Usage | None = None
 
 
 class TextChoice(_Closed):
-    index: Literal[0]
+    index: int = Field(ge=0)                                       # the choice (n > 1: 0 .. n-1)
     text: str
     logprobs: TextLogprobs | None
     finish_reason: FinishReason | None                             # null in the streamed pieces before the last
@@ -730,7 +751,7 @@ class TextChoice(_Closed):
 
 class TextCompletion(_Answer):
     object: Literal["text_completion"]
-    choices: Annotated[list[TextChoice], Field(max_length=1)]
+    choices: list[TextChoice]                            # n of them whole; one per streamed piece
     usage: Usage | None = None
 
 
@@ -754,6 +775,7 @@ class ServedLimits(_Closed):
     context_length: int | None
     max_messages: int = Field(ge=1)
     max_body_bytes: int = Field(ge=1)
+    max_n: int = Field(ge=1)
 
 
 class Health(_Closed):
@@ -816,12 +838,12 @@ def _get(summary: str, answer: dict, auth: bool, errors: dict, **more) -> dict:
 
 
 def openapi_schema(limits: Limits, model_name: str, ctx: int | None = None, vocab_size: int | None = None,
-                   auth: bool = False, tool_format: str | None = None) -> dict:
+                   auth: bool = False, tool_format: str | None = None, fim: bool = False) -> dict:
     """The OpenAPI document of this server: the request models of `request_models` (so the served limits are in
     it), the answers and stream chunks, the errors with their statuses. auth: the /v1 endpoints need a bearer key."""
     from pydantic.json_schema import models_json_schema
 
-    chat, completion = request_models(limits, model_name, ctx, vocab_size, tool_format)
+    chat, completion = request_models(limits, model_name, ctx, vocab_size, tool_format, fim)
     models = [(chat, "validation"), (completion, "validation"), (ErrorBody, "serialization"),
               (ChatCompletion, "serialization"), (ChatCompletionChunk, "serialization"),
               (TextCompletion, "serialization"), (ModelList, "serialization"), (ModelCard, "serialization"),
