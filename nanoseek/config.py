@@ -411,3 +411,8 @@ PRESETS: dict[str, dict] = {
                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
                        max_position_embeddings=512, bos_token_id=0, eos_token_id=1),
 }
+# DeepSeek-V3.1 (Aug 2025) keeps V3's architecture: its published config.json repeats V3's values (vocabulary
+# 129,280, YaRN factor 40 over 4,096 original positions, 163,840 positions, one MTP layer). What changed is outside
+# the shapes: thinking became a switch of the chat template, and the FP8 block scales are UE8M0 powers of two
+# (quantization_config scale_fmt "ue8m0", read by checkpoint.FP8Format).
+PRESETS["v3.1"] = dict(PRESETS["v3"])
