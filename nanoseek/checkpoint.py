@@ -1,7 +1,7 @@
 """load() / save() of Hugging Face model folders: config.json + safetensors (single file or sharded), and GGUF.
 
-Reads DeepSeek-V2/V3 folders as published (bf16, or FP8 e4m3 with 128x128 `weight_scale_inv` blocks, which are
-dequantised on load), the dense families R1 was distilled into (qwen2, llama, qwen3) as published, and all of them
+Reads DeepSeek-V2/V3/V3.1 folders as published (bf16, or FP8 e4m3 with 128x128 `weight_scale_inv` blocks, which are
+dequantised on load: float32 scales as V3 publishes them, or V3.1's UE8M0 powers of two), the dense families R1 was distilled into (qwen2, llama, qwen3) as published, and all of them
 as transformers saves them; writes folders that transformers loads unchanged, with each family's own config keys
 and tensor names. Only safetensors are ever read: pickled weights (.bin/.pt) are refused, never unpickled. A path
 ending in .gguf goes to nanoseek.gguf.
@@ -19,6 +19,7 @@ import re
 import warnings
 from collections import defaultdict
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -92,6 +93,54 @@ def read_config(folder: str | os.PathLike) -> ModelConfig:
         raise CheckpointError(f"{cfg_path}: {e}") from None
 
 
+@dataclass(frozen=True)
+class FP8Format:
+    """How a folder's FP8 weights are stored (config.json's quantization_config, as transformers'
+    FineGrainedFP8Config reads it): e4m3 weights, one scale per (block[0] x block[1]) tile, and the scales' format.
+    scale_fmt "float": any float32 value (DeepSeek-V3/R1). "ue8m0": powers of two only (DeepSeek-V3.1 on;
+    the scale is an 8-bit exponent, 2^(e - 127), so dequantising is exact), stored as float32 values (as V3.1
+    publishes), as torch.float8_e8m0fnu, or as the raw exponent bytes (uint8, as MXFP8 checkpoints store them)."""
+    block: tuple[int, int] = (128, 128)
+    scale_fmt: str = "float"
+
+    @classmethod
+    def of(cls, qc: dict | None, where: Path) -> FP8Format:
+        qc = qc or {}
+        method, fmt = qc.get("quant_method", "fp8"), qc.get("fmt", "e4m3")
+        scale_fmt = qc.get("scale_fmt") or "float"
+        if method != "fp8" or fmt != "e4m3":
+            raise CheckpointError(f"{where}: quantization_config has quant_method={method!r}, fmt={fmt!r}; nanoseek "
+                                  f"reads FP8 block quantisation as DeepSeek publishes it (quant_method 'fp8', fmt "
+                                  f"'e4m3'): dequantise the weights to bf16 first")
+        if scale_fmt not in ("float", "ue8m0"):
+            raise CheckpointError(f"{where}: quantization_config has scale_fmt={scale_fmt!r}; expected 'float' "
+                                  f"(float32 block scales, DeepSeek-V3) or 'ue8m0' (powers of two, DeepSeek-V3.1)")
+        block = tuple(qc.get("weight_block_size") or (128, 128))
+        if len(block) != 2 or not all(isinstance(b, int) and b > 0 for b in block):
+            raise CheckpointError(f"{where}: quantization_config has weight_block_size={list(block)}; expected two "
+                                  f"positive integers such as [128, 128]")
+        return cls(block, scale_fmt)
+
+
+def _scales_as_float(scale_inv: torch.Tensor, fp8: FP8Format, sname: str, f: Path) -> torch.Tensor:
+    """A tensor of block scales -> float32 values, checked against the declared scale format."""
+    if scale_inv.dtype == torch.uint8:   # UE8M0 exponent bytes: 2^(byte - 127), exact in float32 (subnormals too)
+        s = torch.ldexp(torch.ones(scale_inv.shape), scale_inv.to(torch.int32) - 127)
+        s[scale_inv == 255] = float("nan")   # (0xFF is UE8M0's NaN)
+    else:
+        s = scale_inv.float()              # float8_e8m0fnu converts exactly (0xFF to NaN)
+    if fp8.scale_fmt != "ue8m0":
+        return s
+    bad = torch.frexp(s).mantissa != 0.5   # a power of two is 0.5 x 2^k (zero, negatives, inf and NaN are not)
+    if bad.any():
+        i, j = (int(x) for x in bad.nonzero()[0])
+        raise CheckpointError(f"{f}: {sname} holds {s[i, j].item()!r} for block ({i}, {j}), which is not a power of "
+                              f"two, but config.json's quantization_config says scale_fmt='ue8m0' (UE8M0 scales are "
+                              f"2^e). If the folder's scales are plain float32 scales, its scale_fmt should be "
+                              f"'float' (or absent), as in DeepSeek-V3's config.json")
+    return s
+
+
 def _dequantize_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     """FP8 e4m3 weight with one float32 scale per (block x block) tile -> float32 weight = tile * scale_inv."""
     out_f, in_f = w.shape
@@ -119,17 +168,17 @@ def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device
         warnings.warn(f"{folder}: config.json declares {cfg.num_nextn_predict_layers} MTP layer(s) but the weights "
                       f"hold none (transformers drops them on save); loading without MTP", stacklevel=2)
         cfg.num_nextn_predict_layers = 0
-    block = tuple((cfg.quantization_config or {}).get("weight_block_size", (128, 128)))
+    fp8 = FP8Format.of(cfg.quantization_config, folder / "config.json") if cfg.quantization_config else FP8Format()
     cfg.quantization_config = None  # dequantised on load: what we hold, and save, is plain weights
     searched = ", ".join(sorted({f.name for f in files.values()}))
 
     def where(name: str) -> str:
         return str(files[name]) if name in files else f"{folder} (weight files: {searched})"
 
-    return build_from_tensors(cfg, _stream(files, block), where, dtype, device)
+    return build_from_tensors(cfg, _stream(files, fp8), where, dtype, device)
 
 
-def _stream(files: dict[str, Path], block) -> Iterator[tuple[str, torch.Tensor]]:
+def _stream(files: dict[str, Path], fp8: FP8Format) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) of every weight, read one at a time, file by file; FP8 dequantised, block scales consumed."""
     by_file: dict[Path, list[str]] = defaultdict(list)
     for name, f in files.items():
@@ -141,10 +190,10 @@ def _stream(files: dict[str, Path], block) -> Iterator[tuple[str, torch.Tensor]]
         with safe_open(f, "pt", device="cpu") as sf:
             for name in names:
                 if not name.endswith(".weight_scale_inv"):
-                    yield name, _read_tensor(sf, name, f, files, block)
+                    yield name, _read_tensor(sf, name, f, files, fp8)
 
 
-def _read_tensor(sf, name: str, f: Path, files: dict[str, Path], block: tuple[int, int]) -> torch.Tensor:
+def _read_tensor(sf, name: str, f: Path, files: dict[str, Path], fp8: FP8Format) -> torch.Tensor:
     """One tensor of the open safetensors file `sf`, FP8 e4m3 dequantised with its block scales (which may sit in
     another shard)."""
     t = sf.get_tensor(name)
@@ -155,11 +204,12 @@ def _read_tensor(sf, name: str, f: Path, files: dict[str, Path], block: tuple[in
         raise CheckpointError(f"{f}: FP8 tensor {name} has no {sname} (the block scales are needed to dequantise it)")
     with safe_open(files[sname], "pt", device="cpu") as ssf:
         scale_inv = ssf.get_tensor(sname)
+    block = fp8.block
     want = tuple(-(-n // b) for n, b in zip(t.shape, block))  # ceil(out/128), ceil(in/128)
     if t.dim() != 2 or tuple(scale_inv.shape) != want:
         raise CheckpointError(f"{files[sname]}: {sname} has shape {tuple(scale_inv.shape)}, expected "
                               f"{want} for {name} {tuple(t.shape)} in {block[0]}x{block[1]} blocks")
-    return _dequantize_fp8(t, scale_inv, block)
+    return _dequantize_fp8(t, _scales_as_float(scale_inv, fp8, sname, files[sname]), block)
 
 
 def _without_remote_code(d: dict, folder: Path) -> dict:
