@@ -243,7 +243,7 @@ class Service:
     api_keys: tuple[str, ...]             # the keys that may call (none: an open server)
     limits: Limits
     sampling_params: type
-    thinking_default: bool
+    thinking_default: bool | None         # None: the chat template's own default
     ctx: int | None                       # the engine's context (prompt + generated tokens)
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -846,7 +846,7 @@ def add_routes(app: FastAPI) -> None:
 
 def create_app(engine, tokenizer, model_name: str = "nanoseek", api_key: str | Sequence[str] | None = None,
                max_concurrency: int = 16, max_queue: int = 64, limits: Limits | None = None,
-               sampling_params=None, thinking_default: bool = True, allowed_hosts: Sequence[str] = (),
+               sampling_params=None, thinking_default: bool | None = None, allowed_hosts: Sequence[str] = (),
                allowed_origins: Sequence[str] = (), history: str | os.PathLike | History | None = None) -> FastAPI:
     """The FastAPI app serving `engine` (not yet started: uvicorn's lifespan starts and stops the engine thread).
 
@@ -921,7 +921,7 @@ class ServeConfig:
     max_seq_len: int | None = None       # context length (default: the model's, at most 4096)
     max_body_bytes: int = 1 << 20        # largest request body
     max_messages: int = 512              # most messages in one chat request
-    thinking: bool = True                # think before answering unless a request says otherwise (--no-thinking: off)
+    thinking: bool | None = None         # think first (--no-thinking: not; unset: the chat template's default)
     dtype: str | None = None             # float32 | bfloat16 | float16 (default: the checkpoint's)
     device: str | None = None            # cpu | cuda (default: cuda if available)
     threads: int = 0                     # torch CPU threads (0: one for small models, all cores for large)

@@ -352,8 +352,10 @@ def request_models(limits: Limits, model_name: str | None = None, ctx: int | Non
 
 
 # --------------------------------------------------------------------------------------------- requests -> engine
-def chat_thinking(req: ChatRequest, default: bool) -> bool:
-    """The deep-think switch: DeepSeek's `thinking` ({"type": ...} or a bool), then vLLM's chat_template_kwargs."""
+def chat_thinking(req: ChatRequest, default: bool | None) -> bool | None:
+    """The deep-think switch: DeepSeek's `thinking` ({"type": ...} or a bool), then vLLM's chat_template_kwargs,
+    else `default` (the model alias's, else the server's). None: nobody said, so the variable stays undefined and
+    the chat template's own default holds, as transformers renders it (on in nanoseek's, off in DeepSeek-V3.1's)."""
     thinking = default
     if isinstance(req.thinking, bool):
         thinking = req.thinking
