@@ -25,11 +25,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 import warnings
 
-import torch
+if "--no-thp" not in sys.argv:    # as the nanoseek command sets it, for both sides (before torch allocates anything)
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+import torch  # noqa: E402
 
 
 def build(preset: str, folder: str, seed: int = 0, **overrides):
@@ -173,6 +177,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: stable timings on a shared machine)")
     ap.add_argument("--roofline", action="store_true", help="batch 1 as a fraction of the memory-bandwidth bound")
     ap.add_argument("--profile", action="store_true", help="torch profiler table of the engine's decode steps")
+    ap.add_argument("--no-thp", action="store_true", help="no transparent huge pages for torch's CPU tensors "
+                    "(the nanoseek command turns them on; both sides share the setting)")
     ap.add_argument("--training-layout", action="store_true", help="keep nn.Linear's weight layout on our side "
                     "(default: decode_layout, as `nanoseek serve` loads a model)")
     args = ap.parse_args(argv)

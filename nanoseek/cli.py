@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from .errors import UsageError
@@ -62,6 +63,10 @@ def run_command(name: str, argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # torch's CPU allocator backs tensors of 2 MB and more with transparent huge pages when this is set (read at
+    # its first allocation, so before torch is imported): streaming the weights through the TLB then costs less,
+    # ~10% on one-row decoding (docs/benchmarks.md "Dense decode"). The user's own setting wins.
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     if not argv or argv[0] not in COMMANDS:
         top_parser().parse_args(argv)      # --help, or "invalid choice" with the list of commands (exit 2)
         top_parser().print_help()
