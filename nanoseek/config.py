@@ -19,9 +19,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-DEEPSEEK = ("deepseek_v3", "deepseek_v2")   # MLA + DeepSeekMoE (+ MTP)
+DEEPSEEK = ("deepseek_v3", "deepseek_v2", "deepseek_v32")   # MLA + DeepSeekMoE (+ MTP); V3.2 adds DSA
 DENSE = ("qwen2", "llama", "qwen3")          # grouped-query attention + SwiGLU MLP
 ARCHITECTURES = {"deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM",
+                 "deepseek_v32": "DeepseekV32ForCausalLM",
                  "qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 # what a dense family's config.json holds (besides rope_scaling / rope_parameters, architectures and the keys we
 # do not model, kept in `extra`); qwen2 has no attention_bias: its q/k/v always carry a bias, o_proj never does
@@ -30,13 +31,14 @@ _DENSE_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "
                "rope_theta", "rms_norm_eps", "initializer_range", "tie_word_embeddings", "attention_dropout",
                "bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype")
 _DENSE_ONLY = ("head_dim",)                  # not written for DeepSeek (transformers derives its own)
+_DSA_ONLY = ("index_n_heads", "index_head_dim", "index_topk")   # written for deepseek_v32 only
 _ROPE_TYPES = {"deepseek": (None, "default", "yarn"), "dense": (None, "default", "yarn", "llama3")}
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
 @dataclass
 class ModelConfig:
-    model_type: str = "deepseek_v3"          # deepseek_v3 | deepseek_v2 | qwen2 | llama | qwen3
+    model_type: str = "deepseek_v3"          # deepseek_v3 | deepseek_v32 | deepseek_v2 | qwen2 | llama | qwen3
     vocab_size: int = 129280
     hidden_size: int = 7168
     intermediate_size: int = 18432           # width of the dense SwiGLU MLP (DeepSeek: layers < first_k_dense_replace)
@@ -51,6 +53,10 @@ class ModelConfig:
     qk_nope_head_dim: int = 128
     qk_rope_head_dim: int = 64               # the decoupled RoPE part, shared k_pe across heads
     v_head_dim: int = 128
+    # --- DeepSeek Sparse Attention (V3.2, arXiv 2512.02556 Section 2.1; deepseek_v32 only): the lightning indexer
+    index_n_heads: int = 64                  # indexer query heads (small: the indexer scores every earlier token)
+    index_head_dim: int = 128                # width of an indexer query head and of the ONE indexer key per token
+    index_topk: int = 2048                   # tokens each query attends to: the top index_topk by indexer score
     # --- DeepSeekMoE (V2 Section 2.2, V3 Section 2.1.2); None for the dense families ---
     n_routed_experts: int | None = 256
     n_shared_experts: int | None = 1
@@ -110,6 +116,27 @@ class ModelConfig:
             raise ValueError(f"n_routed_experts={self.n_routed_experts} is not divisible by n_group={self.n_group}")
         if self.n_routed_experts and self.num_experts_per_tok and self.num_experts_per_tok > self.n_routed_experts:
             raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok} > n_routed_experts={self.n_routed_experts}")
+        if self.dsa:
+            self._check_dsa()
+
+    def _check_dsa(self):
+        """DeepSeek-V3.2: the indexer reads MLA's query latent and rotates its first qk_rope_head_dim dims; the rest
+        is V3 as transformers' DeepseekV32 builds it (interleaved MLA rope, noaux_tc sigmoid routing)."""
+        if not self.q_lora_rank:
+            raise ValueError("deepseek_v32 needs q_lora_rank: the lightning indexer's queries are projected from "
+                             "MLA's query latent (set q_lora_rank, e.g. 1536 as published)")
+        if not self.qk_rope_head_dim <= self.index_head_dim or self.qk_rope_head_dim % 2:
+            raise ValueError(f"index_head_dim={self.index_head_dim} must hold the qk_rope_head_dim="
+                             f"{self.qk_rope_head_dim} rotated dims (an even number) of each indexer head")
+        if min(self.index_n_heads, self.index_head_dim, self.index_topk) < 1:
+            raise ValueError(f"index_n_heads={self.index_n_heads}, index_head_dim={self.index_head_dim} and "
+                             f"index_topk={self.index_topk} must be >= 1")
+        if not self.rope_interleave:
+            raise ValueError("deepseek_v32 rotates MLA's rope dims in interleaved pairs (rope_interleave=True); "
+                             "only the indexer uses half-split pairs")
+        if (self.topk_method, self.scoring_func) != ("noaux_tc", "sigmoid"):
+            raise ValueError(f"deepseek_v32 routes with noaux_tc and sigmoid scores (as V3); got topk_method="
+                             f"{self.topk_method!r}, scoring_func={self.scoring_func!r}")
 
     def _check_dense(self, rope_type):
         """The dense families: no experts, no MTP, half-split rope, whole groups of query heads per K/V head."""
@@ -142,6 +169,12 @@ class ModelConfig:
         return "mla" if self.model_type in DEEPSEEK else "gqa"
 
     @property
+    def dsa(self) -> bool:
+        """DeepSeek Sparse Attention: a lightning indexer in every attention layer picks the index_topk tokens
+        each query attends to (model_type deepseek_v32)."""
+        return self.model_type == "deepseek_v32"
+
+    @property
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
@@ -154,11 +187,11 @@ class ModelConfig:
 
     @property
     def kv_cache_elems_per_token(self) -> int:
-        """Elements one token costs in the cache, per layer: the MLA latent, kv_lora_rank + qk_rope_head_dim, or
-        GQA's keys and values, 2 x num_key_value_heads x head_dim."""
+        """Elements one token costs in the cache, per layer: the MLA latent, kv_lora_rank + qk_rope_head_dim (+ the
+        indexer key, index_head_dim, with DSA), or GQA's keys and values, 2 x num_key_value_heads x head_dim."""
         if self.attention == "gqa":
             return 2 * self.num_key_value_heads * self.head_dim
-        return self.kv_lora_rank + self.qk_rope_head_dim
+        return self.kv_lora_rank + self.qk_rope_head_dim + (self.index_head_dim if self.dsa else 0)
 
     @property
     def mha_cache_elems_per_token(self) -> int:
@@ -184,7 +217,14 @@ class ModelConfig:
             q = h * H * self.qk_head_dim
         kv = h * (self.kv_lora_rank + self.qk_rope_head_dim) + self.kv_lora_rank
         kv += self.kv_lora_rank * H * (self.qk_nope_head_dim + self.v_head_dim)
-        return q + kv + H * self.v_head_dim * h
+        return q + kv + H * self.v_head_dim * h + self._indexer_params()
+
+    def _indexer_params(self) -> int:
+        """The lightning indexer of one layer (DSA): wq_b, wk, k_norm (LayerNorm: weight and bias), weights_proj."""
+        if not self.dsa:
+            return 0
+        n, d, h = self.index_n_heads, self.index_head_dim, self.hidden_size
+        return self.q_lora_rank * n * d + h * d + 2 * d + h * n
 
     def num_params(self, include_mtp: bool = False) -> dict:
         """Total and activated (per token) parameter counts, computed from the shapes alone.
@@ -244,6 +284,8 @@ class ModelConfig:
         else:
             d.setdefault("topk_method", "noaux_tc")
             d.setdefault("scoring_func", "sigmoid")
+        if mt == "deepseek_v32":
+            _read_dsa(d)
         if mt in DEEPSEEK and d.get("n_routed_experts") is None:
             d["n_routed_experts"] = None
         if isinstance(d.get("eos_token_id"), list):
@@ -259,8 +301,8 @@ class ModelConfig:
             if self.model_type != "qwen2":
                 d["attention_bias"] = self.attention_bias
         else:
-            d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                 if f.name != "extra" and f.name not in _DENSE_ONLY}
+            skip = ("extra", *_DENSE_ONLY, *(() if self.dsa else _DSA_ONLY))
+            d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
             d["q_lora_rank"] = self.q_lora_rank
         for k in ("torch_dtype", "quantization_config"):
             if k in d and d[k] is None:
@@ -309,6 +351,22 @@ def _read_rope(d: dict) -> None:
         if rs["type"] in (None, "default"):
             rs = None
         d["rope_scaling"] = rs
+
+
+def _read_dsa(d: dict) -> None:
+    """deepseek_v32's config.json: transformers writes mlp_layer_types (dense or MoE per layer); we derive that
+    from first_k_dense_replace, so refuse a pattern that disagrees rather than ignore it. In place."""
+    types = d.get("mlp_layer_types")
+    n, k = d.get("num_hidden_layers", 61), d.get("first_k_dense_replace", 3)
+    if types is not None and list(types) != ["dense"] * min(k, n) + ["sparse"] * max(n - k, 0):
+        raise ValueError(f"config.json has mlp_layer_types={types}, which is not first_k_dense_replace={k} dense "
+                         f"layers then MoE layers: other patterns are not supported")
+    layers = d.pop("layer_types", None)
+    if layers is not None and set(layers) != {"indexed_attention"}:
+        raise ValueError(f"config.json has layer_types={sorted(set(layers))}: every deepseek_v32 layer is "
+                         f"'indexed_attention' (DSA); other layer types are not supported")
+    d.pop("mlp_layer_types", None)            # derived again from first_k_dense_replace by every reader
+    d.setdefault("rope_interleave", True)   # transformers' V3.2 always rotates MLA's rope dims interleaved
 
 
 def _read_dense(d: dict) -> None:
@@ -377,6 +435,23 @@ PRESETS: dict[str, dict] = {
                routed_scaling_factor=2.5, norm_topk_prob=True, topk_method="noaux_tc", scoring_func="sigmoid",
                first_k_dense_replace=3, num_nextn_predict_layers=1, max_position_embeddings=163840,
                rope_scaling=_YARN_V3, bos_token_id=0, eos_token_id=1),
+    # DeepSeek-V3.2 (-Exp, and V3.2 as released): V3's shapes plus a lightning indexer per layer (config.json of
+    # deepseek-ai/DeepSeek-V3.2-Exp: index_n_heads 64, index_head_dim 128, index_topk 2048); 671B + 0.85B of indexers
+    "v3.2": dict(model_type="deepseek_v32", vocab_size=129280, hidden_size=7168, intermediate_size=18432,
+                 moe_intermediate_size=2048, num_hidden_layers=61, num_attention_heads=128, num_key_value_heads=128,
+                 q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+                 n_routed_experts=256, n_shared_experts=1, num_experts_per_tok=8, n_group=8, topk_group=4,
+                 routed_scaling_factor=2.5, norm_topk_prob=True, topk_method="noaux_tc", scoring_func="sigmoid",
+                 first_k_dense_replace=3, num_nextn_predict_layers=1, max_position_embeddings=163840,
+                 rope_scaling=_YARN_V3, bos_token_id=0, eos_token_id=1, index_n_heads=64, index_head_dim=128,
+                 index_topk=2048),
+    # tests and small DSA experiments: "tiny" with an indexer of 4 heads x 16 that keeps 16 tokens per query
+    "tiny-v3.2": dict(model_type="deepseek_v32", vocab_size=512, hidden_size=64, intermediate_size=128,
+                      moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                      q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+                      n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
+                      routed_scaling_factor=1.0, first_k_dense_replace=1, num_nextn_predict_layers=1,
+                      max_position_embeddings=512, index_n_heads=4, index_head_dim=16, index_topk=16),
     # --- R1's distilled students (dense; DeepSeek-R1 report Section 2.4), shapes of their published config.json
     # DeepSeek-R1-Distill-Qwen-1.5B: Qwen2.5-Math-1.5B widths, embeddings untied (1.78B; Qwen2.5-1.5B ties, 1.54B)
     "qwen-1.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,

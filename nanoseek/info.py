@@ -39,10 +39,16 @@ def summary(cfg: ModelConfig, name: str = "") -> str:
 
 def cache_lines(cfg: ModelConfig) -> list[str]:
     """The KV cache one token costs, all layers, next to the other attention's: MLA's latent (kv_lora_rank +
-    qk_rope_head_dim per layer) vs GQA's keys and values (2 x num_key_value_heads x head_dim per layer)."""
+    qk_rope_head_dim per layer, + the indexer key with DSA) vs GQA's keys and values (2 x num_key_value_heads x head_dim per layer)."""
     L = cfg.num_hidden_layers
     own, mha = cfg.kv_cache_elems_per_token * L, cfg.mha_cache_elems_per_token * L
     kb = 2 / 1024  # bf16 bytes per element, in KiB
+    if cfg.attention == "mla" and cfg.dsa:
+        return [f"  KV cache per token: MLA latent + DSA indexer key {own:,} elements ({cfg.kv_lora_rank} + "
+                f"{cfg.qk_rope_head_dim} + {cfg.index_head_dim} per layer, {own * kb:,.1f} KiB in bf16) vs {mha:,} for "
+                f"MHA with the same heads ({mha / own:.1f}x smaller)",
+                f"  DeepSeek Sparse Attention: each query attends to the top {cfg.index_topk:,} tokens chosen by a "
+                f"lightning indexer of {cfg.index_n_heads} heads x {cfg.index_head_dim}"]
     if cfg.attention == "mla":
         return [f"  KV cache per token: MLA latent {own:,} elements ({cfg.kv_lora_rank} + {cfg.qk_rope_head_dim} per "
                 f"layer, {own * kb:,.1f} KiB in bf16) vs {mha:,} for MHA with the same heads ({mha / own:.1f}x "

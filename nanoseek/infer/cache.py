@@ -5,6 +5,10 @@ What a token leaves in the cache depends on the attention (chosen by `cfg.attent
   k_pe (qk_rope_head_dim): 576 elements per token per layer for V3, where a per-head K/V cache holds 40,960.
 * "gqa" (the dense students: qwen2, llama, qwen3): per layer, K (after RoPE, and qwen3's k-norm) and V of each of
   the n_kv_heads key/value heads: 2 x n_kv_heads x head_dim elements (1,024 for Qwen2.5-7B / Llama-3-8B).
+* "mla" with DeepSeek Sparse Attention (V3.2, cfg.dsa): the latent plus the lightning indexer's one key per token
+  (index_head_dim, 128): 704 elements per token per layer. Decoding reads every indexer key but only the
+  index_topk selected latents (update_indexer, then update_selected). DeepSeek stores the indexer key in FP8; here
+  it has the cache's dtype.
 
 Layout (the PagedAttention idea of vLLM, Kwon et al. 2023): each layer owns, for each of its two cached tensors,
 one pool of `num_blocks` blocks of `block_size` token slots, e.g. c_kv (num_blocks, block_size, kv_lora_rank) or
@@ -121,22 +125,23 @@ def block_keys(tokens: list[int], block_size: int, n_blocks: int, lookahead: int
 
 
 class PagedCache:
-    """The engine's cache: a BlockPool shared by every layer, per-layer pools of the two tensors a token leaves
+    """The engine's cache: a BlockPool shared by every layer, per-layer pools of the tensors a token leaves
     (what they are is the subclass's `token_shapes`), and the per-step view the attention reads through.
 
-    Subclasses name the two tensors (`names`) and give their per-token shapes; the pools are then also attributes
-    under those names (PagedLatentCache: `c_kv`, `k_pe`; PagedKVCache: `k`, `v`), one tensor per layer each.
+    Subclasses name the tensors (`names`, two: what `update` stores; DSA's cache adds the indexer key) and give
+    their per-token shapes; the pools are then also attributes under those names (PagedLatentCache: `c_kv`, `k_pe`;
+    PagedKVCache: `k`, `v`; PagedDSACache: `c_kv`, `k_pe`, `k_index`), one tensor per layer each.
     """
 
-    names: tuple[str, str]
+    names: tuple[str, ...]
 
     @staticmethod
-    def token_shapes(cfg: ModelConfig) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    def token_shapes(cfg: ModelConfig) -> tuple[tuple[int, ...], ...]:
         raise NotImplementedError
 
     @classmethod
     def elems_per_token(cls, cfg: ModelConfig) -> int:
-        """Elements one token costs per layer (both tensors)."""
+        """Elements one token costs per layer (all its tensors)."""
         return sum(math.prod(s) for s in cls.token_shapes(cfg))
 
     def __init__(self, cfg: ModelConfig, num_layers: int, num_blocks: int, block_size: int,
@@ -146,9 +151,9 @@ class PagedCache:
         for name, shape in zip(self.names, self.token_shapes(cfg)):     # (num_blocks, block_size, *shape) per layer
             setattr(self, name, [torch.zeros(num_blocks, block_size, *shape, dtype=dtype, device=device)
                                  for _ in range(num_layers)])
-        a, b = (getattr(self, name) for name in self.names)
-        # slot-major views (num_blocks * block_size, elems) that update() scatters into and gathers from
-        self._flat = [(x.view(-1, x[0, 0].numel()), y.view(-1, y[0, 0].numel())) for x, y in zip(a, b)]
+        # per layer, slot-major views (num_blocks * block_size, elems) that update() scatters into and gathers from
+        self._flat = [tuple(getattr(self, name)[i].view(num_blocks * block_size, -1) for name in self.names)
+                      for i in range(num_layers)]
         self.bytes_per_token = num_layers * self.elems_per_token(cfg) * torch.empty((), dtype=dtype).element_size()
         self._write = self._read = self._mask = None
 
@@ -193,12 +198,15 @@ class PagedCache:
 
         MLA: (c_kv, k_pe); GQA: (k, v) with shape (n_kv_heads, head_dim)."""
         B, S = self._read.shape
-        flat_a, flat_b = self._flat[layer]
-        flat_a.index_copy_(0, self._write, a.reshape(-1, flat_a.shape[1]))
-        flat_b.index_copy_(0, self._write, b.reshape(-1, flat_b.shape[1]))
         read = self._read.view(-1)
-        return (flat_a.index_select(0, read).view(B, S, *a.shape[2:]),
-                flat_b.index_select(0, read).view(B, S, *b.shape[2:]), self._mask)
+        return (*(self._store(layer, i, x).index_select(0, read).view(B, S, *x.shape[2:]) for i, x in enumerate((a, b))),
+                self._mask)
+
+    def _store(self, layer: int, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Write this step's tokens of tensor i (B, T, *shape) into their slots; returns its flat pool."""
+        flat = self._flat[layer][i]
+        flat.index_copy_(0, self._write, x.reshape(-1, flat.shape[1]))
+        return flat
 
 
 class PagedLatentCache(PagedCache):
@@ -221,21 +229,46 @@ class PagedKVCache(PagedCache):
         return (cfg.num_key_value_heads, cfg.head_dim), (cfg.num_key_value_heads, cfg.head_dim)
 
 
+class PagedDSACache(PagedLatentCache):
+    """DeepSeek Sparse Attention's paged cache (V3.2): the latent and the lightning indexer's key per token and
+    layer, in the same blocks (so prefix reuse and chunked prefill cover both)."""
+
+    names = ("c_kv", "k_pe", "k_index")
+
+    @staticmethod
+    def token_shapes(cfg: ModelConfig):
+        return (cfg.kv_lora_rank,), (cfg.qk_rope_head_dim,), (cfg.index_head_dim,)
+
+    def update_indexer(self, layer: int, keys: torch.Tensor):
+        """Store this step's indexer keys (B, T, index_head_dim); return every visible one (B, S, index_head_dim)
+        and the mask of update()."""
+        B, S = self._read.shape
+        return self._store(layer, 2, keys).index_select(0, self._read.view(-1)).view(B, S, -1), self._mask
+
+    def update_selected(self, layer: int, c_kv: torch.Tensor, k_pe: torch.Tensor, positions: torch.Tensor):
+        """Store this step's latents and return only those at `positions` (B, T, k) of each row's visible
+        sequence: c_kv (B, T, k, kv_lora_rank), k_pe (B, T, k, rope). Reads T x k latents, not S."""
+        B, T, k = positions.shape
+        slots = self._read.gather(1, positions.reshape(B, T * k)).view(-1)               # (B*T*k,)
+        return tuple(self._store(layer, i, x).index_select(0, slots).view(B, T, k, -1)
+                     for i, x in enumerate((c_kv, k_pe)))
+
+
 PAGED_CACHES: dict[str, type[PagedCache]] = {"mla": PagedLatentCache, "gqa": PagedKVCache}
 
 
 def paged_cache_class(cfg: ModelConfig) -> type[PagedCache]:
-    """The paged cache of this model's attention (cfg.attention: "mla" or "gqa")."""
+    """The paged cache of this model's attention (cfg.attention: "mla" or "gqa"; MLA with an indexer: DSA's)."""
     if cfg.attention not in PAGED_CACHES:
         raise ValueError(f"no paged cache for attention {cfg.attention!r}: the engine serves {sorted(PAGED_CACHES)}")
-    return PAGED_CACHES[cfg.attention]
+    return PagedDSACache if cfg.dsa else PAGED_CACHES[cfg.attention]
 
 
 class _ContiguousCache:
     """A contiguous cache of two per-token tensors for B sequences that advance together (tests, simple generation):
     per layer, (B, max_len, *shape) each. Call `advance()` after each forward."""
 
-    names: tuple[str, str]
+    names: tuple[str, ...]
 
     def __init__(self, shapes, n_layers: int, batch: int, max_len: int, dtype, device):
         for name, shape in zip(self.names, shapes):
@@ -243,18 +276,21 @@ class _ContiguousCache:
         self.length = 0   # tokens already cached (the same for every layer once a forward finishes)
         self._new = 0
 
-    def update(self, layer, a, b):
-        T = a.shape[1]
-        start = self.length
-        store_a, store_b = (getattr(self, name) for name in self.names)
-        store_a[layer, :, start:start + T] = a
-        store_b[layer, :, start:start + T] = b
+    def _store(self, layer, name, x):
+        """Write x (B, T, *shape) after the cached tokens; returns the store's visible part (B, S, *shape)."""
+        T, start = x.shape[1], self.length
+        store = getattr(self, name)
+        store[layer, :, start:start + T] = x
         self._new = T
-        S = start + T
-        mask = None
-        if T > 1:  # (T, S): the new tokens see the cached ones and, causally, each other
-            mask = torch.ones(T, S, dtype=torch.bool, device=a.device).tril(start)
-        return store_a[layer, :, :S], store_b[layer, :, :S], mask
+        return store[layer, :, :start + T]
+
+    def _mask(self, T, device):
+        """(T, S) for T > 1: the new tokens see the cached ones and, causally, each other; None for one token."""
+        return torch.ones(T, self.length + T, dtype=torch.bool, device=device).tril(self.length) if T > 1 else None
+
+    def update(self, layer, a, b):
+        return (self._store(layer, self.names[0], a), self._store(layer, self.names[1], b),
+                self._mask(a.shape[1], a.device))
 
     def advance(self):
         """Call after each forward: the tokens just written become part of the context."""
@@ -266,14 +302,26 @@ class LatentCache(_ContiguousCache):
     """A contiguous latent KV cache for B sequences that advance together (tests, simple generation).
 
     Holds, per layer, c_kv (B, max_len, kv_lora_rank) and k_pe (B, max_len, qk_rope_head_dim) and nothing else:
-    that is all MLA needs. PagedLatentCache (above, the engine's) implements the same `update`.
+    that is all MLA needs. PagedLatentCache (above, the engine's) implements the same `update`. With DSA (cfg.dsa)
+    it also holds the indexer keys k_index (B, max_len, index_head_dim), as PagedDSACache does.
     """
 
     names = ("c_kv", "k_pe")
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype=torch.float32, device=None):
-        super().__init__(PagedLatentCache.token_shapes(cfg), cfg.num_hidden_layers + cfg.num_nextn_predict_layers,
+        cls = PagedDSACache if cfg.dsa else PagedLatentCache
+        self.names = cls.names
+        super().__init__(cls.token_shapes(cfg), cfg.num_hidden_layers + cfg.num_nextn_predict_layers,
                          batch, max_len, dtype, device)
+
+    def update_indexer(self, layer, keys):
+        """DSA: store the indexer keys (B, T, index_head_dim); -> all of them (B, S, index_head_dim), the mask."""
+        return self._store(layer, "k_index", keys), self._mask(keys.shape[1], keys.device)
+
+    def update_selected(self, layer, c_kv, k_pe, positions):
+        """DSA: store the latents; -> those at positions (B, T, k): (B, T, k, kv_lora_rank), (B, T, k, rope)."""
+        rows = torch.arange(positions.shape[0], device=positions.device)[:, None, None]
+        return self._store(layer, "c_kv", c_kv)[rows, positions], self._store(layer, "k_pe", k_pe)[rows, positions]
 
 
 class KVCache(_ContiguousCache):

@@ -42,7 +42,7 @@ class GQA(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.interleave = cfg.rope_interleave  # False for every dense family (the config refuses True)
 
-    def forward(self, x, cos, sin, mask=None, cache=None, layer: int = 0):
+    def forward(self, x, cos, sin, mask=None, cache=None, layer: int = 0, dsa=None):
         """x (B, T, hidden) -> (B, T, hidden).
 
         Without `cache`: attention over these T tokens, causal, or under `mask` (B, 1, T, T) or (T, T), True = may

@@ -10,6 +10,11 @@ rotary key k_pe shared by all heads. Two ways to compute the same attention:
   as multi-query attention with one 576-dim "key" (V3) and the 512-dim latent as "value".
 
 tests/test_model.py checks the two paths give the same output.
+
+DeepSeek-V3.2 (model_type deepseek_v32) adds DeepSeek Sparse Attention: a LightningIndexer (dsa.py) picks the
+index_topk tokens each query may attend to. The full path folds the selection into its mask; the absorbed path
+(decode) reads only the selected latents from the cache, so its attention cost stops growing past index_topk
+(tests/test_dsa.py: both equal transformers' DeepseekV32, and each other).
 """
 
 from __future__ import annotations
@@ -19,8 +24,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .dsa import DSA, IndexRecord, LightningIndexer, causal_visible, selection_mask, top_k
 from .layers import Linear, RMSNorm
 from .rope import apply_rope, yarn_get_mscale, yarn_scaling
+
+
+def gather_selected(T: int, S: int, k: int) -> bool:
+    """Decode-time DSA: read the T x k selected latents from the cache (True) or all S under a selection mask (False,
+    cheaper when T x k >= S, e.g. a long prefill chunk). Both give the same attention (tests/test_dsa.py)."""
+    return T * k < S
 
 
 class MLA(nn.Module):
@@ -51,36 +63,89 @@ class MLA(nn.Module):
         # W_UK, W_UV; plain nn.Linear: the absorbed path reads its weight directly
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.n_heads * (self.nope + self.v_dim), bias=False)
         self.o_proj = Linear(self.n_heads * self.v_dim, h, bias=bias)
+        self.indexer = LightningIndexer(cfg) if cfg.dsa else None      # DeepSeek-V3.2's DSA
 
     def queries(self, x, cos, sin):
+        """-> q_nope (B, T, H, nope), roped q_pe (B, T, H, rope), the query latent (B, T, q_lora_rank) or None."""
         B, T, _ = x.shape
-        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora_rank else self.q_proj(x)
+        q_latent = self.q_a_layernorm(self.q_a_proj(x)) if self.q_lora_rank else None
+        q = self.q_b_proj(q_latent) if self.q_lora_rank else self.q_proj(x)
         q = q.view(B, T, self.n_heads, self.qk_dim)
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)  # (B, T, H, nope), (B, T, H, rope)
-        return q_nope, apply_rope(q_pe, cos, sin, self.interleave)
+        return q_nope, apply_rope(q_pe, cos, sin, self.interleave), q_latent
 
     def latent(self, x, cos, sin):
         """The per-token cache entry: normalised c_kv (B, T, kv_lora_rank) and roped k_pe (B, T, rope)."""
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope], dim=-1)
         return self.kv_a_layernorm(c_kv), apply_rope(k_pe, cos, sin, self.interleave)
 
-    def forward(self, x, cos, sin, mask=None, cache=None, layer: int = 0):
+    def forward(self, x, cos, sin, mask=None, cache=None, layer: int = 0, dsa: DSA | None = None):
         """x (B, T, hidden) -> (B, T, hidden).
 
         Without `cache`: the full path over these T tokens, causal, or under `mask` (B, 1, T, T) or (T, T),
         True = may attend (every row needs one True). With `cache`: the absorbed path through it.
         cache.update(layer, c_kv, k_pe) stores this step's latents and returns every visible latent
         (B, S, kv_lora_rank), (B, S, rope) and a boolean mask (B, 1, T, S) (True = may attend) or None.
+        With an indexer (DSA), see dsa_forward for the two more cache methods; `dsa` (dsa.DSA) switches the
+        selection off (sparse=False) or collects training records; None = sparse, no records.
         """
         if mask is not None and cache is not None:
             raise ValueError("MLA got both a mask and a cache: the cache supplies the mask of the absorbed path "
                              "(cache.update returns it); pass one of them")
-        q_nope, q_pe = self.queries(x, cos, sin)
+        q_nope, q_pe, q_latent = self.queries(x, cos, sin)
         c_kv, k_pe = self.latent(x, cos, sin)
+        if self.indexer is not None:
+            return self.dsa_forward(x, q_latent, (q_nope, q_pe), (c_kv, k_pe), (cos, sin), mask, cache, layer,
+                                    dsa or DSA())
         if cache is None:
             return self.full_attention(q_nope, q_pe, c_kv, k_pe, mask)
         c_kv, k_pe, mask = cache.update(layer, c_kv, k_pe)
         return self.absorbed_attention(q_nope, q_pe, c_kv, k_pe, mask)
+
+    def dsa_forward(self, x, q_latent, q, latent, rope, mask, cache, layer: int, dsa: DSA):
+        """DeepSeek Sparse Attention: MLA over the index_topk tokens of highest indexer score (dsa.py).
+
+        Full path: the selection becomes the attention mask. Cache path: cache.update_indexer(layer, keys (B, T,
+        index_head_dim)) stores the indexer keys and returns all visible ones (B, S, index_head_dim) with the mask
+        (B|1, 1, T, S) or None; then cache.update_selected(layer, c_kv, k_pe, positions (B, T, k)) stores this step's
+        latents and returns only the selected ones, (B, T, k, kv_lora_rank) and (B, T, k, rope), which attention
+        reads (or cache.update and a selection mask when that reads less: gather_selected). Until a row has more
+        than index_topk visible tokens, every visible token is selected and the indexer's scores are not needed."""
+        (q_nope, q_pe), (c_kv, k_pe) = q, latent
+        B, T, H, _ = q_nope.shape
+        k = self.indexer.topk
+        x, q_latent = x.detach(), q_latent.detach()    # the indexer learns from its own loss only (paper 2.1.1)
+        keys = self.indexer.keys(x, *rope)                                             # (B, T, index_head_dim)
+        if cache is None:
+            visible = (causal_visible(T, T, x.device) if mask is None else mask).reshape(-1, T, T)   # (B|1, T, T)
+            if T <= k and dsa.records is None:                                         # everything is selected
+                return self.full_attention(q_nope, q_pe, c_kv, k_pe, mask)
+            scores = self.indexer(x, q_latent, *rope, keys)                            # (B, T, T)
+            selected = selection_mask(scores, visible, k)
+            if dsa.records is not None:
+                with torch.no_grad():
+                    p = self.attention_probs(q_nope, q_pe, c_kv, k_pe, (selected if dsa.sparse else visible)[:, None])
+                scores = scores.masked_fill(~visible, float("-inf"))
+                dsa.records.append(IndexRecord(layer, scores, p.sum(2) / H, selected))
+            return self.full_attention(q_nope, q_pe, c_kv, k_pe, selected[:, None] if dsa.sparse else mask)
+        if dsa.records is not None:
+            raise ValueError("DSA records are collected on the full path (training forwards without a cache)")
+        keys, mask = cache.update_indexer(layer, keys)                                 # (B, S, index_head_dim)
+        S = keys.shape[1]
+        if not dsa.sparse or S <= k:
+            c_kv, k_pe, mask = cache.update(layer, c_kv, k_pe)
+            return self.absorbed_attention(q_nope, q_pe, c_kv, k_pe, mask)
+        visible = causal_visible(T, S, x.device)[None] if mask is None else mask.reshape(-1, T, S)
+        positions, valid = top_k(self.indexer(x, q_latent, *rope, keys), visible, k)  # (B, T, k) each
+        if not gather_selected(T, S, k):
+            c_kv, k_pe, _ = cache.update(layer, c_kv, k_pe)
+            selected = torch.zeros(B, T, S, dtype=torch.bool, device=x.device).scatter(-1, positions, valid)
+            return self.absorbed_attention(q_nope, q_pe, c_kv, k_pe, selected[:, None])
+        c_sel, pe_sel = cache.update_selected(layer, c_kv, k_pe, positions)           # (B, T, k, r), (B, T, k, rope)
+        # each query attends to its own k latents: fold the queries into the batch, one query per row
+        out = self.absorbed_attention(q_nope.reshape(B * T, 1, H, self.nope), q_pe.reshape(B * T, 1, H, self.rope),
+                                      c_sel.flatten(0, 1), pe_sel.flatten(0, 1), valid.reshape(B * T, 1, 1, -1))
+        return out.view(B, T, -1)
 
     def full_attention(self, q_nope, q_pe, c_kv, k_pe, mask=None):
         """Attention with per-head keys/values expanded from the latent (the training path): causal when mask is
@@ -100,11 +165,11 @@ class MLA(nn.Module):
         out = out.transpose(1, 2)[..., : self.v_dim]                                     # (B, T, H, v)
         return self.o_proj(out.reshape(B, T, H * self.v_dim))
 
-    def absorbed_attention(self, q_nope, q_pe, c_kv, k_pe, mask=None):
-        """Attention computed against the latent cache: scores = (q_nope W_UK) . c_kv + q_pe . k_pe."""
+    def attention_probs(self, q_nope, q_pe, c_kv, k_pe, mask=None):
+        """The attention distribution of every head, (B, T, H, S) float32, computed against the latent (c_kv
+        (B, S, r), k_pe (B, S, rope)) under mask (B|1, 1, T, S) or (T, S), True = may attend (causal when None)."""
         B, T, H, _ = q_nope.shape
-        w = self.kv_b_proj.weight.view(H, self.nope + self.v_dim, self.kv_lora_rank)
-        w_uk, w_uv = w[:, : self.nope], w[:, self.nope:]                              # (H, nope, r), (H, v, r)
+        w_uk = self.kv_b_proj.weight.view(H, self.nope + self.v_dim, self.kv_lora_rank)[:, : self.nope]  # (H, nope, r)
         # Multi-query attention against ONE latent "head", written as two matmuls (DeepSeek's inference code does
         # the same): no concatenated [c_kv, k_pe] keys and no per-head expansion of the cache, which SDPA's math
         # fallback (q and v head sizes differ) would materialise: 2-5x faster decode attention on CPU.
@@ -115,10 +180,17 @@ class MLA(nn.Module):
         scores = torch.baddbmm(q_lat @ c_kv.transpose(1, 2), q_pe.reshape(B, T * H, self.rope),
                                k_pe.transpose(1, 2)).view(B, T, H, S)                 # (B, T, H, S)
         if mask is None and T > 1:
-            mask = torch.ones(T, S, dtype=torch.bool, device=c_kv.device).tril(S - T)
+            mask = causal_visible(T, S, c_kv.device)
         if mask is not None:                                                           # (B|1, 1, T, S) or (T, S)
             scores = scores.masked_fill(~mask.reshape(-1, T, 1, S), float("-inf"))
-        p = torch.softmax(scores.float() * self.softmax_scale, dim=-1).to(c_kv.dtype)
+        return torch.softmax(scores.float() * self.softmax_scale, dim=-1)
+
+    def absorbed_attention(self, q_nope, q_pe, c_kv, k_pe, mask=None):
+        """Attention computed against the latent cache: scores = (q_nope W_UK) . c_kv + q_pe . k_pe."""
+        B, T, H, _ = q_nope.shape
+        S, r = c_kv.shape[1], self.kv_lora_rank
+        p = self.attention_probs(q_nope, q_pe, c_kv, k_pe, mask).to(c_kv.dtype)       # (B, T, H, S)
         out = (p.view(B, T * H, S) @ c_kv).view(B * T, H, r)
+        w_uv = self.kv_b_proj.weight.view(H, self.nope + self.v_dim, r)[:, self.nope:]  # (H, v, r)
         out = torch.bmm(out.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)    # (B*T, H, v)
         return self.o_proj(out.reshape(B, T, H * self.v_dim))

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .dsa import DSA
 from .gqa import GQA
 from .layers import MLP, Linear, RMSNorm
 from .mla import MLA
@@ -47,9 +48,10 @@ class Block(nn.Module):
         moe = cfg.is_moe_layer(layer) or layer >= cfg.num_hidden_layers  # the MTP block is an MoE block (V3)
         self.mlp = MoE(cfg) if moe and cfg.is_moe else MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, mask=None, cache=None):
-        """x (B, T, hidden) -> (B, T, hidden); mask and cache as in MLA.forward / GQA.forward."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, self.layer)
+    def forward(self, x, cos, sin, mask=None, cache=None, dsa=None):
+        """x (B, T, hidden) -> (B, T, hidden); mask, cache and dsa (DeepSeek-V3.2's options) as in MLA.forward
+        (GQA.forward ignores dsa: no indexer)."""
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, self.layer, dsa)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -77,10 +79,10 @@ class MTPLayer(nn.Module):
         self.block = Block(cfg, layer)
         self.shared_head = SharedHead(cfg)
 
-    def forward(self, hidden, next_emb, cos, sin, mask=None, cache=None):
+    def forward(self, hidden, next_emb, cos, sin, mask=None, cache=None, dsa=None):
         """hidden, next_emb (B, T, hidden) -> (B, T, hidden), normed for the shared head."""
         x = self.eh_proj(torch.cat([self.enorm(next_emb), self.hnorm(hidden)], dim=-1))   # (B, T, 2 hidden) -> h
-        return self.shared_head.norm(self.block(x, cos, sin, mask, cache))
+        return self.shared_head.norm(self.block(x, cos, sin, mask, cache, dsa))
 
 
 class Transformer(nn.Module):
@@ -105,7 +107,7 @@ class Transformer(nn.Module):
         for name, p in self.named_parameters():
             if p.dim() >= 2:
                 nn.init.normal_(p, mean=0.0, std=std)
-            elif "norm" in name:
+            elif "norm" in name and name.endswith("weight"):     # (the indexer's LayerNorm also has a bias)
                 nn.init.ones_(p)
             else:
                 nn.init.zeros_(p)
@@ -114,17 +116,18 @@ class Transformer(nn.Module):
                 m.e_score_correction_bias.zero_()
 
     def trunk(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-              cache=None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+              cache=None, dsa: DSA | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """The main model up to its final norm: input_ids (B, T) -> h (B, T, hidden) and rope = (cos, sin), each
         (B, T, rope_dim // 2). The head is separate so that a caller who needs logits at a few positions
-        (the engine) pays vocab x hidden for those only; rope serves the MTP module at the same positions."""
+        (the engine) pays vocab x hidden for those only; rope serves the MTP module at the same positions.
+        dsa: DeepSeek-V3.2's per-forward options (model/dsa.py: dense or sparse, training records)."""
         B, T = input_ids.shape
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
         rope = self.rotary(positions)
         x = self.embed_tokens(input_ids)                                               # (B, T, hidden)
         for block in self.layers:
-            x = block(x, *rope, mask, cache)
+            x = block(x, *rope, mask, cache, dsa)
         return self.norm(x), rope
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
@@ -132,19 +135,23 @@ class Transformer(nn.Module):
         return self.lm_head(h)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None, cache=None, return_hidden: bool = False, logits_to_keep: int = 0):
+                mask: torch.Tensor | None = None, cache=None, return_hidden: bool = False, logits_to_keep: int = 0,
+                dsa: DSA | None = None):
         """input_ids (B, T) -> logits (B, T, vocab) [, final hidden (B, T, hidden) after the last norm].
 
         positions (B, T): RoPE positions (default 0..T-1). mask: boolean (B, 1, T, T) or (T, T), True = may
         attend, for the full attention path (default causal). cache: the absorbed path through a latent cache
         (MLA.forward's protocol), which supplies its own mask. logits_to_keep k > 0: logits of the last k
-        positions only (B, k, vocab), as transformers' argument: the head is skipped where no loss is taken."""
-        h, _ = self.trunk(input_ids, positions, mask, cache)
+        positions only (B, k, vocab), as transformers' argument: the head is skipped where no loss is taken.
+        dsa (deepseek_v32 only): dsa.DSA(sparse=False) runs dense attention; DSA(records=[]) collects, per layer,
+        the indexer's scores and the attention it is trained to match (model/dsa.py)."""
+        h, _ = self.trunk(input_ids, positions, mask, cache, dsa)
         logits = self.head(h[:, -logits_to_keep:] if logits_to_keep else h)
         return (logits, h) if return_hidden else logits
 
     def mtp_hidden(self, hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                   mask: torch.Tensor | None = None, cache=None, depth: int = 0, rope=None) -> torch.Tensor:
+                   mask: torch.Tensor | None = None, cache=None, depth: int = 0, rope=None,
+                   dsa: DSA | None = None) -> torch.Tensor:
         """MTP depth `depth` (V3 eq. 21-22): hidden (B, T, hidden) of position i (the trunk's for depth 0, else
         depth - 1's) and the token t_{i+depth+1} (B, T) -> this depth's hidden state (B, T, hidden), normed for
         the shared head. rope: the trunk's (cos, sin) at the same positions, or None to compute it."""
@@ -153,35 +160,37 @@ class Transformer(nn.Module):
             if positions is None:
                 positions = torch.arange(T, device=next_ids.device).expand(B, T)
             rope = self.rotary(positions)
-        return self.mtp[depth](hidden, self.embed_tokens(next_ids), *rope, mask, cache)
+        return self.mtp[depth](hidden, self.embed_tokens(next_ids), *rope, mask, cache, dsa)
 
     def mtp_forward(self, hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                    mask: torch.Tensor | None = None, cache=None, depth: int = 0, rope=None):
+                    mask: torch.Tensor | None = None, cache=None, depth: int = 0, rope=None, dsa: DSA | None = None):
         """mtp_hidden plus the shared head: -> (logits (B, T, vocab) for t_{i+depth+2}, the MTP hidden state,
         which feeds depth + 1)."""
-        h = self.mtp_hidden(hidden, next_ids, positions, mask, cache, depth, rope)
+        h = self.mtp_hidden(hidden, next_ids, positions, mask, cache, depth, rope, dsa)
         return self.head(h), h
 
     def losses(self, input_ids: torch.Tensor, targets: torch.Tensor, positions: torch.Tensor | None = None,
-               documents: torch.Tensor | None = None, ignore_index: int = -100) -> dict:
+               documents: torch.Tensor | None = None, ignore_index: int = -100, dsa: DSA | None = None) -> dict:
         """Next-token loss, the MTP loss (V3 eq. 24-25: mean over depths) and the sequence-wise balance loss.
 
         targets[b, i] is the token after input_ids[b, i] (or ignore_index); MTP depth k at position i predicts
         targets[b, i + k + 1], the token k + 2 places after input_ids[b, i]. documents (B, T), for packed rows:
         the example index of each token (-1 = padding); attention stays inside each example (document_mask, built
-        once for every layer) and an MTP label from another example is ignored.
+        once for every layer) and an MTP label from another example is ignored. dsa (deepseek_v32): dense or sparse
+        attention for every layer, MTP included; its records come from the main model's layers only.
         """
         mask = None if documents is None else document_mask(documents)                # (B, 1, T, T)
-        h, rope = self.trunk(input_ids, positions, mask)
+        h, rope = self.trunk(input_ids, positions, mask, dsa=dsa)
         logits = self.head(h)
         V = logits.shape[-1]
         out = {"loss": F.cross_entropy(logits.reshape(-1, V).float(), targets.reshape(-1), ignore_index=ignore_index)}
-        out["mtp_loss"] = self._mtp_loss(input_ids, targets, h, rope, mask, documents, ignore_index)
+        mtp_dsa = None if dsa is None else DSA(sparse=dsa.sparse)
+        out["mtp_loss"] = self._mtp_loss(input_ids, targets, h, rope, mask, documents, ignore_index, mtp_dsa)
         bl = [m.balance_loss for m in self.moe_layers() if m.balance_loss is not None]
         out["balance_loss"] = torch.stack(bl).sum() if bl else logits.new_zeros(())
         return out
 
-    def _mtp_loss(self, input_ids, targets, h, rope, mask, documents, ignore_index) -> torch.Tensor:
+    def _mtp_loss(self, input_ids, targets, h, rope, mask, documents, ignore_index, dsa=None) -> torch.Tensor:
         """Mean over depths of each depth's mean cross-entropy (a depth with no label to predict counts 0)."""
         losses = []
         for k in range(len(self.mtp)):
@@ -196,7 +205,8 @@ class Transformer(nn.Module):
             # their rope and their rows/columns of the mask
             rope_k = (rope[0][:, :T], rope[1][:, :T])
             mask_k = None if mask is None else mask[..., :T, :T]
-            logits, h = self.mtp_forward(h[:, :T], input_ids[:, k + 1:k + 1 + T], mask=mask_k, depth=k, rope=rope_k)
+            logits, h = self.mtp_forward(h[:, :T], input_ids[:, k + 1:k + 1 + T], mask=mask_k, depth=k, rope=rope_k,
+                                         dsa=dsa)
             # sum / count rather than the mean: an all-ignored depth (short packed examples) gives 0, not 0/0 NaN
             ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
                                  ignore_index=ignore_index, reduction="sum")
