@@ -343,6 +343,8 @@ class Service:
                            param="stop_token_ids")
         kw = dict(max_tokens=max_tokens, stop=tuple(req.stop or ()), stop_token_ids=tuple(req.stop_token_ids or ()),
                   ignore_eos=req.ignore_eos, logprobs=logprobs, top_logprobs=top_logprobs, seed=req.seed)
+        if req.logit_bias:
+            kw["logit_bias"] = req.logit_bias
         for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
             if getattr(req, name) is not None:
                 kw[name] = getattr(req, name)

@@ -74,6 +74,29 @@ def validation_message(errors) -> str:
 MAX_TOP_K = 2**31 - 1    # top_k above the vocabulary keeps every token; the cap keeps it an ordinary integer everywhere
 SHORT_TEXT = 256         # model, user, name: identifiers, not texts
 MAX_STOP, MAX_STOP_CHARS, MAX_STOP_IDS, MAX_TOOLS = 16, 256, 64, 128
+MAX_BIAS = 300           # OpenAI's bound on logit_bias entries
+
+
+def integers_below(n: int) -> str:
+    """A regex matching the decimal integers 0 .. n-1 without leading zeros (n >= 1). JSON Schema bounds an
+    object's keys by a pattern only, and logit_bias's keys are token ids below the vocabulary size."""
+    m = str(n - 1)
+    L = len(m)
+    alts = ["[0-9]" if L > 1 else f"[0-{m}]"]
+    alts += [f"[1-9][0-9]{{{k - 1}}}" for k in range(2, L)]                 # fewer digits than n - 1
+    if L > 1:                                                              # as many digits, up to n - 1
+        for i, d in enumerate(map(int, m)):
+            lo = 1 if i == 0 else 0
+            if d > lo:
+                alts.append(f"{m[:i]}[{lo}-{d - 1}]" + (f"[0-9]{{{L - i - 1}}}" if L - i - 1 else ""))
+        alts.append(m)
+    return "^(" + "|".join(alts) + ")$"
+
+
+def bias_map(key_pattern: str = "^(0|[1-9][0-9]*)$"):
+    """logit_bias's type: {token id (a JSON key): -100 .. 100}, at most MAX_BIAS entries, no other keys."""
+    return Annotated[dict[Annotated[str, Field(pattern=key_pattern)], Annotated[float, Field(ge=-100, le=100)]],
+                     Field(max_length=MAX_BIAS, json_schema_extra={"additionalProperties": False})]
 
 
 def _whole(v):
@@ -223,6 +246,7 @@ class _Sampling(_Open):
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
     stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP_IDS)] | None = None
+    logit_bias: bias_map() | None = None                 # {"token id": bias}: added to its logit before sampling
     n: integer(ge=1, le=128) = 1                          # choices: copies sharing the prompt's cache, own seeds
     user: Short | None = None
 
@@ -341,11 +365,13 @@ def request_models(limits: Limits, model_name: str | None = None, ctx: int | Non
     tools = (Annotated[list[Tool], Field(max_length=MAX_TOOLS, json_schema_extra=None if tool_format
                                          else {"maxItems": 0})] | None, None)
     n = (integer(ge=1, le=limits.max_n), 1)
+    bias = (bias_map(integers_below(vocab_size)) | None, None) if vocab_size else (bias_map() | None, None)
     chat = create_model("ChatRequest", __base__=ChatRequest, __module__=__name__, model=model, max_tokens=tokens,
-                        max_completion_tokens=tokens, stop_token_ids=stop_ids, messages=messages, tools=tools, n=n)
+                        max_completion_tokens=tokens, stop_token_ids=stop_ids, messages=messages, tools=tools, n=n,
+                        logit_bias=bias)
     chat.tool_format = tool_format
     completion = create_model("CompletionRequest", __base__=CompletionRequest, __module__=__name__, model=model,
-                              max_tokens=tokens, stop_token_ids=stop_ids, prompt=prompt, n=n,
+                              max_tokens=tokens, stop_token_ids=stop_ids, prompt=prompt, n=n, logit_bias=bias,
                               **({"suffix": (str | None, None)} if fim else {}))
     completion.vocab_size, completion.fim = vocab_size, fim
     return chat, completion
