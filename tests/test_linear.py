@@ -6,12 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import rel_err
 
 import nanoseek as ns
 from nanoseek.model import layers
 from nanoseek.model.layers import Linear, decode_layout
-
-from conftest import rel_err
 
 
 @pytest.fixture
