@@ -290,3 +290,30 @@ def test_info_shows_the_indexer_key_in_the_cache_per_token():
 
     text = summary(ns.ModelConfig.preset("v3.2"), "v3.2")
     assert "indexer key" in text and f"{61 * 704:,}" in text
+
+
+def test_top_k_orders_like_the_scores_and_gives_ties_to_the_later_token():
+    from nanoseek.model.dsa import top_k
+
+    scores = torch.tensor([[[0.5, 0.0, -0.0, -2.0, 0.0, 3.0, -1.5, float("nan")]]])
+    visible = torch.tensor([[[True] * 7 + [False]]])
+    positions, valid = top_k(scores, visible, 5)
+    assert positions.tolist() == [[[5, 0, 4, 2, 1]]] and valid.all()      # 0.0 and -0.0 tie: latest first
+    positions, valid = top_k(scores, visible & (torch.arange(8) < 2), 3)
+    assert positions[0, 0, :2].tolist() == [0, 1] and valid.tolist() == [[[True, True, False]]]
+
+
+def test_tied_selections_are_the_same_on_every_path():
+    """An untrained indexer ties often (ReLU zeros at the top-k boundary); decoding token by token, chunked
+    prefill, MTP verification and one full forward still select alike, so their greedy tokens agree."""
+    torch.manual_seed(0)
+    model = ns.Transformer(ns.ModelConfig.preset("tiny-v3.2", initializer_range=0.2)).eval()
+    prompt = list(range(3, 40))
+    plain = ns.Engine(model, block_size=4, mtp=False).generate([prompt], greedy(20))[0].token_ids
+    _, recs = records_of(model, torch.tensor([prompt + plain]))
+    assert boundary_gap(recs, model.cfg.index_topk) == 0.0                # there are exact ties to break
+    with torch.no_grad():
+        assert model(torch.tensor([prompt + plain]))[0, len(prompt) - 1:-1].argmax(-1).tolist() == plain
+    spec = ns.Engine(model, block_size=4, mtp=True)
+    spec.prefill_tokens = 8
+    assert spec.generate([prompt], greedy(20))[0].token_ids == plain and spec.stats()["mtp_drafts"] > 0

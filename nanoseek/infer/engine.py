@@ -9,7 +9,9 @@ is looked up in the prefix cache first), (2) a batched prefill forward for the a
 different lengths; long prompts in chunks), (3) one batched decode forward for the requests already running.
 Requests leave as soon as they finish; their blocks return to the pool. Attention always runs against the paged
 cache (nanoseek.infer.cache): MLA's absorbed path against the latent, grouped-query attention against K and V; the
-cache computes the gather indices and mask once per forward (plan), the layers reuse them.
+cache computes the gather indices and mask once per forward (plan), the layers reuse them. DeepSeek-V3.2's sparse
+attention needs nothing more here: its cache (PagedDSACache) also keeps each token's indexer key, and each decode
+query's attention gathers only the index_topk latents its indexer selects (model/mla.py dsa_forward).
 
 MTP speculative decoding (DeepSeek-V3 Section 2.2 / 5.4.3): the MTP module, given the main model's last hidden
 state h_n and the token t_{n+1}, drafts t_{n+2}. A decode step then feeds [t_{n+1}, draft] at positions [n+1, n+2]:

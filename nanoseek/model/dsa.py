@@ -91,9 +91,18 @@ def causal_visible(T: int, S: int, device) -> torch.Tensor:
 
 def top_k(scores: torch.Tensor, visible: torch.Tensor, k: int):
     """The selection of eq. 2: scores (B, T, S), visible (B|1, T, S) bool -> (positions (B, T, k') of the top
-    k' = min(k, S) visible scores, valid (B, T, k') bool: False where a row has fewer than k' visible tokens)."""
-    top = scores.masked_fill(~visible, float("-inf")).topk(min(k, scores.shape[-1]), dim=-1)
-    return top.indices, top.values > float("-inf")
+    k' = min(k, S) visible scores, valid (B, T, k') bool: False where a row has fewer than k' visible tokens).
+
+    Equal scores go to the later token. Ties are common (a token none of a query's heads responds to scores exactly
+    0 after the ReLU), and torch.topk's choice among them depends on the shape of the call: decoding, chunked
+    prefill and MTP verification would select different sets for the same query. So the top-k runs over int64 keys
+    that order like the float32 scores, with the position in the low 32 bits."""
+    S = scores.shape[-1]
+    bits = (scores.float() + 0.0).view(torch.int32).long()            # + 0.0 turns -0.0 into 0.0
+    order = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)            # negative floats: flip to ascending order
+    keys = (order * 2 ** 32 + torch.arange(S, device=scores.device)).masked_fill(~visible, torch.iinfo(torch.int64).min)
+    positions = keys.topk(min(k, S), dim=-1).indices
+    return positions, visible.expand_as(scores).gather(-1, positions)
 
 
 def selection_mask(scores: torch.Tensor, visible: torch.Tensor, k: int) -> torch.Tensor:
