@@ -531,8 +531,8 @@ def export_gguf(model: Transformer, tokenizer, path: str | os.PathLike, type: st
     if type not in _STORE:
         raise UsageError(f"GGUF type {type!r} is not supported: expected one of {', '.join(_STORE)}")
     cfg, want, path = model.cfg, _STORE[type], Path(path)
-    hf = cfg.to_hf()
     _check_exportable(cfg)
+    hf = cfg.to_hf()
     tmp = path.with_name(path.name + ".tmp")
     w = gguf.GGUFWriter(tmp, ARCHS[cfg.model_type])
     w.add_name(path.stem)
@@ -568,6 +568,9 @@ def export_gguf(model: Transformer, tokenizer, path: str | os.PathLike, type: st
 
 def _check_exportable(cfg: ModelConfig) -> None:
     """What llama.cpp's architectures cannot express, refused before anything is written."""
+    if cfg.model_type not in ARCHS:
+        raise UsageError(f"model_type {cfg.model_type!r} has no GGUF export here (we write "
+                         f"{', '.join(sorted(ARCHS))}); DeepSeek-V3.2's lightning indexers have no deepseek2 tensors")
     if cfg.attention == "gqa":
         return
     if cfg.attention_bias:

@@ -853,3 +853,11 @@ def test_llama_cpp_converter_output_loads(tmp_path):
     tok, want = ns.Tokenizer.load(tokenizer_files(tmp_path / "v3.gguf", tmp_path / "tok")), ns.Tokenizer.load(published)
     for text in TEXTS:
         assert tok.encode(text) == want.encode(text), text
+
+
+def test_a_model_without_a_gguf_architecture_is_refused_before_writing(tmp_path):
+    """DeepSeek-V3.2 (lightning indexers) has no deepseek2 tensors: a clear refusal, and no file."""
+    model = ns.Transformer(ns.ModelConfig.preset("tiny-v3.2"))
+    with pytest.raises(UsageError, match="deepseek_v32"):
+        export_gguf(model, None, tmp_path / "v32.gguf")
+    assert not list(tmp_path.iterdir())
