@@ -285,6 +285,18 @@ def test_engine_reuses_prefixes_and_reads_only_the_selected_latents(served, monk
     assert reads and set(reads) == {(1, 1, cfg.index_topk, cfg.kv_lora_rank)}
 
 
+def test_engine_with_sparse_off_is_dense_mla_on_the_same_weights(served):
+    """Engine(sparse=False), bench/dsa.py's baseline: every decode query attends to every cached token, so its
+    greedy tokens are a dense full forward's (DSA(sparse=False)), not the sparse engine's (which are transformers')."""
+    _, model, prompts, expected = served
+    for p, e in zip(prompts[3:], expected[3:]):           # prompts longer than index_topk: selection matters
+        dense = ns.Engine(model, block_size=4, sparse=False).generate([p], greedy())[0].token_ids
+        with torch.no_grad():
+            logits = model(torch.tensor([p + dense]), dsa=DSA(sparse=False))
+        assert logits[0, len(p) - 1:-1].argmax(-1).tolist() == dense
+        assert dense != e
+
+
 def test_info_shows_the_indexer_key_in_the_cache_per_token():
     from nanoseek.info import summary
 

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import UsageError
+from ..model.dsa import DSA
 from .cache import block_keys, paged_cache_class
 from .grammar import ConstraintError
 from .sampling import Sampled, SamplingParams, sample
@@ -238,7 +239,8 @@ class Engine:
     Single-threaded: one thread calls step() (or generate)."""
 
     def __init__(self, model, tokenizer=None, max_batch: int = 16, max_seq_len: int | None = None,
-                 block_size: int = 16, num_blocks: int | None = None, mtp: bool | None = None):
+                 block_size: int = 16, num_blocks: int | None = None, mtp: bool | None = None,
+                 sparse: bool = True):
         cfg = model.cfg
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
         self.device = model.embed_tokens.weight.device
@@ -253,6 +255,9 @@ class Engine:
             raise UsageError(f"max_batch={max_batch} and block_size={block_size} must be >= 1")
         self.max_batch, self.block_size = max_batch, block_size
         self.prefill_tokens = PREFILL_TOKENS
+        # DeepSeek-V3.2 models: False attends to every cached token (dense MLA on the same weights; the indexer keys
+        # are still cached), for comparisons such as bench/dsa.py. May be changed between steps.
+        self.sparse = sparse
         # default context: the model's, capped at 4096 so the default pool stays small on CPU
         self.max_seq_len = int(max_seq_len or min(cfg.max_position_embeddings, 4096))
         n_layers = cfg.num_hidden_layers + (1 if self.mtp else 0)      # the MTP layer's cache index is L
@@ -518,11 +523,15 @@ class Engine:
         inp = torch.tensor([x + [0] * (T - len(x)) for x in ids], device=self.device)
         return inp, qpos, lens
 
+    def _dsa(self) -> DSA | None:
+        """The model's DeepSeek Sparse Attention option for this forward: None (sparse) unless self.sparse is off."""
+        return None if self.sparse else DSA(sparse=False)
+
     def _draft(self, h: torch.Tensor, next_ids: torch.Tensor, rope, rows: torch.Tensor, cols: torch.Tensor):
         """MTP depth 0 over the same positions (its cache layer is num_hidden_layers): h_i and t_{i+1} -> the
         greedy draft of t_{i+2} at (rows, cols)."""
         m = self.model
-        hm = m.mtp_hidden(h, next_ids, cache=self.cache, depth=0, rope=rope)
+        hm = m.mtp_hidden(h, next_ids, cache=self.cache, depth=0, rope=rope, dsa=self._dsa())
         return m.head(hm[rows, cols]).argmax(-1).tolist() if len(rows) else []
 
     def _sample(self, reqs: list[_Request], logits: torch.Tensor) -> tuple[Sampled, dict[str, Exception]]:
@@ -590,7 +599,7 @@ class Engine:
             chunk = max(self.block_size, self.prefill_tokens // len(todo))
             starts = [r.num_cached for r in todo]
             inp, pos, lens = self._plan(todo, [r.prompt[s:s + chunk] for r, s in zip(todo, starts)], starts)
-            h, rope = self.model.trunk(inp, pos, cache=self.cache)   # logits: model.head on the rows that need them
+            h, rope = self.model.trunk(inp, pos, cache=self.cache, dsa=self._dsa())   # logits: model.head on rows
             self.counters["prefill_forwards"] += 1
             ends = [i for i, r in enumerate(todo) if starts[i] + lens[i] == len(r.prompt)]   # prompt done here
             rows = torch.tensor(ends, device=dev)
@@ -619,7 +628,7 @@ class Engine:
             self._ensure_blocks(r, r.num_cached + 1 + s)
         ids = [[r.output[-1], r.draft] if s else [r.output[-1]] for r, s in zip(reqs, spec)]
         inp, pos, _ = self._plan(reqs, ids, [r.num_cached for r in reqs])
-        h, rope = self.model.trunk(inp, pos, cache=self.cache)
+        h, rope = self.model.trunk(inp, pos, cache=self.cache, dsa=self._dsa())
         self.counters["decode_forwards"] += 1
         B, dev = len(reqs), self.device
         si = [i for i, s in enumerate(spec) if s]
