@@ -192,6 +192,7 @@ class PagedCache:
         sequence attends over, padded with 0; mask (B, 1, T, S) bool, True = may attend (None: all S visible).
         """
         self._write, self._read, self._mask = write_slots, read_slots, mask
+        self._paged = None        # the block table and visible lengths of update_paged, derived on first use
 
     def update(self, layer: int, a: torch.Tensor, b: torch.Tensor):
         """Store this step's two tensors (B, T, *shape) and return every visible one (B, S, *shape) and the mask.
@@ -217,6 +218,23 @@ class PagedLatentCache(PagedCache):
     @staticmethod
     def token_shapes(cfg: ModelConfig):
         return (cfg.kv_lora_rank,), (cfg.qk_rope_head_dim,)
+
+
+    def update_paged(self, layer: int, c_kv: torch.Tensor, k_pe: torch.Tensor):
+        """Store this step's latents and return the cache as it lies, for a kernel that reads it through the block
+        table (model/flash_mla.py) instead of update()'s gathered copy: this layer's pools c_kv (num_blocks,
+        block_size, kv_lora_rank) and k_pe (num_blocks, block_size, rope), the block table (B, max_blocks) and each
+        query's visible length kv_len (B, T): query t of row b sees positions 0 .. kv_len[b, t] - 1 of its row."""
+        self._store(layer, 0, c_kv)
+        self._store(layer, 1, k_pe)
+        if self._paged is None:                # once per step, shared by every layer
+            bs, (B, S) = self.block_size, self._read.shape
+            table = self._read[:, ::bs] // bs  # plan() reads position k * bs of a row at slot table[k] * bs
+            # plan()'s mask is a prefix of each query's row (causal, within the row's length): its count is the length
+            kv_len = (self._mask[:, 0].sum(-1) if self._mask is not None
+                      else torch.full((B, c_kv.shape[1]), S, device=self._read.device))
+            self._paged = table.to(torch.int32), kv_len.to(torch.int32)
+        return self.c_kv[layer], self.k_pe[layer], *self._paged
 
 
 class PagedKVCache(PagedCache):

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from . import flash_mla
 from .dsa import DSA, IndexRecord, LightningIndexer, causal_visible, selection_mask, top_k
 from .layers import Linear, RMSNorm
 from .rope import apply_rope, yarn_get_mscale, yarn_scaling
@@ -99,8 +100,18 @@ class MLA(nn.Module):
                                     dsa or DSA())
         if cache is None:
             return self.full_attention(q_nope, q_pe, c_kv, k_pe, mask)
+        return self.cached_attention(q_nope, q_pe, c_kv, k_pe, cache, layer)
+
+    def cached_attention(self, q_nope, q_pe, c_kv, k_pe, cache, layer: int):
+        """The absorbed path through the cache: one kernel over the paged cache's blocks where flash_mla.use_kernel
+        says so (CUDA, triton), else update()'s gathered latents and the torch path (tested equal)."""
+        if flash_mla.use_kernel(cache, q_nope.device):
+            out = flash_mla.flash_mla(self.absorb(q_nope), q_pe, *cache.update_paged(layer, c_kv, k_pe),
+                                      self.softmax_scale)                              # (B, T, H, r)
+            return self.up_project(out)
         c_kv, k_pe, mask = cache.update(layer, c_kv, k_pe)
         return self.absorbed_attention(q_nope, q_pe, c_kv, k_pe, mask)
+
 
     def dsa_forward(self, x, q_latent, q, latent, rope, mask, cache, layer: int, dsa: DSA):
         """DeepSeek Sparse Attention: MLA over the index_topk tokens of highest indexer score (dsa.py).
@@ -133,8 +144,7 @@ class MLA(nn.Module):
         keys, mask = cache.update_indexer(layer, keys)                                 # (B, S, index_head_dim)
         S = keys.shape[1]
         if not dsa.sparse or S <= k:
-            c_kv, k_pe, mask = cache.update(layer, c_kv, k_pe)
-            return self.absorbed_attention(q_nope, q_pe, c_kv, k_pe, mask)
+            return self.cached_attention(q_nope, q_pe, c_kv, k_pe, cache, layer)
         visible = causal_visible(T, S, x.device)[None] if mask is None else mask.reshape(-1, T, S)
         positions, valid = top_k(self.indexer(x, q_latent, *rope, keys), visible, k)  # (B, T, k) each
         if not gather_selected(T, S, k):
@@ -169,14 +179,11 @@ class MLA(nn.Module):
         """The attention distribution of every head, (B, T, H, S) float32, computed against the latent (c_kv
         (B, S, r), k_pe (B, S, rope)) under mask (B|1, 1, T, S) or (T, S), True = may attend (causal when None)."""
         B, T, H, _ = q_nope.shape
-        w_uk = self.kv_b_proj.weight.view(H, self.nope + self.v_dim, self.kv_lora_rank)[:, : self.nope]  # (H, nope, r)
         # Multi-query attention against ONE latent "head", written as two matmuls (DeepSeek's inference code does
         # the same): no concatenated [c_kv, k_pe] keys and no per-head expansion of the cache, which SDPA's math
         # fallback (q and v head sizes differ) would materialise: 2-5x faster decode attention on CPU.
         S, r = c_kv.shape[1], self.kv_lora_rank
-        # per head, q_nope @ W_UK as one bmm over heads (einsum costs ~2x as much per call at decode sizes)
-        q_lat = torch.bmm(q_nope.reshape(B * T, H, self.nope).transpose(0, 1), w_uk)   # (H, B*T, r)
-        q_lat = q_lat.transpose(0, 1).reshape(B, T * H, r)                             # heads folded into rows
+        q_lat = self.absorb(q_nope).reshape(B, T * H, r)                               # heads folded into rows
         scores = torch.baddbmm(q_lat @ c_kv.transpose(1, 2), q_pe.reshape(B, T * H, self.rope),
                                k_pe.transpose(1, 2)).view(B, T, H, S)                 # (B, T, H, S)
         if mask is None and T > 1:
@@ -185,12 +192,29 @@ class MLA(nn.Module):
             scores = scores.masked_fill(~mask.reshape(-1, T, 1, S), float("-inf"))
         return torch.softmax(scores.float() * self.softmax_scale, dim=-1)
 
-    def absorbed_attention(self, q_nope, q_pe, c_kv, k_pe, mask=None):
-        """Attention computed against the latent cache: scores = (q_nope W_UK) . c_kv + q_pe . k_pe."""
+    def absorb(self, q_nope):
+        """q_nope (B, T, H, nope) -> q_nope W_UK (B, T, H, kv_lora_rank): each head's query in latent space."""
+        B, T, H, _ = q_nope.shape
+        w_uk = self.kv_b_proj.weight.view(H, self.nope + self.v_dim, self.kv_lora_rank)[:, : self.nope]  # (H, nope, r)
+        # per head, q_nope @ W_UK as one bmm over heads (einsum costs ~2x as much per call at decode sizes)
+        q_lat = torch.bmm(q_nope.reshape(B * T, H, self.nope).transpose(0, 1), w_uk)   # (H, B*T, r)
+        return q_lat.transpose(0, 1).reshape(B, T, H, self.kv_lora_rank)
+
+    def latent_attention(self, q_nope, q_pe, c_kv, k_pe, mask=None):
+        """Attention computed against the latent: scores = (q_nope W_UK) . c_kv + q_pe . k_pe, output the weighted
+        sum of c_kv, (B, T, H, kv_lora_rank), before W_UV (flash_mla.py is the same as one kernel)."""
         B, T, H, _ = q_nope.shape
         S, r = c_kv.shape[1], self.kv_lora_rank
         p = self.attention_probs(q_nope, q_pe, c_kv, k_pe, mask).to(c_kv.dtype)       # (B, T, H, S)
-        out = (p.view(B, T * H, S) @ c_kv).view(B * T, H, r)
+        return (p.view(B, T * H, S) @ c_kv).view(B, T, H, r)
+
+    def up_project(self, out):
+        """The latent output of every head (B, T, H, kv_lora_rank) -> o_proj(out W_UV) (B, T, hidden)."""
+        B, T, H, r = out.shape
         w_uv = self.kv_b_proj.weight.view(H, self.nope + self.v_dim, r)[:, self.nope:]  # (H, v, r)
-        out = torch.bmm(out.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)    # (B*T, H, v)
+        out = torch.bmm(out.view(B * T, H, r).transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # (B*T, H, v)
         return self.o_proj(out.reshape(B, T, H * self.v_dim))
+
+    def absorbed_attention(self, q_nope, q_pe, c_kv, k_pe, mask=None):
+        """The absorbed path over gathered latents c_kv (B, S, r), k_pe (B, S, rope) -> (B, T, hidden)."""
+        return self.up_project(self.latent_attention(q_nope, q_pe, c_kv, k_pe, mask))

@@ -1,0 +1,148 @@
+"""FlashMLA (model/flash_mla.py), the Triton kernel of absorbed MLA over the paged latent cache, against its reference:
+the torch path (MLA.latent_attention over PagedLatentCache.update's gathered latents), which the engine runs
+without the kernel.
+
+The kernel runs here under Triton's interpreter (TRITON_INTERPRET=1: the kernel's Python executed with numpy on the
+CPU, each program in turn), so the shapes are tiny. Tolerance: float32 sums of 64 + 16 products, softmaxed online
+block by block instead of at once, differ from the torch path by a few units of roundoff (~1e-7 relative); 1e-5
+leaves a wide margin while a wrong block, position or length moves the output by 1e-2 or more (the negative
+controls check exactly that).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import YARN, randomize_, rel_err
+
+import nanoseek as ns
+from nanoseek.infer.cache import LatentCache, PagedLatentCache
+from nanoseek.model import flash_mla
+from nanoseek.model.mla import MLA
+from nanoseek.model.rope import RotaryEmbedding
+
+pytest.importorskip("triton", reason="triton not installed (pip install triton, or the dev extras): the kernel's "
+                                     "language; its interpreter runs the kernel on the CPU")
+
+TOL = 1e-5
+BLOCK_SIZE = 16
+# per row: (block table, tokens in the cache once this step's are written); non-contiguous, out-of-order blocks;
+# 37 = 2 full blocks + 5, 5 = one partial block, 16 = exactly one block, 50 = 3 full blocks + 2
+TABLES = [[5, 3, 9], [7], [2], [11, 4, 6, 1]]
+TOTALS = [37, 5, 16, 50]
+# name: tokens this step per row (T = the most; rows with fewer are padding-extended, as the engine does)
+STEPS = {"decode": [1, 1, 1, 1], "mtp": [2, 2, 1, 2], "prefill-chunk": [7, 3, 1, 7]}
+
+
+@pytest.fixture(autouse=True)
+def interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def tiny_mla(**overrides):
+    """One MLA layer of the test shape: 5 heads (not a power of two: the kernel masks the heads it pads),
+    kv_lora_rank 64, rope 16; YaRN so that the softmax scale carries its mscale."""
+    cfg = ns.ModelConfig.preset("tiny", num_attention_heads=5, kv_lora_rank=64, qk_rope_head_dim=16,
+                                rope_scaling=dict(YARN, type="yarn"), **overrides)
+    mla = MLA(cfg).eval()
+    randomize_(mla, seed=1)
+    return cfg, mla
+
+
+def paged_step(cfg, lens, tables=TABLES, totals=TOTALS, seed=0):
+    """A paged cache whose blocks hold random latents, planned for one step that writes lens[b] tokens ending at
+    totals[b] in each row; and that step's inputs (B, T, ...)."""
+    g = torch.Generator().manual_seed(seed)
+    cache = PagedLatentCache(cfg, 1, num_blocks=12, block_size=BLOCK_SIZE, dtype=torch.float32, device="cpu")
+    for pool in (cache.c_kv[0], cache.k_pe[0]):
+        pool.normal_(generator=g)
+    positions = cache.plan(tables, [n - k for n, k in zip(totals, lens)], lens)    # (B, T)
+    B, T, H = len(lens), max(lens), cfg.num_attention_heads
+    step = dict(c_kv=torch.randn(B, T, cfg.kv_lora_rank, generator=g),
+                k_pe=torch.randn(B, T, cfg.qk_rope_head_dim, generator=g),
+                q_nope=torch.randn(B, T, H, cfg.qk_nope_head_dim, generator=g),
+                q_pe=torch.randn(B, T, H, cfg.qk_rope_head_dim, generator=g),
+                x=torch.randn(B, T, cfg.hidden_size, generator=g))
+    return cache, positions, step
+
+
+def torch_path(mla, cache, s):
+    """The reference: the gathered latents, the torch attention, in latent space (B, T, H, kv_lora_rank)."""
+    return mla.latent_attention(s["q_nope"], s["q_pe"], *cache.update(0, s["c_kv"], s["k_pe"]))
+
+
+def kernel(mla, cache, s, table=None, kv_len=None):
+    c_kv, k_pe, t, n = cache.update_paged(0, s["c_kv"], s["k_pe"])
+    return flash_mla.flash_mla(mla.absorb(s["q_nope"]), s["q_pe"], c_kv, k_pe, t if table is None else table,
+                               n if kv_len is None else kv_len, mla.softmax_scale)
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_flash_mla_equals_the_torch_path(step):
+    """Ragged rows, multi-block sequences, partial last blocks, padded query rows; T = 1, 2 (MTP's token and
+    draft) and 7 (a chunk of a prefill: causal within the chunk)."""
+    cfg, mla = tiny_mla()
+    cache, _, s = paged_step(cfg, STEPS[step])
+    with torch.no_grad():
+        ref, got = torch_path(mla, cache, s), kernel(mla, cache, s)
+    assert got.shape == ref.shape == (4, max(STEPS[step]), 5, 64)
+    assert rel_err(got, ref) < TOL
+
+
+def test_flash_mla_equals_the_torch_path_when_every_row_sees_everything():
+    """One token per row and equal lengths: plan() leaves the mask out (None), every position is visible."""
+    cfg, mla = tiny_mla()
+    cache, _, s = paged_step(cfg, [1, 1, 1], tables=[[5, 3, 9], [7, 1, 2], [11, 4, 6]], totals=[40, 40, 40])
+    assert cache._mask is None
+    with torch.no_grad():
+        assert rel_err(kernel(mla, cache, s), torch_path(mla, cache, s)) < TOL
+
+
+def test_comparison_can_fail_negative_controls():
+    """A wrong block table entry, or one position too few or too many, moves the output far beyond TOL."""
+    cfg, mla = tiny_mla()
+    cache, _, s = paged_step(cfg, STEPS["mtp"])
+    _, _, table, kv_len = cache.update_paged(0, s["c_kv"], s["k_pe"])
+    with torch.no_grad():
+        ref = torch_path(mla, cache, s)
+        wrong_block = table.clone()
+        wrong_block[0, 1] = 8                                      # a block no row owns, full of other latents
+        assert rel_err(kernel(mla, cache, s, table=wrong_block), ref) > 1e-2
+        assert rel_err(kernel(mla, cache, s, kv_len=kv_len - 1), ref) > 1e-2
+        assert rel_err(kernel(mla, cache, s, kv_len=kv_len + 1), ref) > 1e-2
+        assert rel_err(kernel(mla, cache, s), ref) < TOL          # and the same call, unbroken, passes
+
+
+def test_mla_dispatch_runs_the_kernel_only_where_chosen(monkeypatch):
+    """MLA.forward through a paged cache: NANOSEEK_FLASH_MLA=1 (MODE "1") runs the kernel and gives the torch
+    path's output; "0" and "auto" on the CPU run the torch path; a contiguous LatentCache never uses the kernel."""
+    cfg, mla = tiny_mla()
+    cache, positions, s = paged_step(cfg, STEPS["mtp"])
+    cos, sin = RotaryEmbedding(cfg)(positions)
+    calls = []
+    real = flash_mla.flash_mla
+    monkeypatch.setattr(flash_mla, "flash_mla", lambda *a: calls.append(1) or real(*a))
+    out = {}
+    with torch.no_grad():
+        for mode in ("0", "auto", "1"):
+            monkeypatch.setattr(flash_mla, "MODE", mode)
+            out[mode] = mla(s["x"], cos, sin, cache=cache)
+            assert len(calls) == (mode == "1")
+    assert rel_err(out["1"], out["0"]) < TOL and torch.equal(out["auto"], out["0"])
+    assert not flash_mla.use_kernel(LatentCache(cfg, batch=1, max_len=4), torch.device("cuda"))
+
+
+def test_engine_greedy_tokens_equal_with_the_kernel(monkeypatch):
+    """The engine end to end (plan, every layer's update_paged, the MTP layer, prefix blocks): the same greedy
+    tokens and logprobs with the kernel as without it."""
+    torch.manual_seed(0)
+    model = ns.Transformer(ns.ModelConfig.preset("tiny", initializer_range=0.3)).eval()
+    prompts = [[5, 9, 13, 2, 7, 11, 3, 8, 21], [4, 6]]
+    params = ns.SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=True)
+    runs = {}
+    for mode in ("0", "1"):
+        monkeypatch.setattr(flash_mla, "MODE", mode)
+        runs[mode] = ns.Engine(model, block_size=4).generate(prompts, params)
+    for a, b in zip(runs["0"], runs["1"]):
+        assert a.token_ids == b.token_ids
+        assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-5
