@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_hf_checkpoint, rel_err
+from conftest import make_hf_checkpoint, randomize_, rel_err
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -312,3 +312,75 @@ def test_the_one_loader_names_a_missing_gguf_file(tmp_path):
 
     with pytest.raises(UsageError, match=r"GGUF file .*nothing\.gguf does not exist"):
         load_model_and_tokenizer(tmp_path / "nothing.gguf")
+
+
+def _folder_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def _differing_tensors(a: Path, b: Path) -> set[str]:
+    """Names whose tensors are not byte-identical (dtype, shape and every byte) between two folders, or in one
+    only. Bytes, not values: -0.0 vs 0.0 or a rounding through another dtype would count."""
+    ta, tb = _folder_tensors(a), _folder_tensors(b)
+    return (set(ta) ^ set(tb)) | {n for n in set(ta) & set(tb)
+                                  if ta[n].dtype != tb[n].dtype or ta[n].shape != tb[n].shape
+                                  or not torch.equal(ta[n].contiguous().view(torch.uint8),
+                                                     tb[n].contiguous().view(torch.uint8))}
+
+
+def _hf_qwen2_folder(tmp_path: Path) -> Path:
+    import transformers
+
+    cfg = transformers.Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    model = transformers.Qwen2ForCausalLM(cfg).float().eval()
+    randomize_(model, 0, 0.3)
+    model.save_pretrained(tmp_path / "hf-qwen2")
+    return tmp_path / "hf-qwen2"
+
+
+# Our model runs fused projections (MLP gate_up, MLA's q_a + kv_a, GQA's q/k/v, stacked experts) whose parts are
+# the checkpoint's tensors: a folder transformers wrote loads and saves back with every tensor byte-identical.
+FOLDERS = {
+    "v3-q-lora-bias": lambda p: make_hf_checkpoint(p, "v3", attention_bias=True),
+    "v3-bf16": lambda p: _to_bf16(make_hf_checkpoint(p, "v3")),
+    "v2-no-q-lora": lambda p: make_hf_checkpoint(p, "v2", q_lora_rank=None, topk_method="group_limited_greedy",
+                                                 scoring_func="softmax", experts_implementation="eager"),
+    "qwen2-qkv-bias": _hf_qwen2_folder,
+}
+
+
+def _to_bf16(folder: Path) -> Path:
+    """The folder in bf16 as DeepSeek publishes it: weights bf16, the routing bias float32."""
+    tensors = {n: t if n.endswith("e_score_correction_bias") else t.to(torch.bfloat16)
+               for n, t in load_file(folder / "model.safetensors").items()}
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))
+    return folder
+
+
+@pytest.mark.parametrize("kind", list(FOLDERS))
+def test_transformers_folder_saves_back_byte_identical(tmp_path, kind):
+    folder = FOLDERS[kind](tmp_path)
+    model = ns.load(folder)
+    ns.save(model, tmp_path / "back")
+    assert _differing_tensors(folder, tmp_path / "back") == set()
+
+
+def test_byte_identity_check_finds_one_changed_row_under_its_own_name(tmp_path):
+    """Negative control of the test above: one row changed inside a fused parameter (the first row of
+    kv_a_proj_with_mqa, stored after q_a_proj's rows in qkv_a_proj; the first row of up_proj, after gate_proj's
+    in gate_up_proj) is reported, under exactly the checkpoint tensor that row belongs to."""
+    folder = make_hf_checkpoint(tmp_path, "v3")
+    model = ns.load(folder)
+    attn, mlp = model.layers[0].self_attn, model.layers[0].mlp
+    with torch.no_grad():
+        attn.qkv_a_proj.weight[model.cfg.q_lora_rank, 0] += 1.0
+        mlp.gate_up_proj.weight[mlp.down_proj.in_features, 0] += 1.0
+    ns.save(model, tmp_path / "back")
+    assert _differing_tensors(folder, tmp_path / "back") == {"model.layers.0.self_attn.kv_a_proj_with_mqa.weight",
+                                                             "model.layers.0.mlp.up_proj.weight"}

@@ -22,7 +22,7 @@ from safetensors import safe_open
 from torch import nn
 
 import nanoseek as ns
-from nanoseek.checkpoint import CheckpointError, build_from_tensors
+from nanoseek.checkpoint import CheckpointError, build_from_tensors, ours_to_hf
 
 TOL = 1e-5
 FAMILIES = {"qwen2": "Qwen2", "llama": "Llama", "qwen3": "Qwen3"}
@@ -96,15 +96,17 @@ def _variant(ours, **cfg_changes):
 def _permute_query_heads(model):
     """Reorder each layer's query heads (and o_proj's columns with them): the same model except which key/value
     head each query head reads, i.e. grouping query head i with kv head i % n_kv instead of i // group."""
+    tensors = dict(ours_to_hf(model))  # checkpoint names -> views of our (fused q/k/v) parameters
     with torch.no_grad():
-        for block in model.layers:
+        for i, block in enumerate(model.layers):
             attn = block.self_attn
             H, d = attn.n_heads, attn.head_dim
             order = torch.arange(H).view(attn.n_kv_heads, -1).t().reshape(-1)  # heads of all groups interleaved
             rows = (order[:, None] * d + torch.arange(d)).reshape(-1)
-            attn.q_proj.weight.copy_(attn.q_proj.weight[rows])
-            if attn.q_proj.bias is not None:
-                attn.q_proj.bias.copy_(attn.q_proj.bias[rows])
+            for suffix in ("weight", "bias"):
+                q = tensors.get(f"model.layers.{i}.self_attn.q_proj.{suffix}")
+                if q is not None:
+                    q.copy_(q[rows])
             attn.o_proj.weight.copy_(attn.o_proj.weight[:, rows])
     return model
 

@@ -35,7 +35,7 @@ from tokenizers import Tokenizer as HFTokenizer
 import nanoseek as ns
 from nanoseek.errors import UsageError
 from nanoseek.gguf import PRE_TOKENIZERS, export_gguf, load_gguf, tokenizer_files
-from nanoseek.model.weights import CheckpointError
+from nanoseek.model.weights import CheckpointError, ours_to_hf
 
 transformers = pytest.importorskip("transformers")
 
@@ -306,14 +306,13 @@ def test_gguf_model_logits_equal_transformers_gguf_loading(dense_files, arch):
     err = ((got - want).abs().max() / want.abs().max()).item()
     assert err < 1e-5, f"{arch}: logits differ from transformers' GGUF loading by {err:.2e} (relative)"
     # every stored type dequantised to the values the file stands for (K-quants: computed from their codes)
-    layer = ours.layers[0].self_attn
-    for name, param in (("token_embd.weight", ours.embed_tokens.weight), ("blk.0.attn_q.weight", layer.q_proj.weight),
-                        ("blk.0.attn_k.weight", layer.k_proj.weight), ("blk.0.attn_v.weight", layer.v_proj.weight),
-                        ("blk.0.attn_output.weight", layer.o_proj.weight),
-                        ("blk.1.ffn_gate.weight", ours.layers[1].mlp.gate_proj.weight),
-                        ("blk.1.ffn_up.weight", ours.layers[1].mlp.up_proj.weight),
-                        ("blk.1.ffn_down.weight", ours.layers[1].mlp.down_proj.weight)):
-        torch.testing.assert_close(param.detach(), torch.from_numpy(values[name]), rtol=0, atol=0, msg=name)
+    w = dict(ours_to_hf(ours))  # checkpoint names (q/k/v and gate/up are parts of fused parameters)
+    for name, hf_name in (("token_embd.weight", "model.embed_tokens.weight"),
+                          *((f"blk.0.attn_{g}.weight", f"model.layers.0.self_attn.{p}_proj.weight")
+                            for g, p in (("q", "q"), ("k", "k"), ("v", "v"), ("output", "o"))),
+                          *((f"blk.1.ffn_{p}.weight", f"model.layers.1.mlp.{p}_proj.weight")
+                            for p in ("gate", "up", "down"))):
+        torch.testing.assert_close(w[hf_name].detach(), torch.from_numpy(values[name]), rtol=0, atol=0, msg=name)
 
 
 def test_llama_q_k_permutation_matters(dense_files):
@@ -322,11 +321,13 @@ def test_llama_q_k_permutation_matters(dense_files):
     path, _ = dense_files["llama"]
     ours, hf = ns.load(path, dtype=torch.float32), hf_gguf_model(path)
     ids = torch.randint(0, ours.cfg.vocab_size, (1, 24), generator=torch.Generator().manual_seed(1))
+    w = dict(ours_to_hf(ours))  # views of the fused q/k/v parameters under the checkpoint's names
     with torch.no_grad():
-        for block in ours.layers:
-            a = block.self_attn
-            a.q_proj.weight.copy_(torch.from_numpy(llama_cpp_permute(a.q_proj.weight.numpy(), a.n_heads)))
-            a.k_proj.weight.copy_(torch.from_numpy(llama_cpp_permute(a.k_proj.weight.numpy(), a.n_kv_heads)))
+        for i, block in enumerate(ours.layers):
+            a, prefix = block.self_attn, f"model.layers.{i}.self_attn."
+            for proj, heads in (("q_proj", a.n_heads), ("k_proj", a.n_kv_heads)):
+                t = w[f"{prefix}{proj}.weight"]
+                t.copy_(torch.from_numpy(llama_cpp_permute(t.numpy(), heads)))
         want = hf(ids).logits
         assert ((ours(ids) - want).abs().max() / want.abs().max()).item() > 1e-2
 

@@ -138,7 +138,8 @@ def _naive_experts(experts: Experts, x, weights, idx):
     for n in range(x.shape[0]):
         for j in range(idx.shape[1]):
             e = idx[n, j]
-            h = F.silu(experts.gate_proj[e] @ x[n]) * (experts.up_proj[e] @ x[n])
+            gate, up = experts.gate_up_proj[e].chunk(2)                                # [W_gate; W_up]
+            h = F.silu(gate @ x[n]) * (up @ x[n])
             out[n] += weights[n, j] * (experts.down_proj[e] @ h)
     return out
 
@@ -157,11 +158,18 @@ def _experts_case(N=40):
 def _routed_experts_path(monkeypatch, path: str):
     """Force one of the three ways Experts.forward computes the same thing (dense: every expert on every token)."""
     monkeypatch.setattr(moe_mod, "DENSE_EXPERTS_MAX_MACS", float("inf") if path == "dense" else 0)
-    if path == "per-expert-fallback":
+    if path in ("padded-bmm", "per-expert-fallback"):
         monkeypatch.setattr(moe_mod, "_grouped_mm_ok", lambda x, w: False)
+    if path == "per-expert-fallback":
+        monkeypatch.setattr(moe_mod, "PADDED_MAX_ROWS_RATIO", 0)
+    if path == "padded-bmm":
+        monkeypatch.setattr(moe_mod, "PADDED_MAX_ROWS_RATIO", float("inf"))
 
 
-@pytest.mark.parametrize("path", ["grouped_mm", "per-expert-fallback", "dense"])
+PATHS = ["grouped_mm", "padded-bmm", "per-expert-fallback", "dense"]
+
+
+@pytest.mark.parametrize("path", PATHS)
 def test_routed_experts_match_per_token_reference(monkeypatch, path):
     _routed_experts_path(monkeypatch, path)
     experts, x, weights, idx = _experts_case()
@@ -170,8 +178,8 @@ def test_routed_experts_match_per_token_reference(monkeypatch, path):
     want = _naive_experts(experts, x, weights, idx)
     assert rel_err(got, want) < TOL
     g = torch.randn_like(got)
-    grads = torch.autograd.grad(got, [x, experts.gate_proj, experts.down_proj], g)
-    ref = torch.autograd.grad(want, [x, experts.gate_proj, experts.down_proj], g)
+    grads = torch.autograd.grad(got, [x, experts.gate_up_proj, experts.down_proj], g)
+    ref = torch.autograd.grad(want, [x, experts.gate_up_proj, experts.down_proj], g)
     for a, b in zip(grads, ref):
         assert rel_err(a, b) < TOL
 
@@ -186,14 +194,14 @@ class _CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("path", ["grouped_mm", "per-expert-fallback", "dense"])
+@pytest.mark.parametrize("path", PATHS)
 def test_routed_experts_are_batched_not_per_token(monkeypatch, path):
     """The number of tensor operations does not grow with the number of tokens (no Python loop over tokens)."""
     _routed_experts_path(monkeypatch, path)
     counts = []
     for N in (16, 256):
         experts, x, weights, idx = _experts_case(N)
-        idx = torch.arange(N * idx.shape[1]).view(N, -1) % experts.gate_proj.shape[0]  # every expert gets tokens
+        idx = torch.arange(N * idx.shape[1]).view(N, -1) % experts.down_proj.shape[0]  # every expert gets tokens
         with torch.no_grad(), _CountOps() as c:
             experts(x, weights, idx)
         counts.append(c.n)
@@ -235,7 +243,7 @@ def test_losses_train_every_part():
     assert all(v.dim() == 0 and torch.isfinite(v) for v in out.values())
     assert out["balance_loss"] > 0
     (out["loss"] + 0.3 * out["mtp_loss"] + out["balance_loss"]).backward()
-    for name in ("mtp.0.eh_proj.weight", "mtp.0.block.mlp.experts.gate_proj", "layers.1.mlp.experts.down_proj",
+    for name in ("mtp.0.eh_proj.weight", "mtp.0.block.mlp.experts.gate_up_proj", "layers.1.mlp.experts.down_proj",
                  "layers.1.mlp.gate.weight", "embed_tokens.weight"):
         g = dict(model.named_parameters())[name].grad
         assert g is not None and g.abs().sum() > 0, name

@@ -266,7 +266,7 @@ def test_no_weight_decay_on_norms_biases_and_embeddings():
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert {names[id(p)] for p in no_decay["params"]} >= {"embed_tokens.weight", "norm.weight"}
     assert all(p.dim() >= 2 and "embed" not in names[id(p)] for p in decay["params"])
-    assert any(names[id(p)].endswith("experts.gate_proj") for p in decay["params"])
+    assert any(names[id(p)].endswith("experts.gate_up_proj") for p in decay["params"])
 
 
 def parse(argv: list[str]) -> PretrainConfig:

@@ -32,9 +32,8 @@ class GQA(nn.Module):
         self.softmax_scale = self.head_dim ** -0.5
         h, qwen2 = cfg.hidden_size, cfg.model_type == "qwen2"
         qkv_bias, o_bias = qwen2 or cfg.attention_bias, cfg.attention_bias and not qwen2
-        self.q_proj = Linear(h, self.n_heads * self.head_dim, bias=qkv_bias)
-        self.k_proj = Linear(h, self.n_kv_heads * self.head_dim, bias=qkv_bias)
-        self.v_proj = Linear(h, self.n_kv_heads * self.head_dim, bias=qkv_bias)
+        # [W_q; W_k; W_v] as one matmul over x (checkpoints keep q_proj, k_proj and v_proj: weights.py splits them)
+        self.qkv_proj = Linear(h, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=qkv_bias)
         self.o_proj = Linear(self.n_heads * self.head_dim, h, bias=o_bias)
         self.qk_norm = cfg.model_type == "qwen3"
         if self.qk_norm:
@@ -55,9 +54,8 @@ class GQA(nn.Module):
             raise ValueError("GQA got both a mask and a cache: the cache supplies the mask (cache.update returns "
                              "it); pass one of them")
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k, v = self.qkv_proj(x).view(B, T, self.n_heads + 2 * self.n_kv_heads, self.head_dim).split(
+            [self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=2)                   # (B, T, heads, d) each
         if self.qk_norm:  # qwen3: per-head RMSNorm before the rotation
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin, self.interleave), apply_rope(k, cos, sin, self.interleave)

@@ -34,7 +34,7 @@ class Linear(nn.Linear):
 
 @torch.no_grad()
 def decode_layout(model: nn.Module) -> int:
-    """Store the weight of every Linear wider out than in (the vocabulary head, the MLP's gate and up, ...) as
+    """Store the weight of every Linear wider out than in (the vocabulary head, the MLP's fused gate_up, ...) as
     (in, out) in memory, for faster one-row decoding on the CPU. Same values, shapes and names (the parameter
     becomes a transposed view of an (in, out) buffer), so save() writes the same file. For a model that only serves:
     one that keeps training keeps nn.Linear's layout. One weight at a time (the peak is one weight more); returns
@@ -65,13 +65,17 @@ class RMSNorm(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)). Dense layers and shared experts."""
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)). Dense layers and shared experts.
+
+    gate and up are one projection, gate_up_proj (2 * inter, dim) = [W_gate; W_up]: one matrix product reads x
+    once (and its backward sums one input gradient, not two). Checkpoints keep transformers' two tensors,
+    mlp.gate_proj.weight and mlp.up_proj.weight (weights.py splits and joins them)."""
 
     def __init__(self, dim: int, inter: int):
         super().__init__()
-        self.gate_proj = Linear(dim, inter, bias=False)
-        self.up_proj = Linear(dim, inter, bias=False)
+        self.gate_up_proj = Linear(dim, 2 * inter, bias=False)
         self.down_proj = Linear(inter, dim, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)                    # (..., inter) each
+        return self.down_proj(F.silu(gate) * up)

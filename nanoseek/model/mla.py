@@ -54,30 +54,41 @@ class MLA(nn.Module):
         self.interleave = cfg.rope_interleave
         h, bias = cfg.hidden_size, cfg.attention_bias
         if self.q_lora_rank:
-            self.q_a_proj = Linear(h, self.q_lora_rank, bias=bias)         # W_DQ
+            # [W_DQ; W_DKV; W_KR]: both down-projections read the same x, so they run as one matmul (checkpoints
+            # keep transformers' q_a_proj and kv_a_proj_with_mqa; weights.py splits and joins them)
+            self.qkv_a_proj = Linear(h, self.q_lora_rank + self.kv_lora_rank + self.rope, bias=bias)
             self.q_a_layernorm = RMSNorm(self.q_lora_rank)
             self.q_b_proj = Linear(self.q_lora_rank, self.n_heads * self.qk_dim, bias=False)  # W_UQ, W_QR
         else:
             self.q_proj = Linear(h, self.n_heads * self.qk_dim, bias=False)
-        self.kv_a_proj_with_mqa = Linear(h, self.kv_lora_rank + self.rope, bias=bias)  # W_DKV and W_KR
+            self.kv_a_proj_with_mqa = Linear(h, self.kv_lora_rank + self.rope, bias=bias)  # W_DKV and W_KR
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank)
         # W_UK, W_UV; plain nn.Linear: the absorbed path reads its weight directly
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.n_heads * (self.nope + self.v_dim), bias=False)
         self.o_proj = Linear(self.n_heads * self.v_dim, h, bias=bias)
         self.indexer = LightningIndexer(cfg) if cfg.dsa else None      # DeepSeek-V3.2's DSA
 
-    def queries(self, x, cos, sin):
-        """-> q_nope (B, T, H, nope), roped q_pe (B, T, H, rope), the query latent (B, T, q_lora_rank) or None."""
+    def down(self, x):
+        """The down-projections of x (B, T, hidden): W_DQ x (B, T, q_lora_rank) or None without q_lora_rank, and
+        [W_DKV; W_KR] x (B, T, kv_lora_rank + rope); one matmul when q_lora_rank is set."""
+        if self.q_lora_rank:
+            return self.qkv_a_proj(x).split([self.q_lora_rank, self.kv_lora_rank + self.rope], dim=-1)
+        return None, self.kv_a_proj_with_mqa(x)
+
+    def queries(self, x, q_a, cos, sin):
+        """x and its W_DQ x (down) -> q_nope (B, T, H, nope), roped q_pe (B, T, H, rope), the query latent (B, T,
+        q_lora_rank) or None."""
         B, T, _ = x.shape
-        q_latent = self.q_a_layernorm(self.q_a_proj(x)) if self.q_lora_rank else None
+        q_latent = self.q_a_layernorm(q_a) if self.q_lora_rank else None
         q = self.q_b_proj(q_latent) if self.q_lora_rank else self.q_proj(x)
         q = q.view(B, T, self.n_heads, self.qk_dim)
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)  # (B, T, H, nope), (B, T, H, rope)
         return q_nope, apply_rope(q_pe, cos, sin, self.interleave), q_latent
 
-    def latent(self, x, cos, sin):
-        """The per-token cache entry: normalised c_kv (B, T, kv_lora_rank) and roped k_pe (B, T, rope)."""
-        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope], dim=-1)
+    def latent(self, kv_a, cos, sin):
+        """[W_DKV; W_KR] x (down) -> the per-token cache entry: normalised c_kv (B, T, kv_lora_rank) and roped
+        k_pe (B, T, rope)."""
+        c_kv, k_pe = kv_a.split([self.kv_lora_rank, self.rope], dim=-1)
         return self.kv_a_layernorm(c_kv), apply_rope(k_pe, cos, sin, self.interleave)
 
     def forward(self, x, cos, sin, mask=None, cache=None, layer: int = 0, dsa: DSA | None = None):
@@ -93,8 +104,9 @@ class MLA(nn.Module):
         if mask is not None and cache is not None:
             raise ValueError("MLA got both a mask and a cache: the cache supplies the mask of the absorbed path "
                              "(cache.update returns it); pass one of them")
-        q_nope, q_pe, q_latent = self.queries(x, cos, sin)
-        c_kv, k_pe = self.latent(x, cos, sin)
+        q_a, kv_a = self.down(x)
+        q_nope, q_pe, q_latent = self.queries(x, q_a, cos, sin)
+        c_kv, k_pe = self.latent(kv_a, cos, sin)
         if self.indexer is not None:
             return self.dsa_forward(x, q_latent, (q_nope, q_pe), (c_kv, k_pe), (cos, sin), mask, cache, layer,
                                     dsa or DSA())

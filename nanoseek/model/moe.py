@@ -54,17 +54,17 @@ class Gate(nn.Module):
 
 
 class Experts(nn.Module):
-    """n_routed_experts SwiGLU experts stored stacked, (E, out, in), for batched computation.
+    """n_routed_experts SwiGLU experts stored stacked, for batched computation: gate_up_proj (E, 2 * inter, hidden)
+    holds each expert's [W_gate; W_up] (one grouped matmul for both, as in MLP), down_proj (E, hidden, inter).
 
-    The checkpoint keeps one tensor per expert (mlp.experts.E.gate_proj.weight ...); checkpoint.py maps between
-    the two layouts.
+    The checkpoint keeps one tensor per expert and projection (mlp.experts.E.gate_proj.weight ...); weights.py maps
+    between the two layouts.
     """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         E, h, inter = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
-        self.gate_proj = nn.Parameter(torch.empty(E, inter, h))
-        self.up_proj = nn.Parameter(torch.empty(E, inter, h))
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * inter, h))
         self.down_proj = nn.Parameter(torch.empty(E, h, inter))
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -74,19 +74,18 @@ class Experts(nn.Module):
         then every projection is one grouped matmul over all experts (no loop over tokens), and the outputs are
         scattered back to their tokens with index_add.
         """
-        E, inter, hidden = self.gate_proj.shape
+        E, hidden, inter = self.down_proj.shape
         if x.shape[0] * E * inter * hidden <= DENSE_EXPERTS_MAX_MACS:
             return self.dense_forward(x, weights, idx)
         N, k = idx.shape
         flat = idx.flatten()
         order = flat.argsort(stable=True)                        # (N*k,) pairs grouped by expert
         token = order // k                                       # the token of each sorted pair
-        counts = torch.bincount(flat, minlength=self.gate_proj.shape[0])  # (E,) pairs per expert
-        xs = x[token]                                            # (N*k, hidden)
-        h = F.silu(grouped_linear(xs, self.gate_proj, counts)) * grouped_linear(xs, self.up_proj, counts)
+        counts = torch.bincount(flat, minlength=E)               # (E,) pairs per expert
+        gate, up = grouped_linear(x[token], self.gate_up_proj, counts).chunk(2, dim=-1)  # (N*k, inter) each
         # the routing weight g_i scales the expert's output; applied before down_proj it costs inter, not hidden,
         # multiplies per pair (down_proj is linear, so the result is the same)
-        h = h * weights.flatten()[order, None].to(h.dtype)      # (N*k, inter)
+        h = F.silu(gate) * up * weights.flatten()[order, None].to(gate.dtype)          # (N*k, inter)
         ys = grouped_linear(h, self.down_proj, counts)           # (N*k, hidden)
         return torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))
 
@@ -95,10 +94,10 @@ class Experts(nn.Module):
         a token did not choose: three matmuls, no sort, no per-expert kernels, no scatter. For a handful of tokens
         (decoding a small model) that is cheaper than routing; see DENSE_EXPERTS_MAX_MACS."""
         N = x.shape[0]
-        E, inter, hidden = self.gate_proj.shape
+        E, hidden, inter = self.down_proj.shape
         g = torch.zeros(N, E, dtype=x.dtype, device=x.device).scatter(1, idx, weights.to(x.dtype))  # (N, E)
-        h = F.silu(x @ self.gate_proj.view(E * inter, hidden).t()) * (x @ self.up_proj.view(E * inter, hidden).t())
-        h = h.view(N, E, inter) * g[..., None]                                                 # (N, E, inter)
+        gate, up = (x @ self.gate_up_proj.view(E * 2 * inter, hidden).t()).view(N, E, 2 * inter).chunk(2, dim=-1)
+        h = F.silu(gate) * up * g[..., None]                                                    # (N, E, inter)
         return torch.bmm(h.transpose(0, 1), self.down_proj.transpose(1, 2)).sum(0)           # (E, N, h) -> (N, h)
 
 
@@ -108,23 +107,44 @@ class Experts(nn.Module):
 # are cheaper than the fixed cost: decode of the `cpu` preset at batch 1-16 (routed experts 1.6-4x faster on
 # 1 CPU thread), never training batches nor large models (V3 at one token: 3.8e9).
 DENSE_EXPERTS_MAX_MACS = 2**20
+# Without a grouped-matmul kernel, experts run as one padded bmm while the padding (every expert padded to the
+# busiest one's rows) at most doubles the rows multiplied; a more skewed routing loops over the experts instead.
+PADDED_MAX_ROWS_RATIO = 2
 
 
 def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """x (S, in) with rows grouped by expert (counts (E,) rows each), w (E, out, in) -> (S, out): x_e @ w_e^T.
 
     One torch._grouped_mm call where the kernel takes these operands (CPU, or bf16 on a CUDA GPU of compute
-    capability >= 8.0; rows 16-byte aligned); otherwise one matmul per expert that has tokens.
+    capability >= 8.0; rows 16-byte aligned); otherwise padded_grouped_linear (one bmm) while the padding stays
+    within PADDED_MAX_ROWS_RATIO, else one matmul per expert that has tokens.
     """
     if _grouped_mm_ok(x, w):
         offs = counts.cumsum(0).to(torch.int32)                  # end row of each expert's slice
         return torch._grouped_mm(x, w.transpose(1, 2), offs=offs)
+    sizes = counts.tolist()                                      # the one host sync
+    if max(sizes, default=0) * len(sizes) <= PADDED_MAX_ROWS_RATIO * x.shape[0]:
+        return padded_grouped_linear(x, w, counts, max(sizes))
     outs, start = [], 0
-    for e, n in enumerate(counts.tolist()):                     # the host sync: one per expert, not per token
+    for e, n in enumerate(sizes):
         if n:
             outs.append(x[start:start + n] @ w[e].t())
             start += n
     return torch.cat(outs) if outs else x.new_zeros(0, w.shape[1])
+
+
+def padded_grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, capacity: int) -> torch.Tensor:
+    """grouped_linear as one batched matmul, no loop over experts: each expert's rows are placed in a zero-padded
+    (E, capacity, in) block (capacity = the largest expert's row count), multiplied by w^T in one bmm, and read
+    back in their grouped order. Padding rows are zero and never read back, so the result (and its gradients)
+    equal the per-expert products."""
+    E = w.shape[0]
+    starts = counts.cumsum(0) - counts                                                 # (E,) first row of each
+    expert = torch.repeat_interleave(torch.arange(E, device=x.device), counts, output_size=x.shape[0])   # (S,)
+    slot = torch.arange(x.shape[0], device=x.device) - starts[expert]                  # row within its expert
+    flat = expert * capacity + slot                                                    # (S,) row in the block
+    block = x.new_zeros(E * capacity, x.shape[1]).index_copy(0, flat, x).view(E, capacity, -1)
+    return torch.bmm(block, w.transpose(1, 2)).view(E * capacity, -1)[flat]           # (S, out)
 
 
 def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -158,7 +178,9 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
         with torch.no_grad():
-            self.load = torch.bincount(idx.flatten(), minlength=scores.shape[1])
+            # tokens per expert as a scatter, not bincount: a fixed (E,) shape, so a compiled graph keeps it
+            self.load = torch.zeros_like(scores[0], dtype=torch.long).index_add_(0, idx.flatten(), torch.ones_like(
+                idx.flatten()))
         if self.training and self.aux_loss_alpha > 0:
             self.balance_loss = sequence_balance_loss(scores.view(B, T, -1), idx.view(B, T, -1), self.aux_loss_alpha)
         return y.view(B, T, D)

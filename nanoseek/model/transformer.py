@@ -106,14 +106,38 @@ class Transformer(nn.Module):
         std = std or self.cfg.initializer_range
         for name, p in self.named_parameters():
             if p.dim() >= 2:
-                nn.init.normal_(p, mean=0.0, std=std)
-            elif "norm" in name and name.endswith("weight"):     # (the indexer's LayerNorm also has a bias)
+                continue
+            if "norm" in name and name.endswith("weight"):       # (the indexer's LayerNorm also has a bias)
                 nn.init.ones_(p)
             else:
                 nn.init.zeros_(p)
+        for w in self._unfused_matrices():
+            w.copy_(torch.empty(w.shape, dtype=w.dtype, device=w.device).normal_(0.0, std))
         for m in self.modules():
             if hasattr(m, "e_score_correction_bias"):
                 m.e_score_correction_bias.zero_()
+
+    def _unfused_matrices(self):
+        """Every weight matrix, the parts of a fused one (gate_up, MLA's qkv_a, GQA's qkv) one by one, in the order
+        of the unfused layout (q_a, q_b, kv_a; gate, up; q, k, v): a seeded model draws the same weights as it did
+        before the projections were fused (the DSA tests' exact ties depend on them)."""
+        kv_a = None
+        for name, p in self.named_parameters():
+            if p.dim() < 2:
+                continue
+            if name.endswith("qkv_a_proj.weight"):               # q_a now, kv_a after q_b_proj (the old order)
+                q_a, kv_a = p.split([self.cfg.q_lora_rank, p.shape[0] - self.cfg.q_lora_rank])
+                yield q_a
+            elif name.endswith("qkv_proj.weight"):
+                kv = self.cfg.num_key_value_heads * self.cfg.head_dim
+                yield from p.split([p.shape[0] - 2 * kv, kv, kv])
+            elif name.endswith("gate_up_proj.weight") or name.endswith("experts.gate_up_proj"):
+                yield from p.chunk(2, dim=p.dim() - 2)           # [gate; up], per expert when stacked
+            else:
+                yield p
+                if name.endswith("self_attn.q_b_proj.weight") and kv_a is not None:
+                    yield kv_a
+                    kv_a = None
 
     def trunk(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
               cache=None, dsa: DSA | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:

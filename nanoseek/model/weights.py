@@ -26,20 +26,51 @@ _EXPERT = re.compile(r"^mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weig
 _MTP_OWN = ("enorm.", "hnorm.", "eh_proj.", "shared_head.norm.")
 _MTP_SHARED = ("embed_tokens.weight", "shared_head.head.weight")  # copies of the main model's, which we share
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Projections that read the same input run as one matmul: one parameter whose rows are the checkpoint's tensors
+# stacked in this order (weights and biases alike; stacked experts per expert). Checkpoints keep the separate
+# tensors, so hf_to_ours names a part of a fused parameter and ours_to_hf splits it.
+FUSED = {"gate_up_proj": ("gate_proj", "up_proj"),                   # MLP, shared and routed experts
+         "qkv_a_proj": ("q_a_proj", "kv_a_proj_with_mqa"),           # MLA with q_lora_rank
+         "qkv_proj": ("q_proj", "k_proj", "v_proj")}                 # GQA
+_PART = {part: (fused, i) for fused, parts in FUSED.items() for i, part in enumerate(parts)}
+_MODULE = re.compile(r"^(.*?)(\w+)(\.weight|\.bias|)$")             # path., module name, .weight/.bias/""
 
 
 class CheckpointError(UsageError, ValueError):
     """A model folder that cannot be read, with the file and tensor at fault (a UsageError: the CLI prints it)."""
 
 
-def hf_to_ours(name: str, cfg: ModelConfig) -> tuple[str, int | None] | None:
-    """Map a checkpoint tensor name to (our parameter name, expert index or None); None for tensors we skip."""
+def _fused(module: str, cfg: ModelConfig) -> tuple[str, int] | None:
+    """(our fused module, part index) of a checkpoint module name (gate_proj, q_a_proj, ...), or None where this
+    model keeps it separate (MLA's q_proj and kv_a_proj_with_mqa without q_lora_rank)."""
+    fused = _PART.get(module)
+    if fused is None or (fused[0] == "qkv_a_proj" and not cfg.q_lora_rank):
+        return None
+    if fused[0] == "qkv_proj" and cfg.attention != "gqa":
+        return None
+    return fused
+
+
+def part_sizes(ours: str, rows: int, cfg: ModelConfig) -> list[int]:
+    """Rows of each checkpoint tensor inside the fused parameter `ours` (or one expert of it) of `rows` rows."""
+    fused = _MODULE.match(ours).group(2)
+    if fused == "qkv_a_proj":
+        return [cfg.q_lora_rank, rows - cfg.q_lora_rank]
+    if fused == "qkv_proj":
+        kv = cfg.num_key_value_heads * cfg.head_dim
+        return [rows - 2 * kv, kv, kv]
+    return [rows // 2, rows // 2]
+
+
+def hf_to_ours(name: str, cfg: ModelConfig) -> tuple[str, int | None, int | None] | None:
+    """Map a checkpoint tensor name to (our parameter name, expert index or None, part index or None); the part
+    is the tensor's place in a fused parameter (FUSED). None for tensors we skip."""
     if name == "model.embed_tokens.weight":
-        return "embed_tokens.weight", None
+        return "embed_tokens.weight", None, None
     if name == "model.norm.weight":
-        return "norm.weight", None
+        return "norm.weight", None, None
     if name == "lm_head.weight":  # tied: the embedding is the head (transformers ignores the copy too)
-        return None if cfg.tie_word_embeddings else ("lm_head.weight", None)
+        return None if cfg.tie_word_embeddings else ("lm_head.weight", None, None)
     m = re.match(r"^model\.layers\.(\d+)\.(.+)$", name)
     if not m:
         return None
@@ -52,12 +83,17 @@ def hf_to_ours(name: str, cfg: ModelConfig) -> tuple[str, int | None] | None:
         if rest in _MTP_SHARED:
             return None
         if rest.startswith(_MTP_OWN):
-            return f"mtp.{k}.{rest}", None
+            return f"mtp.{k}.{rest}", None, None
         prefix = f"mtp.{k}.block."
+    expert = None
     e = _EXPERT.match(rest)
     if e:
-        return f"{prefix}mlp.experts.{e.group(2)}", int(e.group(1))
-    return prefix + rest, None
+        expert, rest = int(e.group(1)), f"mlp.experts.{e.group(2)}"
+    path, module, suffix = _MODULE.match(rest).groups()
+    fused = _fused(module, cfg)
+    if fused is None:
+        return prefix + rest, expert, None
+    return f"{prefix}{path}{fused[0]}{suffix}", expert, fused[1]
 
 
 def ours_to_hf(model: Transformer):
@@ -85,32 +121,42 @@ def ours_to_hf(model: Transformer):
             continue  # non-persistent or derived state
         layer = int(m.group(2)) if m.group(2) is not None else L + int(m.group(3))
         rest = m.group(5)
-        e = re.match(r"^mlp\.experts\.(gate_proj|up_proj|down_proj)$", rest)
+        e = re.match(r"^mlp\.experts\.(\w+)$", rest)
         if e:
             for j in range(t.shape[0]):
-                yield f"model.layers.{layer}.mlp.experts.{j}.{e.group(1)}.weight", t[j]
+                yield from _split(f"model.layers.{layer}.mlp.experts.{j}.", e.group(1), ".weight", t[j], name, cfg)
             continue
-        yield f"model.layers.{layer}.{rest}", t
+        path, module, suffix = _MODULE.match(rest).groups()
+        yield from _split(f"model.layers.{layer}.{path}", module, suffix, t, name, cfg)
     for k in range(len(model.mtp)):  # published MTP layers carry their own copies of the shared embedding/head
         yield f"model.layers.{L + k}.embed_tokens.weight", state["embed_tokens.weight"]
         yield f"model.layers.{L + k}.shared_head.head.weight", state["lm_head.weight"]
 
 
-def ours_to_hf_names(ours: str, experts, cfg: ModelConfig):
-    """Checkpoint names of one of our parameters (for error messages)."""
+def _split(prefix: str, module: str, suffix: str, t: torch.Tensor, ours: str, cfg: ModelConfig):
+    """(checkpoint name, tensor) of one module's weight or bias: the fused ones (FUSED) split into their parts."""
+    parts = FUSED.get(module)
+    if parts is None:
+        yield f"{prefix}{module}{suffix}", t
+        return
+    for part, piece in zip(parts, t.split(part_sizes(ours, t.shape[0], cfg))):
+        yield f"{prefix}{part}{suffix}", piece
+
+
+def ours_to_hf_names(ours: str, keys, cfg: ModelConfig):
+    """Checkpoint names of the (expert, part) keys of one of our parameters (for error messages)."""
     L = cfg.num_hidden_layers
     m = re.match(r"^(layers\.(\d+)\.|mtp\.(\d+)\.(block\.)?)(.+)$", ours)
     if not m:
-        yield ("model." + ours if ours != "lm_head.weight" else ours), None
+        yield ("model." + ours if ours != "lm_head.weight" else ours)
         return
     layer = int(m.group(2)) if m.group(2) is not None else L + int(m.group(3))
-    rest = m.group(5)
-    e = re.match(r"^mlp\.experts\.(\w+)$", rest)
-    if e:
-        for j in sorted(x for x in experts if x is not None):
-            yield f"model.layers.{layer}.mlp.experts.{j}.{e.group(1)}.weight", j
-        return
-    yield f"model.layers.{layer}.{rest}", None
+    e = re.match(r"^mlp\.experts\.(\w+)$", m.group(5))
+    path, module, suffix = _MODULE.match(m.group(5)).groups()
+    for expert, part in sorted(keys, key=lambda k: (k[0] or 0, k[1] or 0)):
+        if e:
+            path, suffix = f"mlp.experts.{expert}.", ".weight"
+        yield f"model.layers.{layer}.{path}{module if part is None else FUSED[module][part]}{suffix}"
 
 
 def empty_model(cfg: ModelConfig, dtype: torch.dtype, device=None) -> Transformer:
@@ -164,7 +210,8 @@ def build_from_tensors(cfg: ModelConfig, named_tensors: Iterable[tuple[str, torc
 
 
 def _fill(params: dict, named_tensors, cfg: ModelConfig, where) -> dict[str, set]:
-    """Copy each tensor into its parameter as it arrives; returns what was filled (name -> expert ids)."""
+    """Copy each tensor into its parameter (its expert's slice, its rows of a fused parameter) as it arrives;
+    returns what was filled: our name -> set of (expert, part)."""
     filled: dict[str, set] = defaultdict(set)
     for name, t in named_tensors:
         if name.endswith("rotary_emb.inv_freq"):
@@ -172,7 +219,7 @@ def _fill(params: dict, named_tensors, cfg: ModelConfig, where) -> dict[str, set
         target = hf_to_ours(name, cfg)
         if target is None:
             continue
-        ours, expert = target
+        ours, expert, part = target
         if ours not in params:
             raise CheckpointError(f"{where(name)}: tensor {name} does not belong to a {cfg.model_type} model with "
                                   f"this config (num_hidden_layers={cfg.num_hidden_layers}, "
@@ -182,25 +229,30 @@ def _fill(params: dict, named_tensors, cfg: ModelConfig, where) -> dict[str, set
             raise CheckpointError(f"{where(name)}: tensor {name} is expert {expert} but the config has "
                                   f"n_routed_experts={cfg.n_routed_experts}")
         dst = params[ours] if expert is None else params[ours][expert]
+        if part is not None:
+            dst = dst.split(part_sizes(ours, dst.shape[0], cfg))[part]
         if tuple(t.shape) != tuple(dst.shape):
             raise CheckpointError(f"{where(name)}: tensor {name} has shape {tuple(t.shape)} but config.json implies "
                                   f"{tuple(dst.shape)} (check hidden_size, heads, head_dim, ranks and expert sizes)")
         with torch.no_grad():
             dst.copy_(t)
         del t  # before the stream reads the next one: one tensor alive at a time
-        filled[ours].add(expert)
+        filled[ours].add((expert, part))
     return filled
 
 
 def _check_complete(params: dict, filled: dict[str, set], cfg: ModelConfig, where) -> None:
-    """Every parameter the config implies was given (else name the first missing tensor)."""
+    """Every parameter the config implies was given, every part of a fused one (else name the first missing
+    tensor)."""
     for ours, p in params.items():
         if ours.startswith("rotary.") or (ours == "lm_head.weight" and cfg.tie_word_embeddings):
             continue
         if ours.endswith("e_score_correction_bias") and (cfg.topk_method != "noaux_tc" or ours not in filled):
             continue  # unused by this routing, or absent in some exports: zero, which is what training starts from
-        want = set(range(p.shape[0])) if ".mlp.experts." in ours else {None}
+        experts = range(p.shape[0]) if ".mlp.experts." in ours else [None]
+        parts = FUSED.get(_MODULE.match(ours).group(2))
+        want = {(e, k) for e in experts for k in (range(len(parts)) if parts else [None])}
         missing = want - filled.get(ours, set())
         if missing:
-            hf = next(n for n, _ in ours_to_hf_names(ours, missing, cfg))
+            hf = next(ours_to_hf_names(ours, missing, cfg))
             raise CheckpointError(f"{where(hf)}: tensor {hf} is missing although config.json implies it")
