@@ -18,7 +18,6 @@ interpreter (TRITON_INTERPRET=1, on the CPU); on CUDA MLA uses it by default (`u
 NANOSEEK_FLASH_MLA=0 forces the torch path (=1 forces the kernel, e.g. on the CPU under the interpreter).
 """
 
-import functools
 import os
 
 import torch
@@ -93,11 +92,18 @@ def _flash_mla_kernel(q_lat, q_pe, c_kv, k_pe, table, kv_len, out, softmax_scale
              mask=h_ok[:, None] & r_ok[None, :])
 
 
-@functools.cache
-def _compiled(interpret: bool):
-    """The jitted kernel; triton.jit reads TRITON_INTERPRET when it wraps, so keep one per setting (a test may run
-    the interpreter in a process that already compiled for the GPU)."""
-    return triton.jit(_flash_mla_kernel)
+_KERNELS: dict[str, object] = {}     # device type -> the wrapped kernel
+
+
+def _kernel(device_type: str):
+    """The kernel wrapped for the GPU, or for Triton's interpreter on the CPU. triton.jit reads TRITON_INTERPRET
+    when it wraps, so the two are kept apart (a test may interpret in a process that already compiled for the GPU)."""
+    if device_type not in _KERNELS:
+        if device_type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+            raise RuntimeError("flash_mla got CPU tensors: the Triton kernel runs on a GPU, or on the CPU only under "
+                               "Triton's interpreter (TRITON_INTERPRET=1); NANOSEEK_FLASH_MLA=0 selects the torch path")
+        _KERNELS[device_type] = triton.jit(_flash_mla_kernel)
+    return _KERNELS[device_type]
 
 
 def flash_mla(q_lat: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor, table: torch.Tensor,
@@ -105,23 +111,23 @@ def flash_mla(q_lat: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe:
     """Absorbed MLA attention read through the block table -> the latent output (B, T, H, kv_lora_rank).
 
     q_lat (B, T, H, r): q_nope absorbed by W_UK; q_pe (B, T, H, rope): roped; c_kv (num_blocks, block_size, r) and
-    k_pe (num_blocks, block_size, rope): one layer's pools; table (B, max_blocks): each row's block ids; kv_len
-    (B, T): how many leading positions of its row each query sees (>= 1)."""
+    k_pe (num_blocks, block_size, rope): one layer's pools, contiguous; table (B, max_blocks): each row's block ids;
+    kv_len (B, T): how many leading positions of its row each query sees (>= 1)."""
     if triton is None:
         raise RuntimeError("flash_mla needs triton (pip install triton; on the CPU it runs under TRITON_INTERPRET=1); "
-                           "set NANOSEEK_FLASH_MLA=0 for the torch path")
-    interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    if q_lat.device.type == "cpu" and not interpret:
-        raise RuntimeError("flash_mla got CPU tensors: the Triton kernel runs on a GPU, or on the CPU only under "
-                           "Triton's interpreter (TRITON_INTERPRET=1); set NANOSEEK_FLASH_MLA=0 for the torch path")
+                           "NANOSEEK_FLASH_MLA=0 selects the torch path")
     B, T, H, r = q_lat.shape
     num_blocks, page, rope = k_pe.shape
     out = torch.empty(B, T, H, r, dtype=c_kv.dtype, device=q_lat.device)
-    block_h = max(16, min(64, triton.next_power_of_2(H)))   # tl.dot wants >= 16 rows; heads beyond H are masked
+    # Tiles: tl.dot wants >= 16 rows and columns (padded heads and positions are masked). Rows of more than 1 KB
+    # (V3's 512-wide latent in float32) get 16 x 16 tiles so that the float32 accumulator and the staged c_kv tiles
+    # fit registers and shared memory (compiled for sm_90: 75-78 KB of shared memory either way). Not tuned on a GPU.
+    wide = r * c_kv.element_size() > 1024
+    block_h = max(16, min(16 if wide else 32, triton.next_power_of_2(H)))
     grid = (B * T, triton.cdiv(H, block_h))
-    _compiled(interpret)[grid](
+    _kernel(q_lat.device.type)[grid](
         q_lat.contiguous(), q_pe.contiguous(), c_kv, k_pe, table.contiguous(), kv_len.reshape(-1).contiguous(), out,
         softmax_scale, T, H, r, rope, table.shape[1],
-        PAGE=page, BLOCK_H=block_h, BLOCK_N=max(16, min(64, triton.next_power_of_2(page))),
+        PAGE=page, BLOCK_H=block_h, BLOCK_N=16 if wide else 32,
         BLOCK_R=max(16, triton.next_power_of_2(r)), BLOCK_ROPE=max(16, triton.next_power_of_2(rope)))
     return out
