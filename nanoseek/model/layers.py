@@ -22,8 +22,10 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
+        # a compiled graph (infer/compiled.py) takes F.linear too: inductor picks its own product, and cannot trace
+        # the oneDNN call
         if (_ONEDNN is None or torch.is_grad_enabled() or x.device.type != "cpu" or w.dtype != torch.float32
-                or x.dtype != torch.float32 or w.numel() < ONEDNN_MIN_WEIGHT):
+                or x.dtype != torch.float32 or w.numel() < ONEDNN_MIN_WEIGHT or torch.compiler.is_compiling()):
             return F.linear(x, w, self.bias)
         rows = x.numel() // x.shape[-1]
         if rows == 1 and w.stride(0) == 1:     # one row and an (in, out) weight: MKL's x @ w.T streams it fastest
