@@ -77,6 +77,8 @@ class Experts(nn.Module):
         E, hidden, inter = self.down_proj.shape
         if x.shape[0] * E * inter * hidden <= DENSE_EXPERTS_MAX_MACS:
             return self.dense_forward(x, weights, idx)
+        if torch.compiler.is_compiling():   # a captured graph (infer/compiled.py) needs static shapes: no sort, counts
+            return self.gathered_forward(x, weights, idx)
         N, k = idx.shape
         flat = idx.flatten()
         order = flat.argsort(stable=True)                        # (N*k,) pairs grouped by expert
@@ -99,6 +101,18 @@ class Experts(nn.Module):
         gate, up = (x @ self.gate_up_proj.view(E * 2 * inter, hidden).t()).view(N, E, 2 * inter).chunk(2, dim=-1)
         h = F.silu(gate) * up * g[..., None]                                                    # (N, E, inter)
         return torch.bmm(h.transpose(0, 1), self.down_proj.transpose(1, 2)).sum(0)           # (E, N, h) -> (N, h)
+
+    def gathered_forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """The same result with shapes fixed by N and k alone, for a compiled decode step: each (token, expert) pair
+        gathers its expert's weights and two bmm compute every pair; no sort, no per-expert counts, no host sync.
+        It copies k experts' weights per token, so it suits a few tokens (decoding), never training batches."""
+        N, k = idx.shape
+        E, hidden, inter = self.down_proj.shape
+        flat = idx.flatten()                                                                   # (N*k,) experts
+        xs = x.repeat_interleave(k, dim=0)[:, :, None]                                         # (N*k, hidden, 1)
+        gate, up = torch.bmm(self.gate_up_proj[flat], xs).squeeze(-1).chunk(2, dim=-1)        # (N*k, inter) each
+        h = F.silu(gate) * up * weights.flatten()[:, None].to(x.dtype)                        # (N*k, inter)
+        return torch.bmm(self.down_proj[flat], h[:, :, None]).view(N, k, hidden).sum(1)      # (N, hidden)
 
 
 # Routing has a fixed cost: a sort, a scatter and ~one matmul kernel per expert and projection (CPU's _grouped_mm
