@@ -126,6 +126,30 @@ def test_cpu_tensors_without_the_interpreter_are_refused_with_a_reason(monkeypat
         kernel(mla, cache, s)
 
 
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_the_kernel_compiles_for_a_gpu_at_v3_sizes(dtype, monkeypatch):
+    """The interpreter runs Python, not the compiler: compile for an H100/H200 (sm_90, no GPU needed) at V3's
+    widths (128 heads, kv_lora_rank 512, rope 64, 16-token pages) with the tiles the launcher picks, and check the
+    shared memory fits a block (227 KB on sm_90)."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("this triton has no NVIDIA backend")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")                # triton.jit below wraps for the compiler
+    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")        # triton 3.9's default, stated (else it warns)
+    pointers = dict.fromkeys(["q_lat", "q_pe", "c_kv", "k_pe", "out"], f"*{dtype}")
+    signature = {**pointers, "table": "*i32", "kv_len": "*i32", "softmax_scale": "fp32",
+                 **dict.fromkeys(["T", "n_heads", "rank", "rope", "max_blocks"], "i32")}
+    tiles = flash_mla.tile_sizes(128, 512, 64, 2 if dtype == "bf16" else 4)
+    constexprs = {"PAGE": 16, **tiles}
+    src = ASTSource(triton.jit(flash_mla._flash_mla_kernel), {**signature, **dict.fromkeys(constexprs, "constexpr")},
+                    constexprs=constexprs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32))
+    assert "ptx" in compiled.asm and compiled.metadata.shared <= 227 * 1024
+
+
 def test_mla_dispatch_runs_the_kernel_only_where_chosen(monkeypatch):
     """MLA.forward through a paged cache: NANOSEEK_FLASH_MLA=1 (MODE "1") runs the kernel and gives the torch
     path's output; "0" and "auto" on the CPU run the torch path; a contiguous LatentCache never uses the kernel."""

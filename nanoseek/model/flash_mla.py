@@ -119,15 +119,19 @@ def flash_mla(q_lat: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe:
     B, T, H, r = q_lat.shape
     num_blocks, page, rope = k_pe.shape
     out = torch.empty(B, T, H, r, dtype=c_kv.dtype, device=q_lat.device)
-    # Tiles: tl.dot wants >= 16 rows and columns (padded heads and positions are masked). Rows of more than 1 KB
-    # (V3's 512-wide latent in float32) get 16 x 16 tiles so that the float32 accumulator and the staged c_kv tiles
-    # fit registers and shared memory (compiled for sm_90: 75-78 KB of shared memory either way). Not tuned on a GPU.
-    wide = r * c_kv.element_size() > 1024
-    block_h = max(16, min(16 if wide else 32, triton.next_power_of_2(H)))
-    grid = (B * T, triton.cdiv(H, block_h))
+    tiles = tile_sizes(H, r, rope, c_kv.element_size())
+    grid = (B * T, triton.cdiv(H, tiles["BLOCK_H"]))
     _kernel(q_lat.device.type)[grid](
         q_lat.contiguous(), q_pe.contiguous(), c_kv, k_pe, table.contiguous(), kv_len.reshape(-1).contiguous(), out,
-        softmax_scale, T, H, r, rope, table.shape[1],
-        PAGE=page, BLOCK_H=block_h, BLOCK_N=16 if wide else 32,
-        BLOCK_R=max(16, triton.next_power_of_2(r)), BLOCK_ROPE=max(16, triton.next_power_of_2(rope)))
+        softmax_scale, T, H, r, rope, table.shape[1], PAGE=page, **tiles)
     return out
+
+
+def tile_sizes(n_heads: int, rank: int, rope: int, itemsize: int) -> dict[str, int]:
+    """The kernel's compile-time tile sizes. tl.dot wants >= 16 rows and columns (padded heads, positions and
+    columns are masked). Latent rows of more than 1 KB (V3's 512 in float32) get 16 heads x 16 positions so that
+    the float32 accumulator and the staged c_kv tiles fit registers and shared memory (at V3 sizes, compiled for
+    sm_90: 75-78 KB of shared memory in float32 and bfloat16). Not tuned on a GPU."""
+    wide = rank * itemsize > 1024
+    return dict(BLOCK_H=max(16, min(16 if wide else 32, triton.next_power_of_2(n_heads))), BLOCK_N=16 if wide else 32,
+                BLOCK_R=max(16, triton.next_power_of_2(rank)), BLOCK_ROPE=max(16, triton.next_power_of_2(rope)))
