@@ -117,6 +117,38 @@ def test_comparison_can_fail_negative_controls():
         assert rel_err(kernel(mla, cache, s), ref) < TOL[torch.float32]  # and the same call, unbroken, passes
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the compiled kernel)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("page", [16, 64])
+def test_compiled_kernel_on_cuda_equals_the_torch_path(dtype, page, monkeypatch):
+    """On a GPU, the compiled kernel at V3's latent widths (kv_lora_rank 512, rope 64; 16 heads) over sequences of
+    up to a few hundred blocks, against the torch path in float32 from the same inputs. bfloat16: the kernel
+    rounds its unnormalised probabilities and its output to bfloat16 (unit roundoff 3.9e-3), ~4e-3 relative apart
+    in a CPU emulation at these sizes; bound 1.5e-2. float32: both sides IEEE (no TF32), bound 1e-5."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(flash_mla, "_KERNELS", {})
+    torch.manual_seed(0)
+    B, T, H, r, rope, dev = 3, 2, 16, 512, 64, "cuda"
+    totals = [1000, 37, 300]
+    tables = torch.randperm(400)[:len(totals) * 64].view(len(totals), 64) + 1          # distinct blocks
+    n_blocks = [-(-n // page) for n in totals]
+    c_kv, k_pe = torch.randn(401, page, r, device=dev), torch.randn(401, page, rope, device=dev)
+    q_lat, q_pe = torch.randn(B, T, H, r, device=dev) * 0.05, torch.randn(B, T, H, rope, device=dev) * 0.05
+    kv_len = torch.tensor([[n - 1, n] for n in totals], device=dev, dtype=torch.int32)   # MTP: token and draft
+    table = torch.stack([torch.where(torch.arange(64) < k, t, 0) for t, k in zip(tables, n_blocks)]).int().to(dev)
+    args = [x.to(dtype) for x in (q_lat, q_pe, c_kv, k_pe)]
+    got = flash_mla.flash_mla(*args, table, kv_len, r ** -0.5).float()
+    q_lat, q_pe, c_kv, k_pe = (x.float() for x in args)
+    for b in range(B):                                    # the torch path's maths, row by row, gathered in float32
+        slots = (table[b, :, None] * page + torch.arange(page, device=dev)).flatten()[: totals[b]]
+        c, kp = c_kv.view(-1, r)[slots], k_pe.view(-1, rope)[slots]
+        for t in range(T):
+            n = kv_len[b, t]
+            s = (q_lat[b, t] @ c[:n].T + q_pe[b, t] @ kp[:n].T) * r ** -0.5
+            ref = torch.softmax(s, -1) @ c[:n]                                           # (H, r)
+            assert rel_err(got[b, t], ref) < (1e-5 if dtype == torch.float32 else 1.5e-2)
+
+
 def test_cpu_tensors_without_the_interpreter_are_refused_with_a_reason(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setattr(flash_mla, "_KERNELS", {})
