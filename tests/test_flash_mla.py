@@ -201,17 +201,21 @@ def test_mla_dispatch_runs_the_kernel_only_where_chosen(monkeypatch):
     assert not flash_mla.use_kernel(LatentCache(cfg, batch=1, max_len=4), torch.device("cuda"))
 
 
-def test_engine_greedy_tokens_equal_with_the_kernel(monkeypatch):
+@pytest.mark.parametrize("preset", ["tiny", "tiny-v3.2"])
+def test_engine_greedy_tokens_equal_with_the_kernel(preset, monkeypatch):
     """The engine end to end (plan, every layer's update_paged, the MTP layer, prefix blocks): the same greedy
-    tokens and logprobs with the kernel as without it."""
+    tokens and logprobs with the kernel as without it. With DSA (tiny-v3.2) the kernel serves the rows that still
+    have at most index_topk tokens, where every token is selected."""
     torch.manual_seed(0)
-    model = ns.Transformer(ns.ModelConfig.preset("tiny", initializer_range=0.3)).eval()
+    model = ns.Transformer(ns.ModelConfig.preset(preset, initializer_range=0.3)).eval()
     prompts = [[5, 9, 13, 2, 7, 11, 3, 8, 21], [4, 6]]
     params = ns.SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=True)
-    runs = {}
+    runs, calls, real = {}, [], flash_mla.flash_mla
+    monkeypatch.setattr(flash_mla, "flash_mla", lambda *a: calls.append(1) or real(*a))
     for mode in ("0", "1"):
         monkeypatch.setattr(flash_mla, "MODE", mode)
         runs[mode] = ns.Engine(model, block_size=4).generate(prompts, params)
+        assert (len(calls) > 0) == (mode == "1")
     for a, b in zip(runs["0"], runs["1"]):
         assert a.token_ids == b.token_ids
         assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-5
