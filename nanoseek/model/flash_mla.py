@@ -106,6 +106,10 @@ def _kernel(device_type: str):
     return _KERNELS[device_type]
 
 
+if triton is not None and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    _kernel("cuda")     # wrapped now, not inside a torch.compile trace (infer/compiled.py captures the decode step)
+
+
 def flash_mla(q_lat: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor, table: torch.Tensor,
               kv_len: torch.Tensor, softmax_scale: float) -> torch.Tensor:
     """Absorbed MLA attention read through the block table -> the latent output (B, T, H, kv_lora_rank).
