@@ -39,6 +39,7 @@ MODE = os.environ.get("NANOSEEK_FLASH_MLA", "auto")
 
 
 def available() -> bool:
+    """Whether the kernel can run at all here (triton imports); bench/ and GPU checks skip it otherwise."""
     return triton is not None
 
 
