@@ -133,3 +133,37 @@ def kept_mass(records: list[IndexRecord]) -> torch.Tensor:
     """Mean over layers and query tokens of the attention mass inside the selected set (1.0: selection loses
     nothing). Meaningful on a dense forward, where record.attention is the full attention."""
     return torch.stack([(r.attention * r.selected).sum(-1).mean() for r in records]).mean()
+
+
+# --------------------------------------------------------------------------------------------- training stages
+STAGES = ("warmup", "sparse", "dense")   # `nanoseek pretrain --dsa`
+
+
+def trains(name: str, stage: str | None) -> bool:
+    """Whether parameter `name` of the model learns in a training stage (paper Section 2.1.1): the dense "warmup"
+    trains the indexers alone, "sparse" everything, "dense" (the dense model the warm-up starts from, or a dense
+    baseline) everything but the indexers. The MTP block's indexer never learns: Transformer.losses collects
+    records from the main layers only, so no loss would reach it."""
+    if ".indexer." not in name:
+        return stage != "warmup"
+    return stage in ("warmup", "sparse") and not name.startswith("mtp.")
+
+
+def stage_loss(stage: str, records: list[IndexRecord], lm_loss: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """A stage's training loss from the model's loss L and the records of its forward, and what to log. "warmup":
+    the indexer KL alone, over the dense attention (eq. 3). "sparse": L + the KL on the selected set (eq. 4); the
+    KL reaches only the indexers (their inputs are detached), L never does (the selection is not differentiable),
+    so this sum optimises the two separately, as the paper does. "dense": L, the KL only logged. kept_mass is
+    logged except in "sparse", whose attention covers the selected set only (see dense_kept_mass)."""
+    kl = indexer_kl(records, sparse=stage == "sparse")
+    logs = {"indexer_kl": kl} if stage == "sparse" else {"indexer_kl": kl, "kept_mass": kept_mass(records)}
+    return {"warmup": kl, "sparse": lm_loss + kl}.get(stage, lm_loss), logs
+
+
+@torch.no_grad()
+def dense_kept_mass(forward, *args, **kwargs) -> torch.Tensor:
+    """kept_mass of a dense `forward(*args, dsa=..., **kwargs)` without gradients (about a third of a training
+    step): what sparse training measures every few steps, its own forward attending to the selected set only."""
+    dsa = DSA(sparse=False, records=[])
+    forward(*args, dsa=dsa, **kwargs)
+    return kept_mass(dsa.records)

@@ -2,6 +2,8 @@
 
     nanoseek pretrain --preset tiny --steps 200 --out runs/tiny            # the embedded task corpus, offline
     nanoseek pretrain --preset cpu --data books/ --steps 2000 --out runs/cpu --resume
+    nanoseek pretrain --init runs/v31/final --dsa warmup --steps 100 --out runs/warm  # DeepSeek-V3.2's two stages
+    nanoseek pretrain --init runs/warm/final --dsa sparse --steps 1000 --out runs/dsa
     torchrun --standalone --nproc_per_node=2 -m nanoseek.cli pretrain ... [--fsdp]
 
 One optimizer step (V3 Sections 2.1.2 and 2.2):
@@ -11,6 +13,9 @@ One optimizer step (V3 Sections 2.1.2 and 2.2):
   micro-batches (and averaged over processes by DDP / FSDP2); then the auxiliary-loss-free bias update
   b_i += gamma * sign(mean load - load_i) (optim.add_bias_update, an optimizer-step hook), from the expert loads
   summed over micro-batches and processes.
+
+DeepSeek Sparse Attention (V3.2 Section 2.1.1) trains from a dense model (--dsa dense) in two stages, --dsa warmup
+(only the indexers learn) then --dsa sparse (model/dsa.py: stage_loss); metrics.jsonl adds indexer_kl, kept_mass.
 
 The global batch of a step is batch_size * grad_accum * world_size sequences of seq_len tokens, taken in a fixed
 order from one seeded sampler, so N processes see exactly the sequences one process would with N times the
@@ -28,9 +33,11 @@ from typing import ClassVar
 
 import torch
 
-from .. import plots
+from .. import flops, plots
+from ..checkpoint import read_config
 from ..config import PRESETS, ModelConfig
 from ..errors import UsageError
+from ..model.dsa import DSA, STAGES, dense_kept_mass, stage_loss, trains
 from . import optim, runtime
 from .run import Run
 from .runtime import Runtime, TrainModule
@@ -40,6 +47,9 @@ from .runtime import Runtime, TrainModule
 class PretrainConfig:
     """Every knob of a pretraining run; CLI flags and TOML keys have the same names (dashes or underscores)."""
     preset: str = "tiny"              # model shape: one of nanoseek.config.PRESETS
+    init: str | None = None           # start from this model folder (its weights, config, tokenizer), not --preset
+    dsa: str | None = None            # warmup | sparse | dense, for models with lightning indexers; None: sparse
+    kept_mass_every: int = 10         # --dsa sparse: measure kept_mass on a no-grad dense forward every N steps
     data: str | None = None           # .txt/.jsonl/.parquet file or folder, or hf:NAME[:split]; None: embedded corpus
     steps: int = 200                  # optimizer steps of the whole run (the LR schedule spans them)
     out: str = "runs/pretrain"        # run folder (metrics.jsonl, config.toml, ckpt/, final/, loss.png)
@@ -84,6 +94,9 @@ def validate(cfg: PretrainConfig) -> None:
         raise UsageError(f"--lr must be positive, got {cfg.lr}")
     if cfg.bias_update_speed < 0 or cfg.balance_alpha < 0 or cfg.mtp_lambda < 0:
         raise UsageError("--bias-update-speed, --balance-alpha and --mtp-lambda must be >= 0")
+    if cfg.dsa not in (None, *STAGES) or (cfg.init and (cfg.vocab_size or cfg.tokenizer)):
+        raise UsageError(f"--dsa takes {', '.join(STAGES)}, not {cfg.dsa!r}" if cfg.dsa not in (None, *STAGES) else
+                         "--init brings the model's vocabulary and tokenizer: drop --vocab-size and --tokenizer")
 
 
 def model_config(cfg: PretrainConfig, tok=None) -> ModelConfig:
@@ -91,7 +104,10 @@ def model_config(cfg: PretrainConfig, tok=None) -> ModelConfig:
     if tok is not None:
         kw.update(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
         kw.update({"pad_token_id": tok.pad_id} if getattr(tok, "pad_id", None) is not None else {})
-    mcfg = ModelConfig.preset(cfg.preset, **kw)
+    mcfg = read_config(cfg.init).replace(**kw) if cfg.init else ModelConfig.preset(cfg.preset, **kw)
+    if cfg.dsa and not mcfg.dsa:
+        raise UsageError(f"--dsa {cfg.dsa}: {cfg.init or cfg.preset} has no lightning indexers (DeepSeek Sparse "
+                         f"Attention is DeepSeek-V3.2's); use --preset tiny-v3.2 or v3.2, or drop --dsa")
     if cfg.seq_len > mcfg.max_position_embeddings:
         raise UsageError(f"--seq-len {cfg.seq_len} exceeds the {cfg.preset} preset's max_position_embeddings "
                          f"{mcfg.max_position_embeddings}")
@@ -117,13 +133,13 @@ def prepare(cfg: PretrainConfig, rt: Runtime) -> tuple[Run, object, object]:
         run = Run(cfg, "pretrain", rt)
         if cfg.data is not None:
             read_documents(cfg.data)  # missing / empty / unsupported -> UsageError before any work
-        folder = run.resume_from or Path(cfg.tokenizer or out / "tokenizer")
-        if run.resume_from is None and not cfg.tokenizer and rt.is_main:
+        folder = run.resume_from or Path(cfg.init or cfg.tokenizer or out / "tokenizer")
+        if run.resume_from is None and not (cfg.tokenizer or cfg.init) and rt.is_main:
             print(f"[pretrain] training a {vocab}-token BPE tokenizer on {source}", flush=True)
             Tokenizer.train(_documents(cfg), vocab, progress=False).save(folder)
         rt.barrier()
         if not (folder / "tokenizer.json").exists():
-            raise UsageError(f"--tokenizer {folder}: no tokenizer.json there (train one with `nanoseek tokenizer`)")
+            raise UsageError(f"{folder}: no tokenizer.json there (train one with `nanoseek tokenizer`)")
         tok = Tokenizer.load(folder)
         if tok.vocab_size > vocab:
             raise UsageError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is {vocab}; pass "
@@ -150,24 +166,29 @@ def prepare(cfg: PretrainConfig, rt: Runtime) -> tuple[Run, object, object]:
     return run, tok, ds
 
 
-def train_step(module, optimizer, micro_batches, *, mtp_lambda: float, grad_clip: float, rt: Runtime) -> dict:
+def train_step(module, optimizer, micro_batches, *, mtp_lambda: float, grad_clip: float, rt: Runtime,
+               dsa: str | None = None) -> dict:
     """One optimizer step over this process's micro-batches [(inputs, targets) (B, T)]: L = loss + mtp_lambda *
     mtp_loss + balance_loss (V3 eq. 25), gradients accumulated, clipped, AdamW (the bias-update hook runs inside
-    optimizer.step()). Returns the losses averaged over micro-batches and processes, and the gradient norm."""
-    sums = torch.zeros(3, device=rt.device)
-    n = len(micro_batches)
+    optimizer.step()). Returns the losses averaged over micro-batches and processes, and the gradient norm.
+    dsa: a DSA training stage (dsa.stage_loss; + indexer_kl, kept_mass); "sparse" clips the indexers' gradient
+    apart, so that the model's update is L's alone."""
+    sums, n = 0, len(micro_batches)
     for i, (x, y) in enumerate(micro_batches):
+        hook = DSA(sparse=dsa == "sparse", records=[]) if dsa else None
         with runtime.grad_sync(module, i == n - 1):
             with runtime.autocast(rt.device):
-                out = module(x, y)
+                out = module(x, y, dsa=hook)
             total = out["loss"] + mtp_lambda * out["mtp_loss"] + out["balance_loss"]
+            total, logs = stage_loss(dsa, hook.records, total) if hook else (total, {})
             (total / n).backward()
-        sums += torch.stack([out["loss"], out["mtp_loss"], out["balance_loss"]]).detach().float()
-    grad_norm = optim.clip_grad(module.parameters(), grad_clip)
+        out |= logs
+        sums = sums + torch.stack(list(out.values())).detach().float()
+    apart = [[p for name, p in module.named_parameters() if (".indexer." in name) == indexer] for indexer in (False, True)]
+    grad_norm = [optim.clip_grad(ps, grad_clip) for ps in (apart if dsa == "sparse" else [module.parameters()])][0]
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    loss, mtp_loss, balance_loss = rt.all_reduce(sums / n, "mean").tolist()
-    return {"loss": loss, "mtp_loss": mtp_loss, "balance_loss": balance_loss, "grad_norm": grad_norm}
+    return {**dict(zip(out, rt.all_reduce(sums / n, "mean").tolist())), "grad_norm": grad_norm}
 
 
 def pretrain(cfg: PretrainConfig) -> Path:
@@ -182,20 +203,23 @@ def pretrain(cfg: PretrainConfig) -> Path:
         runtime.seed(cfg.seed)
         mcfg = model_config(cfg, tok)
         model = Transformer(mcfg).to(rt.device).train()
-        run.restore_weights(model)
+        run.restore_weights(model, init=cfg.init)
+        dsa = cfg.dsa or ("sparse" if mcfg.dsa else None)
+        for name, p in model.named_parameters():   # frozen: no gradient, no optimizer state
+            p.requires_grad_(trains(name, dsa))
         module = runtime.parallelize(TrainModule(model), rt, cfg.fsdp, blocks=[*model.layers, *model.mtp])
         opt = optim.adamw(module, cfg.lr, cfg.weight_decay)
         loads = optim.ExpertLoads(model, rt)
-        optim.add_bias_update(opt, loads, cfg.bias_update_speed)
+        optim.add_bias_update(opt, loads, 0.0 if dsa == "warmup" else cfg.bias_update_speed)   # biases frozen too
         B, T, A, W = cfg.batch_size, cfg.seq_len, cfg.grad_accum, rt.world_size
         sampler = BatchSampler(ds.num_sequences(T), B * A * W, seed=cfg.seed)
         saved = run.start(module, model, opt, tok, state=lambda: {"data": sampler.state_dict()},
-                          flops_per_token=optim.flops_per_token(mcfg, T))
+                          flops_per_token=flops.flops_per_token(mcfg, T))
         if saved:
             sampler.load_state_dict(saved["data"])
         n = mcfg.num_params()
-        run.print(f"[pretrain] {cfg.preset}: {n['total'] / 1e6:.2f}M parameters ({n['activated'] / 1e6:.2f}M "
-                  f"activated), {ds.num_tokens:,} tokens of data, global batch {B * A * W} x {T} tokens, {W} "
+        run.print(f"[pretrain] {cfg.init or cfg.preset}{f' --dsa {dsa}' if dsa else ''}: {n['total'] / 1e6:.2f}M "
+                  f"parameters ({n['activated'] / 1e6:.2f}M activated), {ds.num_tokens:,} tokens of data, global batch {B * A * W} x {T} tokens, {W} "
                   f"process(es){' FSDP' if cfg.fsdp and W > 1 else ''} on {rt.device}")
         warmup = cfg.warmup if cfg.warmup >= 0 else min(200, cfg.steps // 20)
         for step in run.steps():
@@ -206,7 +230,10 @@ def pretrain(cfg: PretrainConfig) -> Path:
                 micro.append((torch.from_numpy(x).to(rt.device), torch.from_numpy(y).to(rt.device)))
             lr = optim.set_lr(opt, optim.lr_at(step, total=cfg.steps, lr=cfg.lr, warmup=warmup,
                                                schedule=cfg.schedule, min_lr_ratio=cfg.min_lr_ratio))
-            r = train_step(module, opt, micro, mtp_lambda=cfg.mtp_lambda, grad_clip=cfg.grad_clip, rt=rt)
+            r = train_step(module, opt, micro, mtp_lambda=cfg.mtp_lambda, grad_clip=cfg.grad_clip, rt=rt, dsa=dsa)
+            if dsa == "sparse" and cfg.kept_mass_every > 0 and (step % cfg.kept_mass_every == 0 or step + 1 == cfg.steps):
+                with runtime.autocast(rt.device):
+                    r["kept_mass"] = rt.all_reduce(dense_kept_mass(module, *micro[0]).reshape(1), "mean").item()
             expert_load = [t.tolist() for t in loads.collect()[:len(model.moe_layers())]]   # main layers
             run.log({**r, "lr": lr, "load_imbalance": optim.load_imbalance(expert_load), "expert_load": expert_load},
                     tokens=B * A * W * T, loss=r["loss"], lr=lr)
@@ -214,7 +241,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
                 raise UsageError(f"the loss became {r['loss']} at step {step + 1}; lower --lr (now {cfg.lr})")
         if rt.is_main:
             plots.pretrain_plots(run.out, run.rows)
-        return run.finish(summary=("loss", "mtp_loss", "load_imbalance"))
+        return run.finish(summary=("loss", "mtp_loss", "load_imbalance", "indexer_kl", "kept_mass"))
     finally:
         runtime.shutdown(rt)
 

@@ -30,8 +30,8 @@ import torch
 
 from ..data.jsonl import read_jsonl, write_jsonl
 from ..errors import UsageError
+from ..flops import peak_flops
 from ..options import write_config
-from .optim import peak_flops
 from .runtime import Runtime, TrainModule, full_state_dict, rng_state, set_rng_state
 
 STATE_JSON = "trainer_state.json"
@@ -58,18 +58,18 @@ class Run:
         if self.rt.is_main:
             print(msg, flush=True)
 
-    def restore_weights(self, model: torch.nn.Module) -> None:
-        """The resumed checkpoint's weights and routing biases into `model` (before any DDP/FSDP wrapping)."""
+    def restore_weights(self, model: torch.nn.Module, init=None) -> None:
+        """The weights and routing biases of the resumed checkpoint, else of `init` (a model folder), into `model`."""
         from ..checkpoint import CheckpointError, load
 
-        if self.resume_from is None:
+        if (folder := self.resume_from or init) is None:
             return
         try:
-            missing, unexpected = model.load_state_dict(load(self.resume_from).state_dict(), strict=False)
+            missing, unexpected = model.load_state_dict(load(folder).state_dict(), strict=False)
         except (CheckpointError, OSError, ValueError) as e:
-            raise UsageError(f"cannot resume from {self.resume_from}: {e}") from None
+            raise UsageError(f"cannot start from {folder}: {e}") from None
         if missing or unexpected:
-            raise UsageError(f"cannot resume from {self.resume_from}: its weights do not fit this model (missing "
+            raise UsageError(f"cannot start from {folder}: its weights do not fit this model (missing "
                              f"{missing[:3]}, unexpected {unexpected[:3]}); use the original --preset and overrides")
 
     def start(self, module, model, optimizer, tokenizer, state=dict, flops_per_token: float | None = None) -> dict:
