@@ -208,6 +208,28 @@ def test_routed_experts_are_batched_not_per_token(monkeypatch, path):
     assert counts[0] == counts[1]
 
 
+@pytest.mark.parametrize("path", ["grouped_mm", "padded-bmm"])
+def test_grouped_experts_issue_no_per_expert_ops(monkeypatch, path):
+    """The grouped paths run every expert in the same operations: their op count does not grow with the number of
+    experts (the per-expert fallback's does: the negative control)."""
+    def ops(E: int) -> int:
+        cfg = ns.ModelConfig.preset("tiny", n_routed_experts=E, n_group=1, topk_group=1)
+        experts, gate = Experts(cfg), Gate(cfg)
+        for p in list(experts.parameters()) + list(gate.parameters()):
+            torch.nn.init.normal_(p, std=0.3)
+        x = torch.randn(64, cfg.hidden_size)
+        weights, _, _ = gate(x)
+        idx = torch.arange(64 * weights.shape[1]).view(64, -1) % E           # every expert gets the same rows
+        with torch.no_grad(), _CountOps() as c:
+            experts(x, weights, idx)
+        return c.n
+
+    _routed_experts_path(monkeypatch, path)
+    assert ops(4) == ops(16)
+    _routed_experts_path(monkeypatch, "per-expert-fallback")
+    assert ops(4) < ops(16)
+
+
 def test_mtp_loss_predicts_the_token_after_next():
     """MTP depth 0 at position i sees h_i and the embedding of t_{i+1} and is scored against t_{i+2}."""
     cfg = ns.ModelConfig.preset("tiny")
