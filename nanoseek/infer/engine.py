@@ -43,6 +43,7 @@ import torch
 from ..errors import UsageError
 from ..model.dsa import DSA
 from .cache import block_keys, paged_cache_class
+from .compiled import AUTO_MIN_STEPS, CompiledDecode, say, steps_in_sight, unavailable
 from .grammar import ConstraintError
 from .sampling import Sampled, SamplingParams, sample
 
@@ -240,7 +241,7 @@ class Engine:
 
     def __init__(self, model, tokenizer=None, max_batch: int = 16, max_seq_len: int | None = None,
                  block_size: int = 16, num_blocks: int | None = None, mtp: bool | None = None,
-                 sparse: bool = True):
+                 sparse: bool = True, compile: bool | str = "auto"):
         cfg = model.cfg
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
         self.device = model.embed_tokens.weight.device
@@ -258,6 +259,11 @@ class Engine:
         # DeepSeek-V3.2 models: False attends to every cached token (dense MLA on the same weights; the indexer keys
         # are still cached), for comparisons such as bench/dsa.py. May be changed between steps.
         self.sparse = sparse
+        # the decode step as one compiled graph (infer/compiled.py): True, False, or "auto" (once the decode steps
+        # run and in sight reach compiled.AUTO_MIN_STEPS; plain decode only: MTP speculation stays eager)
+        if compile not in (True, False, "auto"):
+            raise UsageError(f"compile={compile!r}: expected True, False or 'auto'")
+        self.compile, self._compiled, self._compile_said = compile, None, False
         # default context: the model's, capped at 4096 so the default pool stays small on CPU
         self.max_seq_len = int(max_seq_len or min(cfg.max_position_embeddings, 4096))
         n_layers = cfg.num_hidden_layers + (1 if self.mtp else 0)      # the MTP layer's cache index is L
@@ -627,15 +633,12 @@ class Engine:
         for r, s in zip(reqs, spec):
             self._ensure_blocks(r, r.num_cached + 1 + s)
         ids = [[r.output[-1], r.draft] if s else [r.output[-1]] for r, s in zip(reqs, spec)]
-        inp, pos, _ = self._plan(reqs, ids, [r.num_cached for r in reqs])
-        h, rope = self.model.trunk(inp, pos, cache=self.cache, dsa=self._dsa())
+        si = [i for i, s in enumerate(spec) if s]
+        logits, h, rope = self._decode_logits(reqs, ids, si)
         self.counters["decode_forwards"] += 1
         B, dev = len(reqs), self.device
-        si = [i for i, s in enumerate(spec) if s]
-        # logits: position 0 of every row, then position 1 of the speculating rows
-        hs = h[:, 0] if not si else torch.cat([h[:, 0], h[si, 1]])
         rows_req = reqs + [reqs[i] for i in si]
-        out, failed = self._sample(rows_req, self.model.head(hs))
+        out, failed = self._sample(rows_req, logits)
         new = [[out.tokens[i]] for i in range(B)]
         picks = [[i] for i in range(B)]
         accepted = [False] * B
@@ -653,7 +656,7 @@ class Engine:
                 self.mtp_active = False          # below break-even: plain decoding is faster
         drafts = [None] * B
         if self.mtp_active:
-            T = inp.shape[1]
+            T = h.shape[1]
             nxt = torch.tensor([x + [0] * (T - len(x)) for x in new], device=dev)
             cols = torch.tensor([len(x) - 1 for x in new], device=dev)
             drafts = self._draft(h, nxt, rope, torch.arange(B, device=dev), cols)
@@ -663,6 +666,52 @@ class Engine:
             deltas.append(self._deliver(r, new[i], _pick(out, picks[i]), failed.get(r.id)))
             if r.finish_reason is None:
                 self._register_full_blocks(r)
+
+    def _decode_logits(self, reqs: list[_Request], ids: list[list[int]], si: list[int]):
+        """The decode forward: logits of position 0 of every row, then of position 1 of the speculating rows si;
+        and the trunk's h and rope for MTP drafting. Through the compiled graph when the engine uses one and MTP is
+        off (then h and rope are None); should the graph fail, the engine says so and goes on eager."""
+        graph = self._graph(reqs) if not self.mtp_active else None
+        if graph is not None:
+            try:
+                return graph.logits([x[0] for x in ids], [r.blocks for r in reqs], [r.num_cached for r in reqs],
+                                    self.sparse), None, None
+            except Exception as e:      # the step's slots are rewritten below with the same values
+                log.error("the compiled decode step failed", exc_info=e)
+                say(f"the compiled decode step failed ({type(e).__name__}: {e}); decoding eager from now on")
+                self.compile, self._compiled = False, None
+        inp, pos, _ = self._plan(reqs, ids, [r.num_cached for r in reqs])
+        h, rope = self.model.trunk(inp, pos, cache=self.cache, dsa=self._dsa())
+        hs = h[:, 0] if not si else torch.cat([h[:, 0], h[si, 1]])
+        return self.model.head(hs), h, rope
+
+    def _graph(self, reqs: list[_Request]) -> CompiledDecode | None:
+        """The compiled decode step if this engine decodes through one now, building it on first use. "auto":
+        once the decode steps run plus those the requests in the engine still need reach AUTO_MIN_STEPS of this
+        device; below that the engine stays eager and says so once."""
+        if self._compiled is not None or self.compile is False:
+            return self._compiled
+        dev = self.device.type
+        if self.compile == "auto":
+            remaining = [r.max_new - len(r.output) for r in itertools.chain(reqs, self.waiting)]
+            steps = self.counters["decode_forwards"] + steps_in_sight(remaining, self.max_batch)
+            bar = AUTO_MIN_STEPS.get(dev, math.inf)
+            if steps < bar:
+                if not self._compile_said:
+                    self._compile_said = True
+                    say(f"decoding eager (compile='auto': ~{steps} decode steps in sight, compiling pays from {bar} "
+                        f"on {dev}; compile=True or --compile true forces it)")
+                return None
+        why = unavailable(self.device)
+        if why:
+            say(f"decoding eager: {why}")
+            self.compile = False
+            return None
+        if self.compile == "auto":
+            say(f"compiling the decode step (compile='auto': {steps} decode steps run or in sight >= {bar})")
+        self._compiled = CompiledDecode(self.model, self.cache, self.max_batch,
+                                        math.ceil(self.max_seq_len / self.block_size))
+        return self._compiled
 
     # ------------------------------------------------------------------------------------------ bookkeeping
     def _deliver(self, req: _Request, tokens: list[int], lps, err: Exception | None) -> StreamDelta:

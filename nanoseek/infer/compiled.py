@@ -1,0 +1,152 @@
+"""The decode step as one captured graph: trunk + head over the decode rows, against the engine's paged cache,
+compiled with torch.compile (inductor's C++ backend on the CPU; CUDA graphs, mode="reduce-overhead", on a GPU).
+
+Why: a decode step of a small model is hundreds of microsecond-sized ops (docs/benchmarks.md, "Decode"), each paying
+eager PyTorch's dispatch cost, and on a GPU a kernel launch. Captured once, inductor fuses them into a few loops (a
+CUDA graph replays the whole step in one launch), and no Python runs per layer.
+
+Static shapes by buckets (a graph is specialised to its input shapes, so the step's shapes take few values):
+* batch: padded to the next power of two (1, 2, 4, 8, ... capped at max_batch). A padding row has start 0 and an
+  all-zero block table: it writes the scratch slot 0, attends to it alone (no empty softmax row), and its logits are
+  dropped.
+* context: the block table padded to a power-of-two number of blocks (at least 2); positions past a row's length
+  read slot 0 under a False mask. On the CPU this dimension is compiled symbolic, one graph per batch bucket for every
+  context; a GPU records one CUDA graph per (batch, context) bucket.
+The inputs are three small tensors: each row's token, block table and start position. The slots a row writes and
+reads and its mask are computed inside the graph (the eager engine's PagedCache.plan computes the same in Python);
+PagedCache.update and DSA's update_indexer / update_selected then run unchanged inside it.
+
+While compiling, the model takes its static-shape twins (tests/test_compiled.py checks each equal to eager):
+interleaved RoPE in real arithmetic (rope.rotate_pairs), Linear as F.linear, routed experts through
+Experts.dense_forward or gathered_forward (never the sorted route, whose per-expert counts need a host sync),
+MoE.load as a scatter. DeepSeek-V3.2's selection runs over the padded context's visible tokens: the same top-k.
+
+Compiled artifacts (inductor's FX graph cache and AOT autograd cache) live under ~/.cache/nanoseek/inductor
+($XDG_CACHE_HOME/nanoseek/inductor; TORCHINDUCTOR_CACHE_DIR wins if set), so a second start only traces the step
+(seconds) instead of running the C++ compiler again. Each new batch bucket prints its compile time.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import sys
+import time
+
+import torch
+
+from ..model.dsa import DSA
+
+# The "auto" rule (Engine(compile="auto")): compile once the decode steps an engine has run plus those in sight
+# reach this many. Measured on the shared 2-core CPU (docs/benchmarks.md, "Compiled decode"): a batch bucket of the
+# `cpu` preset compiles in 20-75 s cold and ~5 s from the disk cache, and saves 2-4 ms per step, so a cold compile
+# pays back after roughly 10,000 steps and a cached one after ~2,000. Model size cancels out to first order: compile
+# time and the saving per step both grow with the number of layers. On a GPU compiling is cheaper (triton kernels
+# compile in parallel, no C++ toolchain) and a launch-bound step saves more, hence the lower bar.
+AUTO_MIN_STEPS = {"cpu": 4000, "cuda": 500}
+
+
+def bucket(n: int, cap: int) -> int:
+    """The next power of two >= n, at most cap (and never below n)."""
+    return max(n, min(cap, 1 << max(0, n - 1).bit_length()))
+
+
+def unavailable(device: torch.device) -> str | None:
+    """Why this device's compiled step cannot be built here, or None when it can."""
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+        return None if has_triton() else "triton is not installed (torch.compile's GPU backend needs it)"
+    if device.type != "cpu":
+        return f"no compiled decode for device {device.type!r}"
+    cxx = os.environ.get("CXX")
+    if not any(shutil.which(c) for c in ([cxx] if cxx else ["g++", "c++", "clang++"])):
+        return "no C++ compiler found (g++, c++ or clang++; inductor's CPU backend needs one)"
+    return None
+
+
+def say(msg: str) -> None:
+    """One line for the person running the engine (stderr: stdout may carry a command's results)."""
+    print(f"nanoseek: {msg}", file=sys.stderr, flush=True)
+
+
+def use_disk_cache() -> str:
+    """Point inductor's on-disk caches at ~/.cache/nanoseek/inductor unless the user chose a folder."""
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(root, "nanoseek", "inductor")
+    return os.environ["TORCHINDUCTOR_CACHE_DIR"]
+
+
+def decode_step(model, cache, ids: torch.Tensor, table: torch.Tensor, starts: torch.Tensor,
+                sparse: bool) -> torch.Tensor:
+    """One decode token per row: ids (B,), block tables (B, nb), start positions (B,) -> logits (B, vocab).
+
+    Row b's token sits at position starts[b] and sees positions 0..starts[b] of its blocks (the mask of
+    PagedCache.plan for one token per row); this is the function torch.compile captures."""
+    bs = cache.block_size
+    S = table.shape[1] * bs
+    j = torch.arange(S, device=ids.device)
+    total = starts[:, None] + 1                                                   # (B, 1) visible tokens
+    read = (table[:, j // bs] * bs + j % bs).masked_fill(j >= total, 0)            # (B, S) slots, past the end -> 0
+    write = read.gather(1, starts[:, None]).view(-1)                              # (B,) the new token's slot
+    cache.set_step(write, read, (j < total)[:, None, None])                       # mask (B, 1, 1, S)
+    h, _ = model.trunk(ids[:, None], starts[:, None], cache=cache, dsa=None if sparse else DSA(sparse=False))
+    return model.head(h[:, 0])                                                    # (B, vocab)
+
+
+class CompiledDecode:
+    """The engine's decode forward as compiled graphs, one per batch bucket (and context bucket on a GPU)."""
+
+    def __init__(self, model, cache, max_batch: int, max_blocks: int):
+        self.model, self.cache = model, cache
+        self.max_batch, self.max_blocks = max_batch, max_blocks
+        self.device = model.embed_tokens.weight.device
+        self.cuda = self.device.type == "cuda"
+        self.cache_dir = use_disk_cache()
+        # every engine is a new set of guards on the same function: allow one graph per bucket of each
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+        torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 4096)
+        if self.cuda:   # the cache pools are written in place: CUDA graphs must see them at fixed addresses
+            for name in cache.names:
+                for t in getattr(cache, name):
+                    torch._dynamo.mark_static_address(t)
+        self.step = torch.compile(decode_step, fullgraph=True, dynamic=False,
+                                  mode="reduce-overhead" if self.cuda else None)
+        self.compile_seconds = 0.0
+
+    def logits(self, tokens: list[int], tables: list[list[int]], starts: list[int], sparse: bool) -> torch.Tensor:
+        """Logits (B, vocab) of the next token of each row: tokens[b] at position starts[b], whose block table
+        tables[b] covers starts[b] + 1 tokens."""
+        B = len(tokens)
+        Bp = bucket(B, self.max_batch)
+        nb = bucket(max(2, max(len(t) for t in tables)), max(2, self.max_blocks))
+        pad = Bp - B
+        table = torch.tensor([t + [0] * (nb - len(t)) for t in tables] + [[0] * nb] * pad, device=self.device)
+        meta = torch.tensor([tokens + [0] * pad, starts + [0] * pad], device=self.device)
+        if not self.cuda:
+            torch._dynamo.maybe_mark_dynamic(table, 1)        # one CPU graph for every context of this batch
+        graphs = _graphs()
+        t0 = time.perf_counter()
+        out = self.step(self.model, self.cache, meta[0], table, meta[1], sparse)
+        if _graphs() > graphs:         # this call traced and compiled a new graph (inductor's cache may have helped)
+            dt = time.perf_counter() - t0
+            self.compile_seconds += dt
+            say(f"compiled the decode step for batch {Bp}" + (f", {nb} blocks" if self.cuda else "") +
+                f" in {dt:.1f} s (cache: {self.cache_dir})")
+        if self.cuda:
+            out = out.clone()          # a CUDA graph's output is overwritten by its next replay
+        return out[:B]
+
+
+def _graphs() -> int:
+    """Graphs dynamo has captured in this process so far."""
+    from torch._dynamo.utils import counters
+    return counters["stats"]["unique_graphs"]
+
+
+def steps_in_sight(remaining: list[int], max_batch: int) -> int:
+    """Decode steps the given remaining token budgets need at most max_batch rows per step (a lower bound)."""
+    if not remaining:
+        return 0
+    return max(max(remaining), math.ceil(sum(remaining) / max_batch))

@@ -1,0 +1,196 @@
+"""The decode step as one compiled graph (nanoseek/infer/compiled.py) against the eager engine.
+
+Each cache layout (MLA's latent with MoE, GQA's K/V, DSA's latent + indexer keys) runs one scenario through an eager
+engine and a compiled one: five requests, max_batch 4, so the decode batch is 4, then 3 (a padding row, bucket 4)
+when the shortest request leaves, then 4 again when the waiting one joins; the context grows from 2 to 3 blocks
+(bucket 2 -> 4, one symbolic dimension on the CPU). Every decode batch is in bucket 4: one compile per model and
+test session, ~2-4 s each from inductor's disk cache, ~20-40 s cold on the shared 2-core machine.
+
+Tolerance: float32 throughout; inductor fuses and reorders reductions (RMSNorm, softmax, the matmuls' sums), which
+moves logits by ~1e-6 relative, so logprobs agree to < 1e-5 absolute and the greedy tokens are identical.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import randomize_
+
+import nanoseek as ns
+from nanoseek.errors import UsageError
+from nanoseek.infer import compiled as compiled_mod
+from nanoseek.infer import engine as engine_mod
+from nanoseek.model import moe as moe_mod
+from nanoseek.model.rope import apply_rope, rotate_pairs
+
+PROMPT_LENS = (5, 17, 30, 9, 12)
+MAX_TOKENS = (12, 12, 12, 5, 7)       # the 4th leaves after 4 decode steps; the 5th joins and ends with the first 3
+
+
+def scenario(cfg, engine):
+    """Greedy completions of the five requests (token ids and logprobs)."""
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, cfg.vocab_size, (n,), generator=g).tolist() for n in PROMPT_LENS]
+    params = [ns.SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, logprobs=True) for n in MAX_TOKENS]
+    return engine.generate(prompts, params)
+
+
+def build(preset: str, seed: int = 0):
+    model = ns.Transformer(ns.ModelConfig.preset(preset)).eval()
+    randomize_(model, seed, scale=0.3)
+    return model
+
+
+class Spy:
+    """Counts the decode steps that went through CompiledDecode.logits."""
+
+    def __init__(self):
+        self.calls, self.batches = 0, []
+        self.real = compiled_mod.CompiledDecode.logits
+
+    def __call__(self, graph, tokens, *args):
+        self.calls += 1
+        self.batches.append(len(tokens))
+        return self.real(graph, tokens, *args)
+
+
+def run_both(preset: str, dense_max_macs: int | None = None):
+    """(eager completions, compiled completions, spy, engine) for one model; the compiled engine compiles once."""
+    model = build(preset)
+    spy = Spy()
+    mp = pytest.MonkeyPatch()
+    mp.setattr(compiled_mod.CompiledDecode, "logits", lambda self, *a: spy(self, *a))
+    if dense_max_macs is not None:
+        mp.setattr(moe_mod, "DENSE_EXPERTS_MAX_MACS", dense_max_macs)
+    try:
+        eager = scenario(model.cfg, ns.Engine(model, max_batch=4, mtp=False, compile=False))
+        eng = ns.Engine(model, max_batch=4, mtp=False, compile=True)
+        graphs = compiled_mod._graphs()
+        fast = scenario(model.cfg, eng)
+        spy.graphs = compiled_mod._graphs() - graphs
+    finally:
+        mp.undo()
+    return eager, fast, spy, eng
+
+
+@pytest.fixture(scope="session")
+def mla_runs():
+    # routed experts above the dense threshold: eager takes the sorted route, the graph gathered_forward
+    return run_both("tiny", dense_max_macs=0)
+
+
+@pytest.fixture(scope="session")
+def gqa_runs():
+    return run_both("tiny-qwen2")
+
+
+@pytest.fixture(scope="session")
+def dsa_runs():
+    return run_both("tiny-v3.2")
+
+
+def assert_same(eager, fast):
+    for a, b in zip(eager, fast):
+        assert a.token_ids == b.token_ids
+        assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-5
+
+
+def assert_compiled_ran(spy, eng):
+    # every decode step went through the graph, with the batch changing (4 -> 3 -> 4), in one compiled graph
+    assert spy.calls == eng.counters["decode_forwards"] and {3, 4} <= set(spy.batches)
+    assert spy.graphs == 1 and eng._compiled.compile_seconds > 0
+
+
+def test_compiled_decode_equals_eager_mla_moe(mla_runs):
+    eager, fast, spy, eng = mla_runs
+    assert_same(eager, fast)
+    assert_compiled_ran(spy, eng)
+
+
+def test_compiled_decode_equals_eager_gqa(gqa_runs):
+    eager, fast, spy, eng = gqa_runs
+    assert_same(eager, fast)
+    assert_compiled_ran(spy, eng)
+
+
+def test_compiled_decode_equals_eager_dsa(dsa_runs):
+    eager, fast, spy, eng = dsa_runs
+    # contexts of up to 41 tokens against index_topk 16: decoding selects (the sparse path), eager and compiled
+    assert eng.cfg.index_topk < max(PROMPT_LENS) + max(MAX_TOKENS)
+    assert_same(eager, fast)
+    assert_compiled_ran(spy, eng)
+
+
+def eager_graph(model, **kw):
+    """An engine whose 'compiled' step is decode_step run eagerly: the same bucketing, padding and in-graph
+    planning as the compiled graph, without a compile."""
+    eng = ns.Engine(model, max_batch=4, mtp=False, compile=True, **kw)
+    mp = pytest.MonkeyPatch()
+    mp.setattr(engine_mod, "unavailable", lambda device: None)
+    eng._graph([])
+    mp.undo()
+    eng._compiled.step = compiled_mod.decode_step
+    return eng
+
+
+def test_bucketed_step_equals_eager_and_a_wrong_padding_mask_changes_tokens():
+    """The padded, bucketed step (run eagerly here) gives the eager engine's tokens; letting each row see the
+    padded context positions (which read the scratch slot, written by padding tokens) changes them."""
+    model = build("tiny")
+    eager = scenario(model.cfg, ns.Engine(model, max_batch=4, mtp=False, compile=False))
+    assert_same(eager, scenario(model.cfg, eager_graph(model)))
+    wrong = eager_graph(model)
+    set_step = wrong.cache.set_step
+    wrong.cache.set_step = lambda write, read, mask: set_step(write, read, torch.ones_like(mask))
+    assert [c.token_ids for c in scenario(model.cfg, wrong)] != [c.token_ids for c in eager]
+
+
+def test_auto_stays_eager_for_short_work_and_says_so(capsys):
+    model = build("tiny")
+    eng = ns.Engine(model, max_batch=4, mtp=False)               # compile="auto" by default
+    out = scenario(model.cfg, eng)
+    assert eng._compiled is None and "decoding eager (compile='auto'" in capsys.readouterr().err
+    assert [c.token_ids for c in out] == [c.token_ids for c in
+                                          scenario(model.cfg, ns.Engine(model, max_batch=4, mtp=False, compile=False))]
+
+
+def test_without_a_compiler_the_engine_decodes_eager_with_a_notice(capsys, monkeypatch):
+    monkeypatch.setattr(engine_mod, "unavailable", lambda device: "no C++ compiler found (test)")
+    monkeypatch.setattr(engine_mod, "AUTO_MIN_STEPS", {"cpu": 10})   # "auto" decides to compile: 12 steps in sight
+    model = build("tiny")
+    for mode in (True, "auto"):
+        eng = ns.Engine(model, max_batch=4, mtp=False, compile=mode)
+        scenario(model.cfg, eng)
+        err = capsys.readouterr().err
+        assert eng._compiled is None and eng.compile is False
+        assert err.count("decoding eager: no C++ compiler found (test)") == 1
+
+
+def test_compile_flag_is_checked():
+    with pytest.raises(UsageError, match="compile="):
+        ns.Engine(build("tiny"), compile="yes")
+
+
+def test_static_shape_twins_equal_their_eager_paths():
+    """rope.rotate_pairs = the complex multiply; Experts.gathered_forward = the sorted and the dense routes."""
+    g = torch.Generator().manual_seed(0)
+    x, cos, sin = torch.randn(2, 3, 4, 8, generator=g), torch.randn(2, 3, 4, generator=g), torch.randn(2, 3, 4, generator=g)
+    assert torch.allclose(rotate_pairs(x, cos[:, :, None], sin[:, :, None]), apply_rope(x, cos, sin, True), atol=1e-6)
+    experts = build("tiny").layers[1].mlp.experts
+    x = torch.randn(5, 64, generator=g)
+    weights = torch.rand(5, 2, generator=g)
+    idx = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(5)])
+    with torch.no_grad():
+        gathered = experts.gathered_forward(x, weights, idx)
+        assert torch.allclose(gathered, experts.dense_forward(x, weights, idx), rtol=1e-5, atol=1e-4)
+        moe_mod.DENSE_EXPERTS_MAX_MACS, old = 0, moe_mod.DENSE_EXPERTS_MAX_MACS
+        try:
+            assert torch.allclose(gathered, experts(x, weights, idx), rtol=1e-5, atol=1e-4)
+        finally:
+            moe_mod.DENSE_EXPERTS_MAX_MACS = old
+
+
+def test_buckets():
+    assert [compiled_mod.bucket(n, 16) for n in (1, 2, 3, 5, 9, 16)] == [1, 2, 4, 8, 16, 16]
+    assert compiled_mod.bucket(5, 6) == 6 and compiled_mod.bucket(7, 6) == 7
+    assert compiled_mod.steps_in_sight([10, 3, 3], 2) == 10 and compiled_mod.steps_in_sight([5] * 8, 2) == 20
