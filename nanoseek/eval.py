@@ -59,7 +59,7 @@ def _checked_task(task: str, n: int, k: int):
 
 def evaluate(model_or_dir, task: str, n: int = 100, k: int = 1, difficulty: int | None = None, seed: int = 0,
              samples: int | None = None, temperature: float = 1.0, max_tokens: int = 256, engine=None,
-             progress: bool = False) -> dict:
+             progress: bool = False, compile: bool | str = "auto") -> dict:
     """Evaluate on n held-out problems: greedy pass@1, pass@k / maj@k from `samples` (>= k) sampled completions
     per problem when k > 1, and the format rate of the greedy completions.
 
@@ -83,7 +83,8 @@ def evaluate(model_or_dir, task: str, n: int = 100, k: int = 1, difficulty: int 
     was_training = model.training
     model.eval()
     # a context just long enough for these prompts and completions keeps the paged cache small
-    eng = engine or Engine(model, tok, max_batch=64, max_seq_len=max(map(len, prompts)) + max_tokens + 1)
+    eng = engine or Engine(model, tok, max_batch=64, max_seq_len=max(map(len, prompts)) + max_tokens + 1,
+                           compile=compile)
     greedy = eng.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens), progress=progress)
     correct = [float(t.grade(p, c.text)) >= 1.0 for p, c in zip(problems, greedy)]
     fmt = [float(t.format_reward(c.text)) for c in greedy]
@@ -133,6 +134,7 @@ class EvalConfig:
     seed: int = 0                   # which held-out problems (eval seed stream)
     json: str | None = None         # also write the results to this JSON file (never overwritten)
     threads: int = 0                # torch CPU threads (0: one for small models, all cores from ~50M parameters)
+    compile: str = "auto"           # decode step as one compiled graph: true, false, auto (when the steps pay for it)
     REQUIRED: ClassVar[tuple] = ("model", "task")
 
 
@@ -152,7 +154,8 @@ def main(cfg: EvalConfig) -> int:
     # one thread for a small model: torch's default (every core) makes its eval many times slower on a shared CPU
     set_threads(cfg.threads, sum(p.numel() for p in model.parameters()))
     res = evaluate((model, tok), cfg.task, n=cfg.n, k=cfg.k, difficulty=cfg.difficulty, seed=cfg.seed,
-                   samples=cfg.samples, temperature=cfg.temperature, max_tokens=cfg.max_tokens, progress=True)
+                   samples=cfg.samples, temperature=cfg.temperature, max_tokens=cfg.max_tokens, progress=True,
+                   compile=cfg.compile)
     print(format_table(res))
     if cfg.json:
         Path(cfg.json).write_text(json.dumps(res, indent=2) + "\n")

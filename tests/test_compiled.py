@@ -194,3 +194,18 @@ def test_buckets():
     assert [compiled_mod.bucket(n, 16) for n in (1, 2, 3, 5, 9, 16)] == [1, 2, 4, 8, 16, 16]
     assert compiled_mod.bucket(5, 6) == 6 and compiled_mod.bucket(7, 6) == 7
     assert compiled_mod.steps_in_sight([10, 3, 3], 2) == 10 and compiled_mod.steps_in_sight([5] * 8, 2) == 20
+
+
+def test_compile_option_of_the_commands():
+    """serve, eval and grpo take --compile true|false|auto; the engine reads the strings."""
+    import argparse
+
+    from nanoseek.eval import EvalConfig
+    from nanoseek.options import add_options, make_config
+    from nanoseek.serve.app import ServeConfig
+    from nanoseek.train.grpo import GRPOConfig
+    for cls in (ServeConfig, EvalConfig, GRPOConfig):
+        ap = argparse.ArgumentParser()
+        add_options(ap, cls)
+        assert make_config(cls, ap.parse_args(["--compile", "false"]), required=()).compile == "false"
+    assert [compiled_mod.compile_mode(v) for v in ("true", "false", "auto", True)] == [True, False, "auto", True]

@@ -36,6 +36,7 @@ import time
 
 import torch
 
+from ..errors import UsageError
 from ..model.dsa import DSA
 
 # The "auto" rule (Engine(compile="auto")): compile once the decode steps an engine has run plus those in sight
@@ -45,6 +46,16 @@ from ..model.dsa import DSA
 # time and the saving per step both grow with the number of layers. On a GPU compiling is cheaper (triton kernels
 # compile in parallel, no C++ toolchain) and a launch-bound step saves more, hence the lower bar.
 AUTO_MIN_STEPS = {"cpu": 4000, "cuda": 500}
+
+
+def compile_mode(value) -> bool | str:
+    """Engine(compile=...) and --compile: True / False / "auto", also as the strings true / false / auto."""
+    modes = {"auto": "auto", "true": True, "false": False, "on": True, "off": False}
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in modes:
+        return modes[value.lower()]
+    raise UsageError(f"compile={value!r}: expected true, false or auto (compile the decode step once it pays)")
 
 
 def bucket(n: int, cap: int) -> int:

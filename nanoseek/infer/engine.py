@@ -43,7 +43,7 @@ import torch
 from ..errors import UsageError
 from ..model.dsa import DSA
 from .cache import block_keys, paged_cache_class
-from .compiled import AUTO_MIN_STEPS, CompiledDecode, say, steps_in_sight, unavailable
+from .compiled import AUTO_MIN_STEPS, CompiledDecode, compile_mode, say, steps_in_sight, unavailable
 from .grammar import ConstraintError
 from .sampling import Sampled, SamplingParams, sample
 
@@ -261,9 +261,7 @@ class Engine:
         self.sparse = sparse
         # the decode step as one compiled graph (infer/compiled.py): True, False, or "auto" (once the decode steps
         # run and in sight reach compiled.AUTO_MIN_STEPS; plain decode only: MTP speculation stays eager)
-        if compile not in (True, False, "auto"):
-            raise UsageError(f"compile={compile!r}: expected True, False or 'auto'")
-        self.compile, self._compiled, self._compile_said = compile, None, False
+        self.compile, self._compiled, self._compile_said = compile_mode(compile), None, False
         # default context: the model's, capped at 4096 so the default pool stays small on CPU
         self.max_seq_len = int(max_seq_len or min(cfg.max_position_embeddings, 4096))
         n_layers = cfg.num_hidden_layers + (1 if self.mtp else 0)      # the MTP layer's cache index is L

@@ -926,6 +926,7 @@ class ServeConfig:
     thinking: bool | None = None         # think first (--no-thinking: not; unset: the chat template's default)
     dtype: str | None = None             # float32 | bfloat16 | float16 (default: the checkpoint's)
     device: str | None = None            # cpu | cuda (default: cuda if available)
+    compile: str = "auto"                # decode step as one compiled graph: true, false, auto (when the steps pay for it)
     threads: int = 0                     # torch CPU threads (0: one for small models, all cores for large)
     allowed_hosts: list[str] = field(default_factory=list)    # more Host names to answer (NAME, NAME:PORT; '*': any)
     allowed_origins: list[str] = field(default_factory=list)  # web origins whose pages may call the API ('*': any)
@@ -945,7 +946,7 @@ CONFIG = ServeConfig
 
 
 def load_engine(folder: str, max_batch: int = 16, max_seq_len: int | None = None, dtype=None, device=None,
-                purpose: str = "serve"):
+                purpose: str = "serve", compile: bool | str = "auto"):
     """Model + tokenizer + Engine from a model folder (shared by `serve`, `chat` and bench/serve.py)."""
     import torch
 
@@ -956,7 +957,7 @@ def load_engine(folder: str, max_batch: int = 16, max_seq_len: int | None = None
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tok = load_model_and_tokenizer(folder, dtype=dtype, device=device, purpose=purpose)
     decode_layout(model)                 # it only serves: the layout of fast one-row decoding
-    return Engine(model.eval(), tok, max_batch=max_batch, max_seq_len=max_seq_len), tok
+    return Engine(model.eval(), tok, max_batch=max_batch, max_seq_len=max_seq_len, compile=compile), tok
 
 
 def check_config(cfg: ServeConfig) -> None:
@@ -1028,7 +1029,7 @@ def main(cfg: ServeConfig) -> int:
     keys, history = api_keys_of(cfg), history_of(cfg)     # (a bad keys file or database fails before the model loads)
     store = None if history is None else History(history)
     engine, tok = load_engine(cfg.model, max_batch=cfg.max_concurrency, max_seq_len=cfg.max_seq_len,
-                              dtype=cfg.dtype, device=cfg.device)
+                              dtype=cfg.dtype, device=cfg.device, compile=cfg.compile)
     threads = set_threads(cfg.threads, sum(p.numel() for p in engine.model.parameters()))
     name = cfg.served_model_name or Path(cfg.model).resolve().name
     limits = Limits(max_body_bytes=cfg.max_body_bytes, max_messages=cfg.max_messages, max_tokens=cfg.max_tokens_limit,

@@ -196,6 +196,7 @@ class GRPOConfig:
     stop_after: int = 0             # stop (with a checkpoint) after this step, as if interrupted
     fsdp: bool = False              # FSDP2 fully_shard instead of DDP (under torchrun)
     device: str | None = None       # cpu | cuda; None: the GPU when there is one
+    compile: str = "auto"           # rollouts' decode step as one compiled graph: true, false, auto (once it pays)
     progress: bool = True           # tqdm bar
     REQUIRED: ClassVar[tuple] = ("model", "task", "out")
     ALIASES: ClassVar[dict] = {"warmup_steps": "warmup", "bias_gamma": "bias_update_speed"}
@@ -383,7 +384,7 @@ def grpo(cfg: GRPOConfig, reward_funcs=None, reward_weights=None, model=None, to
         longest = max(len(prompt_ids(tokenizer, task, p))
                       for p in draw_problems(task, train_rng(cfg.seed, "len"), difficulty, 64))
         engine = Engine(policy, tokenizer, max_batch=min(256, (mine.stop - mine.start) * cfg.group_size),
-                        max_seq_len=2 * longest + cfg.max_tokens + 16)
+                        max_seq_len=2 * longest + cfg.max_tokens + 16, compile=cfg.compile)
         for step in run.steps():
             problems = draw_problems(task, train_rng(cfg.seed, "grpo", step), difficulty, cfg.prompts_per_step)
             ro = rollout(engine, tokenizer, task, problems[mine], mine.start, cfg, step, reward_funcs, reward_weights,
