@@ -397,3 +397,74 @@ def test_bad_input_is_one_error_line_exit_2_and_nothing_overwritten(case, tmp_pa
         assert not out.exists()
     else:
         assert snapshot(out) == before
+
+
+def unfuse_trainer_state(ck: Path) -> int:
+    """Rewrite a checkpoint's optimizer state as runs wrote it before the projections were fused (gate_proj and
+    up_proj apart, ...): each fused tensor split into its parts' rows, under their names. Returns how many split."""
+    from safetensors.torch import load_file, save_file
+
+    from nanoseek.config import ModelConfig
+    from nanoseek.model.weights import FUSED, part_sizes
+    cfg = ModelConfig.from_hf(json.loads((ck / "config.json").read_text()))
+    tensors, doc = load_file(ck / "trainer_state.safetensors"), json.loads((ck / "trainer_state.json").read_text())
+    parts_of = {}
+    for key in list(tensors):
+        if not key.startswith("optim/"):
+            continue
+        fqn, k = key[len("optim/"):].rsplit("/", 1)
+        path, _, last = fqn.rpartition(".")
+        module = path.rpartition(".")[2]
+        if module not in FUSED:
+            continue
+        t = tensors.pop(key)
+        olds = [f"{path.rpartition('.')[0]}.{p}.{last}" for p in FUSED[module]]
+        dim = -2 if t.dim() >= 2 else 0
+        pieces = torch.split(t, part_sizes(fqn, t.shape[dim], cfg), dim=dim) if t.dim() else [t] * len(olds)
+        for old, piece in zip(olds, pieces):
+            tensors[f"optim/{old}/{k}"] = piece.clone()
+        parts_of[fqn] = olds
+    scalars = doc["optimizer"]["scalars"]
+    for fqn, olds in parts_of.items():
+        sc = scalars.pop(fqn, None)
+        for old in olds:
+            if sc is not None:
+                scalars[old] = dict(sc)
+    for g in doc["optimizer"]["param_groups"]:
+        g["params"] = [old for p in g["params"] for old in parts_of.get(p, [p])]
+    save_file(tensors, ck / "trainer_state.safetensors")
+    doc["files"]["trainer_state.safetensors"] = (ck / "trainer_state.safetensors").stat().st_size
+    (ck / "trainer_state.json").write_text(json.dumps(doc))
+    return len(parts_of)
+
+
+def test_a_run_saved_before_the_projections_were_fused_resumes_with_its_optimizer_state(small_run, tmp_path):
+    """The AdamW moments of gate_up_proj (and the other fused weights) come back from a checkpoint that keeps them
+    per part, as older runs wrote them: resuming it continues exactly as resuming the same checkpoint as written now."""
+    runs = {}
+    for name in ("now", "old"):
+        run = runs[name] = tmp_path / name
+        shutil.copytree(small_run, run)
+        shutil.rmtree(run / "ckpt" / "step-2")
+        if name == "old":
+            assert unfuse_trainer_state(run / "ckpt" / "step-1") > 0
+        res = cli(["--resume", "--out", str(run), "--steps", "3", "--corpus-docs", "100", "--seq-len", "32",
+                   "--batch-size", "2", "--no-progress", "--device", "cpu"])
+        assert res.returncode == 0, res.stderr[-2000:]
+    assert [r["loss"] for r in rows(runs["old"])] == [r["loss"] for r in rows(runs["now"])]
+    assert len(rows(runs["now"])) == 3
+
+
+def test_unfused_optimizer_state_fuses_back_exactly():
+    from nanoseek.model.weights import fuse_param_state
+    g, u = torch.randn(4, 3), torch.randn(2, 3)
+    state = {"layers.0.mlp.gate_proj.weight": {"exp_avg": g, "step": torch.tensor(5.0)},
+             "layers.0.mlp.up_proj.weight": {"exp_avg": u, "step": torch.tensor(5.0)},
+             "layers.0.self_attn.q_proj.weight": {"exp_avg": g}}          # MLA without q_lora: stays apart
+    groups = [{"params": ["layers.0.mlp.gate_proj.weight", "layers.0.mlp.up_proj.weight",
+                          "layers.0.self_attn.q_proj.weight"], "lr": 1.0}]
+    fused, fgroups = fuse_param_state(dict(state), groups)
+    assert torch.equal(fused["layers.0.mlp.gate_up_proj.weight"]["exp_avg"], torch.cat([g, u]))
+    assert fused["layers.0.mlp.gate_up_proj.weight"]["step"].item() == 5.0
+    assert "layers.0.self_attn.q_proj.weight" in fused and "layers.0.mlp.gate_proj.weight" not in fused
+    assert fgroups[0]["params"] == ["layers.0.mlp.gate_up_proj.weight", "layers.0.self_attn.q_proj.weight"]

@@ -36,6 +36,31 @@ _PART = {part: (fused, i) for fused, parts in FUSED.items() for i, part in enume
 _MODULE = re.compile(r"^(.*?)(\w+)(\.weight|\.bias|)$")             # path., module name, .weight/.bias/""
 
 
+def fuse_param_state(state: dict, groups: list[dict]) -> tuple[dict, list[dict]]:
+    """Optimizer state of a run saved before the projections were fused ({fqn: {"exp_avg": t, "step": ...}} and the
+    param groups' names), keyed by the fused names: each tensor is its parts' tensors stacked along the output rows,
+    as the fused weight stacks them; a scalar (step) is the first part's. State already fused passes unchanged."""
+    parts: dict[str, dict[int, str]] = {}
+    for fqn in state:
+        path, module, suffix = _MODULE.match(fqn).groups()
+        if module in _PART:
+            fused, i = _PART[module]
+            parts.setdefault(f"{path}{fused}{suffix}", {})[i] = fqn
+    renamed = {}
+    for new, got in parts.items():
+        if len(got) != len(FUSED[_MODULE.match(new).group(2)]):
+            continue                                      # not a whole group: this model keeps them apart
+        olds = [got[i] for i in sorted(got)]
+        first = state[olds[0]]
+        state[new] = {k: torch.cat([state[o][k] for o in olds], dim=-2 if v.dim() >= 2 else 0)
+                      if torch.is_tensor(v) and v.dim() >= 1 else v for k, v in first.items()}
+        for o in olds:
+            renamed[o] = new
+            del state[o]
+    groups = [{**g, "params": list(dict.fromkeys(renamed.get(p, p) for p in g["params"]))} for g in groups]
+    return state, groups
+
+
 class CheckpointError(UsageError, ValueError):
     """A model folder that cannot be read, with the file and tensor at fault (a UsageError: the CLI prints it)."""
 

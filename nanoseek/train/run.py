@@ -31,6 +31,7 @@ import torch
 from ..data.jsonl import read_jsonl, write_jsonl
 from ..errors import UsageError
 from ..flops import peak_flops
+from ..model.weights import fuse_param_state
 from ..options import write_config
 from .runtime import Runtime, TrainModule, full_state_dict, rng_state, set_rng_state
 
@@ -39,8 +40,7 @@ STATE_TENSORS = "trainer_state.safetensors"
 
 
 class Run:
-    """cfg: a recipe config with out, steps, resume, save_every, keep_checkpoints, stop_after and progress.
-    record: the config written to OUT/config.toml (default cfg; distill records its own, not its SFT's)."""
+    """cfg: a recipe config (out, steps, resume, save_every, ...); record: what OUT/config.toml holds (default cfg)."""
 
     def __init__(self, cfg, name: str, rt: Runtime, record=None):
         self.cfg, self.name, self.rt, self.record, self.out = cfg, name, rt, record or cfg, Path(cfg.out)
@@ -245,8 +245,7 @@ def save_checkpoint(out: str | os.PathLike, step: int, module: torch.nn.Module, 
 
 
 def _test_hook_sleep(step: int) -> None:
-    """Tests make the writer pause mid-checkpoint (model written, trainer state not yet) to SIGKILL it there:
-    NANOSEEK_TEST_CKPT_SLEEP="STEP:SECONDS"."""
+    """NANOSEEK_TEST_CKPT_SLEEP="STEP:SECONDS": tests pause the writer mid-checkpoint to SIGKILL it there."""
     at, _, secs = os.environ.get("NANOSEEK_TEST_CKPT_SLEEP", "").partition(":")
     if at and int(at) == step:
         print(f"[test hook] sleeping {secs}s inside checkpoint step-{step}", flush=True)
@@ -299,14 +298,13 @@ def find_resume_checkpoint(out: str | os.PathLike, log=print) -> Path | None:
             return p
         problems.append(why)
     if problems:
-        more = f" (and {len(problems) - 1} older damaged checkpoint(s))" if len(problems) > 1 else ""
-        raise UsageError(f"cannot resume: {problems[0]}{more}; delete it or start a fresh run with another --out")
+        raise UsageError(f"cannot resume: {problems[0]}" + (f" (and {len(problems) - 1} older damaged checkpoint(s))"
+                         if len(problems) > 1 else "") + "; delete it or start a fresh run with another --out")
     return None
 
 
 def load_trainer_state(path: str | os.PathLike, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Restore optimizer state (resharded to this run's layout by torch.distributed.checkpoint) and RNG states;
-    returns the trainer_state.json document (its "step" and "state")."""
+    """Restore optimizer state (resharded by torch.distributed.checkpoint) and RNG; -> trainer_state.json's doc."""
     from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
@@ -325,6 +323,7 @@ def load_trainer_state(path: str | os.PathLike, module: torch.nn.Module, optimiz
         state.setdefault(name(fqn), {}).update(sc)
     groups = [{**g, "params": [name(p) for p in g["params"]], **({"betas": tuple(g["betas"])} if "betas" in g else {})}
               for g in doc["optimizer"]["param_groups"]]
+    state, groups = fuse_param_state(state, groups)      # a run saved before gate_up_proj & co. were fused
     try:
         set_optimizer_state_dict(module, optimizer, {"state": state, "param_groups": groups},
                                  options=StateDictOptions(full_state_dict=True, strict=False))
