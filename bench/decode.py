@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/decode.py [--preset cpu] [--prompt-lens 32,512] [--new-tokens 64] [--batches 1,16]
     .venv/bin/python bench/decode.py --preset qwen-1.5b --layers 2 --prompt-lens 32 --roofline [--profile]
+    .venv/bin/python bench/decode.py --prompt-lens 32 --compile        # + the engine with its compiled decode step
 
 Both sides hold the same random weights and run greedy decoding in float32 with EOS ignored, on the same prompts
 (same length within a batch, so transformers needs no padding). DeepSeek presets: a checkpoint written by
@@ -18,7 +19,9 @@ several single-thread sums over a float32 array far larger than the caches (torc
 every weight once (the embedding table counts one row unless tied to the head) plus the K/V (or latent) cache
 read at the mean decode context. Our side serves as `nanoseek serve` does: weights in decode_layout
 (--training-layout keeps nn.Linear's). Roofline tokens/s = bandwidth / bytes per token. `--profile`: torch profiler
-table of the engine's decode steps at each batch.
+table of the engine's decode steps at each batch. `--compile`: a second engine with Engine(compile=True) (the
+decode step as one compiled graph, nanoseek/infer/compiled.py) timed in the same interleaved runs; its graph for
+each batch is compiled by the greedy check before the timings, and the compile time is printed.
 """
 
 from __future__ import annotations
@@ -130,28 +133,36 @@ def load1() -> float:
 
 
 def measure(model, hf, P: int, B: int, args, V: int):
-    """One (prompt length, batch) cell: greedy equality guard, then --repeat interleaved timings."""
+    """One (prompt length, batch) cell: greedy equality guard (which also compiles the compiled engine's graph for
+    this batch), then --repeat interleaved timings. Returns tokens/s per side ({"eager", ["compiled",]
+    "transformers"}), greedy rows equal to transformers' per engine, loads, and the compile seconds."""
     import nanoseek as ns
     g = torch.Generator().manual_seed(B * 1000 + P)
     prompts = torch.randint(3, V, (B, P), generator=g)
-    engine = ns.Engine(model, max_batch=B, max_seq_len=P + args.new_tokens + 8, mtp=args.mtp or None)
-    a = [c.token_ids for c in engine.generate(prompts.tolist(), ns.SamplingParams(
-        temperature=0, max_tokens=8, ignore_eos=True))]
+    kinds = {"eager": False, "compiled": True} if args.compile else {"eager": False}
+    engines = {k: ns.Engine(model, max_batch=B, max_seq_len=P + args.new_tokens + 8, mtp=args.mtp or None, compile=c)
+               for k, c in kinds.items()}
     with torch.inference_mode():
         b = hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=8, min_new_tokens=8,
                         do_sample=False)[:, P:].tolist()
-    same = sum(x == y for x, y in zip(a, b))
+    same = {}
+    for k, engine in engines.items():
+        a = [c.token_ids for c in engine.generate(prompts.tolist(), ns.SamplingParams(
+            temperature=0, max_tokens=8, ignore_eos=True))]
+        same[k] = sum(x == y for x, y in zip(a, b))
+    compile_s = engines["compiled"]._compiled.compile_seconds if "compiled" in engines else 0.0
     n = args.new_tokens
-    te, th, loads = [], [], []
-    for _ in range(args.repeat):    # interleaved, so that load changes on the machine hit both sides
+    times, loads = {k: [] for k in [*engines, "transformers"]}, []
+    for _ in range(args.repeat):    # interleaved, so that load changes on the machine hit every side
         loads.append(load1())
-        te.append(engine_decode_time(engine, prompts, n))
-        th.append(hf_decode_time(hf, prompts, n))
+        for k, engine in engines.items():
+            times[k].append(engine_decode_time(engine, prompts, n))
+        times["transformers"].append(hf_decode_time(hf, prompts, n))
     loads.append(load1())
-    te, th = min(te), min(th)
     if args.profile:
-        profile_engine(engine, prompts, n, B)
-    return B * (n - 1) / te, B * (n - 1) / th, same, loads
+        for engine in engines.values():
+            profile_engine(engine, prompts, n, B)
+    return {k: B * (n - 1) / min(t) for k, t in times.items()}, same, loads, compile_s
 
 
 def profile_engine(engine, prompts, n, B):
@@ -174,6 +185,8 @@ def main(argv=None):
                     "grow with heads; transformers' does)")
     ap.add_argument("--repeat", type=int, default=3, help="best of N timings (the machine is shared)")
     ap.add_argument("--mtp", action="store_true", help="engine with MTP speculation (random MTP: low acceptance)")
+    ap.add_argument("--compile", action="store_true", help="also time the engine with its decode step compiled "
+                    "(Engine(compile=True); the first generation of each cell compiles, outside the timings)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: stable timings on a shared machine)")
     ap.add_argument("--roofline", action="store_true", help="batch 1 as a fraction of the memory-bandwidth bound")
     ap.add_argument("--profile", action="store_true", help="torch profiler table of the engine's decode steps")
@@ -204,14 +217,19 @@ def main(argv=None):
     if bw:
         print(f"read bandwidth (1 thread, sum over 1 GiB): {bw[0] / 1e9:.2f} GB/s (torch {bw[1] / 1e9:.2f} GB/s), "
               f"load={load1():.2f}")
-    print(f"{'prompt':>6} {'batch':>5} {'engine tok/s':>13} {'transformers tok/s':>19} {'ratio':>6}")
+    extra = f" {'compiled tok/s':>15} {'ratio':>6}" if args.compile else ""
+    print(f"{'prompt':>6} {'batch':>5} {'engine tok/s':>13} {'transformers tok/s':>19} {'ratio':>6}{extra}")
     rows = []
     for P in lens:
         for B in [int(b) for b in args.batches.split(",")]:
-            tps_e, tps_h, same, loads = measure(model, hf, P, B, args, cfg.vocab_size)
-            rows.append((P, B, tps_e, tps_h))
-            print(f"{P:>6} {B:>5} {tps_e:>13.2f} {tps_h:>19.2f} {tps_e / tps_h:>5.2f}x   "
-                  f"(greedy tokens equal: {same}/{B}; load {' '.join(f'{x:.1f}' for x in loads)})", flush=True)
+            tps, same, loads, compile_s = measure(model, hf, P, B, args, cfg.vocab_size)
+            tps_e, tps_h = tps["eager"], tps["transformers"]
+            rows.append((P, B, tps_e, tps_h, tps.get("compiled")))
+            extra = (f" {tps['compiled']:>15.2f} {tps['compiled'] / tps_h:>5.2f}x   (compile {compile_s:.1f} s)"
+                     if args.compile else "")
+            print(f"{P:>6} {B:>5} {tps_e:>13.2f} {tps_h:>19.2f} {tps_e / tps_h:>5.2f}x{extra}   "
+                  f"(greedy tokens equal to transformers': {', '.join(f'{k} {v}/{B}' for k, v in same.items())}; "
+                  f"load {' '.join(f'{x:.1f}' for x in loads)})", flush=True)
             if bw and B == 1:
                 report_roofline(model, P + args.new_tokens / 2, tps_e, tps_h)
     if bw:

@@ -82,8 +82,11 @@ def say(msg: str) -> None:
 
 
 def use_disk_cache() -> str:
-    """Point inductor's on-disk caches at ~/.cache/nanoseek/inductor unless the user chose a folder."""
-    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    """Point inductor's on-disk caches at ~/.cache/nanoseek/inductor unless the user chose a folder. (Inductor
+    writes its default, a folder under /tmp, into the environment the first time anything asks for it, so that
+    value counts as unset.)"""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, "", os.path.abspath(default_cache_dir())):
         root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(root, "nanoseek", "inductor")
     return os.environ["TORCHINDUCTOR_CACHE_DIR"]
