@@ -40,11 +40,13 @@ from ..errors import UsageError
 from ..model.dsa import DSA
 
 # The "auto" rule (Engine(compile="auto")): compile once the decode steps an engine has run plus those in sight
-# reach this many. Measured on the shared 2-core CPU (docs/benchmarks.md, "Compiled decode"): a batch bucket of the
-# `cpu` preset compiles in 20-75 s cold and ~5 s from the disk cache, and saves 2-4 ms per step, so a cold compile
-# pays back after roughly 10,000 steps and a cached one after ~2,000. Model size cancels out to first order: compile
-# time and the saving per step both grow with the number of layers. On a GPU compiling is cheaper (triton kernels
-# compile in parallel, no C++ toolchain) and a launch-bound step saves more, hence the lower bar.
+# reach this many. Measured on the shared 2-core CPU (docs/benchmarks.md, "Compiled decode"), `cpu` preset: a batch
+# bucket compiles in 15-25 s cold (30-75 s when the machine is busy) and in 1-4 s from the disk cache, and saves
+# ~1.4 ms per step at batch 1 and 16, so a cold compile pays back after ~10,000-15,000 steps and a cached one after
+# ~1,000-3,000; the bar sits between, for a machine whose cache is warm after its first run. Model size cancels out
+# to first order: compile time and the saving per step both grow with the number of layers. On a GPU compiling is
+# cheaper (triton kernels, no C++ toolchain) and a launch-bound step saves more, hence the lower bar (an estimate:
+# no GPU was at hand to measure it).
 AUTO_MIN_STEPS = {"cpu": 4000, "cuda": 500}
 
 
