@@ -10,8 +10,8 @@ Static shapes by buckets (a graph is specialised to its input shapes, so the ste
   all-zero block table: it writes the scratch slot 0, attends to it alone (no empty softmax row), and its logits are
   dropped.
 * context: the block table padded to a power-of-two number of blocks (at least 2); positions past a row's length
-  read slot 0 under a False mask. On the CPU this dimension is compiled symbolic, one graph per batch bucket for every
-  context; a GPU records one CUDA graph per (batch, context) bucket.
+  read slot 0 under a False mask. This dimension is compiled symbolic: one graph per batch bucket for every context
+  (on a GPU, CUDA graphs then record one replay per context bucket, without compiling again).
 The inputs are three small tensors: each row's token, block table and start position. The slots a row writes and
 reads and its mask are computed inside the graph (the eager engine's PagedCache.plan computes the same in Python);
 PagedCache.update and DSA's update_indexer / update_selected then run unchanged inside it.
@@ -112,7 +112,7 @@ def decode_step(model, cache, ids: torch.Tensor, table: torch.Tensor, starts: to
 
 
 class CompiledDecode:
-    """The engine's decode forward as compiled graphs, one per batch bucket (and context bucket on a GPU)."""
+    """The engine's decode forward as compiled graphs, one per batch bucket."""
 
     def __init__(self, model, cache, max_batch: int, max_blocks: int):
         self.model, self.cache = model, cache
@@ -123,10 +123,10 @@ class CompiledDecode:
         # every engine is a new set of guards on the same function: allow one graph per bucket of each
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
         torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 4096)
-        if self.cuda:   # the cache pools are written in place: CUDA graphs must see them at fixed addresses
-            for name in cache.names:
-                for t in getattr(cache, name):
-                    torch._dynamo.mark_static_address(t)
+        if self.cuda:   # the cache pools are written in place: CUDA graphs must see them at fixed addresses (the
+            # pools and the flat per-layer views of them that update() scatters into are distinct tensor objects)
+            for t in [*(t for name in cache.names for t in getattr(cache, name)), *(t for v in cache._flat for t in v)]:
+                torch._dynamo.mark_static_address(t)
         self.step = torch.compile(decode_step, fullgraph=True, dynamic=False,
                                   mode="reduce-overhead" if self.cuda else None)
         self.compile_seconds = 0.0
@@ -140,16 +140,15 @@ class CompiledDecode:
         pad = Bp - B
         table = torch.tensor([t + [0] * (nb - len(t)) for t in tables] + [[0] * nb] * pad, device=self.device)
         meta = torch.tensor([tokens + [0] * pad, starts + [0] * pad], device=self.device)
-        if not self.cuda:
-            torch._dynamo.maybe_mark_dynamic(table, 1)        # one CPU graph for every context of this batch
+        # one compiled graph for every context of this batch (on a GPU, CUDA graphs still record one per size)
+        torch._dynamo.maybe_mark_dynamic(table, 1)
         graphs = _graphs()
         t0 = time.perf_counter()
         out = self.step(self.model, self.cache, meta[0], table, meta[1], sparse)
         if _graphs() > graphs:         # this call traced and compiled a new graph (inductor's cache may have helped)
             dt = time.perf_counter() - t0
             self.compile_seconds += dt
-            say(f"compiled the decode step for batch {Bp}" + (f", {nb} blocks" if self.cuda else "") +
-                f" in {dt:.1f} s (cache: {self.cache_dir})")
+            say(f"compiled the decode step for batch {Bp} in {dt:.1f} s (cache: {self.cache_dir})")
         if self.cuda:
             out = out.clone()          # a CUDA graph's output is overwritten by its next replay
         return out[:B]
