@@ -22,16 +22,33 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        # a compiled graph (infer/compiled.py) takes F.linear too: inductor picks its own product, and cannot trace
-        # the oneDNN call
         if (_ONEDNN is None or torch.is_grad_enabled() or x.device.type != "cpu" or w.dtype != torch.float32
-                or x.dtype != torch.float32 or w.numel() < ONEDNN_MIN_WEIGHT or torch.compiler.is_compiling()):
+                or x.dtype != torch.float32 or w.numel() < ONEDNN_MIN_WEIGHT):
             return F.linear(x, w, self.bias)
         rows = x.numel() // x.shape[-1]
         if rows == 1 and w.stride(0) == 1:     # one row and an (in, out) weight: MKL's x @ w.T streams it fastest
             return F.linear(x, w, self.bias)
-        y = _ONEDNN(x.reshape(rows, x.shape[-1]), w, self.bias, "none", [], "")
-        return y.view(*x.shape[:-1], y.shape[-1])
+        if torch.compiler.is_compiling():      # a compiled graph (infer/compiled.py) calls it as one opaque op
+            return onednn_linear(x, w, self.bias)
+        return _onednn_linear(x, w, self.bias)
+
+
+def _onednn_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x (..., in) @ w.T + bias through oneDNN, w (out, in) as stored."""
+    y = _ONEDNN(x.reshape(-1, x.shape[-1]), w, bias, "none", [], "")
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+# The same product as a custom op: torch.compile cannot trace the oneDNN call itself, and would otherwise replace it
+# by its own matmul, which at 16 rows of Qwen2.5-1.5B's widths runs ~1.4x slower (docs/benchmarks.md).
+@torch.library.custom_op("nanoseek::onednn_linear", mutates_args=())
+def onednn_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return _onednn_linear(x, w, bias)
+
+
+@onednn_linear.register_fake
+def _(x, w, bias):
+    return x.new_empty(*x.shape[:-1], w.shape[0])
 
 
 @torch.no_grad()
