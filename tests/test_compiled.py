@@ -209,3 +209,23 @@ def test_compile_option_of_the_commands():
         add_options(ap, cls)
         assert make_config(cls, ap.parse_args(["--compile", "false"]), required=()).compile == "false"
     assert [compiled_mod.compile_mode(v) for v in ("true", "false", "auto", True)] == [True, False, "auto", True]
+
+
+def test_a_large_projection_keeps_its_onednn_product_inside_a_graph():
+    """Linear above ONEDNN_MIN_WEIGHT runs oneDNN in eager inference; a graph calls the same product as the custom op
+    nanoseek::onednn_linear (traced whole, no break) rather than inductor's own matmul."""
+    from nanoseek.model.layers import _ONEDNN, ONEDNN_MIN_WEIGHT, Linear
+    if _ONEDNN is None:
+        pytest.skip("this torch build has no oneDNN")
+    layer = Linear(1024, ONEDNN_MIN_WEIGHT // 1024).eval()
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append(gm.code)
+        return gm
+
+    x = torch.randn(3, 1024)
+    with torch.inference_mode():
+        y = torch.compile(layer, backend=backend, fullgraph=True)(x)
+        assert torch.equal(y, layer(x))
+    assert len(graphs) == 1 and "onednn_linear" in graphs[0]

@@ -17,7 +17,8 @@ reads and its mask are computed inside the graph (the eager engine's PagedCache.
 PagedCache.update and DSA's update_indexer / update_selected then run unchanged inside it.
 
 While compiling, the model takes its static-shape twins (tests/test_compiled.py checks each equal to eager):
-interleaved RoPE in real arithmetic (rope.rotate_pairs), Linear as F.linear, routed experts through
+interleaved RoPE in real arithmetic (rope.rotate_pairs), Linear's oneDNN product as one opaque custom op
+(layers.onednn_linear), routed experts through
 Experts.dense_forward or gathered_forward (never the sorted route, whose per-expert counts need a host sync),
 MoE.load as a scatter. DeepSeek-V3.2's selection runs over the padded context's visible tokens: the same top-k.
 
