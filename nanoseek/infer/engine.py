@@ -13,6 +13,10 @@ cache computes the gather indices and mask once per forward (plan), the layers r
 attention needs nothing more here: its cache (PagedDSACache) also keeps each token's indexer key, and each decode
 query's attention gathers only the index_topk latents its indexer selects (model/mla.py dsa_forward).
 
+The plain decode forward (no MTP speculation) can run as one compiled graph, batch and context padded to buckets
+(infer/compiled.py): Engine(compile=True), or "auto" (the default), which compiles once enough decode steps are run
+or in sight to repay the compile, and says so when it stays eager.
+
 MTP speculative decoding (DeepSeek-V3 Section 2.2 / 5.4.3): the MTP module, given the main model's last hidden
 state h_n and the token t_{n+1}, drafts t_{n+2}. A decode step then feeds [t_{n+1}, draft] at positions [n+1, n+2]:
 the main model's prediction at n+1 verifies the draft (accepted when equal, so greedy output is exactly plain
