@@ -229,3 +229,29 @@ def test_a_large_projection_keeps_its_onednn_product_inside_a_graph():
         y = torch.compile(layer, backend=backend, fullgraph=True)(x)
         assert torch.equal(y, layer(x))
     assert len(graphs) == 1 and "onednn_linear" in graphs[0]
+
+
+SECOND_START = """
+import torch
+import nanoseek as ns
+from torch._dynamo.utils import counters
+torch.set_num_threads(1)
+model = ns.Transformer(ns.ModelConfig.preset("tiny-qwen2")).eval()
+eng = ns.Engine(model, max_batch=1, compile=True)
+eng.generate([[1, 2, 3]], ns.SamplingParams(temperature=0, max_tokens=3))
+print("hits", counters["inductor"]["fxgraph_cache_hit"], "misses", counters["inductor"]["fxgraph_cache_miss"])
+"""
+
+
+@pytest.mark.slow   # two fresh processes, the first compiling cold: ~30-60 s on the shared 2-core machine
+def test_a_second_start_reads_the_compiled_graph_from_disk(tmp_path):
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), "OMP_NUM_THREADS": "1"}
+    runs = [subprocess.run([sys.executable, "-c", SECOND_START], env=env, capture_output=True, text=True, timeout=600)
+            for _ in range(2)]
+    for r in runs:
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert "hits 0 misses 1" in runs[0].stdout and "hits 1 misses 0" in runs[1].stdout
+    assert "compiled the decode step for batch 1" in runs[1].stderr and str(tmp_path / "inductor") in runs[1].stderr
