@@ -109,6 +109,8 @@ def decode_step(model, cache, ids: torch.Tensor, table: torch.Tensor, starts: to
     write = read.gather(1, starts[:, None]).view(-1)                              # (B,) the new token's slot
     cache.set_step(write, read, (j < total)[:, None, None])                       # mask (B, 1, 1, S)
     h, _ = model.trunk(ids[:, None], starts[:, None], cache=cache, dsa=None if sparse else DSA(sparse=False))
+    # no step state outlives the graph (a CUDA graph's intermediates are overwritten by its next replay)
+    cache.set_step(None, None, None)
     return model.head(h[:, 0])                                                    # (B, vocab)
 
 
