@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import sys
 import time
 
@@ -73,9 +72,12 @@ def unavailable(device: torch.device) -> str | None:
         return None if has_triton() else "triton is not installed (torch.compile's GPU backend needs it)"
     if device.type != "cpu":
         return f"no compiled decode for device {device.type!r}"
-    cxx = os.environ.get("CXX")
-    if not any(shutil.which(c) for c in ([cxx] if cxx else ["g++", "c++", "clang++"])):
-        return "no C++ compiler found (g++, c++ or clang++; inductor's CPU backend needs one)"
+    from torch._inductor.cpp_builder import get_cpp_compiler
+    try:                                   # inductor's own search: $CXX, else g++
+        get_cpp_compiler()
+    except Exception:
+        return (f"no C++ compiler found ({os.environ.get('CXX') or 'g++'}; inductor's CPU backend needs one: "
+                f"install g++ or point CXX at a compiler)")
     return None
 
 
