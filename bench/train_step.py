@@ -7,6 +7,14 @@ the comparison because transformers has no MTP module (--mtp adds our MTP step a
 Steps alternate in blocks so both sides see the same machine load; the median step time is reported.
 
     .venv/bin/python bench/train_step.py [--preset cpu] [--batch 8] [--seq 128] [--steps 12] [--threads N]
+    python3 bench/train_step.py --device cuda --preset small --batch 16 --seq 1024    # + MFU (bench/gpu.sh)
+
+`--device cuda`: both models, the batch and the optimizers on the GPU, each timed step closed by
+torch.cuda.synchronize(). The step runs as `nanoseek pretrain` runs it there: bf16 autocast with float32 weights
+and optimizer state (runtime.autocast; transformers' step under the same autocast). It also prints the model FLOPs
+utilisation: flops.flops_per_token (6 x activated parameters + attention, PaLM appendix B) x tokens/s over the
+GPU's dense bf16 peak (flops.PEAK_BF16_FLOPS; none for an unlisted GPU). `--no-transformers`: our step alone
+(no transformers installed, or only the MFU wanted).
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 
-def main() -> None:
+def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="cpu")
     ap.add_argument("--batch", type=int, default=8)
@@ -28,80 +36,134 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12, help="timed steps per side")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     ap.add_argument("--mtp", action="store_true", help="also time our step with the MTP module and loss on")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where both steps run (cuda: bf16 "
+                    "autocast, as nanoseek pretrain trains on a GPU)")
+    ap.add_argument("--no-transformers", action="store_true", help="time our step only (no comparison)")
+    ap.add_argument("--peak-tflops", type=float, default=0.0, help="MFU against this peak (TFLOP/s) instead of the "
+                    "GPU's listed bf16 peak; on the CPU the MFU line is printed only with it")
     args = ap.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA GPU here (torch.cuda.is_available() is False); "
+                         "run with --device cpu")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-
-    import transformers
+    dev = torch.device(args.device)
+    transformers = None if args.no_transformers else __import__("transformers")
 
     import nanoseek as ns
     from nanoseek.train import optim
     from nanoseek.train.pretrain import train_step
-    from nanoseek.train.runtime import Runtime, TrainModule
+    from nanoseek.train.runtime import Runtime, TrainModule, autocast
 
     torch.manual_seed(0)
     cfg = ns.ModelConfig.preset(args.preset, num_nextn_predict_layers=0)
     ours = ns.Transformer(cfg).train()
-    with tempfile.TemporaryDirectory() as d:
-        ns.save(ours, d)
-        hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).train()
-    rt = Runtime()
+    hf = None
+    if transformers is not None:
+        with tempfile.TemporaryDirectory() as d:
+            ns.save(ours, d)
+            hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).train().to(dev)
+    ours.to(dev)
+    rt = Runtime(device=dev)
     g = torch.Generator().manual_seed(1)
-    rows = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=g)
+    rows = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=g).to(dev)
     x, y = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
-    tokens = args.batch * args.seq
 
     def adamw(model):
         return torch.optim.AdamW(optim.param_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.95), eps=1e-8)
 
     module = TrainModule(ours)
-    opt_ours, opt_hf = adamw(module), adamw(hf)
+    opt_ours = adamw(module)
     optim.add_bias_update(opt_ours, optim.ExpertLoads(ours, rt), 0.001)   # V3's bias update, as pretrain runs it
 
     # same weights and batch -> same loss before any step (checks the comparison is like for like)
-    with torch.no_grad():
-        l_ours = ours.losses(x, y)["loss"].item()
-        l_hf = F.cross_entropy(hf(input_ids=x).logits.flatten(0, 1).float(), y.flatten()).item()
-    print(f"loss before training: nanoseek {l_ours:.6f}  transformers {l_hf:.6f}")
+    if hf is not None:
+        with torch.no_grad():
+            l_ours = ours.losses(x, y)["loss"].item()
+            l_hf = F.cross_entropy(hf(input_ids=x).logits.flatten(0, 1).float(), y.flatten()).item()
+        print(f"loss before training: nanoseek {l_ours:.6f}  transformers {l_hf:.6f}")
 
     def step_ours(mod=module, opt=opt_ours, lam=0.0):
         train_step(mod, opt, [(x, y)], mtp_lambda=lam, grad_clip=1.0, rt=rt)
 
-    def step_hf():
-        logits = hf(input_ids=x).logits
+    def step_hf(opt_hf=adamw(hf) if hf is not None else None):
+        with autocast(dev):        # bf16 on a GPU, as our step runs (runtime.autocast); nothing on the CPU
+            logits = hf(input_ids=x).logits
         loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
         opt_hf.step()
         opt_hf.zero_grad(set_to_none=True)
 
-    sides = {"nanoseek": step_ours, "transformers": step_hf}
+    sides = {"nanoseek": step_ours} if hf is None else {"nanoseek": step_ours, "transformers": step_hf}
     if args.mtp:
         torch.manual_seed(0)
-        m2 = ns.Transformer(ns.ModelConfig.preset(args.preset)).train()
+        m2 = ns.Transformer(ns.ModelConfig.preset(args.preset)).train().to(dev)
         mod2 = TrainModule(m2)
         o2 = adamw(mod2)
         optim.add_bias_update(o2, optim.ExpertLoads(m2, rt), 0.001)
         sides["nanoseek+MTP"] = lambda: step_ours(mod2, o2, 0.3)
+    times = time_sides(sides, args.steps, dev)
+    report(args, cfg, times, dev, transformers.__version__ if transformers else "not used")
+
+
+def time_sides(sides: dict, steps: int, dev: torch.device) -> dict[str, list[float]]:
+    """Two warm-up steps per side, then blocks of 3 steps per side in turn; on CUDA each timing starts and ends
+    with a synchronize (the step's kernels are done, not only queued)."""
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
     times: dict[str, list[float]] = {k: [] for k in sides}
     for fn in sides.values():  # warm-up (allocator, first-call overheads)
         fn()
         fn()
     block = 3
-    for _ in range(max(1, args.steps // block)):
+    for _ in range(max(1, steps // block)):
         for name, fn in sides.items():
             for _ in range(block):
+                sync()
                 t0 = time.perf_counter()
                 fn()
+                sync()
                 times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def report(args, cfg, times: dict[str, list[float]], dev: torch.device, hf_version: str) -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
-    n = cfg.num_params()
+    n, tokens = cfg.num_params(), args.batch * args.seq
+    cuda = dev.type == "cuda"
+    where = f"{torch.cuda.get_device_name(dev)}, bf16 autocast" if cuda else f"{torch.get_num_threads()} thread(s)"
     print(f"preset {args.preset} ({n['total'] / 1e6:.2f}M params, {n['activated'] / 1e6:.2f}M activated), batch "
-          f"{args.batch} x {args.seq} tokens, {torch.get_num_threads()} thread(s), torch {torch.__version__}, "
-          f"transformers {transformers.__version__}")
+          f"{args.batch} x {args.seq} tokens, {where}, torch {torch.__version__}, transformers {hf_version}")
     for k, v in med.items():
         print(f"  {k:<14} {tokens / v:10,.0f} tokens/s  (median step {1000 * v:7.1f} ms over {len(times[k])})")
-    print(f"ratio nanoseek / transformers: {med['transformers'] / med['nanoseek']:.2f}x training tokens/s")
+    if "transformers" in med:
+        print(f"ratio nanoseek / transformers: {med['transformers'] / med['nanoseek']:.2f}x training tokens/s")
+    if cuda or args.peak_tflops:
+        report_mfu(cfg, args.seq, {k: tokens / v for k, v in med.items()}, dev, args.preset, args.peak_tflops)
+
+
+def report_mfu(cfg, seq: int, tokens_per_s: dict[str, float], dev: torch.device, preset: str,
+               peak_tflops: float = 0.0) -> None:
+    """MFU per side: training FLOPs per token (the preset's MTP modules counted on the side that runs them) x
+    tokens/s / the GPU's dense bf16 peak (or peak_tflops, when given)."""
+    import nanoseek as ns
+    from nanoseek import flops
+    peak = peak_tflops * 1e12 or flops.peak_flops(dev)
+    if peak is None:
+        print(f"MFU: no bf16 peak listed for {torch.cuda.get_device_name(dev)!r} in nanoseek/flops.py")
+        return
+    for k, tps in tokens_per_s.items():
+        per_token = flops.flops_per_token(ns.ModelConfig.preset(preset) if "MTP" in k else cfg, seq)
+        print(f"MFU {k}: {100 * per_token * tps / peak:.1f}% ({per_token * tps / 1e12:.3g} TFLOP/s of "
+              f"{peak / 1e12:.3g}; {per_token / 1e9:.3g} GFLOP per token)")
 
 
 if __name__ == "__main__":
