@@ -3,6 +3,7 @@
     .venv/bin/python bench/decode.py [--preset cpu] [--prompt-lens 32,512] [--new-tokens 64] [--batches 1,16]
     .venv/bin/python bench/decode.py --preset qwen-1.5b --layers 2 --prompt-lens 32 --roofline [--profile]
     .venv/bin/python bench/decode.py --prompt-lens 32 --compile        # + the engine with its compiled decode step
+    python3 bench/decode.py --device cuda --dtype bfloat16 --preset small --batches 1,16,64 --compile   # on a GPU
 
 Both sides hold the same random weights and run greedy decoding in float32 with EOS ignored, on the same prompts
 (same length within a batch, so transformers needs no padding). DeepSeek presets: a checkpoint written by
@@ -22,6 +23,10 @@ read at the mean decode context. Our side serves as `nanoseek serve` does: weigh
 table of the engine's decode steps at each batch. `--compile`: a second engine with Engine(compile=True) (the
 decode step as one compiled graph, nanoseek/infer/compiled.py) timed in the same interleaved runs; its graph for
 each batch is compiled by the greedy check before the timings, and the compile time is printed.
+`--device cuda` (bench/gpu.sh): both models on the GPU in --dtype (float32 or bfloat16; the checkpoint is written in
+float32 and both sides are cast after loading), each step's end taken after torch.cuda.synchronize(); the compiled
+engine there is CUDA graphs (mode="reduce-overhead"). In bfloat16 the greedy-equality guard counts rows that
+agree: rounding may let near-ties go either way.
 """
 
 from __future__ import annotations
@@ -59,21 +64,29 @@ def build(preset: str, folder: str, seed: int = 0, **overrides):
     return hf, ours
 
 
+def sync(device: torch.device) -> None:
+    """On a GPU: wait until the queued kernels are done, so that a clock reading marks finished work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class StepClock:
     """A transformers streamer that only notes when each step's tokens arrive (the first put is the prompt)."""
 
-    def __init__(self):
-        self.times = []
+    def __init__(self, device: torch.device):
+        self.times, self.device = [], device
 
     def put(self, value):
+        sync(self.device)
         self.times.append(time.perf_counter())
 
     def end(self):
+        sync(self.device)
         self.times.append(time.perf_counter())
 
 
 def hf_decode_time(hf, prompts, n):
-    clock = StepClock()
+    clock = StepClock(prompts.device)
     with torch.inference_mode():
         hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=n, min_new_tokens=n,
                     do_sample=False, streamer=clock)
@@ -87,11 +100,13 @@ def engine_decode_time(engine, prompts, n, profiler=None):
     for p in prompts.tolist():
         engine.add_request(p, sp)
     engine.step()                                  # admission + prefill + first token
+    sync(engine.device)
     t0 = time.perf_counter()
     if profiler is not None:
         profiler.start()
     while engine.has_unfinished():
         engine.step()
+    sync(engine.device)
     if profiler is not None:
         profiler.stop()
     return time.perf_counter() - t0
@@ -138,7 +153,7 @@ def measure(model, hf, P: int, B: int, args, V: int):
     "transformers"}), greedy rows equal to transformers' per engine, loads, and the compile seconds."""
     import nanoseek as ns
     g = torch.Generator().manual_seed(B * 1000 + P)
-    prompts = torch.randint(3, V, (B, P), generator=g)
+    prompts = torch.randint(3, V, (B, P), generator=g).to(args.device)
     kinds = {"eager": False, "compiled": True} if args.compile else {"eager": False}
     engines = {k: ns.Engine(model, max_batch=B, max_seq_len=P + args.new_tokens + 8, mtp=args.mtp or None, compile=c)
                for k, c in kinds.items()}
@@ -167,7 +182,7 @@ def measure(model, hf, P: int, B: int, args, V: int):
 
 def profile_engine(engine, prompts, n, B):
     from torch.profiler import ProfilerActivity, profile
-    prof = profile(activities=[ProfilerActivity.CPU])
+    prof = profile(activities=[ProfilerActivity.CPU, *[ProfilerActivity.CUDA] * (engine.device.type == "cuda")])
     t = engine_decode_time(engine, prompts, n, profiler=prof)
     steps = n - 1
     print(f"\nprofile: engine decode, batch {B}, {steps} steps, {1e3 * t / steps:.2f} ms/step under the profiler")
@@ -194,7 +209,14 @@ def main(argv=None):
                     "(the nanoseek command turns them on; both sides share the setting)")
     ap.add_argument("--training-layout", action="store_true", help="keep nn.Linear's weight layout on our side "
                     "(default: decode_layout, as `nanoseek serve` loads a model)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where both models run")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="both models' weights, "
+                    "activations and caches (bfloat16: on a GPU)")
     args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda, but torch sees no CUDA GPU here (torch.cuda.is_available() is False)")
+    if args.roofline and args.device != "cpu":
+        ap.error("--roofline measures the CPU's memory bandwidth: it goes with --device cpu")
     torch.set_num_threads(args.threads)
 
     overrides = {"num_attention_heads": args.heads, "num_key_value_heads": args.heads} if args.heads else {}
@@ -202,6 +224,8 @@ def main(argv=None):
         overrides["num_hidden_layers"] = args.layers
     with tempfile.TemporaryDirectory() as d:
         hf, model = build(args.preset, d, **overrides)
+    dtype = getattr(torch, args.dtype)
+    hf, model = hf.to(args.device, dtype), model.to(args.device, dtype)
     if not args.training_layout:
         from nanoseek.model.layers import decode_layout
         decode_layout(model)
@@ -212,7 +236,8 @@ def main(argv=None):
           f"hidden={cfg.hidden_size} heads={cfg.num_attention_heads} kv_heads={cfg.num_key_value_heads} "
           f"vocab={cfg.vocab_size} params={sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
           f"new_tokens={args.new_tokens} threads={torch.get_num_threads()} torch={torch.__version__} "
-          f"cpus={os.cpu_count()} load at start={load1():.2f}")
+          f"cpus={os.cpu_count()} load at start={load1():.2f}"
+          + (f" device={torch.cuda.get_device_name()} dtype={args.dtype}" if args.device == "cuda" else ""))
     bw = read_bandwidth() if args.roofline else None
     if bw:
         print(f"read bandwidth (1 thread, sum over 1 GiB): {bw[0] / 1e9:.2f} GB/s (torch {bw[1] / 1e9:.2f} GB/s), "
