@@ -56,7 +56,10 @@ def build(preset: str, folder: str, seed: int = 0, **overrides):
         hf = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32).eval()
         return hf, build_from_tensors(cfg, hf.state_dict().items(), "transformers", dtype=torch.float32)
     cfg = cfg.replace(num_nextn_predict_layers=0, initializer_range=0.1)
-    hf = transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(**cfg.to_hf())).eval()
+    v2 = cfg.model_type == "deepseek_v2"     # V2's own class: V3's routes by sigmoid and noaux_tc whatever the config
+    config_cls, model_cls = ((transformers.DeepseekV2Config, transformers.DeepseekV2ForCausalLM) if v2 else
+                             (transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM))
+    hf = model_cls(config_cls(**cfg.to_hf())).eval()
     hf.save_pretrained(folder)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -130,12 +133,14 @@ def read_bandwidth(gib: float = 1.0, repeat: int = 5) -> tuple[float, float]:
 
 def bytes_per_token(model, context: float) -> float:
     """Bytes one batch-1 decode step reads: every parameter once (the embedding table one row, unless the head
-    shares it) + the cache of `context` tokens over all layers."""
+    shares it; of an MoE layer's routed experts the num_experts_per_tok that one token uses) + the cache of
+    `context` tokens over all layers."""
     emb = model.embed_tokens.weight
     tied = model.lm_head.weight is emb if hasattr(model, "lm_head") else True
-    n = 0
-    for p in model.parameters():          # parameters() lists a tied tensor once
-        n += p.numel() * p.element_size()
+    cfg, n = model.cfg, 0
+    for name, p in model.named_parameters():   # lists a tied tensor once
+        share = cfg.num_experts_per_tok / cfg.n_routed_experts if ".mlp.experts." in name else 1.0
+        n += p.numel() * p.element_size() * share
     if not tied:
         n -= emb.numel() * emb.element_size() - emb.shape[1] * emb.element_size()
     import nanoseek as ns
