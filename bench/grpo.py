@@ -1,6 +1,6 @@
 """Seconds per GRPO step: nanoseek's trainer vs TRL's GRPOTrainer on the same model, same run.
 
-    .venv/bin/python bench/grpo.py [--preset tiny] [--steps 6] [--prompts 4] [--group 8] [--max-tokens 32]
+    .venv/bin/python bench/grpo.py [--preset tiny] [--steps 6] [--prompts 4] [--group 8] [--max-tokens 32] [--compile true]
 
 One random DeepSeek-V3-shaped model (no MTP layer, so both sides hold the same weights) is saved by ns.save with
 our tokenizer and loaded by transformers for TRL. Both sides then run GRPO with the same settings: P prompts of
@@ -8,7 +8,8 @@ the arithmetic task per step, G completions each (so P*G completions per optimiz
 budget, temperature 1, beta 0 (no reference model), loss_type dapo, one iteration per batch, AdamW, float32 on
 CPU (TRL: use_cpu=True, bf16=False). Rewards are the same Python function on both sides. A step is sampling +
 scoring + the training forward/backward + the optimizer step; the first step (warm-up) is not counted and the
-median of the others is reported. ratio = TRL seconds per step / ours.
+median of the others is reported. ratio = TRL seconds per step / ours. `--compile true`: our rollouts decode through
+the compiled graph (infer/compiled.py), as a long run's do; its compile time falls in the uncounted first step.
 
 `--shape llama-135m` (instead of a preset): a llama model of SmolLM-135M's widths (hidden 576, 9 heads over 3
 key/value heads, intermediate 1536, vocabulary 49,152, tied embeddings, 30 layers; `--layers N` keeps N of them),
@@ -74,7 +75,7 @@ def run_ours(folder: Path, out: Path, args) -> list[float]:
                      prompts_per_step=args.prompts, group_size=args.group, max_tokens=args.max_tokens,
                      temperature=1.0, lr=1e-5, beta=0.0, loss_type="dapo", num_iterations=1, dynamic_sampling=False,
                      mask_truncated=False, save_every=10**9, sample_every=0, progress=False,
-                     micro_batch=args.prompts * args.group)
+                     micro_batch=args.prompts * args.group, compile=args.compile)
     grpo(cfg, reward_funcs=[digit_reward_ours])
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     return [r["step_s"] for r in rows]
@@ -127,6 +128,8 @@ def main():
     ap.add_argument("--prompts", type=int, default=4, help="prompts per step")
     ap.add_argument("--group", type=int, default=8, help="completions per prompt")
     ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--compile", default="auto", help="our rollouts' compiled decode step: true, false or auto (GRPO's "
+                    "rule: compile when steps x max-tokens reach 4,000 on the CPU, so a short bench stays eager)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--trl-checkpointing", type=int, choices=(0, 1), default=None,
                     help="TRL's gradient_checkpointing (default: TRL's own default, on since TRL 1.x; ours has none)")

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from nanoseek.train.grpo import group_advantages, k3_kl, policy_loss, token_logprobs, zero_std_groups
+from nanoseek.rl import group_advantages, k3_kl, policy_loss, token_logprobs, zero_std_groups
 
 # ---------------------------------------------------------------------------------------------- advantages
 REWARDS = torch.tensor([[1.0, 0.0, 0.0, 1.0],
@@ -207,3 +207,83 @@ def test_old_option_names_warmup_steps_and_bias_gamma_still_work(tmp_path):
     assert (cfg.warmup, cfg.bias_update_speed) == (7, 0.01)
     (tmp_path / "old.toml").write_text("warmup_steps = 5\n")
     assert make_config(GRPOConfig, p.parse_args(["--config", str(tmp_path / "old.toml")]), required=()).warmup == 5
+
+
+# ---------------------------------------------------------------------------------------------- the costs (issue 13)
+
+
+class Completion:
+    """What _rows reads of an engine Completion."""
+
+    def __init__(self, prompt, tokens):
+        self.prompt_token_ids, self.token_ids, self.logprobs = prompt, tokens, None
+
+
+def test_reference_logprobs_in_one_forward_equal_one_forward_per_micro_batch(tiny):
+    from nanoseek.train.grpo import _rows, forward_logprobs, reference_logprobs
+    model, tok = tiny
+    model = model.eval()
+    g = torch.Generator().manual_seed(0)
+    ids = lambda n: torch.randint(3, tok.vocab_size, (n,), generator=g).tolist()   # noqa: E731
+    # prompts of 5-9 tokens, completions of 1-12: micro-batches of different widths and first target positions,
+    # sorted by length as train_on_rollout sorts them, and a padding micro-batch at the end (a process with none left)
+    comps = [Completion(ids(5 + i % 5), ids(1 + (7 * i) % 12)) for i in range(10)]
+    order = sorted(range(10), key=lambda i: len(comps[i].prompt_token_ids) + len(comps[i].token_ids))
+    rows = [_rows(comps, c, 0) for c in (order[:3], order[3:6], order[6:], [])]
+    cpu = torch.device("cpu")
+    apart = [forward_logprobs(model, r[0], r[1], 0.7, cpu)[0] for r in rows]
+    calls = []
+    hook = model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        for max_logits, forwards in ((2**27, 2), (1, 4)):   # all real micro-batches in one forward / one each
+            calls.clear()
+            joint = reference_logprobs(model, rows, 0, 0.7, cpu, max_logits=max_logits)
+            assert len(calls) == forwards
+            assert [x.shape for x in joint] == [x.shape for x in apart]
+            for j, (a, b, r) in enumerate(zip(joint, apart, rows)):
+                # the same products over more (padding) rows and columns: float32 rounding, measured <= 5e-7
+                assert torch.allclose(a * r[2], b * r[2], atol=1e-5), (j, (a - b).abs().max())
+    finally:
+        hook.remove()
+    # a comparison that can fail: the micro-batches' columns shifted by one position differ by far more
+    assert not torch.allclose(joint[1][:, 1:] * rows[1][2][:, 1:], apart[1][:, :-1] * rows[1][2][:, 1:], atol=1e-2)
+
+
+def test_auto_compiles_the_rollouts_when_the_run_decodes_enough_steps():
+    from nanoseek.infer.compiled import AUTO_MIN_STEPS
+    from nanoseek.train.grpo import rollout_compile
+    cpu = torch.device("cpu")
+    bar = AUTO_MIN_STEPS["cpu"]
+    assert rollout_compile("auto", bar // 64, 64, cpu)[0] is (bar // 64 * 64 >= bar)
+    assert rollout_compile("auto", bar // 64 + 1, 64, cpu)[0] is True
+    assert rollout_compile("auto", 4, 64, cpu)[0] is False      # bench/grpo.py's short run: stays eager
+    assert rollout_compile("auto", 100, 128, cpu)[0] is True    # the default 100 steps x 128 tokens
+    assert rollout_compile("true", 1, 1, cpu) == (True, "") and rollout_compile("false", 10**6, 128, cpu)[0] is False
+    assert "4 rollouts x 64 tokens" in rollout_compile("auto", 4, 64, cpu)[1]
+
+
+SPEED = ("logprob_gap", "step_s", "tokens_per_s", "elapsed_s")     # what may differ between compiled and eager
+
+
+def test_compiled_rollouts_train_exactly_as_eager_rollouts(tmp_path, tiny, monkeypatch):
+    """Compiled and eager decode give the same sampled tokens (logits within ~1e-6: a seeded draw flips only on a
+    CDF boundary that close), and the training forward never sees the engine's numbers but through logprob_gap, so
+    the run is the same to the last bit: same rewards, same weights."""
+    from safetensors.torch import load_file
+
+    from nanoseek.infer import compiled
+    _, tok = tiny
+    calls = []
+    real = compiled.CompiledDecode.logits
+    monkeypatch.setattr(compiled.CompiledDecode, "logits", lambda self, *a: calls.append(1) or real(self, *a))
+    kw = dict(steps=3, prompts_per_step=2, group_size=4, beta=0.04, num_iterations=2)
+    _, eager = _run(tmp_path, tok, "eager", compile="false", **kw)
+    assert not calls
+    _, fast = _run(tmp_path, tok, "compiled", compile="true", **kw)
+    assert len(calls) >= 3 * 7                     # every decode step of the 3 rollouts (8 tokens: 7 decode steps)
+    for a, b in zip(eager, fast):
+        assert {k: v for k, v in a.items() if k not in SPEED} == \
+            {k: v for k, v in b.items() if k not in SPEED}
+        assert b["logprob_gap"] < 1e-4
+    a, b = (load_file(tmp_path / n / "final" / "model.safetensors") for n in ("eager", "compiled"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -16,8 +16,8 @@ total tokens), "dr_grpo" (token sum / (N * max_tokens), with no std division of 
 recipe: choose scale_rewards="none" for that). DAPO extras: clip-higher (eps_high > eps_low), dynamic sampling
 (groups whose rewards are all equal carry no signal and are dropped), and masking of truncated completions.
 
-The pure math (advantages, k3 KL, the clipped surrogate and its aggregation) sits at the top of this file and is
-tested against hand-computed numbers in tests/test_grpo.py; the training loop below it only moves tensors. Under
+The pure math (advantages, k3 KL, the clipped surrogate and its aggregation) is nanoseek/rl.py, tested against
+hand-computed numbers in tests/test_grpo.py; this file only moves tensors. Under
 torchrun every statistic that spans the batch (group and batch advantages, the dapo / dr_grpo denominators, the
 logged means) is taken over all processes, and sampling seeds depend on a completion's global index, so N
 processes compute what one process would.
@@ -31,121 +31,14 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 
 from .. import plots
 from ..data.jsonl import read_jsonl, write_jsonl
 from ..errors import UsageError
+from ..rl import LOSS_TYPES, SCALE_REWARDS, group_advantages, policy_loss, token_logprobs, zero_std_groups
 from . import optim, runtime
 from .run import Run
-
-LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
-SCALE_REWARDS = ("group", "batch", "none")
-
-
-# ---------------------------------------------------------------------------------------------------- the math
-def group_advantages(rewards: torch.Tensor, scale_rewards: str = "group", eps: float = 1e-4) -> torch.Tensor:
-    """rewards (P, G): P prompts, G completions each -> advantages (P, G).
-
-    A_i = r_i - mean_group(r), divided by std_group(r) + eps ("group", DeepSeekMath's outcome supervision),
-    by the std of all P*G rewards ("batch", as in TRL: keeps the scale of easy and hard prompts comparable) or
-    by nothing ("none", Dr. GRPO: the std division up-weights near-unanimous groups). std is the sample (n-1)
-    standard deviation, as torch.std and TRL compute it.
-    """
-    if scale_rewards not in SCALE_REWARDS:
-        raise ValueError(f"scale_rewards={scale_rewards!r}: expected one of {', '.join(SCALE_REWARDS)}")
-    rewards = rewards.float()
-    adv = rewards - rewards.mean(dim=1, keepdim=True)
-    if scale_rewards == "group":
-        std = rewards.std(dim=1, keepdim=True) if rewards.shape[1] > 1 else torch.zeros_like(rewards[:, :1])
-        adv = adv / (std + eps)
-    elif scale_rewards == "batch":
-        std = rewards.std() if rewards.numel() > 1 else rewards.new_zeros(())
-        adv = adv / (std + eps)
-    return adv
-
-
-def zero_std_groups(rewards: torch.Tensor) -> torch.Tensor:
-    """(P, G) -> bool (P,): groups whose G rewards are all equal (no learning signal; DAPO's dynamic sampling)."""
-    return (rewards == rewards[:, :1]).all(dim=1)
-
-
-def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """Per-token KL estimate k3 (Schulman 2020), DeepSeekMath eq. 4: pi_ref/pi - log(pi_ref/pi) - 1 >= 0.
-
-    Unbiased for KL(pi || pi_ref) when tokens come from pi, always >= 0, and exactly 0 where pi == pi_ref.
-    """
-    d = ref_logp - logp
-    return torch.exp(d) - d - 1.0
-
-
-@dataclass
-class LossParts:
-    loss: torch.Tensor          # scalar to backpropagate
-    per_token: torch.Tensor     # (N, T) the objective's per-token loss (0 where masked)
-    kl: torch.Tensor            # mean k3 KL over unmasked tokens (0 when beta == 0 and no reference)
-    clip_frac: torch.Tensor     # fraction of unmasked tokens where clipping removed the gradient
-    ratio_mean: torch.Tensor
-
-
-def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
-                loss_type: str = "grpo", eps_low: float = 0.2, eps_high: float = 0.2, beta: float = 0.0,
-                ref_logp: torch.Tensor | None = None, max_tokens: int | None = None,
-                num_seqs: int | None = None, num_tokens: float | None = None) -> LossParts:
-    """The clipped GRPO surrogate for N completions of T tokens, aggregated by `loss_type`.
-
-    logp, old_logp, ref_logp, mask: (N, T) per completion token (mask 1 = a token the loss sees); advantages (N,).
-    num_seqs / num_tokens: the whole batch's N and unmasked token count when this call sees one micro-batch of it
-    (gradient accumulation must divide by the batch's totals, not the micro-batch's, for dapo and dr_grpo);
-    max_tokens: the completion budget L of dr_grpo's N * L denominator (defaults to T).
-    """
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type={loss_type!r}: expected one of {', '.join(LOSS_TYPES)}")
-    mask = mask.to(logp.dtype)
-    A = advantages.to(logp.dtype)[:, None]                                        # (N, 1)
-    ratio = torch.exp(logp - old_logp)                                            # rho_it
-    clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
-    per_token = -torch.min(ratio * A, clipped * A)                                # (N, T)
-    kl = torch.zeros_like(logp)
-    if beta != 0.0:
-        if ref_logp is None:
-            raise ValueError("beta != 0 needs the reference model's log-probs (ref_logp)")
-        kl = k3_kl(logp, ref_logp)
-        per_token = per_token + beta * kl
-    per_token = per_token * mask
-    N, T = logp.shape
-    n_seq = num_seqs or N
-    if loss_type == "grpo":      # 1/G sum_i 1/|o_i| sum_t: each completion weighs the same, whatever its length
-        loss = (per_token.sum(1) / mask.sum(1).clamp(min=1.0)).sum() / n_seq
-    elif loss_type == "dapo":    # token-level: every token of the batch weighs the same (DAPO eq. 8)
-        loss = per_token.sum() / (num_tokens or mask.sum().clamp(min=1.0))
-    else:                        # dr_grpo: a constant denominator, so no length bias at all
-        loss = per_token.sum() / (n_seq * (max_tokens or T))
-    with torch.no_grad():
-        n = mask.sum().clamp(min=1.0)
-        # the surrogate's gradient is zero where the clipped branch is the min: ratio below 1-eps for A<0,
-        # above 1+eps for A>0
-        is_clipped = ((ratio < 1.0 - eps_low) & (A < 0)) | ((ratio > 1.0 + eps_high) & (A > 0))
-        clip_frac = (is_clipped.to(mask.dtype) * mask).sum() / n
-        kl_mean = (kl * mask).sum() / n
-        ratio_mean = (ratio * mask).sum() / n
-    return LossParts(loss, per_token, kl_mean, clip_frac, ratio_mean)
-
-
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0):
-    """log softmax(logits / temperature) at `tokens` and the entropy of that distribution, per position.
-
-    logits (N, T, V) predicting tokens (N, T) -> (logp (N, T), entropy (N, T), no gradient). The temperature is the
-    sampling temperature: the policy being optimised is the distribution the engine sampled from (internals.md).
-    """
-    logits = logits.float()
-    if temperature and temperature != 1.0:
-        logits = logits / temperature
-    logz = torch.logsumexp(logits, dim=-1)
-    logp = logits.gather(-1, tokens[..., None]).squeeze(-1) - logz
-    with torch.no_grad():
-        p = torch.softmax(logits, dim=-1)
-        entropy = logz - (p * logits).sum(-1)
-    return logp, entropy
 
 
 # ---------------------------------------------------------------------------------------------------- rewards
@@ -214,6 +107,20 @@ def validate(cfg: GRPOConfig) -> None:
         raise UsageError(f"--group-size must be >= 2 (advantages are relative to the group), got {cfg.group_size}")
 
 
+def rollout_compile(compile, rollouts_left: int, max_tokens: int, device: torch.device) -> tuple[bool | str, str]:
+    """The rollout engine's compile= and a note saying why. "auto" weighs the whole run, which the engine cannot see
+    (its own rule counts one generate call's decode steps and compiles only after thousands were run eager): compile
+    when rollouts_left x max_tokens, an upper bound of the decode steps still to run, reaches compiled.AUTO_MIN_STEPS
+    of the device (4,000 on the CPU: e.g. 63 rollouts of 64 tokens)."""
+    from ..infer.compiled import AUTO_MIN_STEPS, compile_mode
+    mode = compile_mode(compile)
+    if mode != "auto":
+        return mode, ""
+    steps, bar = rollouts_left * max_tokens, AUTO_MIN_STEPS.get(device.type, float("inf"))
+    return steps >= bar, (f"rollouts decode {'compiled' if steps >= bar else 'eager'} (compile='auto': "
+                          f"{rollouts_left} rollouts x {max_tokens} tokens, compiling pays from {bar} decode steps)")
+
+
 # ---------------------------------------------------------------------------------------------------- rollouts
 @dataclass
 class Rollout:
@@ -241,7 +148,12 @@ def rollout(engine, tok, task, problems: list, first: int, cfg: GRPOConfig, step
     params = [SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
                              seed=(cfg.seed * 1_000_003 + step) * 4096 + first * G + i, logprobs=True)
               for i in range(len(prompts) * G)]
-    comps = engine.generate([pr for pr in prompts for _ in range(G)], params)
+    # the first completion of every group goes first: the engine prefills the P prompts in one forward and the G-1
+    # copies of each in the next, from its prefix cache (a copy waits for the blocks its first one writes, so in group
+    # order the batch ramps up one group per step, through every batch bucket of a compiled decode step)
+    order = sorted(range(len(params)), key=lambda i: (i % G != 0, i))
+    comps = engine.generate([prompts[i // G] for i in order], [params[i] for i in order])
+    comps = [c for _, c in sorted(zip(order, comps), key=lambda x: x[0])]
     flat, texts = [p for p in problems for _ in range(G)], [c.text for c in comps]
     # accuracy and format are always measured (logged as accuracy / format_rate), whatever the reward is made of
     parts = {"accuracy": accuracy_reward(flat, texts, task), "format_rate": format_reward(flat, texts, task)}
@@ -283,6 +195,45 @@ def forward_logprobs(model, inputs, targets, temperature: float, device):
     return token_logprobs(logits, targets.to(device), temperature)
 
 
+# logits one no-grad forward of the reference model may hold (float32: 512 MiB; log-softmax and the gather add about
+# as much again): beyond it the rollout's rows go through in slices of whole micro-batches
+REF_FORWARD_LOGITS = 2**27
+
+
+def _runs(rows: list, vocab_size: int, max_logits: int) -> list[list[int]]:
+    """Consecutive micro-batches (sorted by length) grouped so that each group's logits fit max_logits; a padding
+    micro-batch (nothing masked in: a process with no completion left) goes alone, not widening the others."""
+    runs, n = [[]], 0
+    for j, (inputs, _, mask, _) in enumerate(rows):
+        n += len(inputs)
+        if runs[-1] and (n * inputs.shape[1] * vocab_size > max_logits or not mask.any() or not rows[j - 1][2].any()):
+            runs.append([])
+            n = len(inputs)
+        runs[-1].append(j)
+    return runs
+
+
+@torch.no_grad()
+def reference_logprobs(ref_model, rows: list, pad_id: int, temperature: float, device,
+                       max_logits: int = REF_FORWARD_LOGITS) -> list[torch.Tensor]:
+    """pi_ref's log-probs for every micro-batch of `rows` (_rows' output) from one batched forward over all of them:
+    the frozen model needs no gradient, so none of the micro-batching the backward needs (it runs in slices of whole
+    micro-batches only where the logits would pass max_logits). Right padding to the longest row is invisible to
+    every real position under the causal mask. -> one (n_j, K_j) tensor per micro-batch, aligned with rows[j]."""
+    out = []
+    for run in _runs(rows, ref_model.cfg.vocab_size, max_logits):
+        T = max(rows[j][0].shape[1] for j in run)
+        first = min(rows[j][0].shape[1] - rows[j][1].shape[1] for j in run)    # the earliest position with a target
+        # micro-batch j's K_j targets sit at positions T_j - K_j .. T_j - 1, i.e. these columns of the joint rows
+        cols = [slice(rows[j][0].shape[1] - rows[j][1].shape[1] - first, rows[j][0].shape[1] - first) for j in run]
+        inputs = torch.cat([F.pad(rows[j][0], (0, T - rows[j][0].shape[1]), value=pad_id) for j in run])
+        targets = torch.cat([F.pad(rows[j][1], (c.start, T - first - c.stop), value=pad_id)
+                             for j, c in zip(run, cols)])                      # (n, T - first)
+        logp = forward_logprobs(ref_model, inputs, targets, temperature, device)[0]
+        out += [lp[:, c] for lp, c in zip(logp.split([len(rows[j][0]) for j in run]), cols)]
+    return out
+
+
 def train_on_rollout(module, optimizer, ro: Rollout, cfg: GRPOConfig, pad_id: int, ref_model, rt) -> dict:
     """num_iterations optimizer steps on one rollout batch; returns the step's statistics (over all processes).
     Old log-probs (the denominator of rho) are the policy's own, recorded without gradient in the first iteration,
@@ -307,8 +258,7 @@ def train_on_rollout(module, optimizer, ro: Rollout, cfg: GRPOConfig, pad_id: in
     chunks += [[]] * (int(rt.sum(len(chunks), op="max")[0]) - len(chunks))   # every process runs as many forwards
     rows = [_rows(comps, c, pad_id) for c in chunks]
     num_tokens = torch.tensor(rt.sum(sum(r[2].sum().item() for r in rows))[0]).clamp(min=1.0)
-    with torch.no_grad():
-        ref = [forward_logprobs(ref_model, r[0], r[1], cfg.temperature, rt.device)[0] for r in rows] if cfg.beta else []
+    ref = reference_logprobs(ref_model, rows, pad_id, cfg.temperature, rt.device) if cfg.beta else []
     old: list[torch.Tensor] = []
     agg, gap = torch.zeros(4, dtype=torch.float64), 0.0    # loss, kl, clip_frac, entropy sum (global units)
     for it in range(cfg.num_iterations):
@@ -383,8 +333,13 @@ def grpo(cfg: GRPOConfig, reward_funcs=None, reward_weights=None, model=None, to
         # context: the longest prompt the task writes (with room to spare) plus the completion budget
         longest = max(len(prompt_ids(tokenizer, task, p))
                       for p in draw_problems(task, train_rng(cfg.seed, "len"), difficulty, 64))
+        compile, note = rollout_compile(cfg.compile, cfg.steps - run.step, cfg.max_tokens, rt.device)
+        if note:
+            run.print(f"[grpo] {note}")
+        # no MTP speculation: the engine drafts for greedy requests only, GRPO does not train the MTP block, and a
+        # speculating engine decodes eager
         engine = Engine(policy, tokenizer, max_batch=min(256, (mine.stop - mine.start) * cfg.group_size),
-                        max_seq_len=2 * longest + cfg.max_tokens + 16, compile=cfg.compile)
+                        max_seq_len=2 * longest + cfg.max_tokens + 16, mtp=False, compile=compile)
         for step in run.steps():
             problems = draw_problems(task, train_rng(cfg.seed, "grpo", step), difficulty, cfg.prompts_per_step)
             ro = rollout(engine, tokenizer, task, problems[mine], mine.start, cfg, step, reward_funcs, reward_weights,
