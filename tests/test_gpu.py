@@ -92,8 +92,8 @@ def test_bfloat16_engine_on_the_device_generates():
 
 def test_pretrain_step_on_the_device():
     """nanoseek pretrain's step (bf16 autocast on a GPU, float32 on the CPU): the first loss equals the CPU's
-    float32 loss within bfloat16's rounding (unit roundoff 3.9e-3; bound 2e-2 relative), and five steps on one
-    batch lower it (the optimizer, clipping and bias update run on the device)."""
+    float32 loss within bfloat16's rounding (CPU autocast to bfloat16 moves it 1.6e-4 relative on these weights;
+    bound 1e-2), and five steps on one batch lower it (the optimizer, clipping and bias update run on the device)."""
     from nanoseek.train import optim
     from nanoseek.train.pretrain import train_step
     from nanoseek.train.runtime import Runtime, TrainModule
@@ -110,5 +110,5 @@ def test_pretrain_step_on_the_device():
         losses[dev.type] = [train_step(module, opt, [(x.to(dev), y.to(dev))], mtp_lambda=0.3, grad_clip=1.0,
                                        rt=rt)["loss"] for _ in range(6)]
     first_cpu, got = losses["cpu"][0], losses[DEVICE.type]
-    assert abs(got[0] - first_cpu) / first_cpu < 2e-2
+    assert abs(got[0] - first_cpu) / first_cpu < 1e-2
     assert got[-1] < got[0] - 0.1
