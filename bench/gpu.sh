@@ -131,11 +131,11 @@ GPU_CMD=([a]="python3 -m pytest -q -rs tests/test_gpu.py tests/test_flash_mla.py
          [b2]="python3 bench/decode.py $DECODE_ARGS --batches $CBATCHES --compile"
          [c]="python3 bench/flash_mla.py ${FLASH[*]}" [d]="python3 bench/train_step.py --device $DEV ${TRAIN[*]}")
 if [ "$DRY" = 1 ]; then
-  DEV=cpu; DTYPE=float32; PRESET=tiny; PROMPT=8; NEW=8; BATCHES=1,2,4; CBATCHES=1,2; REPEAT=1
+  DEV=cpu; DTYPE=bfloat16; PRESET=tiny; PROMPT=8; NEW=8; BATCHES=1,2,4; CBATCHES=1,2; REPEAT=1
   TRAIN=(--preset tiny --batch 2 --seq 32 --steps 3 --threads 1 --peak-tflops 1); FLASH=(--device cpu --tiny)
   export NANOSEEK_TEST_DEVICE=cpu
   NOTE[a]="NANOSEEK_TEST_DEVICE=cpu: tests/test_gpu.py's checks on the CPU; test_flash_mla.py's CUDA tests skip."
-  NOTE[b1]="Batches 1, 2, 4 stand in for 1, 16, 64."
+  NOTE[b1]="Batches 1, 2, 4 stand in for 1, 16, 64 (bfloat16 as on a GPU; slow on this CPU)."
   NOTE[b2]="Inductor's C++ backend here; CUDA graphs (reduce-overhead) on a GPU."
   NOTE[c]="Triton's interpreter (numpy, one program at a time): the kernel is slower than torch by design here."
   NOTE[d]="MFU against a nominal 1 TFLOP/s peak (--peak-tflops 1); on a GPU, the GPU's dense bf16 peak."
