@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 DEEPSEEK = ("deepseek_v3", "deepseek_v2", "deepseek_v32")   # MLA + DeepSeekMoE (+ MTP); V3.2 adds DSA
+V4 = "deepseek_v4"                           # hybrid compressed attention + mHC + hash/top-k MoE (model/v4.py)
 DENSE = ("qwen2", "llama", "qwen3")          # grouped-query attention + SwiGLU MLP
 ARCHITECTURES = {"deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM",
-                 "deepseek_v32": "DeepseekV32ForCausalLM",
+                 "deepseek_v32": "DeepseekV32ForCausalLM", "deepseek_v4": "DeepseekV4ForCausalLM",
                  "qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 # what a dense family's config.json holds (besides rope_scaling / rope_parameters, architectures and the keys we
 # do not model, kept in `extra`); qwen2 has no attention_bias: its q/k/v always carry a bias, o_proj never does
@@ -32,6 +33,16 @@ _DENSE_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "
                "bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype")
 _DENSE_ONLY = ("head_dim",)                  # not written for DeepSeek (transformers derives its own)
 _DSA_ONLY = ("index_n_heads", "index_head_dim", "index_topk")   # written for deepseek_v32 only
+# what deepseek_v4's config.json holds (transformers' DeepseekV4Config field names); the rest of `extra` is kept
+_V4_KEYS = ("model_type", "vocab_size", "hidden_size", "moe_intermediate_size", "num_hidden_layers",
+            "num_attention_heads", "num_key_value_heads", "head_dim", "q_lora_rank", "num_experts_per_tok",
+            "n_routed_experts", "n_shared_experts", "scoring_func", "norm_topk_prob", "routed_scaling_factor",
+            "max_position_embeddings", "rope_theta", "layer_types", "compress_rates", "compress_rope_theta",
+            "hc_mult", "hc_sinkhorn_iters", "hc_eps", "mlp_layer_types", "swiglu_limit", "sliding_window",
+            "o_groups", "o_lora_rank", "index_n_heads", "index_head_dim", "index_topk", "num_nextn_predict_layers",
+            "hidden_act", "initializer_range", "rms_norm_eps", "tie_word_embeddings", "attention_bias",
+            "attention_dropout", "bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype")
+V4_LAYER_TYPES = ("sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention")
 _ROPE_TYPES = {"deepseek": (None, "default", "yarn"), "dense": (None, "default", "yarn", "llama3")}
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
@@ -57,6 +68,21 @@ class ModelConfig:
     index_n_heads: int = 64                  # indexer query heads (small: the indexer scores every earlier token)
     index_head_dim: int = 128                # width of an indexer query head and of the ONE indexer key per token
     index_topk: int = 2048                   # tokens each query attends to: the top index_topk by indexer score
+    # --- DeepSeek-V4 (deepseek_v4 only; transformers' DeepseekV4Config names; model/v4.py) ---
+    # per layer: "sliding_attention" (the window only), "compressed_sparse_attention" (CSA: window + compressed
+    # entries picked by the lightning indexer) or "heavily_compressed_attention" (HCA: window + all compressed
+    # entries); None: transformers' default (2 HCA, then HCA/CSA alternating)
+    layer_types: list | None = None
+    compress_rates: dict | None = None       # tokens per compressed entry: {"compressed_sparse_attention": 4, "heavily_...": 128}
+    compress_rope_theta: float = 160000.0    # RoPE base of the CSA/HCA layers (sliding layers use rope_theta)
+    sliding_window: int = 128                # n_win: keys every query sees uncompressed (itself and the 127 before)
+    hc_mult: int = 4                         # mHC: parallel residual streams
+    hc_sinkhorn_iters: int = 20              # Sinkhorn-Knopp iterations making the stream mixing doubly stochastic
+    hc_eps: float = 1e-6
+    mlp_layer_types: list | None = None      # per layer "hash_moe" (token id -> experts table) or "moe"; None: 3 hash
+    swiglu_limit: float = 10.0               # routed and shared experts clamp gate (above) and up (both sides)
+    o_groups: int = 8                        # grouped output projection: head groups ...
+    o_lora_rank: int = 1024                  # ... each projected to this width before o_b_proj mixes them
     # --- DeepSeekMoE (V2 Section 2.2, V3 Section 2.1.2); None for the dense families ---
     n_routed_experts: int | None = 256
     n_shared_experts: int | None = 1
@@ -66,7 +92,7 @@ class ModelConfig:
     routed_scaling_factor: float = 2.5
     norm_topk_prob: bool = True              # V3 normalises the top-k weights; V2 does not
     topk_method: str = "noaux_tc"            # greedy | group_limited_greedy | noaux_tc
-    scoring_func: str = "sigmoid"            # softmax (V2) | sigmoid (V3)
+    scoring_func: str = "sigmoid"            # softmax (V2) | sigmoid (V3) | sqrtsoftplus (V4)
     first_k_dense_replace: int = 3           # the first k layers use a dense MLP
     moe_layer_freq: int = 1
     aux_loss_alpha: float = 0.0001           # sequence-wise balance loss weight (V3 eq. 17-20)
@@ -101,6 +127,9 @@ class ModelConfig:
         if self.q_lora_rank == 0:
             self.q_lora_rank = None
         rope_type = (self.rope_scaling or {}).get("type", (self.rope_scaling or {}).get("rope_type"))
+        if self.model_type == V4:
+            self._check_v4(rope_type)
+            return
         if self.attention == "gqa":
             self._check_dense(rope_type)
             return
@@ -118,6 +147,40 @@ class ModelConfig:
             raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok} > n_routed_experts={self.n_routed_experts}")
         if self.dsa:
             self._check_dsa()
+
+    def _check_v4(self, rope_type):
+        """deepseek_v4: fill the per-layer schedules as transformers does, and refuse what model/v4.py does not
+        compute."""
+        n = self.num_hidden_layers
+        self.rope_interleave = True               # V4 rotates interleaved pairs of the trailing rope dims
+        self.n_group = self.topk_group = 1        # no group-limited routing
+        self.first_k_dense_replace = 0            # every layer is MoE
+        if self.head_dim is None:
+            self.head_dim = 512
+        if self.compress_rates is None:
+            self.compress_rates = {"compressed_sparse_attention": 4, "heavily_compressed_attention": 128}
+        if self.layer_types is None:
+            alternate = ["compressed_sparse_attention" if i % 2 else "heavily_compressed_attention"
+                         for i in range(max(n - 2, 0))]
+            self.layer_types = ["heavily_compressed_attention"] * min(n, 2) + alternate
+        if self.mlp_layer_types is None:
+            self.mlp_layer_types = ["hash_moe"] * min(n, 3) + ["moe"] * max(n - 3, 0)
+        for name, types, allowed in (("layer_types", self.layer_types, V4_LAYER_TYPES),
+                                     ("mlp_layer_types", self.mlp_layer_types, ("hash_moe", "moe"))):
+            if len(types) != n or any(t not in allowed for t in types):
+                raise ValueError(f"{name}={types}: expected num_hidden_layers={n} entries among {allowed}")
+        if self.scoring_func not in ("sqrtsoftplus", "sigmoid", "softmax"):
+            raise ValueError(f"scoring_func {self.scoring_func!r}: expected sqrtsoftplus, sigmoid or softmax")
+        if rope_type not in _ROPE_TYPES["deepseek"]:
+            raise ValueError(f"rope_scaling type {rope_type!r}: deepseek_v4's compressed layers use 'yarn' (or none)")
+        if self.num_key_value_heads != 1:
+            raise ValueError(f"num_key_value_heads={self.num_key_value_heads}: V4 attention has one shared "
+                             f"key=value head (set it to 1)")
+        if (self.num_attention_heads * self.head_dim) % self.o_groups:
+            raise ValueError(f"o_groups={self.o_groups} does not divide num_attention_heads x head_dim")
+        if self.qk_rope_head_dim % 2 or self.qk_rope_head_dim > min(self.head_dim, self.index_head_dim):
+            raise ValueError(f"qk_rope_head_dim={self.qk_rope_head_dim} must be even and fit head_dim and "
+                             f"index_head_dim (the rotated trailing dims of each)")
 
     def _check_dsa(self):
         """DeepSeek-V3.2: the indexer reads MLA's query latent and rotates its first qk_rope_head_dim dims; the rest
@@ -166,6 +229,8 @@ class ModelConfig:
     @property
     def attention(self) -> str:
         """"mla" (DeepSeek: Multi-head Latent Attention) or "gqa" (the dense families: grouped-query attention)."""
+        if self.model_type == V4:
+            return "hybrid"   # V4: sliding window + compressed (CSA / HCA) attention, model/v4.py
         return "mla" if self.model_type in DEEPSEEK else "gqa"
 
     @property
@@ -233,6 +298,8 @@ class ModelConfig:
         num_experts_per_tok routed experts per MoE layer, norms and the output head; the embedding table is a lookup
         and is not counted. This reproduces the reports' 37B (V3) and 2.4B (V2-Lite) activated parameters.
         """
+        if self.model_type == V4:
+            return self._v4_num_params(include_mtp)
         h, L = self.hidden_size, self.num_hidden_layers
         attn = self._attention_params()
         norms = 2 * h
@@ -263,6 +330,41 @@ class ModelConfig:
             total += (2 * h + 2 * h * h + block + h) * self.num_nextn_predict_layers
         return {"total": total, "activated": active}
 
+    def _v4_attention_params(self, layer_type: str) -> int:
+        """One V4 attention module: low-rank queries, the one key=value head, grouped output projection, sinks, and
+        the layer type's compressor (CSA's with its lightning indexer)."""
+        h, H, d, q = self.hidden_size, self.num_attention_heads, self.head_dim, self.q_lora_rank
+        n = h * q + q + q * H * d + h * d + d                                # q_a, q_a_norm, q_b, kv_proj, kv_norm
+        n += self.o_lora_rank * H * d + self.o_groups * self.o_lora_rank * h + H     # o_a, o_b, sinks
+        if layer_type == "sliding_attention":
+            return n
+        m = self.compress_rates[layer_type]
+        if layer_type == "heavily_compressed_attention":
+            return n + 2 * h * d + m * d + d                                 # kv/gate projections, position bias, norm
+        di, nh = self.index_head_dim, self.index_n_heads
+        n += 4 * h * d + 2 * m * d + d                                       # CSA: two overlapping series (2 d)
+        return n + 4 * h * di + 2 * m * di + di + q * nh * di + h * nh       # the indexer's compressor, q_b, weights
+
+    def _v4_num_params(self, include_mtp: bool) -> dict:
+        """num_params for deepseek_v4: every layer is MoE (hash-routed ones have no routing bias), each block has
+        two mHC mappings (attention and MoE sides) and the head collapses the streams with one more."""
+        h, hc, E = self.hidden_size, self.hc_mult, self.n_routed_experts
+        expert = 3 * h * self.moe_intermediate_size
+        mhc = 2 * ((2 + hc) * hc * hc * h + (2 + hc) * hc + 3)
+        total = active = 0
+        for attn_type, mlp_type in zip(self.layer_types, self.mlp_layer_types):
+            shared = E * h + (E if mlp_type == "moe" else 0) + self.n_shared_experts * expert + mhc + 2 * h
+            attn = self._v4_attention_params(attn_type)
+            total += attn + shared + E * expert
+            active += attn + shared + self.num_experts_per_tok * expert
+        tail = h + hc * hc * h + hc + 1                                       # final norm, hc_head
+        total += 2 * self.vocab_size * h + tail
+        active += self.vocab_size * h + tail
+        if include_mtp and self.num_nextn_predict_layers:  # e/h projections and norms + a sliding-window MoE block
+            block = self._v4_attention_params("sliding_attention") + E * h + E + (E + 1) * expert + mhc + 2 * h
+            total += (2 * h * h + 3 * h + block + hc * hc * h + hc + 1) * self.num_nextn_predict_layers
+        return {"total": total, "activated": active}
+
     # ------------------------------------------------------------------ conversion
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> ModelConfig:
@@ -272,6 +374,8 @@ class ModelConfig:
         mt = d.get("model_type", "deepseek_v3")
         if mt not in ARCHITECTURES:
             raise ValueError(f"config.json has model_type={mt!r}; nanoseek reads {', '.join(ARCHITECTURES)} models")
+        if mt == V4:
+            _read_v4(d)
         _read_rope(d)
         if mt in DENSE:
             _read_dense(d)
@@ -296,6 +400,8 @@ class ModelConfig:
 
     def to_hf(self) -> dict[str, Any]:
         """A config.json dict that transformers (>= 5) and published-style loaders both read."""
+        if self.model_type == V4:
+            return self._v4_to_hf()
         if self.attention == "gqa":
             d = {k: getattr(self, k) for k in _DENSE_KEYS}
             if self.model_type != "qwen2":
@@ -318,6 +424,26 @@ class ModelConfig:
             # DeepSeek's published configs say "type"; Llama's and Qwen's say "rope_type"
             d["rope_scaling"] = {"type": rtype, **rs} if self.attention == "mla" else {"rope_type": rtype, **rs}
         d["rope_parameters"] = rp
+        d["architectures"] = [ARCHITECTURES[self.model_type]]
+        d.update({k: v for k, v in self.extra.items() if k not in d})
+        return d
+
+    def _v4_to_hf(self) -> dict[str, Any]:
+        """deepseek_v4's config.json, as transformers' DeepseekV4Config writes it: the rope of the sliding layers
+        ("main") and of the compressed ones ("compress", with the YaRN scaling) under rope_parameters."""
+        d = {k: getattr(self, k) for k in _V4_KEYS}
+        if d["torch_dtype"] is None:
+            d.pop("torch_dtype")
+        d["partial_rotary_factor"] = self.qk_rope_head_dim / self.head_dim
+        main = {"rope_type": "default", "rope_theta": self.rope_theta, "partial_rotary_factor": d["partial_rotary_factor"]}
+        compress = {"rope_type": "default", "rope_theta": self.compress_rope_theta,
+                    "partial_rotary_factor": d["partial_rotary_factor"]}
+        if self.rope_scaling:
+            rs = dict(self.rope_scaling)
+            compress.update({k: v for k, v in rs.items() if k not in ("type", "rope_type")})
+            compress["rope_type"] = rs.get("type", rs.get("rope_type"))
+            compress.setdefault("attention_factor", 1.0)   # V4 does not scale cos/sin by YaRN's mscale
+        d["rope_parameters"] = {"main": main, "compress": compress}
         d["architectures"] = [ARCHITECTURES[self.model_type]]
         d.update({k: v for k, v in self.extra.items() if k not in d})
         return d
@@ -369,6 +495,36 @@ def _read_dsa(d: dict) -> None:
     d.setdefault("rope_interleave", True)   # transformers' V3.2 always rotates MLA's rope dims interleaved
 
 
+def _read_v4(d: dict) -> None:
+    """deepseek_v4's config.json (transformers' names, and the published legacy ones transformers folds in:
+    compress_ratios per layer, num_hash_layers, qk_rope_head_dim) -> our fields. In place; it
+    runs before _read_rope: its rope_parameters are nested by rope kind (main, compress)."""
+    rp = d.pop("rope_parameters", None) or {}
+    if isinstance(rp.get("main"), dict):
+        d["rope_theta"] = rp["main"].get("rope_theta", d.get("rope_theta", 10000.0))
+    compress = rp.get("compress") if isinstance(rp.get("compress"), dict) else None
+    if compress:
+        d["compress_rope_theta"] = compress.get("rope_theta", d.get("compress_rope_theta", 160000.0))
+        rtype = compress.get("rope_type", compress.get("type", "default"))
+        skip = ("rope_type", "type", "rope_theta", "partial_rotary_factor", "attention_factor")   # V4: always 1
+        d["rope_scaling"] = None if rtype == "default" else {"type": rtype, **{k: v for k, v in compress.items()
+                                                                               if k not in skip}}
+    ratios = d.pop("compress_ratios", None)
+    if d.get("layer_types") is None and ratios is not None:
+        kinds = {0: "sliding_attention", 4: "compressed_sparse_attention", 128: "heavily_compressed_attention"}
+        d["layer_types"] = [kinds[r] for r in ratios[:d.get("num_hidden_layers", len(ratios))]]
+    hashed = d.pop("num_hash_layers", None)
+    if d.get("mlp_layer_types") is None and hashed is not None:
+        n = d.get("num_hidden_layers", 43)
+        d["mlp_layer_types"] = ["hash_moe"] * min(hashed, n) + ["moe"] * max(n - hashed, 0)
+    head_dim = d.get("head_dim", 512)
+    if "partial_rotary_factor" in d and d["partial_rotary_factor"] is not None:
+        d["qk_rope_head_dim"] = int(head_dim * d.pop("partial_rotary_factor"))
+    d.setdefault("qk_rope_head_dim", 64)
+    d.setdefault("scoring_func", "sqrtsoftplus")
+    d.setdefault("routed_scaling_factor", 1.5)
+
+
 def _read_dense(d: dict) -> None:
     """Refuse what a dense family's config.json may switch on that we do not compute (rather than ignore it)."""
     mt = d["model_type"]
@@ -389,6 +545,9 @@ _YARN_V3 = {"type": "yarn", "factor": 40, "original_max_position_embeddings": 40
             "mscale": 1.0, "mscale_all_dim": 1.0}
 _YARN_V2 = {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1,
             "mscale": 0.707, "mscale_all_dim": 0.707}
+
+# V4's compressed layers: YaRN x16 over 65,536 original positions (to 1M), on compress_rope_theta
+_YARN_V4 = {"type": "yarn", "factor": 16, "original_max_position_embeddings": 65536, "beta_fast": 32, "beta_slow": 1}
 
 _LLAMA3_1 = {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
              "original_max_position_embeddings": 8192}
@@ -452,6 +611,41 @@ PRESETS: dict[str, dict] = {
                       n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
                       routed_scaling_factor=1.0, first_k_dense_replace=1, num_nextn_predict_layers=1,
                       max_position_embeddings=512, index_n_heads=4, index_head_dim=16, index_topk=16),
+    # DeepSeek-V4 (Apr 2026). Shapes of the published config.json files as third-party summaries of them report
+    # (NVIDIA NeMo's V4-Flash page, antirez/ds4's MODEL_CARD.md, glennklockwood.com's V4-Pro page) and transformers'
+    # DeepseekV4Config defaults (V4-Flash's); num_params: 284.3B / 13.2B (Flash), 1.62T / 49.8B (Pro) against the
+    # published 284B / 13B and 1.6T / 49B.
+    # V4-Flash: layers 0-1 sliding window only, then CSA (even) / HCA (odd) alternating; top-6 of 256 experts
+    "v4-flash": dict(model_type="deepseek_v4", vocab_size=129280, hidden_size=4096, moe_intermediate_size=2048,
+                     num_hidden_layers=43, num_attention_heads=64, num_key_value_heads=1, head_dim=512,
+                     q_lora_rank=1024, qk_rope_head_dim=64, n_routed_experts=256, n_shared_experts=1,
+                     num_experts_per_tok=6, scoring_func="sqrtsoftplus", routed_scaling_factor=1.5,
+                     layer_types=["sliding_attention"] * 2 + ["compressed_sparse_attention" if i % 2 == 0 else
+                                                              "heavily_compressed_attention" for i in range(41)],
+                     o_groups=8, o_lora_rank=1024, index_n_heads=64, index_head_dim=128, index_topk=512,
+                     num_nextn_predict_layers=1, max_position_embeddings=1048576, rope_theta=10000.0,
+                     rope_scaling=_YARN_V4, bos_token_id=0, eos_token_id=1),
+    # V4-Pro: 2 HCA layers then HCA/CSA alternating (transformers' default schedule), top-6 of 384 experts
+    "v4-pro": dict(model_type="deepseek_v4", vocab_size=129280, hidden_size=7168, moe_intermediate_size=3072,
+                   num_hidden_layers=61, num_attention_heads=128, num_key_value_heads=1, head_dim=512,
+                   q_lora_rank=1536, qk_rope_head_dim=64, n_routed_experts=384, n_shared_experts=1,
+                   num_experts_per_tok=6, scoring_func="sqrtsoftplus", routed_scaling_factor=2.5, o_groups=16,
+                   o_lora_rank=1024, index_n_heads=64, index_head_dim=128, index_topk=1024,
+                   num_nextn_predict_layers=1, max_position_embeddings=1048576, rope_theta=10000.0,
+                   rope_scaling=_YARN_V4, bos_token_id=0, eos_token_id=1),
+    # tests: every V4 layer type and both routings in 4 layers; a window of 8 and compression 4 / 8, so that a
+    # sequence of 40 tokens crosses the window, index_topk and several heavily compressed entries
+    "tiny-v4": dict(model_type="deepseek_v4", vocab_size=512, hidden_size=64, moe_intermediate_size=32,
+                    num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=1, head_dim=32, q_lora_rank=32,
+                    qk_rope_head_dim=8, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+                    scoring_func="sqrtsoftplus", routed_scaling_factor=1.5,
+                    layer_types=["sliding_attention", "compressed_sparse_attention",
+                                 "heavily_compressed_attention", "compressed_sparse_attention"],
+                    mlp_layer_types=["hash_moe", "moe", "moe", "moe"],
+                    compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 8},
+                    sliding_window=8, hc_mult=2, hc_sinkhorn_iters=20, o_groups=2, o_lora_rank=16,
+                    index_n_heads=4, index_head_dim=16, index_topk=3, num_nextn_predict_layers=0,
+                    max_position_embeddings=512),
     # --- R1's distilled students (dense; DeepSeek-R1 report Section 2.4), shapes of their published config.json
     # DeepSeek-R1-Distill-Qwen-1.5B: Qwen2.5-Math-1.5B widths, embeddings untied (1.78B; Qwen2.5-1.5B ties, 1.54B)
     "qwen-1.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,

@@ -24,6 +24,8 @@ from .layers import MLP, Linear, RMSNorm
 from .mla import MLA
 from .moe import MoE
 from .rope import RotaryEmbedding
+from .v4 import HyperHead, V4Block, V4Rotary, init_v4
+from .v4 import trunk as v4_trunk
 
 
 def document_mask(documents: torch.Tensor) -> torch.Tensor:
@@ -89,14 +91,18 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
+        v4 = cfg.model_type == "deepseek_v4"   # model/v4.py: mHC streams, hybrid attention; no MTP module yet
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList((V4Block if v4 else Block)(cfg, i) for i in range(cfg.num_hidden_layers))
+        if v4:
+            self.hc_head = HyperHead(cfg)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.mtp = nn.ModuleList(MTPLayer(cfg, cfg.num_hidden_layers + k) for k in range(cfg.num_nextn_predict_layers))
-        self.rotary = RotaryEmbedding(cfg)
+        n_mtp = 0 if v4 else cfg.num_nextn_predict_layers
+        self.mtp = nn.ModuleList(MTPLayer(cfg, cfg.num_hidden_layers + k) for k in range(n_mtp))
+        self.rotary = V4Rotary(cfg) if v4 else RotaryEmbedding(cfg)
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
 
@@ -116,6 +122,8 @@ class Transformer(nn.Module):
         for m in self.modules():
             if hasattr(m, "e_score_correction_bias"):
                 m.e_score_correction_bias.zero_()
+        if self.cfg.model_type == "deepseek_v4":
+            init_v4(self)
 
     def _unfused_matrices(self):
         """Every weight matrix, the parts of a fused one (gate_up, MLA's qkv_a, GQA's qkv) one by one, in the order
@@ -148,6 +156,11 @@ class Transformer(nn.Module):
         B, T = input_ids.shape
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        if self.cfg.model_type == "deepseek_v4":
+            if mask is not None or cache is not None or dsa is not None:
+                raise NotImplementedError("deepseek_v4 runs the full causal forward only (training, prefill): packed "
+                                          "document masks and the cache (decoding) are not implemented yet")
+            return v4_trunk(self, input_ids, positions), None
         rope = self.rotary(positions)
         x = self.embed_tokens(input_ids)                                               # (B, T, hidden)
         for block in self.layers:

@@ -19,7 +19,6 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import UsageError
-from .rope import RotaryEmbedding
 from .transformer import Transformer
 
 _EXPERT = re.compile(r"^mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
@@ -61,6 +60,72 @@ def fuse_param_state(state: dict, groups: list[dict]) -> tuple[dict, list[dict]]
     return state, groups
 
 
+# DeepSeek-V4: transformers writes (and reads) the published tensor names; our modules carry transformers' own
+# names (model/v4.py). Per layer: (published suffix, ours); routed experts (ffn.experts.E.w1/w3/w2) are separate.
+_V4_ATTN = [("wq_a.weight", "q_a_proj.weight"), ("q_norm.weight", "q_a_norm.weight"), ("wq_b.weight", "q_b_proj.weight"),
+            ("wkv.weight", "kv_proj.weight"), ("norm.weight", "kv_norm.weight"), ("wo_a.weight", "o_a_proj.weight"),
+            ("wo_b.weight", "o_b_proj.weight"), ("attn_sink", "sinks")]
+_V4_COMPRESSOR = [("wkv.weight", "kv_proj.weight"), ("wgate.weight", "gate_proj.weight"), ("ape", "position_bias"),
+                  ("norm.weight", "kv_norm.weight")]
+_V4_LAYER = dict(
+    [(f"attn.{a}", f"self_attn.{b}") for a, b in _V4_ATTN]
+    + [(f"attn.compressor.{a}", f"self_attn.compressor.{b}") for a, b in _V4_COMPRESSOR]
+    + [(f"attn.indexer.compressor.{a}", f"self_attn.compressor.indexer.{b}") for a, b in _V4_COMPRESSOR]
+    + [("attn.indexer.wq_b.weight", "self_attn.compressor.indexer.q_b_proj.weight"),
+       ("attn.indexer.weights_proj.weight", "self_attn.compressor.indexer.scorer.weights_proj.weight"),
+       ("attn_norm.weight", "input_layernorm.weight"), ("ffn_norm.weight", "post_attention_layernorm.weight"),
+       ("ffn.gate.weight", "mlp.gate.weight"), ("ffn.gate.bias", "mlp.gate.e_score_correction_bias"),
+       ("ffn.gate.tid2eid", "mlp.gate.tid2eid"), ("ffn.shared_experts.w1.weight", "mlp.shared_experts.gate_proj.weight"),
+       ("ffn.shared_experts.w3.weight", "mlp.shared_experts.up_proj.weight"),
+       ("ffn.shared_experts.w2.weight", "mlp.shared_experts.down_proj.weight")]
+    + [(f"hc_{side}_{p}", f"{side}_hc.{p}") for side in ("attn", "ffn") for p in ("fn", "base", "scale")])
+_V4_OURS = {b: a for a, b in _V4_LAYER.items()}
+_V4_EXPERT = re.compile(r"^ffn\.experts\.(\d+)\.(w1|w2|w3)\.weight$")
+_V4_EXPERT_PART = {"w1": ("mlp.experts.gate_up_proj", 0), "w3": ("mlp.experts.gate_up_proj", 1),
+                   "w2": ("mlp.experts.down_proj", None)}
+
+
+def _v4_hf_to_ours(name: str) -> tuple[str, int | None, int | None] | None:
+    """hf_to_ours for deepseek_v4: published names (what transformers writes), or transformers' module names."""
+    top = {"head.weight": "lm_head.weight", "lm_head.weight": "lm_head.weight"}
+    if name in top:
+        return top[name], None, None
+    if not name.startswith("model."):
+        return None                                      # mtp.* (the MTP module is not built yet) and the like
+    rest = name.removeprefix("model.")
+    m = re.match(r"^layers\.(\d+)\.(.+)$", rest)
+    if not m:
+        return rest, None, None                           # embed_tokens, norm, hc_head.*
+    prefix, rest = f"layers.{m.group(1)}.", m.group(2)
+    e = _V4_EXPERT.match(rest)
+    if e:
+        ours, part = _V4_EXPERT_PART[e.group(2)]
+        return prefix + ours, int(e.group(1)), part
+    return prefix + _V4_LAYER.get(rest, rest), None, None
+
+
+def _v4_ours_to_hf(model):
+    """ours_to_hf for deepseek_v4: the published names transformers writes, routed experts one tensor each."""
+    for name, t in model.state_dict().items():
+        m = re.match(r"^layers\.(\d+)\.(.+)$", name)
+        if name.startswith("rotary."):
+            continue
+        if not m:
+            yield ("head.weight" if name == "lm_head.weight" else f"model.{name}"), t
+            continue
+        prefix, rest = f"model.layers.{m.group(1)}.", m.group(2)
+        if rest == "mlp.experts.gate_up_proj":
+            for j in range(t.shape[0]):
+                gate, up = t[j].chunk(2)
+                yield f"{prefix}ffn.experts.{j}.w1.weight", gate
+                yield f"{prefix}ffn.experts.{j}.w3.weight", up
+        elif rest == "mlp.experts.down_proj":
+            for j in range(t.shape[0]):
+                yield f"{prefix}ffn.experts.{j}.w2.weight", t[j]
+        else:
+            yield prefix + _V4_OURS.get(rest, rest), t
+
+
 class CheckpointError(UsageError, ValueError):
     """A model folder that cannot be read, with the file and tensor at fault (a UsageError: the CLI prints it)."""
 
@@ -90,6 +155,8 @@ def part_sizes(ours: str, rows: int, cfg: ModelConfig) -> list[int]:
 def hf_to_ours(name: str, cfg: ModelConfig) -> tuple[str, int | None, int | None] | None:
     """Map a checkpoint tensor name to (our parameter name, expert index or None, part index or None); the part
     is the tensor's place in a fused parameter (FUSED). None for tensors we skip."""
+    if cfg.model_type == "deepseek_v4":
+        return _v4_hf_to_ours(name)
     if name == "model.embed_tokens.weight":
         return "embed_tokens.weight", None, None
     if name == "model.norm.weight":
@@ -128,6 +195,9 @@ def ours_to_hf(model: Transformer):
     routing bias e_score_correction_bias unless the routing uses it (noaux_tc): published V2 folders have none,
     and transformers reports an extra one as UNEXPECTED."""
     cfg = model.cfg
+    if cfg.model_type == "deepseek_v4":
+        yield from _v4_ours_to_hf(model)
+        return
     L = cfg.num_hidden_layers
     state = model.state_dict()
     for name, t in state.items():
@@ -196,7 +266,7 @@ def empty_model(cfg: ModelConfig, dtype: torch.dtype, device=None) -> Transforme
     model = model.to_empty(device=device or "cpu")
     if cfg.tie_word_embeddings:  # to_empty allocates each module's tensors anew, which unties the head
         model.lm_head.weight = model.embed_tokens.weight
-    model.rotary = RotaryEmbedding(cfg).to(device or "cpu")
+    model.rotary = type(model.rotary)(cfg).to(device or "cpu")     # RotaryEmbedding, or V4's two tables
     for m in model.modules():
         if hasattr(m, "e_score_correction_bias"):
             m.e_score_correction_bias.zero_()

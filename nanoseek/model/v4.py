@@ -1,0 +1,408 @@
+"""DeepSeek-V4 (model_type deepseek_v4): hybrid compressed attention, manifold-constrained hyper-connections (mHC),
+hash routing. Module and parameter names are transformers' (DeepseekV4ForCausalLM), so a state dict maps one to
+one; weights.py maps them to the published tensor names that transformers writes in a folder.
+
+A block keeps hc_mult residual streams (B, T, hc_mult, hidden). Its attention (V4Attention) sees every key of a
+sliding window of the raw tokens, plus, per layer type, compressed entries: HCA pools every
+compress_rates[HCA] (128) tokens into one entry and attends to all of them; CSA pools every 4 tokens (two overlapping
+series, each entry spans 8 tokens) and a lightning indexer (as in V3.2) picks index_topk entries per query. Keys and
+values are one shared head (K = V), rotated on their trailing qk_rope_head_dim dims; a per-head sink joins the
+softmax; heads are projected out in o_groups groups of rank o_lora_rank. The MoE routes by a frozen token-id ->
+experts table in its first layers (hash_moe), by top-k of sqrt(softplus) scores after.
+
+Training and prefill only: a cache for decoding (the window, each branch's compressed entries, the indexer keys)
+is not written yet, and the engine refuses V4 models.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .layers import Linear, RMSNorm
+from .moe import Experts
+from .rope import apply_rope, yarn_frequencies, yarn_scaling
+
+CSA, HCA, SLIDING = "compressed_sparse_attention", "heavily_compressed_attention", "sliding_attention"
+
+
+def unit_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm without a weight (the per-head query norm, mHC's input norm)."""
+    return x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + eps).to(x.dtype)
+
+
+class V4Rotary(nn.Module):
+    """Two RoPE tables over the trailing qk_rope_head_dim dims: "main" (rope_theta) for sliding-window layers,
+    "compress" (compress_rope_theta, YaRN when rope_scaling says so) for CSA/HCA layers, their compressed entries
+    and the indexer. V4 does not multiply cos/sin by YaRN's attention factor (transformers sets it to 1)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.qk_rope_head_dim
+        for name, base in (("main", cfg.rope_theta), ("compress", cfg.compress_rope_theta)):
+            inv_freq = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+            if name == "compress" and yarn_scaling(cfg):
+                inv_freq, _ = yarn_frequencies(inv_freq, yarn_scaling(cfg), d, base)
+            self.register_buffer(f"{name}_inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions[..., None].float() * getattr(self, f"{kind}_inv_freq")     # (B, T, d/2)
+        return freqs.cos(), freqs.sin()
+
+
+def rope_tail(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the trailing 2 * cos.shape[-1] dims of x (B, T, [heads,] d) in interleaved pairs; the leading
+    dims (no position) pass through."""
+    r = 2 * cos.shape[-1]
+    return torch.cat([x[..., :-r], apply_rope(x[..., -r:], cos, sin, interleave=True)], dim=-1)
+
+
+class Compressor(nn.Module):
+    """Gated pooling of every `rate` tokens into one entry (V4 report Section 2.3, eq. 9-11 and 20-23):
+    C_w = sum_j softmax_j(Z_j + B_j) * C_j over the window's tokens j, then RMSNorm and RoPE at position w * rate.
+
+    overlap (CSA): kv_proj/gate_proj give two series per token (2 dim): entry w pools the previous window's first
+    series (Ca) with its own window's second (Cb), 2 * rate tokens; window 0 has no previous one (gate -inf)."""
+
+    def __init__(self, hidden: int, dim: int, rate: int, overlap: bool, eps: float):
+        super().__init__()
+        self.rate, self.dim, self.overlap = rate, dim, overlap
+        c = 2 if overlap else 1
+        self.kv_proj = Linear(hidden, c * dim, bias=False)
+        self.gate_proj = Linear(hidden, c * dim, bias=False)
+        self.position_bias = nn.Parameter(torch.zeros(rate, c * dim))        # B, one row per place in the window
+        self.kv_norm = RMSNorm(dim, eps)
+
+    def compress(self, x: torch.Tensor, rotary: V4Rotary) -> torch.Tensor:
+        """x (B, T, hidden) -> the entries of the T // rate complete windows (B, W, dim); the tail is left out."""
+        B, T, _ = x.shape
+        m, d = self.rate, self.dim
+        W = T // m
+        if W == 0:
+            return x.new_zeros(B, 0, d)
+        kv = self.kv_proj(x[:, :W * m]).view(B, W, m, -1)                     # (B, W, m, c*dim)
+        gate = self.gate_proj(x[:, :W * m]).view(B, W, m, -1) + self.position_bias
+        if self.overlap:                                                     # (B, W, 2m, dim): [Ca of w-1; Cb of w]
+            prev_kv = torch.cat([kv.new_zeros(B, 1, m, d), kv[:, :-1, :, :d]], dim=1)
+            prev_gate = torch.cat([gate.new_full((B, 1, m, d), float("-inf")), gate[:, :-1, :, :d]], dim=1)
+            kv = torch.cat([prev_kv, kv[..., d:]], dim=2)
+            gate = torch.cat([prev_gate, gate[..., d:]], dim=2)
+        pooled = (kv * gate.softmax(dim=2, dtype=torch.float32).to(kv.dtype)).sum(dim=2)   # (B, W, dim)
+        positions = (torch.arange(W, device=x.device) * m).expand(B, W)
+        return rope_tail(self.kv_norm(pooled), *rotary(positions, "compress"))
+
+
+class Scorer(nn.Module):
+    """The lightning indexer's per-head weights w_{t,h} (a module of its own for transformers' name)."""
+
+    def __init__(self, hidden: int, n_heads: int):
+        super().__init__()
+        self.weights_proj = Linear(hidden, n_heads, bias=False)
+
+
+class Indexer(Compressor):
+    """Lightning indexer over CSA's compressed entries (report eq. 13-17; V3.2's, model/dsa.py, on compressed
+    keys): its own overlapping compressor at index_head_dim, queries from MLA-style query latent, score(t, s) =
+    sum_h w_{t,h} ReLU(q_{t,h} . K_s) * index_head_dim^-0.5 * index_n_heads^-0.5; keeps the top index_topk entries
+    that are complete before the query."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg.hidden_size, cfg.index_head_dim, cfg.compress_rates[CSA], True, cfg.rms_norm_eps)
+        self.n_heads, self.topk = cfg.index_n_heads, cfg.index_topk
+        self.q_b_proj = Linear(cfg.q_lora_rank, cfg.index_n_heads * cfg.index_head_dim, bias=False)
+        self.scorer = Scorer(cfg.hidden_size, cfg.index_n_heads)
+
+    def select(self, x, q_latent, positions, visible, rotary: V4Rotary) -> torch.Tensor:
+        """x (B, T, hidden), q_latent (B, T, q_lora_rank), visible (B, T, W) -> chosen (B, T, W) boolean."""
+        B, T, _ = x.shape
+        keys = self.compress(x, rotary)                                                  # (B, W, di)
+        q = rope_tail(self.q_b_proj(q_latent).view(B, T, self.n_heads, self.dim),
+                      *rotary(positions, "compress"))                                    # (B, T, nh, di)
+        scores = torch.matmul(q.float(), keys.transpose(-1, -2).float().unsqueeze(1))    # (B, T, nh, W)
+        w = self.scorer.weights_proj(x).float() * self.n_heads ** -0.5                   # (B, T, nh)
+        scores = (F.relu(scores) * self.dim ** -0.5 * w.unsqueeze(-1)).sum(dim=2)         # (B, T, W)
+        scores = scores.masked_fill(~visible, float("-inf"))
+        top = scores.topk(min(self.topk, keys.shape[1]), dim=-1).indices                 # (B, T, k)
+        chosen = torch.zeros_like(visible).scatter_(-1, top, True)
+        return chosen & visible               # a query with fewer visible entries than k picks some it cannot see
+
+
+class CSACompressor(Compressor):
+    """Compressed sparse attention's entries (overlapping windows of compress_rates[CSA] = 4) and its indexer."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg.hidden_size, cfg.head_dim, cfg.compress_rates[CSA], True, cfg.rms_norm_eps)
+        self.indexer = Indexer(cfg)
+
+
+class HCACompressor(Compressor):
+    """Heavily compressed attention's entries: disjoint windows of compress_rates[HCA] = 128, all attended to."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg.hidden_size, cfg.head_dim, cfg.compress_rates[HCA], False, cfg.rms_norm_eps)
+
+
+class GroupedLinear(nn.Module):
+    """Grouped output projection, first half (report Section 2.3.1): the heads' outputs in o_groups groups, each
+    (H * head_dim / g) -> o_lora_rank with its own block of weight (g * o_lora_rank, H * head_dim / g)."""
+
+    def __init__(self, in_per_group: int, rank: int, groups: int):
+        super().__init__()
+        self.groups = groups
+        self.weight = nn.Parameter(torch.empty(groups * rank, in_per_group))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., g, in_per_group) -> (..., g, rank)."""
+        w = self.weight.view(self.groups, -1, x.shape[-1])                               # (g, rank, in)
+        return torch.einsum("...gi,gri->...gr", x, w)
+
+
+def window_mask(positions: torch.Tensor, window: int) -> torch.Tensor:
+    """positions (B, T) -> (B, T, T) boolean: key s is visible to query t if t - window < s <= t."""
+    d = positions[:, :, None] - positions[:, None, :]
+    return (d >= 0) & (d < window)
+
+
+class V4Attention(nn.Module):
+    """One V4 attention: the window of raw tokens plus the layer type's compressed entries, one shared K=V head."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        H, d, q = cfg.num_attention_heads, cfg.head_dim, cfg.q_lora_rank
+        self.kind, self.n_heads, self.head_dim, self.eps = cfg.layer_types[layer], H, d, cfg.rms_norm_eps
+        self.window = cfg.sliding_window
+        self.rope_kind = "main" if self.kind == SLIDING else "compress"
+        self.q_a_proj = Linear(cfg.hidden_size, q, bias=False)
+        self.q_a_norm = RMSNorm(q, cfg.rms_norm_eps)
+        self.q_b_proj = Linear(q, H * d, bias=False)
+        self.kv_proj = Linear(cfg.hidden_size, d, bias=False)
+        self.kv_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.o_a_proj = GroupedLinear(H * d // cfg.o_groups, cfg.o_lora_rank, cfg.o_groups)
+        self.o_b_proj = Linear(cfg.o_groups * cfg.o_lora_rank, cfg.hidden_size, bias=False)
+        self.sinks = nn.Parameter(torch.zeros(H))                            # one logit per head that takes no value
+        self.compressor = {CSA: CSACompressor, HCA: HCACompressor}.get(self.kind, lambda c: None)(cfg)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: V4Rotary) -> torch.Tensor:
+        """x (B, T, hidden), positions (B, T) -> (B, T, hidden)."""
+        B, T, _ = x.shape
+        cos, sin = rotary(positions, self.rope_kind)
+        q_latent = self.q_a_norm(self.q_a_proj(x))                                        # (B, T, q_lora_rank)
+        q = unit_rms(self.q_b_proj(q_latent).view(B, T, self.n_heads, self.head_dim), self.eps)
+        q = rope_tail(q, cos, sin).transpose(1, 2)                                        # (B, H, T, d)
+        kv = rope_tail(self.kv_norm(self.kv_proj(x)), cos, sin)                           # (B, T, d): K = V
+        bias = torch.zeros(B, T, T, device=x.device).masked_fill(~window_mask(positions, self.window), float("-inf"))
+        if self.compressor is not None:
+            entries, visible = self.compressed(x, q_latent, positions, rotary)            # (B, W, d), (B, T, W)
+            kv = torch.cat([kv, entries], dim=1)                                          # (B, T + W, d)
+            bias = torch.cat([bias, torch.zeros_like(visible, dtype=bias.dtype).masked_fill(~visible, float("-inf"))],
+                             dim=-1)
+        scores = torch.matmul(q, kv.unsqueeze(1).transpose(-1, -2)) * self.head_dim ** -0.5 + bias[:, None]
+        sinks = self.sinks.view(1, -1, 1, 1).expand(B, -1, T, 1).to(scores.dtype)
+        logits = torch.cat([scores, sinks], dim=-1)                                       # (B, H, T, T + W + 1)
+        logits = logits - logits.amax(dim=-1, keepdim=True)
+        probs = logits.softmax(dim=-1)[..., :-1]                                          # the sink's share is dropped
+        out = torch.matmul(probs.to(kv.dtype), kv.unsqueeze(1)).transpose(1, 2)           # (B, T, H, d)
+        # V = K carries its keys' rotation: rotating the output back by the query's position leaves, on the rope
+        # dims, a function of the relative positions only
+        out = rope_tail(out, cos, -sin)
+        groups = self.o_a_proj(out.reshape(B, T, self.o_a_proj.groups, -1))              # (B, T, g, o_lora_rank)
+        return self.o_b_proj(groups.flatten(2))
+
+    def compressed(self, x, q_latent, positions, rotary):
+        """The compressed entries (B, W, d) and which each query may attend to (B, T, W): entry w summarises tokens
+        up to (w + 1) * rate - 1, so query t sees it once t + 1 >= (w + 1) * rate; CSA keeps the indexer's top-k."""
+        c = self.compressor
+        entries = c.compress(x, rotary)
+        ready = (positions + 1) // c.rate                                                 # (B, T)
+        visible = torch.arange(entries.shape[1], device=x.device).view(1, 1, -1) < ready[..., None]
+        if isinstance(c, CSACompressor) and entries.shape[1]:
+            visible = c.indexer.select(x, q_latent, positions, visible, rotary)
+        return entries, visible
+
+
+class HyperConnection(nn.Module):
+    """Manifold-constrained hyper-connections (mHC, report Section 2.2): from the hc_mult streams (B, T, n, h),
+    pre (n) collapses them into the block's input, post (n) spreads its output back, comb (n x n) mixes the
+    residual streams; comb is projected towards the doubly stochastic matrices by hc_sinkhorn_iters Sinkhorn-Knopp
+    normalisations (columns, then rows and columns), so the mixing neither grows nor shrinks the streams."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        n = self.n = cfg.hc_mult
+        self.iters, self.hc_eps, self.eps = cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.rms_norm_eps
+        self.fn = nn.Parameter(torch.empty((2 + n) * n, n * cfg.hidden_size))
+        self.base = nn.Parameter(torch.zeros((2 + n) * n))
+        self.scale = nn.Parameter(torch.ones(3))
+
+    def forward(self, streams: torch.Tensor):
+        """streams (B, T, n, h) -> post (B, T, n), comb (B, T, n, n), the block's input (B, T, h)."""
+        B, T, n, _ = streams.shape
+        mix = F.linear(unit_rms(streams.reshape(B, T, -1).float(), self.eps), self.fn.float())  # (B, T, (2+n) n)
+        pre, post, comb = mix.split([n, n, n * n], dim=-1)
+        pre_b, post_b, comb_b = self.base.split([n, n, n * n])
+        pre = torch.sigmoid(pre * self.scale[0] + pre_b) + self.hc_eps
+        post = 2 * torch.sigmoid(post * self.scale[1] + post_b)
+        comb = torch.softmax((comb * self.scale[2] + comb_b).view(B, T, n, n), dim=-1) + self.hc_eps
+        comb = sinkhorn(comb, self.iters, self.hc_eps)
+        return post, comb, (pre.unsqueeze(-1) * streams).sum(dim=2).to(streams.dtype)
+
+
+def sinkhorn(m: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
+    """Sinkhorn-Knopp on positive (..., n, n): normalise columns, then iters - 1 times rows and columns."""
+    m = m / (m.sum(dim=-2, keepdim=True) + eps)
+    for _ in range(iters - 1):
+        m = m / (m.sum(dim=-1, keepdim=True) + eps)
+        m = m / (m.sum(dim=-2, keepdim=True) + eps)
+    return m
+
+
+class HyperHead(nn.Module):
+    """The last collapse of the streams into one hidden state, before the final norm (pre weights only)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        n, self.eps, self.hc_eps = cfg.hc_mult, cfg.rms_norm_eps, cfg.hc_eps
+        self.hc_fn = nn.Parameter(torch.empty(n, n * cfg.hidden_size))
+        self.hc_base = nn.Parameter(torch.zeros(n))
+        self.hc_scale = nn.Parameter(torch.ones(1))
+
+    def forward(self, streams: torch.Tensor) -> torch.Tensor:
+        """(B, T, n, h) -> (B, T, h)."""
+        mix = F.linear(unit_rms(streams.flatten(2).float(), self.eps), self.hc_fn.float())  # (B, T, n)
+        pre = torch.sigmoid(mix * self.hc_scale.float() + self.hc_base.float()) + self.hc_eps
+        return (pre.unsqueeze(-1) * streams).sum(dim=2).to(streams.dtype)
+
+
+def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
+    """silu(min(gate, limit)) * clamp(up, -limit, limit): V4's experts bound their activations (swiglu_limit)."""
+    return F.silu(gate.clamp(max=limit)) * up.clamp(min=-limit, max=limit)
+
+
+class SharedExpert(nn.Module):
+    """The shared expert: a SwiGLU MLP of moe_intermediate_size, clamped as the routed ones."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        h, inter = cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts
+        self.gate_proj, self.up_proj = Linear(h, inter, bias=False), Linear(h, inter, bias=False)
+        self.down_proj = Linear(inter, h, bias=False)
+        self.limit = cfg.swiglu_limit
+
+    def forward(self, x):
+        return self.down_proj(clamped_swiglu(self.gate_proj(x), self.up_proj(x), self.limit))
+
+
+class ClampedExperts(Experts):
+    """The routed experts (stacked as moe.Experts), each SwiGLU clamped at swiglu_limit."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        self.limit = cfg.swiglu_limit
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """x (N, hidden), weights/idx (N, k) -> (N, hidden): a loop over the experts that were picked."""
+        out = torch.zeros_like(x)
+        for e in idx.unique().tolist():
+            token, slot = torch.where(idx == e)
+            gate, up = F.linear(x[token], self.gate_up_proj[e]).chunk(2, dim=-1)
+            y = F.linear(clamped_swiglu(gate, up, self.limit), self.down_proj[e]) * weights[token, slot, None]
+            out.index_add_(0, token, y.to(x.dtype))
+        return out
+
+
+SCORES = {"sqrtsoftplus": lambda s: F.softplus(s).sqrt(), "sigmoid": torch.sigmoid,
+          "softmax": lambda s: s.softmax(dim=-1)}
+
+
+class V4Gate(nn.Module):
+    """Routing: scores = sqrt(softplus(x W^T)) (scoring_func); the experts are the top-k of scores + bias (learned,
+    "moe"), or the frozen table tid2eid[token id] (hash routing, "hash_moe": report Section 2.1); their weights
+    are their scores normalised to sum 1, times routed_scaling_factor."""
+
+    def __init__(self, cfg: ModelConfig, hashed: bool):
+        super().__init__()
+        self.k, self.hashed, self.scale = cfg.num_experts_per_tok, hashed, cfg.routed_scaling_factor
+        self.score = SCORES[cfg.scoring_func]
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        if hashed:
+            self.register_buffer("tid2eid", torch.zeros(cfg.vocab_size, self.k, dtype=torch.long))
+        else:
+            self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts))
+
+    def forward(self, x: torch.Tensor, input_ids: torch.Tensor):
+        """x (N, hidden), input_ids (N,) -> weights (N, k), experts (N, k)."""
+        scores = self.score(F.linear(x, self.weight).float())                            # (N, E)
+        if self.hashed:
+            idx = self.tid2eid[input_ids].long()
+        else:
+            idx = torch.topk(scores + self.e_score_correction_bias, self.k, dim=-1, sorted=False).indices
+        w = scores.gather(1, idx)
+        return w / (w.sum(dim=-1, keepdim=True) + 1e-20) * self.scale, idx
+
+
+class V4MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.gate = V4Gate(cfg, cfg.mlp_layer_types[layer] == "hash_moe")
+        self.experts = ClampedExperts(cfg)
+        self.shared_experts = SharedExpert(cfg)
+
+    def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """x (B, T, hidden), input_ids (B, T) -> (B, T, hidden)."""
+        flat = x.reshape(-1, x.shape[-1])
+        weights, idx = self.gate(flat, input_ids.reshape(-1))
+        return self.experts(flat, weights, idx).view_as(x) + self.shared_experts(x)
+
+
+class V4Block(nn.Module):
+    """Attention and MoE, each between an mHC collapse and spread: streams' = post * f(pre . streams)
+    + comb^T streams (report eq. 5)."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.self_attn = V4Attention(cfg, layer)
+        self.mlp = V4MoE(cfg, layer)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn_hc = HyperConnection(cfg)
+        self.ffn_hc = HyperConnection(cfg)
+
+    def forward(self, streams, positions, rotary, input_ids):
+        """streams (B, T, n, hidden) -> (B, T, n, hidden)."""
+        post, comb, x = self.attn_hc(streams)
+        y = self.self_attn(self.input_layernorm(x), positions, rotary)
+        streams = mix(streams, post, comb, y)
+        post, comb, x = self.ffn_hc(streams)
+        return mix(streams, post, comb, self.mlp(self.post_attention_layernorm(x), input_ids))
+
+
+def mix(streams, post, comb, y):
+    """post (B, T, n) x y (B, T, h) + comb^T (B, T, n, n) @ streams (B, T, n, h): sum_j comb[j, i] streams[j]."""
+    dt = streams.dtype
+    return post.to(dt).unsqueeze(-1) * y.unsqueeze(-2) + torch.matmul(comb.to(dt).transpose(-1, -2), streams)
+
+
+def trunk(model, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Transformer.trunk for V4: embedding copied to hc_mult streams -> blocks -> hc_head -> norm (B, T, hidden)."""
+    x = model.embed_tokens(input_ids)                                                      # (B, T, hidden)
+    streams = x.unsqueeze(2).expand(-1, -1, model.cfg.hc_mult, -1).contiguous()            # (B, T, n, hidden)
+    for block in model.layers:
+        streams = block(streams, positions, model.rotary, input_ids)
+    return model.norm(model.hc_head(streams))
+
+
+@torch.no_grad()
+def init_v4(model) -> None:
+    """After Transformer.init_weights: transformers' V4 initial values where they differ from ours (mHC scales 1,
+    bases, sinks and position biases 0), and a random hash table (each token -> k distinct experts)."""
+    for m in model.modules():
+        if isinstance(m, (HyperConnection, HyperHead)):
+            for name, p in m.named_parameters():
+                (p.fill_(1.0) if "scale" in name else p.zero_() if "base" in name else None)
+        elif isinstance(m, Compressor):
+            m.position_bias.zero_()
+        elif isinstance(m, V4Gate) and m.hashed:
+            E = m.weight.shape[0]
+            m.tid2eid.copy_(torch.rand(m.tid2eid.shape[0], E).argsort(dim=-1)[:, :m.k])
