@@ -277,6 +277,10 @@ PAGED_CACHES: dict[str, type[PagedCache]] = {"mla": PagedLatentCache, "gqa": Pag
 
 def paged_cache_class(cfg: ModelConfig) -> type[PagedCache]:
     """The paged cache of this model's attention (cfg.attention: "mla" or "gqa"; MLA with an indexer: DSA's)."""
+    if cfg.model_type == "deepseek_v4":
+        raise NotImplementedError("the engine cannot run deepseek_v4 models yet: V4's caches (the window, the "
+                                  "compressed entries, the indexer keys) are not written; its full forward "
+                                  "(ns.Transformer(cfg)(input_ids)) works for training and scoring")
     if cfg.attention not in PAGED_CACHES:
         raise ValueError(f"no paged cache for attention {cfg.attention!r}: the engine serves {sorted(PAGED_CACHES)}")
     return PagedDSACache if cfg.dsa else PAGED_CACHES[cfg.attention]
