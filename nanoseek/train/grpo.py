@@ -17,7 +17,14 @@ recipe: choose scale_rewards="none" for that). DAPO extras: clip-higher (eps_hig
 (groups whose rewards are all equal carry no signal and are dropped), and masking of truncated completions.
 
 The pure math (advantages, k3 KL, the clipped surrogate and its aggregation) is nanoseek/rl.py, tested against
-hand-computed numbers in tests/test_grpo.py; this file only moves tensors. Under
+hand-computed numbers in tests/test_grpo.py; this file only moves tensors.
+
+What a step costs: one batched engine call (decoding through the compiled graph in a run long enough to repay it:
+rollout_compile); pi_old's log-probs are the first iteration's own training forward, detached (no extra forward,
+reused by iterations 2..mu); pi_ref's come from one batched no-grad forward per rollout (reference_logprobs). The next
+rollout is not overlapped with the optimizer step: in every mode of this loop (mu = 1 or more, as in DeepSeekMath's
+Algorithm 1) the next batch is sampled by the weights that step produces, so overlapping would sample one step
+off-policy, a different algorithm (asynchronous GRPO), not a faster run of this one. Under
 torchrun every statistic that spans the batch (group and batch advantages, the dapo / dr_grpo denominators, the
 logged means) is taken over all processes, and sampling seeds depend on a completion's global index, so N
 processes compute what one process would.
