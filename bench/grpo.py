@@ -1,6 +1,6 @@
 """Seconds per GRPO step: nanoseek's trainer vs TRL's GRPOTrainer on the same model, same run.
 
-    .venv/bin/python bench/grpo.py [--preset tiny] [--steps 6] [--prompts 4] [--group 8] [--max-tokens 32] [--compile true]
+    .venv/bin/python bench/grpo.py [--preset tiny] [--steps 6] [--prompts 4] [--group 8] [--max-tokens 32] [--compile X]
 
 One random DeepSeek-V3-shaped model (no MTP layer, so both sides hold the same weights) is saved by ns.save with
 our tokenizer and loaded by transformers for TRL. Both sides then run GRPO with the same settings: P prompts of

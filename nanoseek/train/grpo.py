@@ -96,7 +96,7 @@ class GRPOConfig:
     stop_after: int = 0             # stop (with a checkpoint) after this step, as if interrupted
     fsdp: bool = False              # FSDP2 fully_shard instead of DDP (under torchrun)
     device: str | None = None       # cpu | cuda; None: the GPU when there is one
-    compile: str = "auto"           # rollouts' decode step as one compiled graph: true, false, auto (steps x max_tokens >= 4000 on CPU)
+    compile: str = "auto"           # compiled rollout decode: true, false, auto (steps x max_tokens >= 4000 on CPU)
     progress: bool = True           # tqdm bar
     REQUIRED: ClassVar[tuple] = ("model", "task", "out")
     ALIASES: ClassVar[dict] = {"warmup_steps": "warmup", "bias_gamma": "bias_update_speed"}
