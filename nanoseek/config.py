@@ -42,6 +42,8 @@ _V4_KEYS = ("model_type", "vocab_size", "hidden_size", "moe_intermediate_size", 
             "o_groups", "o_lora_rank", "index_n_heads", "index_head_dim", "index_topk", "num_nextn_predict_layers",
             "hidden_act", "initializer_range", "rms_norm_eps", "tie_word_embeddings", "attention_bias",
             "attention_dropout", "bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype")
+V4_ONLY = ("layer_types", "compress_rates", "compress_rope_theta", "sliding_window", "hc_mult", "hc_sinkhorn_iters",
+           "hc_eps", "mlp_layer_types", "swiglu_limit", "o_groups", "o_lora_rank")   # fields of deepseek_v4 alone
 V4_LAYER_TYPES = ("sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention")
 _ROPE_TYPES = {"deepseek": (None, "default", "yarn"), "dense": (None, "default", "yarn", "llama3")}
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -394,6 +396,8 @@ class ModelConfig:
             d["n_routed_experts"] = None
         if isinstance(d.get("eos_token_id"), list):
             d["eos_token_id"] = d["eos_token_id"][0]
+        if mt != V4:   # V4's fields in another family's config (Qwen's inert sliding_window, layer_types) are its own
+            known -= set(V4_ONLY)
         kwargs = {k: v for k, v in d.items() if k in known}
         extra = {k: v for k, v in d.items() if k not in known}
         return cls(**kwargs, extra=extra)
