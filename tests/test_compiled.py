@@ -255,3 +255,18 @@ def test_a_second_start_reads_the_compiled_graph_from_disk(tmp_path):
         assert r.returncode == 0, r.stderr[-3000:]
     assert "hits 0 misses 1" in runs[0].stdout and "hits 1 misses 0" in runs[1].stdout
     assert "compiled the decode step for batch 1" in runs[1].stderr and str(tmp_path / "inductor") in runs[1].stderr
+
+
+def test_a_servers_requests_count_for_auto_only_once_run(capsys, monkeypatch):
+    """add_request/step (the server): a request's max_tokens is a bound, not a forecast, so "auto" counts its decode
+    steps once they ran (compiling on the first long request would stall it); generate() knows its work ahead."""
+    monkeypatch.setattr(engine_mod, "unavailable", lambda device: "stub: it would compile here")
+    monkeypatch.setattr(engine_mod, "AUTO_MIN_STEPS", {"cpu": 10})
+    eng = ns.Engine(build("tiny"), max_batch=4, mtp=False)
+    eng.add_request([5, 6, 7], ns.SamplingParams(temperature=0, max_tokens=100, ignore_eos=True))
+    for _ in range(5):
+        eng.step()
+    assert "it would compile here" not in capsys.readouterr().err     # 4 decode steps run, 95 more only possible
+    for _ in range(10):
+        eng.step()
+    assert "it would compile here" in capsys.readouterr().err         # 10 run: from here it pays

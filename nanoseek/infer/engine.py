@@ -266,6 +266,7 @@ class Engine:
         # the decode step as one compiled graph (infer/compiled.py): True, False, or "auto" (once the decode steps
         # run and in sight reach compiled.AUTO_MIN_STEPS; plain decode only: MTP speculation stays eager)
         self.compile, self._compiled, self._compile_said = compile_mode(compile), None, False
+        self._batch_job = False      # inside generate(): every request is known, so its steps are "in sight"
         # default context: the model's, capped at 4096 so the default pool stays small on CPU
         self.max_seq_len = int(max_seq_len or min(cfg.max_position_embeddings, 4096))
         n_layers = cfg.num_hidden_layers + (1 if self.mtp else 0)      # the MTP layer's cache index is L
@@ -426,6 +427,7 @@ class Engine:
         if progress:
             from tqdm.auto import tqdm
             bar = tqdm(total=len(ids), desc="generate", unit="req")
+        self._batch_job = True
         try:
             while len(out) < len(ids):
                 for d in self.step():
@@ -438,6 +440,7 @@ class Engine:
                 self.abort(rid)
             raise
         finally:
+            self._batch_job = False
             if bar is not None:
                 bar.close()
         done = [out[rid] for rid in ids]
@@ -689,13 +692,15 @@ class Engine:
 
     def _graph(self, reqs: list[_Request]) -> CompiledDecode | None:
         """The compiled decode step if this engine decodes through one now, building it on first use. "auto":
-        once the decode steps run plus those the requests in the engine still need reach AUTO_MIN_STEPS of this
-        device; below that the engine stays eager and says so once."""
+        once the decode steps run plus, inside generate() (eval, GRPO, distill: every request known), those its
+        requests still need reach AUTO_MIN_STEPS of this device; below that the engine stays eager and says so once.
+        A server's requests count only once run: their max_tokens is a bound, not a forecast, and compiling on the
+        first long request would stall it for the compile's seconds."""
         if self._compiled is not None or self.compile is False:
             return self._compiled
         dev = self.device.type
         if self.compile == "auto":
-            remaining = [r.max_new - len(r.output) for r in itertools.chain(reqs, self.waiting)]
+            remaining = [r.max_new - len(r.output) for r in itertools.chain(reqs, self.waiting)] if self._batch_job else []
             steps = self.counters["decode_forwards"] + steps_in_sight(remaining, self.max_batch)
             bar = AUTO_MIN_STEPS.get(dev, math.inf)
             if steps < bar:

@@ -124,7 +124,6 @@ class MLA(nn.Module):
         c_kv, k_pe, mask = cache.update(layer, c_kv, k_pe)
         return self.absorbed_attention(q_nope, q_pe, c_kv, k_pe, mask)
 
-
     def dsa_forward(self, x, q_latent, q, latent, rope, mask, cache, layer: int, dsa: DSA):
         """DeepSeek Sparse Attention: MLA over the index_topk tokens of highest indexer score (dsa.py).
 
