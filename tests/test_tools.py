@@ -36,9 +36,9 @@ FORMATS = {"deepseek-v3": T.DEEPSEEK_V3, "deepseek-v3.1": T.DEEPSEEK_V31, "qwen"
 
 
 def trl_template(name: str) -> str:
-    """A published template as TRL ships it (trl/chat_templates, byte-identical to the model repositories')."""
-    trl = pytest.importorskip("trl")
-    return (Path(trl.__file__).parent / "chat_templates" / f"{name}.jinja").read_text(encoding="utf-8")
+    """A published template kept as test data (tests/data/NAME_chat_template.jinja: Qwen2.5's, Qwen3's and
+    DeepSeek-V3's, as TRL 1.16 ships them in trl/chat_templates, byte-identical to the model repositories')."""
+    return (DATA / f"{name}_chat_template.jinja").read_text(encoding="utf-8")
 
 
 def template(family: str) -> str:
