@@ -142,3 +142,15 @@ def unused_chars(texts: Iterable[str], n: int) -> list[str]:
     used = set().union(*map(set, texts))
     candidates = chain(range(0xE000, 0xF900), range(0xF0000, 0x110000), range(0x80, 0xD800), range(0x10000, 0xF0000))
     return list(islice((c for c in map(chr, candidates) if c not in used), n))
+
+
+def partial_suffix(text: str, words) -> int:
+    """Length of the longest end of `text` that is a proper beginning of one of `words`: text a stream holds back
+    until the next piece shows whether a tag or marker starts there (the engine's think tags, the tool parser's)."""
+    best = 0
+    for w in words:
+        for n in range(min(len(w) - 1, len(text)), best, -1):
+            if text.endswith(w[:n]):
+                best = n
+                break
+    return best

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..chat_template import partial_suffix
 from ..errors import UsageError
 from ..model.dsa import DSA
 from .cache import block_keys, paged_cache_class
@@ -126,7 +127,7 @@ class _ReasoningSplit:
                     reasoning += self.buf[:i].rstrip("\n")      # R1 writes "...\n</think>": not part of the reasoning
                     self.buf, self.state, self.lstrip = self.buf[i + len(THINK_END):], "content", True
                     continue
-                keep = 0 if final else _partial_suffix(self.buf, (THINK_END,))
+                keep = 0 if final else partial_suffix(self.buf, (THINK_END,))
                 if not final:  # trailing newlines may be the ones before "</think>": hold them back too
                     body = self.buf[:len(self.buf) - keep]
                     keep += len(body) - len(body.rstrip("\n"))
@@ -137,17 +138,6 @@ class _ReasoningSplit:
                 content += self.buf
                 self.buf = ""
         return reasoning, content
-
-
-def _partial_suffix(text: str, words) -> int:
-    """Length of the longest suffix of `text` that is a proper prefix of one of `words` (text to hold back)."""
-    best = 0
-    for w in words:
-        for n in range(min(len(w) - 1, len(text)), best, -1):
-            if text.endswith(w[:n]):
-                best = n
-                break
-    return best
 
 
 class _TextStream:
@@ -201,7 +191,7 @@ class _TextStream:
                 self.tok, self.ids[self.prefix_offset:self.read_offset])):]
             self.read_offset = len(self.ids)
             self._append(rest)                          # invalid bytes at the very end: U+FFFD, as decode gives
-        end = len(self.text) if (final or self.stopped) else len(self.text) - _partial_suffix(self.text, self.stops)
+        end = len(self.text) if (final or self.stopped) else len(self.text) - partial_suffix(self.text, self.stops)
         chunk, self.sent = self.text[self.sent:end], max(self.sent, end)
         reasoning, content = self.split.feed(chunk, final)
         return chunk, reasoning, content

@@ -103,17 +103,6 @@ def new_call_id() -> str:
 
 
 # --------------------------------------------------------------------------------------------- parsing
-def _partial(buf: str, markers: tuple[str, ...]) -> int:
-    """Length of the longest end of `buf` that could begin one of `markers` (held back until the next piece)."""
-    best = 0
-    for m in markers:
-        for n in range(min(len(m) - 1, len(buf)), best, -1):
-            if buf.endswith(m[:n]):
-                best = n
-                break
-    return best
-
-
 def _starts(buf: str, lit: str) -> str:
     """Does `buf` start with `lit`: "yes", "no", or "maybe" (too short to tell yet)."""
     if buf.startswith(lit):
@@ -171,7 +160,7 @@ class ToolCallParser:
         if final:
             self._say(out, self.buf.rstrip() if self.calls else self.buf)
             return False
-        safe = self.buf[:len(self.buf) - _partial(self.buf, (self.fmt.opens,))].rstrip()
+        safe = self.buf[:len(self.buf) - ct.partial_suffix(self.buf, (self.fmt.opens,))].rstrip()
         self._say(out, safe)
         self.buf = self.buf[len(safe):]
         return False
@@ -264,14 +253,14 @@ class ToolCallParser:
         end_marker = QWEN_CALL_END if self.fmt.name == "qwen" else CALL_END
         end = self.buf.find(end_marker)
         if end >= 0 or final:
-            body = self.buf[:end] if end >= 0 else self.buf[:len(self.buf) - _partial(self.buf, (end_marker,))]
+            body = self.buf[:end] if end >= 0 else self.buf[:len(self.buf) - ct.partial_suffix(self.buf, (end_marker,))]
             self._args_piece(out, self._final_args(body, closed=end >= 0)[len(self.sent):])
             self.buf = self.buf[end + len(end_marker):] if end >= 0 else ""
             self.state = "text" if self.fmt.name == "qwen" else "block"
             self.after_call = self.state == "text"
             return True
         enders = (end_marker, "\n```" + CALL_END) if self.fmt.name == "deepseek-v3" else (end_marker,)
-        safe = self.buf[:len(self.buf) - _partial(self.buf, enders)]
+        safe = self.buf[:len(self.buf) - ct.partial_suffix(self.buf, enders)]
         if self.fmt.name == "qwen":            # the object's own closing brace (and what follows it) waits
             brace = safe.rfind("}")
             safe = (safe[:brace] if brace >= 0 else safe).rstrip()
@@ -313,7 +302,7 @@ class PlainAnswer:
         buf = self.buf + text
         for m in TOOL_MARKERS:
             buf = buf.replace(m, "")
-        keep = 0 if final else _partial(buf, TOOL_MARKERS)
+        keep = 0 if final else ct.partial_suffix(buf, TOOL_MARKERS)
         piece, self.buf = buf[:len(buf) - keep], buf[len(buf) - keep:]
         self.content += piece
         return [{"content": piece}] if piece else []
