@@ -598,16 +598,6 @@ PRESETS: dict[str, dict] = {
                routed_scaling_factor=2.5, norm_topk_prob=True, topk_method="noaux_tc", scoring_func="sigmoid",
                first_k_dense_replace=3, num_nextn_predict_layers=1, max_position_embeddings=163840,
                rope_scaling=_YARN_V3, bos_token_id=0, eos_token_id=1),
-    # DeepSeek-V3.2 (-Exp, and V3.2 as released): V3's shapes plus a lightning indexer per layer (config.json of
-    # deepseek-ai/DeepSeek-V3.2-Exp: index_n_heads 64, index_head_dim 128, index_topk 2048); 671B + 0.85B of indexers
-    "v3.2": dict(model_type="deepseek_v32", vocab_size=129280, hidden_size=7168, intermediate_size=18432,
-                 moe_intermediate_size=2048, num_hidden_layers=61, num_attention_heads=128, num_key_value_heads=128,
-                 q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
-                 n_routed_experts=256, n_shared_experts=1, num_experts_per_tok=8, n_group=8, topk_group=4,
-                 routed_scaling_factor=2.5, norm_topk_prob=True, topk_method="noaux_tc", scoring_func="sigmoid",
-                 first_k_dense_replace=3, num_nextn_predict_layers=1, max_position_embeddings=163840,
-                 rope_scaling=_YARN_V3, bos_token_id=0, eos_token_id=1, index_n_heads=64, index_head_dim=128,
-                 index_topk=2048),
     # tests and small DSA experiments: "tiny" with an indexer of 4 heads x 16 that keeps 16 tokens per query
     "tiny-v3.2": dict(model_type="deepseek_v32", vocab_size=512, hidden_size=64, intermediate_size=128,
                       moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
@@ -689,3 +679,6 @@ PRESETS: dict[str, dict] = {
 # the shapes: thinking became a switch of the chat template, and the FP8 block scales are UE8M0 powers of two
 # (quantization_config scale_fmt "ue8m0", read by checkpoint.FP8Format).
 PRESETS["v3.1"] = dict(PRESETS["v3"])
+# DeepSeek-V3.2 (-Exp, and V3.2 as released): V3's shapes plus a lightning indexer per layer (config.json of
+# deepseek-ai/DeepSeek-V3.2-Exp: index_n_heads 64, index_head_dim 128, index_topk 2048); 671B + 0.85B of indexers
+PRESETS["v3.2"] = dict(PRESETS["v3"], model_type="deepseek_v32", index_n_heads=64, index_head_dim=128, index_topk=2048)
