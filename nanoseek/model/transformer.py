@@ -157,10 +157,9 @@ class Transformer(nn.Module):
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
         if self.cfg.model_type == "deepseek_v4":
-            if mask is not None or cache is not None or dsa is not None:
-                raise NotImplementedError("deepseek_v4 runs the full causal forward only (training, prefill): packed "
-                                          "document masks and the cache (decoding) are not implemented yet")
-            return v4_trunk(self, input_ids, positions), None
+            if dsa is not None:
+                raise ValueError("dsa options are for deepseek_v32; deepseek_v4's indexer is part of its CSA layers")
+            return v4_trunk(self, input_ids, positions, mask, cache), None
         rope = self.rotary(positions)
         x = self.embed_tokens(input_ids)                                               # (B, T, hidden)
         for block in self.layers:

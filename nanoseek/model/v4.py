@@ -384,8 +384,11 @@ def mix(streams, post, comb, y):
     return post.to(dt).unsqueeze(-1) * y.unsqueeze(-2) + torch.matmul(comb.to(dt).transpose(-1, -2), streams)
 
 
-def trunk(model, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+def trunk(model, input_ids: torch.Tensor, positions: torch.Tensor, mask=None, cache=None) -> torch.Tensor:
     """Transformer.trunk for V4: embedding copied to hc_mult streams -> blocks -> hc_head -> norm (B, T, hidden)."""
+    if mask is not None or cache is not None:
+        raise NotImplementedError("deepseek_v4 runs the full causal forward only (training, prefill): packed "
+                                  "document masks and the cache (decoding) are not implemented yet")
     x = model.embed_tokens(input_ids)                                                      # (B, T, hidden)
     streams = x.unsqueeze(2).expand(-1, -1, model.cfg.hc_mult, -1).contiguous()            # (B, T, n, hidden)
     for block in model.layers:
