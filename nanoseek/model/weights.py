@@ -85,14 +85,20 @@ _V4_EXPERT_PART = {"w1": ("mlp.experts.gate_up_proj", 0), "w3": ("mlp.experts.ga
                    "w2": ("mlp.experts.down_proj", None)}
 
 
+# Top-level tensors: DeepSeek's published folders name them without transformers' "model." prefix (embed.weight,
+# hc_head_fn, norm.weight, head.weight, layers.N.*); transformers writes model.embed_tokens.weight, model.hc_head.*.
+_V4_TOP = {"head.weight": "lm_head.weight", "lm_head.weight": "lm_head.weight", "embed.weight": "embed_tokens.weight",
+           "hc_head_fn": "hc_head.hc_fn", "hc_head_base": "hc_head.hc_base", "hc_head_scale": "hc_head.hc_scale"}
+
+
 def _v4_hf_to_ours(name: str) -> tuple[str, int | None, int | None] | None:
-    """hf_to_ours for deepseek_v4: published names (what transformers writes), or transformers' module names."""
-    top = {"head.weight": "lm_head.weight", "lm_head.weight": "lm_head.weight"}
-    if name in top:
-        return top[name], None, None
-    if not name.startswith("model."):
-        return None                                      # mtp.* (the MTP module is not built yet) and the like
+    """hf_to_ours for deepseek_v4: published names (DeepSeek's, and the prefixed ones transformers writes), or
+    transformers' module names."""
+    if name.startswith("mtp."):
+        return None                                      # the MTP module is not built yet
     rest = name.removeprefix("model.")
+    if rest in _V4_TOP:
+        return _V4_TOP[rest], None, None
     m = re.match(r"^layers\.(\d+)\.(.+)$", rest)
     if not m:
         return rest, None, None                           # embed_tokens, norm, hc_head.*
