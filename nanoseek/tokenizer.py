@@ -30,6 +30,8 @@ from typing import ClassVar
 from .chat_template import BOS as _BOS
 from .chat_template import CHAT_TEMPLATE, TOOL_MARKERS, mark_strings, render_chat, strings_in, unused_chars
 from .chat_template import EOS as _EOS
+from .encoding_v4 import V4_TOKENS
+from .encoding_v4 import render as render_v4
 from .errors import UsageError
 
 
@@ -433,6 +435,8 @@ class Tokenizer:
                             thinking: bool | None = None, **variables) -> str | list[int]:
         """Render messages with the chat template (as transformers does; `thinking` is a template variable, passed
         only when given: left out, the template's own default holds, e.g. on in ours, off in DeepSeek-V3.1's).
+        V4's tokenizer has no template: its chats are written in DeepSeek's V4 format (`prompt_format`), where
+        `thinking` and `reasoning_effort` ("high" or "max") pick non-think, think-high or think-max.
         `tools=[{"type": "function", "function": {...}}]` reaches the template as transformers passes it; assistant
         messages may carry `tool_calls` and `reasoning_content`, and role "tool" messages `tool_call_id`.
 
@@ -444,12 +448,24 @@ class Tokenizer:
                                     **variables)
         return self._render(messages, add_generation_prompt, thinking, variables)
 
+    @property
+    def prompt_format(self) -> str | None:
+        """How a chat becomes text: "jinja" (the chat template, rendered as transformers does), "deepseek-v4"
+        (V4's tokenizer ships no template: DeepSeek publishes a Python encoder instead, which
+        nanoseek.encoding_v4 follows), or None (no chat format: apply_chat_template refuses)."""
+        if self.chat_template is not None:
+            return "jinja"
+        return "deepseek-v4" if all(t in self._protected for t in V4_TOKENS) else None
+
     def _render(self, messages, add_generation_prompt: bool, thinking: bool | None, variables: dict) -> str:
-        if self.chat_template is None:
+        fmt = self.prompt_format
+        if fmt is None:
             raise UsageError("this tokenizer has no chat template (tokenizer_config.json has no chat_template and "
                              "there is no chat_template.jinja); add one or use a model folder that has it")
         special = {"bos_token": self.bos_token or "", "eos_token": self.eos_token or "",
                    "pad_token": self.pad_token or ""}
+        if fmt == "deepseek-v4":   # (thinking None: V4's default, think-high, as DeepSeek's API defaults to)
+            return render_v4(messages, add_generation_prompt, thinking=thinking, **{**special, **variables})
         if thinking is not None:  # else undefined in the template, as in transformers when a caller leaves it out
             variables = {**variables, "thinking": thinking}
         return render_chat(messages, self.chat_template, add_generation_prompt=add_generation_prompt,
