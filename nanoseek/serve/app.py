@@ -677,12 +677,14 @@ async def chat_completions(request: Request):
                        "too_many_messages")
     if req.top_logprobs and not req.logprobs:
         raise APIError(422, "top_logprobs requires logprobs=true", "invalid_parameter", param="top_logprobs")
-    thinking = P.chat_thinking(req, thinking)
+    thinking, effort = P.chat_thinking(req, thinking), P.chat_effort(req)
     forced = svc.forced_tool(req)
     messages = P.template_messages(req, svc.tool_format)
     tool_list = P.template_tools(req, messages, svc.shows_tools)
     svc.check_length(P.chat_chars(messages, tool_list))   # (every template writes each message's content)
     extra = {"tools": tool_list} if tool_list else {}
+    if effort is not None:   # (V4's prompt format reads it; a chat template sees one more variable)
+        extra["reasoning_effort"] = effort
     try:
         prompt = await svc.off_loop(svc.tokenizer.apply_chat_template, messages, add_generation_prompt=True,
                                     tokenize=True, thinking=thinking, **extra)

@@ -224,6 +224,14 @@ class ThinkingOption(_Open):
     type: Literal["enabled", "disabled"]
 
 
+# reasoning_effort as DeepSeek's API takes it (api-docs.deepseek.com/guides/thinking_mode: low/high/max, the OpenAI
+# names mapped onto them: minimal -> low, medium and xhigh -> high, ultra -> max), and what each selects in V4's
+# prompt format, which has two efforts (think-high, think-max: encoding_v4.py): low joins high, as DeepSeek's V4
+# launch mapped it. "none" (OpenAI's and DeepSeek's Responses API's) turns thinking off.
+REASONING_EFFORTS = {"none": None, "minimal": "high", "low": "high", "medium": "high", "high": "high",
+                     "xhigh": "high", "max": "max", "ultra": "max"}
+
+
 class TemplateKwargs(_Open):
     """vLLM's chat_template_kwargs: the thinking switch under either name; other keys are ignored."""
     thinking: bool | None = None
@@ -285,6 +293,7 @@ class ChatRequest(_Sampling):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None   # None: auto with tools
     parallel_tool_calls: bool = True
     thinking: ThinkingOption | bool | None = None      # deep-think switch (DeepSeek style: {"type": "enabled"})
+    reasoning_effort: Literal[tuple(REASONING_EFFORTS)] | None = None   # how hard to think (V4: high or max)
     chat_template_kwargs: TemplateKwargs | None = None  # vLLM style: {"thinking": true}
 
     @model_validator(mode="after")
@@ -391,7 +400,13 @@ def chat_thinking(req: ChatRequest, default: bool | None) -> bool | None:
     for k in ("thinking", "enable_thinking"):
         if kwargs is not None and k in kwargs.model_fields_set:
             thinking = bool(getattr(kwargs, k))     # (an explicit null: off, as before)
-    return thinking
+    return False if req.reasoning_effort == "none" else thinking
+
+
+def chat_effort(req: ChatRequest) -> str | None:
+    """The reasoning effort for the prompt ("high", "max" or None: unsaid, the format's default), from
+    `reasoning_effort`; it matters only while thinking (V4's think-high / think-max, encoding_v4.mode)."""
+    return REASONING_EFFORTS.get(req.reasoning_effort) if req.reasoning_effort else None
 
 
 def template_messages(req: ChatRequest, fmt: ToolFormat | None = None) -> list[dict]:
