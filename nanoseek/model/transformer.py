@@ -24,8 +24,9 @@ from .layers import MLP, Linear, RMSNorm
 from .mla import MLA
 from .moe import MoE
 from .rope import RotaryEmbedding
-from .v4 import HyperHead, V4Block, V4Rotary, init_v4
+from .v4 import HyperHead, V4Block, V4MoE, V4Rotary, init_v4
 from .v4 import trunk as v4_trunk
+from .v4_mtp import V4MTP, main_streams
 
 
 def document_mask(documents: torch.Tensor) -> torch.Tensor:
@@ -91,7 +92,7 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        v4 = cfg.model_type == "deepseek_v4"   # model/v4.py: mHC streams, hybrid attention; no MTP module yet
+        v4 = cfg.model_type == "deepseek_v4"   # model/v4.py: mHC streams, hybrid attention; MTP: model/v4_mtp.py
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList((V4Block if v4 else Block)(cfg, i) for i in range(cfg.num_hidden_layers))
         if v4:
@@ -100,8 +101,8 @@ class Transformer(nn.Module):
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        n_mtp = 0 if v4 else cfg.num_nextn_predict_layers
-        self.mtp = nn.ModuleList(MTPLayer(cfg, cfg.num_hidden_layers + k) for k in range(n_mtp))
+        n_mtp = cfg.num_nextn_predict_layers
+        self.mtp = nn.ModuleList(V4MTP(cfg) if v4 else MTPLayer(cfg, cfg.num_hidden_layers + k) for k in range(n_mtp))
         self.rotary = V4Rotary(cfg) if v4 else RotaryEmbedding(cfg)
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
@@ -190,7 +191,10 @@ class Transformer(nn.Module):
                    dsa: DSA | None = None) -> torch.Tensor:
         """MTP depth `depth` (V3 eq. 21-22): hidden (B, T, hidden) of position i (the trunk's for depth 0, else
         depth - 1's) and the token t_{i+depth+1} (B, T) -> this depth's hidden state (B, T, hidden), normed for
-        the shared head. rope: the trunk's (cos, sin) at the same positions, or None to compute it."""
+        the shared head. rope: the trunk's (cos, sin) at the same positions, or None to compute it.
+        deepseek_v4: hidden is the main model's hc_mult streams (B, T, n, hidden) (model/v4_mtp.py)."""
+        if self.cfg.model_type == "deepseek_v4":
+            return self._v4_mtp(hidden, next_ids, positions, mask, cache, depth)[0]
         if rope is None:
             B, T = next_ids.shape
             if positions is None:
@@ -200,10 +204,22 @@ class Transformer(nn.Module):
 
     def mtp_forward(self, hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor | None = None,
                     mask: torch.Tensor | None = None, cache=None, depth: int = 0, rope=None, dsa: DSA | None = None):
-        """mtp_hidden plus the shared head: -> (logits (B, T, vocab) for t_{i+depth+2}, the MTP hidden state,
-        which feeds depth + 1)."""
+        """mtp_hidden plus the shared head: -> (logits (B, T, vocab) for t_{i+depth+2}, what feeds depth + 1: the
+        MTP hidden state, or for deepseek_v4 its hc_mult streams (B, T, n, hidden))."""
+        if self.cfg.model_type == "deepseek_v4":
+            h, streams = self._v4_mtp(hidden, next_ids, positions, mask, cache, depth)
+            return self.head(h), streams
         h = self.mtp_hidden(hidden, next_ids, positions, mask, cache, depth, rope, dsa)
         return self.head(h), h
+
+    def _v4_mtp(self, streams, next_ids, positions, mask, cache, depth):
+        """V4's MTP depth (model/v4_mtp.py): streams (B, T, n, hidden), next_ids (B, T) -> (normed hidden, streams)."""
+        if mask is not None or cache is not None:
+            raise NotImplementedError("deepseek_v4's MTP module runs the full causal forward only (no document "
+                                      "mask, no cache), as its trunk does")
+        if positions is None:
+            positions = torch.arange(next_ids.shape[1], device=next_ids.device).expand(next_ids.shape)
+        return self.mtp[depth](streams, self.embed_tokens(next_ids), positions, self.rotary, next_ids)
 
     def losses(self, input_ids: torch.Tensor, targets: torch.Tensor, positions: torch.Tensor | None = None,
                documents: torch.Tensor | None = None, ignore_index: int = -100, dsa: DSA | None = None) -> dict:
@@ -216,17 +232,20 @@ class Transformer(nn.Module):
         attention for every layer, MTP included; its records come from the main model's layers only.
         """
         mask = None if documents is None else document_mask(documents)                # (B, 1, T, T)
-        h, rope = self.trunk(input_ids, positions, mask, dsa=dsa)
+        with main_streams(self) as streams:          # deepseek_v4: its MTP reads the streams, not h (v4_mtp.py)
+            h, rope = self.trunk(input_ids, positions, mask, dsa=dsa)
         logits = self.head(h)
         V = logits.shape[-1]
         out = {"loss": F.cross_entropy(logits.reshape(-1, V).float(), targets.reshape(-1), ignore_index=ignore_index)}
         mtp_dsa = None if dsa is None else DSA(sparse=dsa.sparse)
-        out["mtp_loss"] = self._mtp_loss(input_ids, targets, h, rope, mask, documents, ignore_index, mtp_dsa)
-        bl = [m.balance_loss for m in self.moe_layers() if m.balance_loss is not None]
+        out["mtp_loss"] = self._mtp_loss(input_ids, targets, streams[-1] if streams else h, rope, mask, documents,
+                                         ignore_index, mtp_dsa, positions)
+        bl = [m.balance_loss for m in self.moe_layers() if getattr(m, "balance_loss", None) is not None]
         out["balance_loss"] = torch.stack(bl).sum() if bl else logits.new_zeros(())
         return out
 
-    def _mtp_loss(self, input_ids, targets, h, rope, mask, documents, ignore_index, dsa=None) -> torch.Tensor:
+    def _mtp_loss(self, input_ids, targets, h, rope, mask, documents, ignore_index, dsa=None,
+                  positions=None) -> torch.Tensor:
         """Mean over depths of each depth's mean cross-entropy (a depth with no label to predict counts 0)."""
         losses = []
         for k in range(len(self.mtp)):
@@ -239,9 +258,10 @@ class Transformer(nn.Module):
             # depth k sees h_i (from depth k-1) and the embedding of t_{i+k+1}, read from input_ids (targets may
             # hold ignore_index where the loss is masked, which is no token to embed); the first T positions keep
             # their rope and their rows/columns of the mask
-            rope_k = (rope[0][:, :T], rope[1][:, :T])
+            rope_k = None if rope is None else (rope[0][:, :T], rope[1][:, :T])         # (None: V4's own rotary)
             mask_k = None if mask is None else mask[..., :T, :T]
-            logits, h = self.mtp_forward(h[:, :T], input_ids[:, k + 1:k + 1 + T], mask=mask_k, depth=k, rope=rope_k,
+            pos_k = None if positions is None else positions[:, :T]
+            logits, h = self.mtp_forward(h[:, :T], input_ids[:, k + 1:k + 1 + T], pos_k, mask_k, depth=k, rope=rope_k,
                                          dsa=dsa)
             # sum / count rather than the mean: an all-ignored depth (short packed examples) gives 0, not 0/0 NaN
             ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
@@ -249,9 +269,9 @@ class Transformer(nn.Module):
             losses.append(ce / (labels != ignore_index).sum().clamp(min=1))
         return torch.stack(losses).mean() if losses else h.new_zeros(())
 
-    def moe_layers(self) -> list[MoE]:
+    def moe_layers(self) -> list[MoE | V4MoE]:
         """The MoE modules of the main model (not the MTP block), in layer order."""
-        return [b.mlp for b in self.layers if isinstance(b.mlp, MoE)]
+        return [b.mlp for b in self.layers if isinstance(b.mlp, (MoE, V4MoE))]
 
     @property
     def device(self) -> torch.device:

@@ -83,6 +83,11 @@ _V4_OURS = {b: a for a, b in _V4_LAYER.items()}
 _V4_EXPERT = re.compile(r"^ffn\.experts\.(\d+)\.(w1|w2|w3)\.weight$")
 _V4_EXPERT_PART = {"w1": ("mlp.experts.gate_up_proj", 0), "w3": ("mlp.experts.gate_up_proj", 1),
                    "w2": ("mlp.experts.down_proj", None)}
+# V4's MTP module (model/v4_mtp.py) as published, mtp.K.*, which transformers drops: its block's tensors named as a
+# layer's (the attention's kv norm spelled attn.kv_norm), its own hc_head_*; e_proj, h_proj, enorm, hnorm, norm as ours
+_V4_MTP = {**{a: b for a, b in _V4_LAYER.items() if a != "attn.norm.weight"}, "attn.kv_norm.weight":
+           "self_attn.kv_norm.weight", **{f"hc_head_{p}": f"hc_head.hc_{p}" for p in ("fn", "base", "scale")}}
+_V4_MTP_OURS = {b: a for a, b in _V4_MTP.items()}
 
 
 # Top-level tensors: DeepSeek's published folders name them without transformers' "model." prefix (embed.weight,
@@ -91,11 +96,16 @@ _V4_TOP = {"head.weight": "lm_head.weight", "lm_head.weight": "lm_head.weight", 
            "hc_head_fn": "hc_head.hc_fn", "hc_head_base": "hc_head.hc_base", "hc_head_scale": "hc_head.hc_scale"}
 
 
-def _v4_hf_to_ours(name: str) -> tuple[str, int | None, int | None] | None:
+def _v4_hf_to_ours(name: str, n_mtp: int) -> tuple[str, int | None, int | None] | None:
     """hf_to_ours for deepseek_v4: published names (DeepSeek's, and the prefixed ones transformers writes), or
     transformers' module names."""
-    if name.startswith("mtp."):
-        return None                                      # the MTP module is not built yet
+    mtp = re.match(r"^mtp\.(\d+)\.(.+)$", name)
+    if mtp:
+        if int(mtp.group(1)) >= n_mtp:
+            return None                                  # a model built without MTP skips it, as transformers does
+        e = _V4_EXPERT.match(mtp.group(2))
+        ours, part = _V4_EXPERT_PART[e.group(2)] if e else (_V4_MTP.get(mtp.group(2), mtp.group(2)), None)
+        return f"mtp.{mtp.group(1)}.{ours}", int(e.group(1)) if e else None, part
     rest = name.removeprefix("model.")
     if rest in _V4_TOP:
         return _V4_TOP[rest], None, None
@@ -113,13 +123,13 @@ def _v4_hf_to_ours(name: str) -> tuple[str, int | None, int | None] | None:
 def _v4_ours_to_hf(model):
     """ours_to_hf for deepseek_v4: the published names transformers writes, routed experts one tensor each."""
     for name, t in model.state_dict().items():
-        m = re.match(r"^layers\.(\d+)\.(.+)$", name)
+        m = re.match(r"^(layers|mtp)\.(\d+)\.(.+)$", name)
         if name.startswith("rotary."):
             continue
         if not m:
             yield ("head.weight" if name == "lm_head.weight" else f"model.{name}"), t
             continue
-        prefix, rest = f"model.layers.{m.group(1)}.", m.group(2)
+        prefix, rest = (f"model.layers.{m.group(2)}." if m.group(1) == "layers" else f"mtp.{m.group(2)}."), m.group(3)
         if rest == "mlp.experts.gate_up_proj":
             for j in range(t.shape[0]):
                 gate, up = t[j].chunk(2)
@@ -129,7 +139,7 @@ def _v4_ours_to_hf(model):
             for j in range(t.shape[0]):
                 yield f"{prefix}ffn.experts.{j}.w2.weight", t[j]
         else:
-            yield prefix + _V4_OURS.get(rest, rest), t
+            yield prefix + (_V4_OURS if m.group(1) == "layers" else _V4_MTP_OURS).get(rest, rest), t
 
 
 class CheckpointError(UsageError, ValueError):
@@ -162,7 +172,7 @@ def hf_to_ours(name: str, cfg: ModelConfig) -> tuple[str, int | None, int | None
     """Map a checkpoint tensor name to (our parameter name, expert index or None, part index or None); the part
     is the tensor's place in a fused parameter (FUSED). None for tensors we skip."""
     if cfg.model_type == "deepseek_v4":
-        return _v4_hf_to_ours(name)
+        return _v4_hf_to_ours(name, cfg.num_nextn_predict_layers)
     if name == "model.embed_tokens.weight":
         return "embed_tokens.weight", None, None
     if name == "model.norm.weight":
