@@ -10,8 +10,14 @@ values are one shared head (K = V), rotated on their trailing qk_rope_head_dim d
 softmax; heads are projected out in o_groups groups of rank o_lora_rank. The MoE routes by a frozen token-id ->
 experts table in its first layers (hash_moe), by top-k of sqrt(softplus) scores after.
 
-Training and prefill only: a cache for decoding (the window, each branch's compressed entries, the indexer keys)
-is not written yet, and the engine refuses V4 models.
+Two paths, one arithmetic: without a cache the forward runs whole sequences (training, scoring); with one
+(infer/v4_cache.py V4Cache, the engine's) it runs only the new tokens of each sequence, a prefill chunk of any
+size or one decode token, and gives the same outputs: the cache holds what they need of the tokens before, the
+window's raw keys, each compressor's entries and its pending tokens (projected, not yet pooled), the indexer's keys.
+The cache protocol (the model computes, the cache stores and gathers):
+  cache.window(layer, kv, size)                     -> the window's keys (B, S, d) and which query sees which
+  cache.pending(layer, name, kv, gate, rate, overlap) -> whole windows of projections to pool, first entry index
+  cache.entries(layer, name, new, first)            -> every compressed entry of the sequence so far (B, E, dim)
 """
 
 from __future__ import annotations
@@ -66,6 +72,8 @@ class Compressor(nn.Module):
     overlap (CSA): kv_proj/gate_proj give two series per token (2 dim): entry w pools the previous window's first
     series (Ca) with its own window's second (Cb), 2 * rate tokens; window 0 has no previous one (gate -inf)."""
 
+    cache_name = "compressor"       # this branch's state in a V4Cache layer (the indexer's is "indexer")
+
     def __init__(self, hidden: int, dim: int, rate: int, overlap: bool, eps: float):
         super().__init__()
         self.rate, self.dim, self.overlap = rate, dim, overlap
@@ -75,22 +83,36 @@ class Compressor(nn.Module):
         self.position_bias = nn.Parameter(torch.zeros(rate, c * dim))        # B, one row per place in the window
         self.kv_norm = RMSNorm(dim, eps)
 
-    def compress(self, x: torch.Tensor, rotary: V4Rotary) -> torch.Tensor:
-        """x (B, T, hidden) -> the entries of the T // rate complete windows (B, W, dim); the tail is left out."""
+    def compress(self, x: torch.Tensor, rotary: V4Rotary, cache=None, layer: int = 0) -> torch.Tensor:
+        """No cache: x (B, T, hidden) -> the entries of its T // rate complete windows (B, W, dim), the tail left
+        out. With a cache: x holds this step's new tokens; -> every entry of each sequence so far (B, E, dim)."""
         B, T, _ = x.shape
+        if cache is None:
+            x = x[:, :T // self.rate * self.rate]
+        kv, gate = self.kv_proj(x), self.gate_proj(x)                                 # (B, T', c*dim)
+        if cache is None:
+            first = torch.zeros(B, 1, dtype=torch.long, device=x.device)
+            if self.overlap:                  # window 0's previous window does not exist: weight 0 (gate -inf)
+                kv = torch.cat([kv.new_zeros(B, self.rate, kv.shape[-1]), kv], dim=1)
+                gate = torch.cat([gate.new_full((B, self.rate, gate.shape[-1]), float("-inf")), gate], dim=1)
+            return self.pool(kv, gate, first, rotary)
+        # the cache puts the pending tokens of earlier steps (and, overlapping, the previous window) in front
+        kv, gate, first = cache.pending(layer, self.cache_name, kv, gate, self.rate, self.overlap)
+        return cache.entries(layer, self.cache_name, self.pool(kv, gate, first, rotary), first)
+
+    def pool(self, kv: torch.Tensor, gate: torch.Tensor, first: torch.Tensor, rotary: V4Rotary) -> torch.Tensor:
+        """kv, gate (B, L, c*dim): the projections of whole windows, L = rate * (W + overlap), a window before the
+        first entry's when overlapping (it lends its first series only); first (B, 1): the first entry's index.
+        -> entries first, first + 1, ... (B, W, dim), normed and rotated at their first token's position."""
+        B, L, c_dim = kv.shape
         m, d = self.rate, self.dim
-        W = T // m
-        if W == 0:
-            return x.new_zeros(B, 0, d)
-        kv = self.kv_proj(x[:, :W * m]).view(B, W, m, -1)                     # (B, W, m, c*dim)
-        gate = self.gate_proj(x[:, :W * m]).view(B, W, m, -1) + self.position_bias
-        if self.overlap:                                                     # (B, W, 2m, dim): [Ca of w-1; Cb of w]
-            prev_kv = torch.cat([kv.new_zeros(B, 1, m, d), kv[:, :-1, :, :d]], dim=1)
-            prev_gate = torch.cat([gate.new_full((B, 1, m, d), float("-inf")), gate[:, :-1, :, :d]], dim=1)
-            kv = torch.cat([prev_kv, kv[..., d:]], dim=2)
-            gate = torch.cat([prev_gate, gate[..., d:]], dim=2)
+        kv = kv.view(B, L // m, m, c_dim)                                             # (B, W', m, c*dim)
+        gate = gate.view(B, L // m, m, c_dim) + self.position_bias
+        if self.overlap:                                                  # (B, W, 2m, dim): [Ca of w-1; Cb of w]
+            kv = torch.cat([kv[:, :-1, :, :d], kv[:, 1:, :, d:]], dim=2)
+            gate = torch.cat([gate[:, :-1, :, :d], gate[:, 1:, :, d:]], dim=2)
         pooled = (kv * gate.softmax(dim=2, dtype=torch.float32).to(kv.dtype)).sum(dim=2)   # (B, W, dim)
-        positions = (torch.arange(W, device=x.device) * m).expand(B, W)
+        positions = (first + torch.arange(pooled.shape[1], device=kv.device)) * m         # (B, W)
         return rope_tail(self.kv_norm(pooled), *rotary(positions, "compress"))
 
 
@@ -106,7 +128,11 @@ class Indexer(Compressor):
     """Lightning indexer over CSA's compressed entries (report eq. 13-17; V3.2's, model/dsa.py, on compressed
     keys): its own overlapping compressor at index_head_dim, queries from MLA-style query latent, score(t, s) =
     sum_h w_{t,h} ReLU(q_{t,h} . K_s) * index_head_dim^-0.5 * index_n_heads^-0.5; keeps the top index_topk entries
-    that are complete before the query."""
+    that are complete before the query. Equal scores (exact zeros where every head's ReLU is 0) go as torch.topk
+    picks them, as in transformers: the choice among them may differ between a whole sequence and a cached step,
+    which sees fewer entries; with index_n_heads heads such ties have probability ~2^-index_n_heads per entry."""
+
+    cache_name = "indexer"
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg.hidden_size, cfg.index_head_dim, cfg.compress_rates[CSA], True, cfg.rms_norm_eps)
@@ -114,10 +140,10 @@ class Indexer(Compressor):
         self.q_b_proj = Linear(cfg.q_lora_rank, cfg.index_n_heads * cfg.index_head_dim, bias=False)
         self.scorer = Scorer(cfg.hidden_size, cfg.index_n_heads)
 
-    def select(self, x, q_latent, positions, visible, rotary: V4Rotary) -> torch.Tensor:
+    def select(self, x, q_latent, positions, visible, rotary: V4Rotary, cache=None, layer: int = 0) -> torch.Tensor:
         """x (B, T, hidden), q_latent (B, T, q_lora_rank), visible (B, T, W) -> chosen (B, T, W) boolean."""
         B, T, _ = x.shape
-        keys = self.compress(x, rotary)                                                  # (B, W, di)
+        keys = self.compress(x, rotary, cache, layer)                                    # (B, W, di)
         q = rope_tail(self.q_b_proj(q_latent).view(B, T, self.n_heads, self.dim),
                       *rotary(positions, "compress"))                                    # (B, T, nh, di)
         scores = torch.matmul(q.float(), keys.transpose(-1, -2).float().unsqueeze(1))    # (B, T, nh, W)
@@ -165,6 +191,18 @@ def window_mask(positions: torch.Tensor, window: int) -> torch.Tensor:
     return (d >= 0) & (d < window)
 
 
+def attend(q: torch.Tensor, kv: torch.Tensor, allowed: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
+    """Softmax attention of q (B, H, T, d) over the shared K = V head kv (B, S, d), where allowed (B, T, S), with
+    one extra logit per head (its sink) that takes a share of the softmax and returns nothing -> (B, T, H, d)."""
+    B, H, T, d = q.shape
+    bias = torch.zeros(allowed.shape, device=q.device).masked_fill(~allowed, float("-inf"))
+    scores = torch.matmul(q, kv.unsqueeze(1).transpose(-1, -2)) * d ** -0.5 + bias[:, None]   # (B, H, T, S)
+    logits = torch.cat([scores, sinks.view(1, -1, 1, 1).expand(B, -1, T, 1).to(scores.dtype)], dim=-1)
+    logits = logits - logits.amax(dim=-1, keepdim=True)
+    probs = logits.softmax(dim=-1)[..., :-1]                                              # the sink's share is dropped
+    return torch.matmul(probs.to(kv.dtype), kv.unsqueeze(1)).transpose(1, 2)
+
+
 class V4Attention(nn.Module):
     """One V4 attention: the window of raw tokens plus the layer type's compressed entries, one shared K=V head."""
 
@@ -172,7 +210,7 @@ class V4Attention(nn.Module):
         super().__init__()
         H, d, q = cfg.num_attention_heads, cfg.head_dim, cfg.q_lora_rank
         self.kind, self.n_heads, self.head_dim, self.eps = cfg.layer_types[layer], H, d, cfg.rms_norm_eps
-        self.window = cfg.sliding_window
+        self.layer, self.window = layer, cfg.sliding_window
         self.rope_kind = "main" if self.kind == SLIDING else "compress"
         self.q_a_proj = Linear(cfg.hidden_size, q, bias=False)
         self.q_a_norm = RMSNorm(q, cfg.rms_norm_eps)
@@ -184,41 +222,38 @@ class V4Attention(nn.Module):
         self.sinks = nn.Parameter(torch.zeros(H))                            # one logit per head that takes no value
         self.compressor = {CSA: CSACompressor, HCA: HCACompressor}.get(self.kind, lambda c: None)(cfg)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: V4Rotary) -> torch.Tensor:
-        """x (B, T, hidden), positions (B, T) -> (B, T, hidden)."""
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: V4Rotary, cache=None) -> torch.Tensor:
+        """x (B, T, hidden), positions (B, T) -> (B, T, hidden). With a cache (V4Cache), x holds the new tokens."""
         B, T, _ = x.shape
         cos, sin = rotary(positions, self.rope_kind)
         q_latent = self.q_a_norm(self.q_a_proj(x))                                        # (B, T, q_lora_rank)
         q = unit_rms(self.q_b_proj(q_latent).view(B, T, self.n_heads, self.head_dim), self.eps)
         q = rope_tail(q, cos, sin).transpose(1, 2)                                        # (B, H, T, d)
         kv = rope_tail(self.kv_norm(self.kv_proj(x)), cos, sin)                           # (B, T, d): K = V
-        bias = torch.zeros(B, T, T, device=x.device).masked_fill(~window_mask(positions, self.window), float("-inf"))
+        if cache is None:
+            allowed = window_mask(positions, self.window)                                 # (B, T, T)
+        else:        # the window's cached keys, then these: (B, S, d), (B, T, S)
+            kv, allowed = cache.window(self.layer, kv, self.window)
         if self.compressor is not None:
-            entries, visible = self.compressed(x, q_latent, positions, rotary)            # (B, W, d), (B, T, W)
-            kv = torch.cat([kv, entries], dim=1)                                          # (B, T + W, d)
-            bias = torch.cat([bias, torch.zeros_like(visible, dtype=bias.dtype).masked_fill(~visible, float("-inf"))],
-                             dim=-1)
-        scores = torch.matmul(q, kv.unsqueeze(1).transpose(-1, -2)) * self.head_dim ** -0.5 + bias[:, None]
-        sinks = self.sinks.view(1, -1, 1, 1).expand(B, -1, T, 1).to(scores.dtype)
-        logits = torch.cat([scores, sinks], dim=-1)                                       # (B, H, T, T + W + 1)
-        logits = logits - logits.amax(dim=-1, keepdim=True)
-        probs = logits.softmax(dim=-1)[..., :-1]                                          # the sink's share is dropped
-        out = torch.matmul(probs.to(kv.dtype), kv.unsqueeze(1)).transpose(1, 2)           # (B, T, H, d)
+            entries, visible = self.compressed(x, q_latent, positions, rotary, cache)     # (B, W, d), (B, T, W)
+            kv, allowed = torch.cat([kv, entries], dim=1), torch.cat([allowed, visible], dim=-1)
+        out = attend(q, kv, allowed, self.sinks)                                          # (B, T, H, d)
         # V = K carries its keys' rotation: rotating the output back by the query's position leaves, on the rope
         # dims, a function of the relative positions only
         out = rope_tail(out, cos, -sin)
         groups = self.o_a_proj(out.reshape(B, T, self.o_a_proj.groups, -1))              # (B, T, g, o_lora_rank)
         return self.o_b_proj(groups.flatten(2))
 
-    def compressed(self, x, q_latent, positions, rotary):
+    def compressed(self, x, q_latent, positions, rotary, cache=None):
         """The compressed entries (B, W, d) and which each query may attend to (B, T, W): entry w summarises tokens
-        up to (w + 1) * rate - 1, so query t sees it once t + 1 >= (w + 1) * rate; CSA keeps the indexer's top-k."""
+        up to (w + 1) * rate - 1, so query t sees it once t + 1 >= (w + 1) * rate; CSA keeps the indexer's top-k.
+        With a cache, W counts every entry of the sequences so far."""
         c = self.compressor
-        entries = c.compress(x, rotary)
+        entries = c.compress(x, rotary, cache, self.layer)
         ready = (positions + 1) // c.rate                                                 # (B, T)
         visible = torch.arange(entries.shape[1], device=x.device).view(1, 1, -1) < ready[..., None]
-        if isinstance(c, CSACompressor) and entries.shape[1]:
-            visible = c.indexer.select(x, q_latent, positions, visible, rotary)
+        if isinstance(c, CSACompressor):      # (with no entry yet it still updates its cache)
+            visible = c.indexer.select(x, q_latent, positions, visible, rotary, cache, self.layer)
         return entries, visible
 
 
@@ -369,10 +404,10 @@ class V4Block(nn.Module):
         self.attn_hc = HyperConnection(cfg)
         self.ffn_hc = HyperConnection(cfg)
 
-    def forward(self, streams, positions, rotary, input_ids):
+    def forward(self, streams, positions, rotary, input_ids, cache=None):
         """streams (B, T, n, hidden) -> (B, T, n, hidden)."""
         post, comb, x = self.attn_hc(streams)
-        y = self.self_attn(self.input_layernorm(x), positions, rotary)
+        y = self.self_attn(self.input_layernorm(x), positions, rotary, cache)
         streams = mix(streams, post, comb, y)
         post, comb, x = self.ffn_hc(streams)
         return mix(streams, post, comb, self.mlp(self.post_attention_layernorm(x), input_ids))
@@ -385,14 +420,16 @@ def mix(streams, post, comb, y):
 
 
 def trunk(model, input_ids: torch.Tensor, positions: torch.Tensor, mask=None, cache=None) -> torch.Tensor:
-    """Transformer.trunk for V4: embedding copied to hc_mult streams -> blocks -> hc_head -> norm (B, T, hidden)."""
-    if mask is not None or cache is not None:
-        raise NotImplementedError("deepseek_v4 runs the full causal forward only (training, prefill): packed "
-                                  "document masks and the cache (decoding) are not implemented yet")
+    """Transformer.trunk for V4: embedding copied to hc_mult streams -> blocks -> hc_head -> norm (B, T, hidden).
+    cache: a V4Cache (infer/v4_cache.py) planned for this step (its plan() gave `positions`); input_ids are then
+    each sequence's new tokens only."""
+    if mask is not None:
+        raise NotImplementedError("deepseek_v4 runs causal sequences only: packed document masks are not "
+                                  "implemented (pass one document per row)")
     x = model.embed_tokens(input_ids)                                                      # (B, T, hidden)
     streams = x.unsqueeze(2).expand(-1, -1, model.cfg.hc_mult, -1).contiguous()            # (B, T, n, hidden)
     for block in model.layers:
-        streams = block(streams, positions, model.rotary, input_ids)
+        streams = block(streams, positions, model.rotary, input_ids, cache)
     return model.norm(model.hc_head(streams))
 
 

@@ -1,0 +1,174 @@
+"""DeepSeek-V4's decode cache (the cache protocol of model/v4.py): one slot per sequence, of a fixed max length.
+
+What a V4 layer needs of the tokens before the new ones (V4 report Section 2.3):
+* every layer: the raw K = V of the last sliding_window tokens, kept in a ring of sliding_window rows (row =
+  position % sliding_window);
+* CSA and HCA layers: every compressed entry so far (max_len // rate rows, in order), and the compressor's pending
+  tokens: the kv / gate projections (C, Z of eq. 20-21) of the window not complete yet, plus, with CSA's overlap,
+  those of the window before it, whose first series (Ca) the next entry pools; a ring of (1 + overlap) * rate rows;
+* CSA layers: the same for the lightning indexer, at index_head_dim (its keys are compressed entries too).
+A step gathers these, the model computes with this step's tokens in front of them exactly what the full forward
+computes, and the cache keeps what the next step needs (the last rows of the window, the new pending tokens, the
+entries completed).
+
+Why slots and not pages (infer/cache.py): an entry spans rate tokens across page boundaries, the pending state and
+the window ring belong to one sequence at one length, so a page of tokens is not a unit that sequences could share.
+A slot is the engine's block: the BlockPool hands out slot ids 1..num_slots (0 is the scratch slot, never handed out)
+and a block covers max_len tokens, so a sequence holds one slot for its whole life. Prefix reuse is off for V4 (it
+would need the window and the pending state as they were at the end of the shared prefix); n > 1 copies of a
+prompt each compute it. MTP speculation is off too: a rejected draft would have to be rolled back out of the ring.
+
+Nothing is cleared between sequences: a step reads only rows its own sequence wrote (window positions before its
+start, its pending tokens, its first entries), so a slot's old contents are never seen.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..config import ModelConfig
+from ..model.v4 import CSA, SLIDING
+from .cache import BlockPool
+
+
+@dataclass
+class Branch:
+    """One compressor's state in a layer: the CSA/HCA compressor's ("compressor") or the indexer's ("indexer")."""
+    rate: int
+    overlap: bool
+    kv: torch.Tensor         # (slots, keep, c*dim): projections C of the pending tokens, row = position % keep
+    gate: torch.Tensor       # (slots, keep, c*dim): their gate logits Z (the position bias is added when pooling)
+    entries: torch.Tensor    # (slots, max_len // rate, dim): the compressed entries, in order
+
+
+def branch_specs(cfg: ModelConfig, kind: str) -> list[tuple[str, int, bool, int]]:
+    """The compressors of a layer of this kind: (name, rate, overlap, dim) each (what model/v4.py builds)."""
+    if kind == SLIDING:
+        return []
+    rate = cfg.compress_rates[kind]
+    specs = [("compressor", rate, kind == CSA, cfg.head_dim)]
+    return specs + ([("indexer", rate, True, cfg.index_head_dim)] if kind == CSA else [])
+
+
+def slot_shapes(cfg: ModelConfig, max_len: int) -> list[tuple[int, ...]]:
+    """Per slot, the shape of every tensor the cache keeps (all layers)."""
+    shapes = []
+    for kind in cfg.layer_types:
+        shapes.append((cfg.sliding_window, cfg.head_dim))
+        for _, rate, overlap, dim in branch_specs(cfg, kind):
+            c = 2 if overlap else 1
+            shapes += [((1 + overlap) * rate, c * dim)] * 2 + [(max_len // rate, dim)]
+    return shapes
+
+
+class V4Cache:
+    """The engine's cache for deepseek_v4 (one slot per sequence; see the module docstring). Per forward the engine
+    calls plan(tables, starts, lens) once (tables[b] = [slot of row b]); the layers then call window / pending /
+    entries (model/v4.py's cache protocol)."""
+
+    paged = False              # the engine: one block (slot) per sequence, no prefix reuse, no compiled step
+
+    def __init__(self, cfg: ModelConfig, num_slots: int, max_len: int, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None):
+        self.max_len, self.device = max_len, device
+        self.pool = BlockPool(num_slots + 1, max_len)               # + the scratch slot 0
+
+        def zeros(*shape):
+            return torch.zeros(num_slots + 1, *shape, dtype=dtype, device=device)
+
+        self.window_kv = [zeros(cfg.sliding_window, cfg.head_dim) for _ in cfg.layer_types]   # (slots, K, d)
+        self.branches: list[dict[str, Branch]] = []
+        for kind in cfg.layer_types:
+            layer = {}
+            for name, rate, overlap, dim in branch_specs(cfg, kind):
+                c, keep = 2 if overlap else 1, (1 + overlap) * rate
+                layer[name] = Branch(rate, overlap, zeros(keep, c * dim), zeros(keep, c * dim),
+                                     zeros(max_len // rate, dim))
+            self.branches.append(layer)
+        size = torch.empty((), dtype=dtype).element_size()
+        # in the long run a token costs its share of the compressed entries; the window and the pending tokens
+        # are a fixed cost per sequence (bytes_per_slot counts everything a slot holds)
+        self.bytes_per_token = size * sum(dim / rate for kind in cfg.layer_types
+                                          for _, rate, _, dim in branch_specs(cfg, kind))
+        self.bytes_per_slot = size * sum(math.prod(s) for s in slot_shapes(cfg, max_len))
+
+    @staticmethod
+    def slot_bytes(cfg: ModelConfig, max_len: int, dtype: torch.dtype) -> int:
+        """Bytes one slot (one sequence of up to max_len tokens) holds, before building a cache."""
+        return torch.empty((), dtype=dtype).element_size() * sum(math.prod(s) for s in slot_shapes(cfg, max_len))
+
+    def plan(self, tables: list[list[int]], starts: list[int], lens: list[int]) -> torch.Tensor:
+        """Fix this forward for every layer and return the new tokens' positions (B, T).
+
+        Row b runs lens[b] new tokens at positions starts[b], starts[b] + 1, ... in the slot tables[b][0], after
+        starts[b] tokens that earlier forwards of that slot ran. Rows are right-padded to T = max(lens); padding
+        tokens are never written and no real query sees them (they come after it)."""
+        if any(len(t) != 1 for t in tables) or any(s + n > self.max_len for s, n in zip(starts, lens)):
+            raise ValueError(f"V4Cache.plan: each row needs one slot and at most max_len={self.max_len} tokens; "
+                             f"got tables {tables}, starts {starts}, lens {lens}")
+        dev = self.device
+        self.slots = torch.tensor([t[0] for t in tables], device=dev)                      # (B,)
+        self.start = torch.tensor(starts, device=dev)[:, None]                              # (B, 1)
+        self.end = self.start + torch.tensor(lens, device=dev)[:, None]                     # (B, 1)
+        self._spans = list(zip(starts, lens))
+        t = torch.arange(max(lens), device=dev)
+        self.positions = self.start + t                                                     # (B, T)
+        self.valid = t < self.end - self.start                                              # (B, T) not padding
+        return self.positions
+
+    def _write(self, store: torch.Tensor, rows: torch.Tensor, keep: torch.Tensor, x: torch.Tensor) -> None:
+        """store[slot of row b, rows[b, t]] = x[b, t] where keep[b, t]; x (B, T, ...), rows and keep (B, T)."""
+        slots = self.slots[:, None].expand_as(rows)
+        store[slots[keep], rows[keep]] = x[keep]
+
+    def window(self, layer: int, kv: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This step's keys kv (B, T, d) -> the keys to attend to, the ring's then these (B, K + T, d), and which
+        each query sees (B, T, K + T): key s of query t if t - size < s <= t. Keeps each row's last K keys."""
+        ring = self.window_kv[layer]
+        K = ring.shape[1]
+        r = torch.arange(K, device=kv.device)
+        ring_pos = self.start - 1 - (self.start - 1 - r) % K            # (B, K): latest position < start in row r
+        keys = torch.cat([ring[self.slots], kv], dim=1)                 # (B, K + T, d)
+        key_pos = torch.cat([ring_pos, self.positions], dim=1)          # (B, K + T)
+        exists = torch.cat([ring_pos >= 0, self.valid], dim=1)
+        d = self.positions[:, :, None] - key_pos[:, None, :]            # (B, T, K + T)
+        allowed = (d >= 0) & (d < size) & exists[:, None, :]
+        self._write(ring, self.positions % K, self.valid & (self.positions >= self.end - K), kv)
+        return keys, allowed
+
+    def pending(self, layer: int, name: str, kv: torch.Tensor, gate: torch.Tensor, rate: int, overlap: bool):
+        """This step's projections kv, gate (B, T, c*dim) -> the projections of whole windows (B, L, c*dim), the
+        pending tokens in front of these (absent ones, before position 0 or past a row's end, gated -inf), and
+        first (B, 1): the entry the first of those windows completes (with overlap the window before it leads)."""
+        br = self.branches[layer][name]
+        K, T, lead = br.kv.shape[1], kv.shape[1], int(overlap)
+        first = self.start // rate                                      # (B, 1)
+        base = (first - lead) * rate                                    # (B, 1) position of local token 0
+        L = rate * max(math.ceil((s + n - (s // rate - lead) * rate) / rate) for s, n in self._spans)
+        p = base + torch.arange(L, device=kv.device)                    # (B, L)
+        idx = torch.where(p < self.start, p % K, K + p - self.start).clamp(max=K + T - 1)
+        present = (p >= 0) & (p < self.end)
+
+        def gather(ring: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+            src = torch.cat([ring[self.slots], new], dim=1)             # (B, K + T, c*dim)
+            return src.gather(1, idx[..., None].expand(-1, -1, src.shape[-1]))
+
+        kv_l, gate_l = gather(br.kv, kv), gather(br.gate, gate).masked_fill(~present[..., None], float("-inf"))
+        # pending after this step: the tokens of the incomplete window (and, overlapping, of the one before)
+        keep = self.valid & (self.positions >= (self.end // rate - lead) * rate)
+        self._write(br.kv, self.positions % K, keep, kv)
+        self._write(br.gate, self.positions % K, keep, gate)
+        return kv_l, gate_l, first
+
+    def entries(self, layer: int, name: str, new: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+        """Pooled entries first, first + 1, ... (B, W, dim) of pending()'s windows: keep the complete ones and
+        return every entry of each row so far (B, E, dim), E = the most complete of any row (the rest masked by
+        the attention: an entry w is visible once (w + 1) * rate tokens are in)."""
+        br = self.branches[layer][name]
+        w = first + torch.arange(new.shape[1], device=new.device)       # (B, W)
+        self._write(br.entries, w, (w + 1) * br.rate <= self.end, new)
+        E = max((s + n) // br.rate for s, n in self._spans)
+        return br.entries[self.slots, :E]
