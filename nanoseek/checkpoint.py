@@ -1,8 +1,9 @@
 """load() / save() of Hugging Face model folders: config.json + safetensors (single file or sharded), and GGUF.
 
-Reads DeepSeek-V2/V3/V3.1 folders as published (bf16, or FP8 e4m3 with 128x128 `weight_scale_inv` blocks, which are
-dequantised on load: float32 scales as V3 publishes them, or V3.1's UE8M0 powers of two), the dense families R1 was distilled into (qwen2, llama, qwen3) as published, and all of them
-as transformers saves them; writes folders that transformers loads unchanged, with each family's own config keys
+Reads DeepSeek-V2/V3/V3.1/V4 folders as published (bf16, or FP8 e4m3 with 128x128 blocks of scales, which are
+dequantised on load: float32 scales as V3 publishes them, or V3.1's and V4's UE8M0 powers of two; V4's routed experts
+in FP4 e2m1 with a UE8M0 scale per 32 inputs, nanoseek/fp4.py), the dense families R1 was distilled into (qwen2,
+llama, qwen3) as published, and all of them as transformers saves them; writes folders that transformers loads unchanged, with each family's own config keys
 and tensor names. Only safetensors are ever read: pickled weights (.bin/.pt) are refused, never unpickled. A path
 ending in .gguf goes to nanoseek.gguf.
 
@@ -28,6 +29,7 @@ from safetensors.torch import save_file
 
 from .config import ModelConfig
 from .errors import UsageError
+from .fp4 import FP4_BLOCK, PACKED_DTYPES, dequantize_fp4
 from .model.transformer import Transformer
 from .model.weights import DTYPES, CheckpointError, build_from_tensors, hf_to_ours, ours_to_hf, resolve_dtype
 
@@ -95,13 +97,16 @@ def read_config(folder: str | os.PathLike) -> ModelConfig:
 
 @dataclass(frozen=True)
 class FP8Format:
-    """How a folder's FP8 weights are stored (config.json's quantization_config, as transformers'
+    """How a folder's quantised weights are stored (config.json's quantization_config, as transformers'
     FineGrainedFP8Config reads it): e4m3 weights, one scale per (block[0] x block[1]) tile, and the scales' format.
     scale_fmt "float": any float32 value (DeepSeek-V3/R1). "ue8m0": powers of two only (DeepSeek-V3.1 on;
     the scale is an 8-bit exponent, 2^(e - 127), so dequantising is exact), stored as float32 values (as V3.1
-    publishes), as torch.float8_e8m0fnu, or as the raw exponent bytes (uint8, as MXFP8 checkpoints store them)."""
+    publishes), as torch.float8_e8m0fnu (as V4 publishes), or as the raw exponent bytes (uint8, as MXFP8
+    checkpoints store them). expert_dtype "fp4": the routed experts are packed e2m1 instead (DeepSeek-V4, whose
+    config.json says so at its top level; V4.1 and transformers inside quantization_config), nanoseek/fp4.py."""
     block: tuple[int, int] = (128, 128)
     scale_fmt: str = "float"
+    expert_dtype: str = "fp8"
 
     @classmethod
     def of(cls, qc: dict | None, where: Path) -> FP8Format:
@@ -119,7 +124,12 @@ class FP8Format:
         if len(block) != 2 or not all(isinstance(b, int) and b > 0 for b in block):
             raise CheckpointError(f"{where}: quantization_config has weight_block_size={list(block)}; expected two "
                                   f"positive integers such as [128, 128]")
-        return cls(block, scale_fmt)
+        expert_dtype = qc.get("expert_dtype") or "fp8"
+        if expert_dtype not in ("fp8", "fp4"):
+            raise CheckpointError(f"{where}: expert_dtype={expert_dtype!r} is not a format nanoseek reads; expected "
+                                  f"'fp8' (experts quantised like the other weights) or 'fp4' (packed e2m1 experts, "
+                                  f"DeepSeek-V4)")
+        return cls(block, scale_fmt, expert_dtype)
 
 
 def _scales_as_float(scale_inv: torch.Tensor, fp8: FP8Format, sname: str, f: Path) -> torch.Tensor:
@@ -163,12 +173,13 @@ def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device
     dtype = resolve_dtype(dtype, cfg)
     files = _weight_files(folder)
     L = cfg.num_hidden_layers
-    has_mtp = any(re.match(rf"^model\.layers\.{L + k}\.", n) for n in files for k in range(cfg.num_nextn_predict_layers))
+    has_mtp = any(re.match(rf"^(model\.layers\.{L + k}|mtp\.{k})\.", n)        # V4 publishes mtp.K.*
+                  for n in files for k in range(cfg.num_nextn_predict_layers))
     if cfg.num_nextn_predict_layers and not has_mtp:
         warnings.warn(f"{folder}: config.json declares {cfg.num_nextn_predict_layers} MTP layer(s) but the weights "
                       f"hold none (transformers drops them on save); loading without MTP", stacklevel=2)
         cfg.num_nextn_predict_layers = 0
-    fp8 = FP8Format.of(cfg.quantization_config, folder / "config.json") if cfg.quantization_config else FP8Format()
+    fp8 = _quant_format(cfg, folder / "config.json")
     cfg.quantization_config = None  # dequantised on load: what we hold, and save, is plain weights
     searched = ", ".join(sorted({f.name for f in files.values()}))
 
@@ -178,38 +189,90 @@ def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device
     return build_from_tensors(cfg, _stream(files, fp8), where, dtype, device)
 
 
+def _quant_format(cfg: ModelConfig, where: Path) -> FP8Format:
+    """The folder's FP8Format, from quantization_config and V4's top-level expert_dtype (which transformers moves
+    into quantization_config, as V4.1 ships it); both are dropped from cfg: the loaded model holds plain weights."""
+    expert_dtype = cfg.extra.pop("expert_dtype", None)
+    if not cfg.quantization_config:
+        return FP8Format()
+    qc = cfg.quantization_config
+    return FP8Format.of({**qc, "expert_dtype": qc.get("expert_dtype") or expert_dtype}, where)
+
+
+def _scale_name(name: str, files: dict[str, Path]) -> str | None:
+    """The block scales of weight `name` in this folder: `X.weight_scale_inv` (DeepSeek-V3, transformers) or
+    `X.scale` (DeepSeek-V4), or None."""
+    if not name.endswith(".weight"):
+        return None
+    base = name.removesuffix(".weight")
+    return next((s for s in (f"{base}.weight_scale_inv", f"{base}.scale") if s in files), None)
+
+
 def _stream(files: dict[str, Path], fp8: FP8Format) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) of every weight, read one at a time, file by file; FP8 dequantised, block scales consumed."""
+    """(name, tensor) of every weight, read one at a time, file by file; FP8 and FP4 dequantised, block scales
+    consumed."""
     by_file: dict[Path, list[str]] = defaultdict(list)
     for name, f in files.items():
         by_file[f].append(name)
+    scales = {_scale_name(n, files) for n in files} | {n for n in files if n.endswith(".weight_scale_inv")}
     for f, names in by_file.items():
         if not f.exists():
             raise CheckpointError(f"{f}: listed in model.safetensors.index.json but missing")
         _keys(f)  # a clear error for a corrupt or non-safetensors file
         with safe_open(f, "pt", device="cpu") as sf:
             for name in names:
-                if not name.endswith(".weight_scale_inv"):
+                if name not in scales:
                     yield name, _read_tensor(sf, name, f, files, fp8)
 
 
 def _read_tensor(sf, name: str, f: Path, files: dict[str, Path], fp8: FP8Format) -> torch.Tensor:
-    """One tensor of the open safetensors file `sf`, FP8 e4m3 dequantised with its block scales (which may sit in
-    another shard)."""
+    """One tensor of the open safetensors file `sf`: FP8 e4m3 dequantised with its block scales, FP4 e2m1 (packed
+    in bytes) with its per-32 scales; the scales may sit in another shard."""
     t = sf.get_tensor(name)
-    if t.dtype != torch.float8_e4m3fn:
+    sname = _scale_name(name, files)
+    packed = t.dtype in PACKED_DTYPES and name.endswith(".weight")
+    if t.dtype != torch.float8_e4m3fn and not packed:
+        if sname is not None:
+            raise CheckpointError(f"{f}: {name} is stored as {t.dtype} but has block scales {sname}; expected an "
+                                  f"FP8 e4m3 weight (or packed FP4 bytes) next to its scales")
         return t
-    sname = name.replace(".weight", ".weight_scale_inv")
-    if sname not in files:
-        raise CheckpointError(f"{f}: FP8 tensor {name} has no {sname} (the block scales are needed to dequantise it)")
+    kind = "FP8" if t.dtype == torch.float8_e4m3fn else "FP4"
+    if sname is None:
+        raise CheckpointError(f"{f}: {kind} tensor {name} ({t.dtype}) has no block scales (neither "
+                              f"{name.removesuffix('.weight')}.scale nor .weight_scale_inv): they are needed to "
+                              f"dequantise it")
     with safe_open(files[sname], "pt", device="cpu") as ssf:
-        scale_inv = ssf.get_tensor(sname)
+        scale = ssf.get_tensor(sname)
+    if packed:
+        return _read_fp4(t, scale, name, sname, (f, files[sname]), fp8)
     block = fp8.block
     want = tuple(-(-n // b) for n, b in zip(t.shape, block))  # ceil(out/128), ceil(in/128)
-    if t.dim() != 2 or tuple(scale_inv.shape) != want:
-        raise CheckpointError(f"{files[sname]}: {sname} has shape {tuple(scale_inv.shape)}, expected "
+    if t.dim() != 2 or tuple(scale.shape) != want:
+        raise CheckpointError(f"{files[sname]}: {sname} has shape {tuple(scale.shape)}, expected "
                               f"{want} for {name} {tuple(t.shape)} in {block[0]}x{block[1]} blocks")
-    return _dequantize_fp8(t, _scales_as_float(scale_inv, fp8, sname, files[sname]), block)
+    return _dequantize_fp8(t, _scales_as_float(scale, fp8, sname, files[sname]), block)
+
+
+def _read_fp4(packed: torch.Tensor, scale: torch.Tensor, name: str, sname: str, paths: tuple[Path, Path],
+              fp8: FP8Format) -> torch.Tensor:
+    """A packed e2m1 weight (out, in/2), checked against the folder's config and its scales (out, in/32);
+    paths: the files holding the weight and the scales."""
+    f, sf = paths
+    if fp8.expert_dtype != "fp4":
+        raise CheckpointError(f"{f}: {name} holds packed bytes ({packed.dtype}, two FP4 e2m1 values each, as "
+                              f"DeepSeek-V4 publishes its routed experts) but config.json does not declare "
+                              f"expert_dtype 'fp4' (at its top level or in quantization_config), so nanoseek does "
+                              f"not know how to read them: add \"expert_dtype\": \"fp4\" if they are FP4")
+    if packed.dim() != 2:
+        raise CheckpointError(f"{f}: FP4 weight {name} has shape {tuple(packed.shape)}; expected a matrix (out, "
+                              f"in/2) of bytes, two e2m1 values per byte")
+    out, width = packed.shape
+    want = (out, -(-2 * width // FP4_BLOCK))
+    if tuple(scale.shape) != want:
+        raise CheckpointError(f"{sf}: {sname} has shape {tuple(scale.shape)}, expected {want}: one scale per "
+                              f"row and per {FP4_BLOCK} inputs of the FP4 weight {name} (packed {(out, width)}, "
+                              f"{2 * width} inputs)")
+    return dequantize_fp4(packed, _scales_as_float(scale, fp8, sname, sf))
 
 
 def _without_remote_code(d: dict, folder: Path) -> dict:
