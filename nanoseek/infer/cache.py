@@ -26,7 +26,8 @@ sequence reads (its blocks gathered into a padded (B, S) view) and the attention
 cached tensor.
 
 LatentCache and KVCache (at the end) are contiguous, unpaged caches of the same protocols, for tests and simple
-generation.
+generation. DeepSeek-V4's cache is not paged (its compressed entries span tokens, its window and compressors carry
+per-sequence state): infer/v4_cache.py, one slot per sequence, behind the same plan() and pool.
 """
 
 from __future__ import annotations
@@ -134,6 +135,7 @@ class PagedCache:
     """
 
     names: tuple[str, ...]
+    paged = True             # blocks of block_size tokens: the engine reuses prefixes (V4Cache: False)
 
     @staticmethod
     def token_shapes(cfg: ModelConfig) -> tuple[tuple[int, ...], ...]:
@@ -278,9 +280,8 @@ PAGED_CACHES: dict[str, type[PagedCache]] = {"mla": PagedLatentCache, "gqa": Pag
 def paged_cache_class(cfg: ModelConfig) -> type[PagedCache]:
     """The paged cache of this model's attention (cfg.attention: "mla" or "gqa"; MLA with an indexer: DSA's)."""
     if cfg.model_type == "deepseek_v4":
-        raise NotImplementedError("the engine cannot run deepseek_v4 models yet: V4's caches (the window, the "
-                                  "compressed entries, the indexer keys) are not written; its full forward "
-                                  "(ns.Transformer(cfg)(input_ids)) works for training and scoring")
+        raise ValueError("deepseek_v4's cache is not paged: infer/v4_cache.py V4Cache, one slot per sequence "
+                         "(the engine builds it)")
     if cfg.attention not in PAGED_CACHES:
         raise ValueError(f"no paged cache for attention {cfg.attention!r}: the engine serves {sorted(PAGED_CACHES)}")
     return PagedDSACache if cfg.dsa else PAGED_CACHES[cfg.attention]

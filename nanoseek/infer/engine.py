@@ -51,6 +51,7 @@ from .cache import block_keys, paged_cache_class
 from .compiled import AUTO_MIN_STEPS, CompiledDecode, compile_mode, say, steps_in_sight, unavailable
 from .grammar import ConstraintError
 from .sampling import Sampled, SamplingParams, sample
+from .v4_cache import V4Cache
 
 __all__ = ["Engine", "SamplingParams", "Completion", "StreamDelta"]
 
@@ -240,7 +241,11 @@ class Engine:
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
         self.device = model.embed_tokens.weight.device
         self.dtype = model.embed_tokens.weight.dtype
-        has_mtp = len(getattr(model, "mtp", ())) > 0
+        has_mtp = len(getattr(model, "mtp", ())) > 0 and cfg.model_type != "deepseek_v4"
+        if mtp and cfg.model_type == "deepseek_v4":
+            raise UsageError("mtp=True: the engine does not speculate with deepseek_v4 models (a rejected draft "
+                             "would have to be rolled back out of V4's window and compressor state); use mtp=None "
+                             "or False")
         if mtp and not has_mtp:
             raise UsageError("mtp=True but this model has no MTP layer (num_nextn_predict_layers=0, or the checkpoint "
                              "was saved without it); use mtp=None or False")
@@ -259,17 +264,13 @@ class Engine:
         self._batch_job = False      # inside generate(): every request is known, so its steps are "in sight"
         # default context: the model's, capped at 4096 so the default pool stays small on CPU
         self.max_seq_len = int(max_seq_len or min(cfg.max_position_embeddings, 4096))
-        n_layers = cfg.num_hidden_layers + (1 if self.mtp else 0)      # the MTP layer's cache index is L
-        blocks_per_seq = math.ceil(self.max_seq_len / block_size)
-        cache_cls = paged_cache_class(cfg)
-        if num_blocks is None:
-            # room for max_batch full-length sequences, within DEFAULT_CACHE_BYTES (then fewer run at once)
-            block_bytes = block_size * n_layers * cache_cls.elems_per_token(cfg) * self.dtype.itemsize
-            fit = max(blocks_per_seq, DEFAULT_CACHE_BYTES // block_bytes)
-            num_blocks = min(max_batch * blocks_per_seq, fit) + 1       # + the scratch block
-        elif num_blocks < 2:
+        if num_blocks is not None and num_blocks < 2:
             raise UsageError(f"num_blocks={num_blocks}: need at least 2 (one is the padding scratch block)")
-        self.cache = cache_cls(cfg, n_layers, num_blocks, block_size, self.dtype, self.device)
+        self.cache = self._slot_cache(num_blocks) if cfg.model_type == "deepseek_v4" else self._paged_cache(num_blocks)
+        # prefix reuse needs pages (a block of tokens is then a unit two sequences can share); a prefill chunk
+        # covers at least a block of them
+        self.prefix_reuse = self.cache.paged
+        self.min_chunk = self.block_size if self.cache.paged else 1
         self.pool = self.cache.pool
         self.kv_bytes_per_token = self.cache.bytes_per_token
         self.eos_id = getattr(tokenizer, "eos_id", None) if tokenizer is not None else None
@@ -283,6 +284,33 @@ class Engine:
         self._rng = random.Random()
         self.counters = dict(prompt_tokens=0, prefix_hit_tokens=0, generated_tokens=0, mtp_drafts=0,
                              mtp_accepted=0, steps=0, prefill_forwards=0, decode_forwards=0)
+
+    def _paged_cache(self, num_blocks: int | None):
+        """MLA's latent, GQA's K/V or DSA's paged cache (infer/cache.py); the MTP layer's cache index is L."""
+        cfg, bs = self.cfg, self.block_size
+        n_layers = cfg.num_hidden_layers + (1 if self.mtp else 0)
+        cache_cls = paged_cache_class(cfg)
+        if num_blocks is None:
+            # room for max_batch full-length sequences, within DEFAULT_CACHE_BYTES (then fewer run at once)
+            blocks_per_seq = math.ceil(self.max_seq_len / bs)
+            block_bytes = bs * n_layers * cache_cls.elems_per_token(cfg) * self.dtype.itemsize
+            fit = max(blocks_per_seq, DEFAULT_CACHE_BYTES // block_bytes)
+            num_blocks = min(self.max_batch * blocks_per_seq, fit) + 1       # + the scratch block
+        return cache_cls(cfg, n_layers, num_blocks, bs, self.dtype, self.device)
+
+    def _slot_cache(self, num_blocks: int | None) -> V4Cache:
+        """deepseek_v4's cache: one slot per sequence (infer/v4_cache.py), each slot the engine's block of
+        max_seq_len tokens (block_size is ignored), num_blocks - 1 slots (default: max_batch, within
+        DEFAULT_CACHE_BYTES). No prefix reuse (copies of a prompt each compute it), no MTP speculation, and the
+        decode step stays eager (compiled.py captures the paged caches' step only)."""
+        self.block_size = self.max_seq_len
+        slots = num_blocks - 1 if num_blocks is not None else max(1, min(
+            self.max_batch, DEFAULT_CACHE_BYTES // V4Cache.slot_bytes(self.cfg, self.max_seq_len, self.dtype)))
+        if self.compile is True:
+            say("decoding eager: the compiled decode step covers the paged caches, not deepseek_v4's (compile=True "
+                "ignored)")
+        self.compile = False
+        return V4Cache(self.cfg, slots, self.max_seq_len, self.dtype, self.device)
 
     # ------------------------------------------------------------------------------------------ public API
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
@@ -467,7 +495,7 @@ class Engine:
         while self.waiting and len(self.running) < self.max_batch:
             req = self.waiting[0]
             # reuse full blocks strictly before the last prompt token (its logits must be computed)
-            keys = block_keys(req.prompt, bs, (len(req.prompt) - 1) // bs, lookahead=la)
+            keys = block_keys(req.prompt, bs, (len(req.prompt) - 1) // bs, lookahead=la) if self.prefix_reuse else []
             hits = []
             for key in keys:
                 b = self.pool.lookup(key)
@@ -501,7 +529,7 @@ class Engine:
         """Offer newly completed blocks to the prefix cache (prompt and generated tokens alike)."""
         bs, la = self.block_size, int(self.mtp)
         tokens = None
-        while (req.num_registered + 1) * bs <= req.num_cached:
+        while self.prefix_reuse and (req.num_registered + 1) * bs <= req.num_cached:
             k = req.num_registered
             tokens = tokens or req.tokens
             if (k + 1) * bs + la > len(tokens):
@@ -526,7 +554,7 @@ class Engine:
 
     def _dsa(self) -> DSA | None:
         """The model's DeepSeek Sparse Attention option for this forward: None (sparse) unless self.sparse is off."""
-        return None if self.sparse else DSA(sparse=False)
+        return None if self.sparse or not self.cfg.dsa else DSA(sparse=False)
 
     def _draft(self, h: torch.Tensor, next_ids: torch.Tensor, rope, rows: torch.Tensor, cols: torch.Tensor):
         """MTP depth 0 over the same positions (its cache layer is num_hidden_layers): h_i and t_{i+1} -> the
@@ -597,7 +625,7 @@ class Engine:
             self._ensure_blocks(r, len(r.prompt))
         todo, dev = list(reqs), self.device
         while todo:
-            chunk = max(self.block_size, self.prefill_tokens // len(todo))
+            chunk = max(self.min_chunk, self.prefill_tokens // len(todo))
             starts = [r.num_cached for r in todo]
             inp, pos, lens = self._plan(todo, [r.prompt[s:s + chunk] for r, s in zip(todo, starts)], starts)
             h, rope = self.model.trunk(inp, pos, cache=self.cache, dsa=self._dsa())   # logits: model.head on rows
