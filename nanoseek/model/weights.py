@@ -117,6 +117,8 @@ def _v4_hf_to_ours(name: str, n_mtp: int) -> tuple[str, int | None, int | None] 
     if e:
         ours, part = _V4_EXPERT_PART[e.group(2)]
         return prefix + ours, int(e.group(1)), part
+    if rest == "attn.kv_norm.weight":                 # DeepSeek's name (as its MTP's); transformers writes attn.norm
+        rest = "attn.norm.weight"
     return prefix + _V4_LAYER.get(rest, rest), None, None
 
 
