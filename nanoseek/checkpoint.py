@@ -102,11 +102,12 @@ class FP8Format:
     scale_fmt "float": any float32 value (DeepSeek-V3/R1). "ue8m0": powers of two only (DeepSeek-V3.1 on;
     the scale is an 8-bit exponent, 2^(e - 127), so dequantising is exact), stored as float32 values (as V3.1
     publishes), as torch.float8_e8m0fnu (as V4 publishes), or as the raw exponent bytes (uint8, as MXFP8
-    checkpoints store them). expert_dtype "fp4": the routed experts are packed e2m1 instead (DeepSeek-V4, whose
-    config.json says so at its top level; V4.1 and transformers inside quantization_config), nanoseek/fp4.py."""
+    checkpoints store them). DeepSeek-V4's routed experts are packed FP4 e2m1 (nanoseek/fp4.py) under the same
+    quantization_config: the tensor's dtype tells them apart (int8 bytes, not float8_e4m3fn), as transformers'
+    dequantiser does. expert_dtype ("fp8" or "fp4"; in quantization_config, or at the top level as DeepSeek's
+    inference config has it) is checked but not needed: a published V4-Pro config.json has none."""
     block: tuple[int, int] = (128, 128)
     scale_fmt: str = "float"
-    expert_dtype: str = "fp8"
 
     @classmethod
     def of(cls, qc: dict | None, where: Path) -> FP8Format:
@@ -129,7 +130,7 @@ class FP8Format:
             raise CheckpointError(f"{where}: expert_dtype={expert_dtype!r} is not a format nanoseek reads; expected "
                                   f"'fp8' (experts quantised like the other weights) or 'fp4' (packed e2m1 experts, "
                                   f"DeepSeek-V4)")
-        return cls(block, scale_fmt, expert_dtype)
+        return cls(block, scale_fmt)
 
 
 def _scales_as_float(scale_inv: torch.Tensor, fp8: FP8Format, sname: str, f: Path) -> torch.Tensor:
@@ -190,8 +191,8 @@ def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device
 
 
 def _quant_format(cfg: ModelConfig, where: Path) -> FP8Format:
-    """The folder's FP8Format, from quantization_config and V4's top-level expert_dtype (which transformers moves
-    into quantization_config, as V4.1 ships it); both are dropped from cfg: the loaded model holds plain weights."""
+    """The folder's FP8Format, from quantization_config and a top-level expert_dtype (which transformers moves into
+    quantization_config, as V4.1 ships it); both are dropped from cfg: the loaded model holds plain weights."""
     expert_dtype = cfg.extra.pop("expert_dtype", None)
     if not cfg.quantization_config:
         return FP8Format()
@@ -258,11 +259,6 @@ def _read_fp4(packed: torch.Tensor, scale: torch.Tensor, name: str, sname: str, 
     """A packed e2m1 weight (out, in/2), checked against the folder's config and its scales (out, in/32);
     paths: the files holding the weight and the scales."""
     f, sf = paths
-    if fp8.expert_dtype != "fp4":
-        raise CheckpointError(f"{f}: {name} holds packed bytes ({packed.dtype}, two FP4 e2m1 values each, as "
-                              f"DeepSeek-V4 publishes its routed experts) but config.json does not declare "
-                              f"expert_dtype 'fp4' (at its top level or in quantization_config), so nanoseek does "
-                              f"not know how to read them: add \"expert_dtype\": \"fp4\" if they are FP4")
     if packed.dim() != 2:
         raise CheckpointError(f"{f}: FP4 weight {name} has shape {tuple(packed.shape)}; expected a matrix (out, "
                               f"in/2) of bytes, two e2m1 values per byte")

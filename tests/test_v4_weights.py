@@ -1,21 +1,20 @@
 """DeepSeek-V4 folders in the layout DeepSeek publishes load to the dequantised values exactly.
 
-The published layout (DeepSeek-V4-Flash), made here from a random tiny-v4 model:
+The published layout (DeepSeek-V4-Pro's folder as listed tensor by tensor, name, dtype and shape; DeepSeek's
+inference/model.py and kernel.py; transformers 5.24's FineGrainedFP8Config and Fp8Dequantize), made here from a
+random tiny-v4 model with one MTP layer:
 - DeepSeek's own tensor names, without transformers' "model." prefix: embed.weight, layers.N.attn.wq_a.weight,
-  layers.N.ffn.experts.E.w1.weight, hc_head_fn, norm.weight, head.weight (DeepSeek's inference/model.py; published
-  index listings; transformers' conversion_mapping "deepseek_v4").
+  layers.N.attn.kv_norm.weight, layers.N.ffn.experts.E.w1.weight, hc_head_fn, norm.weight, head.weight, mtp.0.*.
 - FP8 e4m3 weights with one UE8M0 scale (float8_e8m0fnu, 2^(byte-127)) per 128x128 block, named X.scale: the
-  attention's wq_a, wq_b, wkv, wo_a (the grouped output projection), wo_b, the indexer's wq_b and the shared
-  experts' w1/w2/w3 (transformers' quantizer renames X.scale to X.weight_scale_inv).
+  attention's wq_a, wq_b, wkv, wo_a (the grouped output projection), wo_b, the indexer's wq_b, the shared experts'
+  w1/w2/w3 and MTP's e_proj/h_proj (transformers' quantizer renames X.scale to X.weight_scale_inv).
 - FP4 e2m1 routed experts: int8 tensors (out, in/2), two values per byte, the low nibble the even input; one UE8M0
-  scale per row and 32 inputs, (out, in/32) (DeepSeek's kernel.py fp4_act_quant and Linear; transformers'
-  FP8Experts(expert_dtype="fp4") and Fp8Dequantize._unpack_fp4).
-- Not quantised: embeddings, head, norms, the router's weight and the compressors' and indexer's other projections
-  in bf16 (transformers' _keep_in_fp32_modules lists those as shipped in BF16); hc_*, attn_sink, ape and the routing
-  bias in float32; tid2eid int64.
+  scale per row and 32 inputs, (out, in/32) (V4-Pro: w1 int8 (3072, 3584), scale (3072, 224)).
+- Not quantised: embeddings, head, norms, the router's weight, the compressors' wkv/wgate and the indexer's
+  weights_proj in bf16; hc_*, attn_sink, ape and the routing bias in float32; tid2eid int64.
 - config.json: quantization_config {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
-  "scale_fmt": "ue8m0", "weight_block_size": [128, 128]} and "expert_dtype": "fp4" at the top level (V4.1 and
-  transformers keep it inside quantization_config: both are read).
+  "scale_fmt": "ue8m0", "weight_block_size": [128, 128]} and no expert_dtype (V4-Pro's); DeepSeek's inference
+  config has "expert_dtype": "fp4" at the top level, V4.1 and transformers inside quantization_config: all load.
 
 The test draws the stored codes at random (every FP8 byte but NaN, every FP4 nibble) and the scale exponents per
 block, and decodes them itself, with its own e2m1 decoding from the format's bit fields: ns.load must give these
@@ -40,8 +39,9 @@ from nanoseek.checkpoint import CheckpointError, ours_to_hf
 from nanoseek.config import ModelConfig
 from nanoseek.model.transformer import Transformer
 
-FP8 = re.compile(r"^layers\.\d+\.(attn\.(wq_a|wq_b|wkv|wo_a|wo_b|indexer\.wq_b)|ffn\.shared_experts\.w[123])\.weight$")
-FP4 = re.compile(r"^layers\.\d+\.ffn\.experts\.\d+\.w[123]\.weight$")
+FP8 = re.compile(r"^(layers|mtp)\.\d+\.(attn\.(wq_a|wq_b|wkv|wo_a|wo_b|indexer\.wq_b)|ffn\.shared_experts\.w[123]"
+                 r"|[eh]_proj)\.weight$")
+FP4 = re.compile(r"^(layers|mtp)\.\d+\.ffn\.experts\.\d+\.w[123]\.weight$")
 FLOAT32 = re.compile(r"(hc_|attn_sink$|\.ape$|gate\.bias$)")
 TOP = {"embed_tokens.weight": "embed.weight", "hc_head.hc_fn": "hc_head_fn", "hc_head.hc_base": "hc_head_base",
        "hc_head.hc_scale": "hc_head_scale"}
@@ -95,11 +95,12 @@ def fp4_weight(shape, gen, swap_nibbles=False) -> tuple[torch.Tensor, torch.Tens
     return packed, e8m0(exps), value
 
 
-def random_model(**overrides) -> Transformer:
-    """tiny-v4 (every layer type, hash and learned routing) with weights that move the logits; moe_intermediate_size
-    64, so that every routed expert matrix holds two FP4 blocks per row."""
+def random_model() -> Transformer:
+    """tiny-v4 (every layer type, hash and learned routing) and one MTP layer, as published, with weights that move
+    the logits; moe_intermediate_size 64, so that every routed expert matrix holds two FP4 blocks per row."""
     torch.manual_seed(0)
-    model = Transformer(ModelConfig.preset("tiny-v4", moe_intermediate_size=64, **overrides)).eval()
+    cfg = ModelConfig.preset("tiny-v4", moe_intermediate_size=64, num_nextn_predict_layers=1)
+    model = Transformer(cfg).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.3 if p.dim() < 2 else 0.15)
@@ -107,10 +108,11 @@ def random_model(**overrides) -> Transformer:
 
 
 def published(model: Transformer) -> dict[str, torch.Tensor]:
-    """DeepSeek's names -> the model's tensors (views: writing into them writes into the model)."""
+    """DeepSeek's names -> the model's tensors (views: writing into them writes into the model). ours_to_hf writes
+    transformers' names: prefixed by "model.", the attention's kv norm as attn.norm."""
     out = {}
     for name, t in ours_to_hf(model):
-        name = name.removeprefix("model.")
+        name = re.sub(r"^(layers\.\d+\.attn)\.norm\.", r"\1.kv_norm.", name.removeprefix("model."))
         out[TOP.get(name, name)] = t
     return out
 
@@ -142,8 +144,8 @@ def write_folder(folder: Path, model: Transformer, block=(128, 128), swap_nibble
                   **dict.fromkeys(scales, "model-00002-of-00002.safetensors")}
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     d = model.cfg.to_hf()
-    d.update({"torch_dtype": "bfloat16", "expert_dtype": "fp4",
-              "quantization_config": qc or {**PUBLISHED_QC, "weight_block_size": list(block)}, **(top or {})})
+    d.update({"torch_dtype": "bfloat16", "quantization_config": qc or {**PUBLISHED_QC, "weight_block_size": list(block)},
+              **(top or {})})
     (folder / "config.json").write_text(json.dumps(d, indent=2))
     return values
 
@@ -168,13 +170,17 @@ def test_the_folder_is_in_the_published_layout(folder_128):
     for f in folder.glob("*.safetensors"):
         with safe_open(f, "pt") as sf:
             dtypes.update({n: sf.get_slice(n).get_dtype() for n in sf.keys()})
-    for name in ("embed.weight", "head.weight", "norm.weight", "hc_head_fn", "layers.0.ffn.gate.tid2eid",
-                 "layers.1.attn.compressor.wkv.weight", "layers.1.attn.indexer.wq_b.scale"):
-        assert name in dtypes, name
-    assert dtypes["layers.0.attn.wo_a.weight"] == "F8_E4M3" and dtypes["layers.0.attn.wo_a.scale"] == "F8_E8M0"
-    assert dtypes["layers.1.ffn.experts.3.w2.weight"] == "I8" and dtypes["layers.1.ffn.experts.3.w2.scale"] == "F8_E8M0"
-    assert dtypes["layers.0.attn.attn_sink"] == "F32" and dtypes["embed.weight"] == "BF16"
-    assert not any(n.startswith("model.") for n in dtypes)
+    listed = {"embed.weight": "BF16", "head.weight": "BF16", "norm.weight": "BF16", "hc_head_fn": "F32",
+              "layers.0.ffn.gate.tid2eid": "I64", "layers.0.attn.kv_norm.weight": "BF16",
+              "layers.0.attn.attn_sink": "F32", "layers.0.attn.wo_a.weight": "F8_E4M3",
+              "layers.0.attn.wo_a.scale": "F8_E8M0", "layers.1.attn.compressor.wkv.weight": "BF16",
+              "layers.1.attn.compressor.ape": "F32", "layers.1.attn.indexer.wq_b.scale": "F8_E8M0",
+              "layers.1.attn.indexer.weights_proj.weight": "BF16", "layers.1.ffn.gate.bias": "F32",
+              "layers.1.ffn.experts.3.w2.weight": "I8", "layers.1.ffn.experts.3.w2.scale": "F8_E8M0",
+              "layers.1.ffn.shared_experts.w2.scale": "F8_E8M0", "mtp.0.e_proj.weight": "F8_E4M3",
+              "mtp.0.h_proj.scale": "F8_E8M0", "mtp.0.ffn.experts.0.w1.weight": "I8", "mtp.0.hc_head_fn": "F32"}
+    assert {n: dtypes.get(n) for n in listed} == listed
+    assert not any(n.startswith("model.") or ".attn.norm." in n for n in dtypes)
 
 
 def test_published_folder_loads_to_the_dequantised_values_exactly(folder_128):
@@ -209,10 +215,14 @@ def test_logits_equal_the_model_with_the_dequantised_weights_placed_directly(fol
         assert torch.equal(loaded(IDS), model(IDS))
 
 
-def test_expert_dtype_inside_quantization_config_as_v41_ships_it(tmp_path):
-    values = write_folder(tmp_path / "f", random_model(), qc={**PUBLISHED_QC, "expert_dtype": "fp4"},
-                          top={"expert_dtype": None})
-    assert mismatches(ns.load(tmp_path / "f", dtype="float32"), values) == []
+@pytest.mark.parametrize("where", ["top level", "quantization_config"])
+def test_a_declared_expert_dtype_loads_the_same(tmp_path, where):
+    """DeepSeek's inference config says "expert_dtype": "fp4" at its top level; V4.1 and transformers inside
+    quantization_config."""
+    qc, top = ({**PUBLISHED_QC, "expert_dtype": "fp4"}, None) if where != "top level" else (None, {"expert_dtype": "fp4"})
+    values = write_folder(tmp_path / "f", random_model(), qc=qc, top=top)
+    loaded = ns.load(tmp_path / "f", dtype="float32")
+    assert mismatches(loaded, values) == [] and "expert_dtype" not in loaded.cfg.extra
 
 
 def test_negative_controls_fail_the_comparison(tmp_path):
@@ -247,7 +257,7 @@ def test_transformers_dequantises_the_same_folder_to_the_same_tensors(folder_128
     ours = ns.load(folder, dtype="float32")
     state = ours.state_dict()
     theirs = {k.removeprefix("model."): v for k, v in hf.state_dict().items()}
-    assert theirs.keys() == {k for k in state if not k.startswith("rotary.")}
+    assert theirs.keys() == {k for k in state if not k.startswith(("rotary.", "mtp."))}   # transformers drops MTP
     assert [k for k, v in theirs.items() if not torch.equal(v.float(), state[k].float())] == []
     with torch.no_grad():
         a, b = hf(IDS).logits, ours(IDS)
@@ -289,7 +299,6 @@ MALFORMED = {
                                      r"w1.scale holds 0.3.* not a power of two"),
     "scales of a bf16 weight": (2, lambda t: t.update({"layers.1.attn.compressor.wkv.scale": e8m0(torch.zeros(1, 1))}),
                                 r"compressor.wkv.weight is stored as torch.bfloat16 but has block scales"),
-    "no expert_dtype": ({"expert_dtype": None}, None, r"does not declare expert_dtype 'fp4'"),
     "unknown expert_dtype": ({"expert_dtype": "int4"}, None, r"expert_dtype='int4' is not a format nanoseek reads"),
 }
 
