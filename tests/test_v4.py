@@ -126,8 +126,3 @@ def test_preset_sizes_match_the_published_counts(name, total, active):
     digits = 3 if total == 284e9 else 2
     assert float(f"{n['total']:.{digits}g}") == total
     assert float(f"{n['activated']:.2g}") == active
-
-
-def test_engine_refuses_v4_with_a_clear_error():
-    with pytest.raises(NotImplementedError, match="deepseek_v4"):
-        ns.Engine(Transformer(ModelConfig.preset("tiny-v4")))

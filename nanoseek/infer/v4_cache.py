@@ -1,8 +1,8 @@
 """DeepSeek-V4's decode cache (the cache protocol of model/v4.py): one slot per sequence, of a fixed max length.
 
 What a V4 layer needs of the tokens before the new ones (V4 report Section 2.3):
-* every layer: the raw K = V of the last sliding_window tokens, kept in a ring of sliding_window rows (row =
-  position % sliding_window);
+* every layer: the raw K = V of the last sliding_window - 1 tokens (a query's window is those and itself), kept in
+  a ring of K = sliding_window - 1 rows (row = position % K);
 * CSA and HCA layers: every compressed entry so far (max_len // rate rows, in order), and the compressor's pending
   tokens: the kv / gate projections (C, Z of eq. 20-21) of the window not complete yet, plus, with CSA's overlap,
   those of the window before it, whose first series (Ca) the next entry pools; a ring of (1 + overlap) * rate rows;
@@ -53,11 +53,16 @@ def branch_specs(cfg: ModelConfig, kind: str) -> list[tuple[str, int, bool, int]
     return specs + ([("indexer", rate, True, cfg.index_head_dim)] if kind == CSA else [])
 
 
+def ring_rows(cfg: ModelConfig) -> int:
+    """Rows of the window ring: the keys before a query that its window holds (at least one row)."""
+    return max(cfg.sliding_window - 1, 1)
+
+
 def slot_shapes(cfg: ModelConfig, max_len: int) -> list[tuple[int, ...]]:
     """Per slot, the shape of every tensor the cache keeps (all layers)."""
     shapes = []
     for kind in cfg.layer_types:
-        shapes.append((cfg.sliding_window, cfg.head_dim))
+        shapes.append((ring_rows(cfg), cfg.head_dim))
         for _, rate, overlap, dim in branch_specs(cfg, kind):
             c = 2 if overlap else 1
             shapes += [((1 + overlap) * rate, c * dim)] * 2 + [(max_len // rate, dim)]
@@ -79,7 +84,7 @@ class V4Cache:
         def zeros(*shape):
             return torch.zeros(num_slots + 1, *shape, dtype=dtype, device=device)
 
-        self.window_kv = [zeros(cfg.sliding_window, cfg.head_dim) for _ in cfg.layer_types]   # (slots, K, d)
+        self.window_kv = [zeros(ring_rows(cfg), cfg.head_dim) for _ in cfg.layer_types]        # (slots, K, d)
         self.branches: list[dict[str, Branch]] = []
         for kind in cfg.layer_types:
             layer = {}

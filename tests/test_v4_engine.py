@@ -1,0 +1,238 @@
+"""DeepSeek-V4 in the engine: the cached forward (infer/v4_cache.py V4Cache) against the full forward, and the
+engine's greedy tokens against transformers' DeepseekV4ForCausalLM.generate (float32, CPU).
+
+Models: the tiny-v4 preset (a sliding, two CSA and an HCA layer; window 8, CSA 4:1 with overlap, HCA 8:1,
+index_topk 3, hc_mult 2) and a variant with three streams, a window of 5, HCA 16:1 and index_topk 5. Sequences
+of 40+ tokens run past the window and give CSA's indexer more entries than index_topk to choose from. Weights are
+drawn large (std 0.15-0.3, as tests/test_v4.py) so every mechanism moves the logits and greedy steps are far from
+ties. index_n_heads is 16 (the preset has 4): a CSA score is exactly 0 when every head's ReLU is 0, and torch.topk
+breaks such ties by the number of entries it sees, which a cached step (fewer entries) and a whole sequence do not
+share; with 16 heads such a tie has probability ~2^-16 per entry instead of 1/16.
+
+Tolerance 1e-5 relative to the largest logit: both paths compute in float32 with the same operations; they differ
+by the order of the sums over keys (masked keys add exact zeros) and matmul blocking, ~5e-7 seen.
+"""
+
+import random
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import nanoseek as ns  # noqa: E402
+from nanoseek.config import ModelConfig  # noqa: E402
+from nanoseek.errors import UsageError  # noqa: E402
+from nanoseek.infer.v4_cache import V4Cache  # noqa: E402
+from nanoseek.model.transformer import Transformer  # noqa: E402
+
+TOL = 1e-5
+CONFIGS = {
+    "tiny-v4": dict(index_n_heads=16),
+    "hc3-window5": dict(index_n_heads=16, hc_mult=3, sliding_window=5, index_topk=5, scoring_func="sigmoid",
+                        compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 16}),
+}
+
+
+def random_pair(**overrides):
+    """(transformers' model, ours) with the same random weights (as tests/test_v4.py), greedy for a fixed length."""
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("tiny-v4", **overrides)
+    kw = {k: v for k, v in cfg.to_hf().items() if k != "architectures"}
+    hf = transformers.DeepseekV4ForCausalLM(transformers.DeepseekV4Config(**kw)).float().eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0.0, 0.3 if p.dim() < 2 else 0.15)
+        for m in hf.modules():
+            if hasattr(m, "tid2eid"):
+                m.tid2eid.copy_(torch.rand(cfg.vocab_size, cfg.n_routed_experts).argsort(-1)[:, :cfg.num_experts_per_tok])
+            if hasattr(m, "e_score_correction_bias"):
+                m.e_score_correction_bias.normal_(0.0, 0.3)
+    hf.generation_config.eos_token_id = None        # pure argmax for max_new_tokens steps, as ignore_eos here
+    hf.generation_config.pad_token_id = 0
+    ours = Transformer(cfg).eval()
+    ours.load_state_dict({k.removeprefix("model."): v for k, v in hf.state_dict().items()}, strict=True)
+    return hf, ours
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def pair(request):
+    return random_pair(**CONFIGS[request.param])
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return random_pair(**CONFIGS["tiny-v4"])
+
+
+IDS = torch.randint(0, 512, (2, 44), generator=torch.Generator().manual_seed(1))
+PREFILL = 32         # tokens run in chunks; the rest one at a time
+
+
+def cached_logits(model, ids, chunks, cache_cls=V4Cache):
+    """Logits (B, T, V) of ids run through a cache: row b's first PREFILL tokens in chunks of chunks[b] (rows at
+    different positions share each forward, as in the engine), then one token per forward."""
+    B, T = ids.shape
+    cache = cache_cls(model.cfg, num_slots=B, max_len=64)
+    slots = [cache.pool.allocate() for _ in range(B)]
+    done, out = [0] * B, [[] for _ in range(B)]
+    while min(done) < T:
+        rows = [b for b in range(B) if done[b] < T]
+        lens = [min(chunks[b] if done[b] < PREFILL else 1, (PREFILL if done[b] < PREFILL else T) - done[b])
+                for b in rows]
+        pos = cache.plan([[slots[b]] for b in rows], [done[b] for b in rows], lens)
+        x = torch.stack([torch.nn.functional.pad(ids[b, done[b]:done[b] + n], (0, max(lens) - n))
+                         for b, n in zip(rows, lens)])
+        with torch.no_grad():
+            logits = model(x, pos, cache=cache)
+        for i, (b, n) in enumerate(zip(rows, lens)):
+            out[b].append(logits[i, :n])
+            done[b] += n
+    return torch.stack([torch.cat(o) for o in out])
+
+
+def rel_err(a, b) -> float:
+    return ((a - b).abs().max() / a.abs().max()).item()
+
+
+def full_logits(model, ids=IDS):
+    with torch.no_grad():
+        return model(ids)
+
+
+def test_the_sequences_exercise_every_branch(pair):
+    cfg = pair[1].cfg
+    assert IDS.shape[1] > PREFILL > cfg.sliding_window
+    assert PREFILL // cfg.compress_rates["compressed_sparse_attention"] > cfg.index_topk
+    assert IDS.shape[1] >= 2 * cfg.compress_rates["heavily_compressed_attention"]
+    assert set(cfg.layer_types) == {"sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"}
+    assert cfg.hc_mult > 1
+
+
+@pytest.mark.parametrize("chunks", [(1, 1), (3, 3), (4, 4), (7, 7), (32, 32), (3, 5), (8, 1)])
+def test_cached_forward_equals_full_forward(pair, chunks):
+    """Chunked prefill of any chunk size (shorter and longer than a compressed window, not aligned to it; rows at
+    different positions in one forward), then decoding token by token: the logits of every position."""
+    _, model = pair
+    assert rel_err(full_logits(model), cached_logits(model, IDS, chunks)) < TOL
+
+
+class ForgetsPending(V4Cache):
+    """Negative control: forgets the compressors' pending tokens between forwards."""
+
+    def pending(self, layer, name, kv, gate, rate, overlap):
+        br = self.branches[layer][name]
+        br.kv.zero_()
+        br.gate.zero_()
+        return super().pending(layer, name, kv, gate, rate, overlap)
+
+
+class ShortWindow(V4Cache):
+    """Negative control: a window ring one row short (the oldest key of each query's window is lost)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.window_kv = [r[:, 1:].contiguous() for r in self.window_kv]
+
+
+class NoOverlap(V4Cache):
+    """Negative control: keeps only the incomplete window's pending tokens, not the previous window's first series
+    that CSA's next entry pools (its ring rows for that window read as zeros)."""
+
+    def pending(self, layer, name, kv, gate, rate, overlap):
+        kv_l, gate_l, first = super().pending(layer, name, kv, gate, rate, overlap)
+        if overlap:
+            kv_l[:, :rate] = 0
+        return kv_l, gate_l, first
+
+
+@pytest.mark.parametrize("broken", [ForgetsPending, ShortWindow, NoOverlap])
+def test_a_cache_that_loses_state_fails_the_comparison(tiny, broken):
+    _, model = tiny
+    full = full_logits(model)
+    assert rel_err(full, cached_logits(model, IDS, (3, 5))) < TOL
+    assert rel_err(full, cached_logits(model, IDS, (3, 5), broken)) > 100 * TOL
+
+
+def greedy(n):
+    return ns.SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+
+
+def hf_greedy(hf, prompt, n):
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False)
+    return out[0, len(prompt):].tolist()
+
+
+def prompts_of(lengths, seed=0):
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 512) for _ in range(n)] for n in lengths]
+
+
+def test_greedy_tokens_equal_transformers_single_prompts(pair):
+    hf, model = pair
+    eng = ns.Engine(model, max_seq_len=96)
+    for prompt in prompts_of([3, 30, 41]):
+        assert eng.generate([prompt], greedy(14))[0].token_ids == hf_greedy(hf, prompt, 14)
+
+
+def test_continuous_batching_equals_transformers(pair):
+    """Two slots for five requests of different lengths and budgets: requests join as others leave (a slot's
+    previous sequence is never read), prefill and decode rows share steps."""
+    hf, model = pair
+    prompts, budgets = prompts_of([30, 5, 41, 17, 9], seed=1), [6, 20, 12, 16, 9]
+    eng = ns.Engine(model, max_batch=2, max_seq_len=96)
+    out = eng.generate(prompts, [greedy(n) for n in budgets])
+    assert eng.stats()["blocks_total"] == 2 and eng.counters["prefill_forwards"] >= 3
+    for prompt, n, c in zip(prompts, budgets, out):
+        assert c.token_ids == hf_greedy(hf, prompt, n) and c.finish_reason == "length"
+
+
+def test_chunked_prefill_in_the_engine_equals_transformers(tiny):
+    hf, model = tiny
+    prompts = prompts_of([41, 26, 33], seed=2)
+    eng = ns.Engine(model, max_batch=3, max_seq_len=96)
+    eng.prefill_tokens = 10             # 3 rows: chunks of 3 tokens; then 5, then 10 as rows finish
+    out = eng.generate(prompts, greedy(10))
+    assert eng.counters["prefill_forwards"] >= 41 // 10
+    for prompt, c in zip(prompts, out):
+        assert c.token_ids == hf_greedy(hf, prompt, 10)
+
+
+def test_copies_of_a_prompt_each_compute_it(tiny):
+    """n > 1 copies: no prefix reuse for V4 (nothing comes from a cache), every copy gets the right tokens."""
+    hf, model = tiny
+    prompt = prompts_of([37], seed=3)[0]
+    eng = ns.Engine(model, max_seq_len=96)
+    out = eng.generate([prompt] * 3, greedy(8))
+    ref = hf_greedy(hf, prompt, 8)
+    assert all(c.token_ids == ref and c.cached_tokens == 0 for c in out)
+    assert eng.stats()["blocks_cached"] == 0 and eng.counters["prefix_hit_tokens"] == 0
+
+
+def test_engine_options_v4_does_not_take(tiny, capsys):
+    _, model = tiny
+    ns.Engine(model, compile=True)
+    assert "decoding eager" in capsys.readouterr().err
+    with pytest.raises(UsageError, match="deepseek_v4"):
+        ns.Engine(model, mtp=True)
+    assert ns.Engine(model, compile="auto").compile is False
+
+
+def test_the_server_loop_runs_a_v4_model(tiny):
+    """The server drives add_request / step with sampled requests that come and go; stream() too."""
+    _, model = tiny
+    eng = ns.Engine(model, max_batch=2, max_seq_len=64)
+    assert 0 < eng.kv_bytes_per_token and eng.cache.bytes_per_slot > 0
+    ids = [eng.add_request(p, ns.SamplingParams(temperature=0.8, top_p=0.9, seed=i, max_tokens=6 + i))
+           for i, p in enumerate(prompts_of([12, 20, 3], seed=4))]
+    finished = {}
+    while eng.has_unfinished():
+        for d in eng.step():
+            if d.finished:
+                finished[d.request_id] = d.completion
+    assert sorted(finished) == sorted(ids)
+    assert all(c.finish_reason == "length" and len(c.token_ids) == 6 + i for i, c in enumerate(finished[r] for r in ids))
+    streamed = [t for d in eng.stream([5, 6, 7], greedy(4)) for t in d.token_ids]
+    assert len(streamed) == 4 and eng.stats()["blocks_used"] == 0
