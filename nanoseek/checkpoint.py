@@ -242,8 +242,11 @@ def _read_tensor(sf, name: str, f: Path, files: dict[str, Path], fp8: FP8Format)
         raise CheckpointError(f"{f}: {kind} tensor {name} ({t.dtype}) has no block scales (neither "
                               f"{name.removesuffix('.weight')}.scale nor .weight_scale_inv): they are needed to "
                               f"dequantise it")
-    with safe_open(files[sname], "pt", device="cpu") as ssf:
-        scale = ssf.get_tensor(sname)
+    if files[sname] == f:                                     # usually: the scales sit next to their weight
+        scale = sf.get_tensor(sname)
+    else:
+        with safe_open(files[sname], "pt", device="cpu") as ssf:
+            scale = ssf.get_tensor(sname)
     if packed:
         return _read_fp4(t, scale, name, sname, (f, files[sname]), fp8)
     block = fp8.block

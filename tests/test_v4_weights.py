@@ -117,10 +117,11 @@ def published(model: Transformer) -> dict[str, torch.Tensor]:
     return out
 
 
-def write_folder(folder: Path, model: Transformer, block=(128, 128), swap_nibbles=False, qc=None, top=None):
+def write_folder(folder: Path, model: Transformer, block=(128, 128), swap_nibbles=False, qc=None, top=None,
+                 store=lambda name, t: t):
     """The published folder of `model`'s shapes with random codes; the model then holds the decoded values (what
-    the folder stands for). Scales go to a second shard, as a sharded folder may place them. Returns the decoded
-    values by published name."""
+    the folder stands for). The main layers' scales go to a second shard, as a sharded folder may place them, MTP's
+    stay next to their weights; store(name, tensor) may change how a tensor is stored. Returns the decoded values by published name."""
     gen = torch.Generator().manual_seed(2)
     weights, scales, values = {}, {}, {}
     with torch.no_grad():
@@ -137,6 +138,9 @@ def write_folder(folder: Path, model: Transformer, block=(128, 128), swap_nibble
                 weights[name] = value = view.clone()               # tid2eid
             view.copy_(value)
             values[name] = value
+    weights.update({n: scales.pop(n) for n in list(scales) if n.startswith("mtp.")})   # MTP's next to its weights
+    weights = {n: store(n, t) for n, t in weights.items()}
+    scales = {n: store(n, t) for n, t in scales.items()}
     folder.mkdir()
     save_file(weights, folder / "model-00001-of-00002.safetensors", metadata={"format": "pt"})
     save_file(scales, folder / "model-00002-of-00002.safetensors", metadata={"format": "pt"})
@@ -223,6 +227,20 @@ def test_a_declared_expert_dtype_loads_the_same(tmp_path, where):
     values = write_folder(tmp_path / "f", random_model(), qc=qc, top=top)
     loaded = ns.load(tmp_path / "f", dtype="float32")
     assert mismatches(loaded, values) == [] and "expert_dtype" not in loaded.cfg.extra
+
+
+STORAGE = {  # the same bytes and exponents under the other dtypes a folder may use
+    "packed uint8": lambda n, t: t.view(torch.uint8) if t.dtype == torch.int8 else t,
+    "packed float4_e2m1fn_x2": lambda n, t: t.view(torch.float4_e2m1fn_x2) if t.dtype == torch.int8 else t,
+    "scales as exponent bytes": lambda n, t: t.view(torch.uint8) if t.dtype == torch.float8_e8m0fnu else t,
+    "scales as float32": lambda n, t: t.float() if t.dtype == torch.float8_e8m0fnu else t,
+}
+
+
+@pytest.mark.parametrize("case", STORAGE)
+def test_other_storage_dtypes_load_the_same(tmp_path, case):
+    values = write_folder(tmp_path / "f", random_model(), store=STORAGE[case])
+    assert mismatches(ns.load(tmp_path / "f", dtype="float32"), values) == []
 
 
 def test_negative_controls_fail_the_comparison(tmp_path):
