@@ -12,6 +12,9 @@ cache (nanoseek.infer.cache): MLA's absorbed path against the latent, grouped-qu
 cache computes the gather indices and mask once per forward (plan), the layers reuse them. DeepSeek-V3.2's sparse
 attention needs nothing more here: its cache (PagedDSACache) also keeps each token's indexer key, and each decode
 query's attention gathers only the index_topk latents its indexer selects (model/mla.py dsa_forward).
+DeepSeek-V4 runs on a cache of one slot per sequence instead (infer/v4_cache.py: the window, each compressor's
+entries and pending tokens, the indexer's keys), the slot being the sequence's one block of max_seq_len tokens:
+chunked prefill and continuous batching as above; no prefix reuse, MTP speculation or compiled step for it.
 
 The plain decode forward (no MTP speculation) can run as one compiled graph, batch and context padded to buckets
 (infer/compiled.py): Engine(compile=True), or "auto" (the default), which compiles once enough decode steps are run
@@ -231,8 +234,8 @@ class _Request:
 
 
 class Engine:
-    """Batched generation with a paged cache (the model's attention picks which: cfg.attention "mla" | "gqa").
-    Single-threaded: one thread calls step() (or generate)."""
+    """Batched generation with a paged cache (the model's attention picks which: cfg.attention "mla" | "gqa"), or
+    deepseek_v4's slot cache. Single-threaded: one thread calls step() (or generate)."""
 
     def __init__(self, model, tokenizer=None, max_batch: int = 16, max_seq_len: int | None = None,
                  block_size: int = 16, num_blocks: int | None = None, mtp: bool | None = None,
