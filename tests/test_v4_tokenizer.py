@@ -178,7 +178,7 @@ def test_a_bad_reasoning_effort_is_refused(value):
 
 
 def test_the_server_renders_each_mode(published):
-    """A tiny random model over V4's vocabulary behind the real app: the mode shows in the answer (thinking modes
+    """A tiny random V4 model (tiny-v4 with V4's 129,280-token vocabulary) behind the real app: the mode shows in the answer (thinking modes
     start inside the reasoning, so the text goes to reasoning_content) and in prompt_tokens (think-max adds its
     instruction); a bad reasoning_effort is a 422."""
     from starlette.testclient import TestClient
@@ -186,7 +186,7 @@ def test_the_server_renders_each_mode(published):
     from nanoseek.serve.app import create_app
     tok, hf = published
     torch.manual_seed(0)
-    cfg = ns.ModelConfig.preset("tiny", vocab_size=tok.vocab_size, bos_token_id=0, eos_token_id=1)
+    cfg = ns.ModelConfig.preset("tiny-v4", vocab_size=tok.vocab_size, bos_token_id=0, eos_token_id=1)
     engine = ns.Engine(ns.Transformer(cfg).eval(), tok, max_batch=2)
     app = create_app(engine, tok, model_name="v4-tiny", max_concurrency=2, max_queue=4)
     body = {"messages": CHAT, "max_tokens": 4, "ignore_eos": True, "temperature": 0, "stop_token_ids": [IDS["</think>"]]}
