@@ -178,9 +178,9 @@ def test_a_bad_reasoning_effort_is_refused(value):
 
 
 def test_the_server_renders_each_mode(published):
-    """A tiny random V4 model (tiny-v4 with V4's 129,280-token vocabulary) behind the real app: the mode shows in the answer (thinking modes
-    start inside the reasoning, so the text goes to reasoning_content) and in prompt_tokens (think-max adds its
-    instruction); a bad reasoning_effort is a 422."""
+    """A tiny random V4 model (tiny-v4 with V4's 129,280-token vocabulary) behind the real app: the mode shows in
+    the answer (thinking modes start inside the reasoning, so the text goes to reasoning_content) and in
+    prompt_tokens (think-max adds its instruction); a bad reasoning_effort is a 422."""
     from starlette.testclient import TestClient
 
     from nanoseek.serve.app import create_app
