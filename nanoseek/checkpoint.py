@@ -3,13 +3,13 @@
 Reads DeepSeek-V2/V3/V3.1/V4 folders as published (bf16, or FP8 e4m3 with 128x128 blocks of scales, which are
 dequantised on load: float32 scales as V3 publishes them, or V3.1's and V4's UE8M0 powers of two; V4's routed experts
 in FP4 e2m1 with a UE8M0 scale per 32 inputs, nanoseek/fp4.py), the dense families R1 was distilled into (qwen2,
-llama, qwen3) as published, and all of them as transformers saves them; writes folders that transformers loads unchanged, with each family's own config keys
-and tensor names. Only safetensors are ever read: pickled weights (.bin/.pt) are refused, never unpickled. A path
-ending in .gguf goes to nanoseek.gguf.
+llama, qwen3) as published, and all of them as transformers saves them; writes folders that transformers loads
+unchanged, with each family's own config keys and tensor names. Only safetensors are ever read: pickled weights
+(.bin/.pt) are refused, never unpickled. A path ending in .gguf goes to nanoseek.gguf.
 
 Loading streams: the model is built on the meta device, allocated once, and each tensor is read from its file
 and copied into place (model/weights.py: build_from_tensors), so peak memory is the model plus one tensor: an 8B
-student in bf16 takes 16 GB.
+student in bf16 takes 16 GB. A quantised tensor is dequantised as it is read (its float32 copy is the one extra).
 """
 
 from __future__ import annotations
@@ -215,7 +215,7 @@ def _stream(files: dict[str, Path], fp8: FP8Format) -> Iterator[tuple[str, torch
     by_file: dict[Path, list[str]] = defaultdict(list)
     for name, f in files.items():
         by_file[f].append(name)
-    scales = {_scale_name(n, files) for n in files} | {n for n in files if n.endswith(".weight_scale_inv")}
+    scales = {_scale_name(n, files) for n in files} - {None} | {n for n in files if n.endswith(".weight_scale_inv")}
     for f, names in by_file.items():
         if not f.exists():
             raise CheckpointError(f"{f}: listed in model.safetensors.index.json but missing")
@@ -259,8 +259,8 @@ def _read_tensor(sf, name: str, f: Path, files: dict[str, Path], fp8: FP8Format)
 
 def _read_fp4(packed: torch.Tensor, scale: torch.Tensor, name: str, sname: str, paths: tuple[Path, Path],
               fp8: FP8Format) -> torch.Tensor:
-    """A packed e2m1 weight (out, in/2), checked against the folder's config and its scales (out, in/32);
-    paths: the files holding the weight and the scales."""
+    """A packed e2m1 weight (out, in/2) dequantised with its scales (out, in/32), shapes checked; paths: the files
+    holding the weight and the scales."""
     f, sf = paths
     if packed.dim() != 2:
         raise CheckpointError(f"{f}: FP4 weight {name} has shape {tuple(packed.shape)}; expected a matrix (out, "
