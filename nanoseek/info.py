@@ -178,13 +178,15 @@ def meta_build(cfg: ModelConfig) -> dict:
 def v4_cache_lines(cfg: ModelConfig, name: str) -> list[str]:
     """The KV cache per token and at 1M context next to V3's and V3.2's, with decode FLOPs and DeepSeek's figures."""
     rows = [("V3", ModelConfig.preset("v3")), ("V3.2", ModelConfig.preset("v3.2")), (name or "this", cfg)]
-    head = f"  {'':<10}{'per token (long context)':>26}{'at 1M tokens':>15}{'(BF16 at 1M)':>15}{'decode FLOPs at 1M':>21}"
+    head = (f"  {'':<10}{'per token (long context)':>26}{'at 1M tokens':>15}{'(BF16 at 1M)':>15}"
+            f"{'decode FLOPs at 1M':>21}")
     lines = ["  KV cache, RoPE dims in BF16 and the rest FP8 as DeepSeek-V4 stores it (indexer keys FP8, block scales "
              "not counted):", head]
     for label, c in rows:
         marginal = cache_bytes(c, 2 * MILLION) - cache_bytes(c, MILLION)
         lines.append(f"  {label:<10}{marginal / MILLION:>22,.0f} B/t{cache_bytes(c, MILLION) / 1e9:>12,.2f} GB"
-                     f"{cache_bytes(c, MILLION, fp8=False) / 1e9:>12,.2f} GB{decode_flops(c, MILLION) / 1e12:>15,.2f} TFLOP")
+                     f"{cache_bytes(c, MILLION, fp8=False) / 1e9:>12,.2f} GB"
+                     f"{decode_flops(c, MILLION) / 1e12:>15,.2f} TFLOP")
     window = cfg.num_hidden_layers * cfg.sliding_window * _entry_bytes(cfg.head_dim - cfg.qk_rope_head_dim,
                                                                        cfg.qk_rope_head_dim, True)
     kv, flops = (cache_bytes(cfg, MILLION) / cache_bytes(rows[1][1], MILLION),

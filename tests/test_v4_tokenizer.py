@@ -117,8 +117,8 @@ def test_the_answer_in_progress_keeps_its_reasoning_and_the_prompt_is_its_prefix
 def test_tool_turns_keep_every_reasoning_and_follow_the_calls_order():
     tools = [{"type": "function", "function": {"name": "weather", "parameters": {
         "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}}}]
-    calls = [{"id": "a", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Paris", "days": 2}'}},
-             {"id": "b", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Rome"}'}}]
+    call = lambda i, args: {"id": i, "type": "function", "function": {"name": "weather", "arguments": args}}
+    calls = [call("a", '{"city": "Paris", "days": 2}'), call("b", '{"city": "Rome"}')]
     chat = [{"role": "user", "content": "Paris and Rome?"},
             {"role": "assistant", "content": "", "reasoning_content": "ask both", "tool_calls": calls},
             {"role": "tool", "tool_call_id": "b", "content": "sun"},     # answered out of order
@@ -189,7 +189,8 @@ def test_the_server_renders_each_mode(published):
     cfg = ns.ModelConfig.preset("tiny-v4", vocab_size=tok.vocab_size, bos_token_id=0, eos_token_id=1)
     engine = ns.Engine(ns.Transformer(cfg).eval(), tok, max_batch=2)
     app = create_app(engine, tok, model_name="v4-tiny", max_concurrency=2, max_queue=4)
-    body = {"messages": CHAT, "max_tokens": 4, "ignore_eos": True, "temperature": 0, "stop_token_ids": [IDS["</think>"]]}
+    body = {"messages": CHAT, "max_tokens": 4, "ignore_eos": True, "temperature": 0,
+            "stop_token_ids": [IDS["</think>"]]}
     with TestClient(app, base_url="http://127.0.0.1") as client:
         answers = {}
         for mode, extra in [("non-think", {"thinking": {"type": "disabled"}}), ("think-high", {}),
