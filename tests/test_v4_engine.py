@@ -236,3 +236,31 @@ def test_the_server_loop_runs_a_v4_model(tiny):
     assert all(c.finish_reason == "length" and len(c.token_ids) == 6 + i for i, c in enumerate(finished[r] for r in ids))
     streamed = [t for d in eng.stream([5, 6, 7], greedy(4)) for t in d.token_ids]
     assert len(streamed) == 4 and eng.stats()["blocks_used"] == 0
+
+
+def test_a_saved_v4_folder_serves_through_load_engine(tiny, tmp_path):
+    """`nanoseek serve` / `chat`'s loader (serve/app.py load_engine: the folder, its tokenizer, the decode layout)
+    gives a V4 engine whose greedy text answers equal the in-memory model's."""
+    from nanoseek.serve.app import load_engine
+    _, model = tiny
+    tok = ns.Tokenizer.train(["The quick brown fox jumps over the lazy dog. 1234567890\n"] * 20, vocab_size=300,
+                             progress=False)
+    ns.save(model, tmp_path / "v4", tokenizer=tok)
+    eng, tok = load_engine(str(tmp_path / "v4"), max_batch=2, max_seq_len=64, device="cpu")
+    prompt = "The quick brown fox jumps over the lazy dog."
+    served = eng.generate([prompt, prompt + " 123"], greedy(6))
+    direct = ns.Engine(model, tok, max_seq_len=64).generate([prompt, prompt + " 123"], greedy(6))
+    assert [c.token_ids for c in served] == [c.token_ids for c in direct]
+    assert all(len(c.token_ids) == 6 and isinstance(c.text, str) for c in served)
+
+
+def test_an_engine_on_a_cache_that_forgets_gives_other_tokens(tiny):
+    """The engine comparison can fail: the same engine over a cache that forgets the compressors' pending tokens."""
+    hf, model = tiny
+    prompts = prompts_of([30, 41], seed=5)
+    ref = [hf_greedy(hf, p, 12) for p in prompts]
+    eng = ns.Engine(model, max_seq_len=96)
+    assert [c.token_ids for c in eng.generate(prompts, greedy(12))] == ref
+    eng.cache = ForgetsPending(model.cfg, eng.cache.pool.capacity, eng.cache.max_len)
+    eng.pool = eng.cache.pool
+    assert [c.token_ids for c in eng.generate(prompts, greedy(12))] != ref
