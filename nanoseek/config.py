@@ -682,3 +682,6 @@ PRESETS["v3.1"] = dict(PRESETS["v3"])
 # DeepSeek-V3.2 (-Exp, and V3.2 as released): V3's shapes plus a lightning indexer per layer (config.json of
 # deepseek-ai/DeepSeek-V3.2-Exp: index_n_heads 64, index_head_dim 128, index_topk 2048); 671B + 0.85B of indexers
 PRESETS["v3.2"] = dict(PRESETS["v3"], model_type="deepseek_v32", index_n_heads=64, index_head_dim=128, index_topk=2048)
+# `nanoseek pretrain --preset v4-tiny`: tiny-v4 with its MTP module (the published V4 models have one); tiny-v4
+# itself stays without MTP, as transformers builds it (the tests compare the two implementations on it)
+PRESETS["v4-tiny"] = dict(PRESETS["tiny-v4"], num_nextn_predict_layers=1)

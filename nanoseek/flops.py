@@ -6,10 +6,12 @@ from __future__ import annotations
 import torch
 
 
-def flops_per_token(cfg, seq_len: int, mtp: bool = True) -> float:
+def flops_per_token(cfg, seq_len: int, mtp: bool = True) -> float | None:
     """Training FLOPs per token, PaLM appendix B: 6 * activated parameters (embedding lookup excluded) plus the
     attention matmuls, 6 * layers * heads * seq_len * (qk_head_dim + v_head_dim) (QK^T and AV, fwd + bwd; with
     qk = v = Q, GQA's head_dim, this is PaLM's 12 L H Q T). MTP modules count as one more block + eh_proj + head."""
+    if cfg.model_type == "deepseek_v4":
+        return None   # not counted yet: V4's attention spans a window plus compressed entries, not seq_len (no MFU)
     qk_v = 2 * cfg.head_dim if cfg.attention == "gqa" else cfg.qk_head_dim + cfg.v_head_dim
     act, attn_layer = cfg.num_params()["activated"], 6 * cfg.num_attention_heads * seq_len * qk_v
     total = 6 * act + attn_layer * cfg.num_hidden_layers

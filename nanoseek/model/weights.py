@@ -110,8 +110,8 @@ def _v4_hf_to_ours(name: str, n_mtp: int) -> tuple[str, int | None, int | None] 
     if rest in _V4_TOP:
         return _V4_TOP[rest], None, None
     m = re.match(r"^layers\.(\d+)\.(.+)$", rest)
-    if not m:
-        return rest, None, None                           # embed_tokens, norm, hc_head.*
+    if not m:   # embed_tokens, norm, hc_head.*; not a run checkpoint's optimizer and RNG state (optim/..., rng.*)
+        return (rest, None, None) if name.startswith(("model.", "norm.")) else None
     prefix, rest = f"layers.{m.group(1)}.", m.group(2)
     e = _V4_EXPERT.match(rest)
     if e:

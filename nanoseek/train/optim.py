@@ -1,5 +1,5 @@
-"""Optimisation shared by every trainer: AdamW parameter groups, lr schedules, gradient clipping, and DeepSeek-V3's
-auxiliary-loss-free bias update as one optimizer-step hook (every MoE, MTP blocks included):
+"""Optimisation shared by every trainer: AdamW parameter groups (or Muon for the matrices), lr schedules, gradient
+clipping, and DeepSeek-V3's auxiliary-loss-free bias update as one optimizer-step hook (every MoE, MTP included):
 
     opt = adamw(module, lr, weight_decay); add_bias_update(opt, ExpertLoads(model, rt), speed)
     set_lr(opt, lr_at(step, total=..., lr=..., warmup=...)); ...backward...; clip_grad(params, 1.0); opt.step()
@@ -14,6 +14,7 @@ from torch import nn
 
 from ..errors import UsageError
 from ..model import MoE, update_bias
+from ..model.v4 import V4MoE
 from .runtime import Runtime
 
 
@@ -30,6 +31,38 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def adamw(module: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.95)) -> torch.optim.AdamW:
     return torch.optim.AdamW(param_groups(module, weight_decay), lr=lr, betas=betas, eps=1e-8)
+
+
+def build(name: str, module: nn.Module, lr: float, weight_decay: float):
+    """--optimizer adamw, or muon: torch.optim.Muon for the 2-D matrices but the embedding and head (kept on AdamW by
+    Muon's authors and DeepSeek-V4), AdamW for the rest (norms, biases, mHC bases and scales, embedding, head, the
+    stacked 3-D experts: torch's Muon takes 2-D only). Muon's update RMS is matched to AdamW's (0.2 sqrt(max(rows,
+    cols)), Moonlight), so one --lr and schedule serve both."""
+    if name == "adamw":
+        return adamw(module, lr, weight_decay)
+    mats = {id(p): p for n, p in module.named_parameters() if p.requires_grad and p.dim() == 2 and "embed" not in n
+            and "lm_head" not in n}
+    rest = [{**g, "params": [p for p in g["params"] if id(p) not in mats]} for g in param_groups(module, weight_decay)]
+    return Optimizers([torch.optim.Muon(list(mats.values()), lr=lr, weight_decay=weight_decay,
+                                        adjust_lr_fn="match_rms_adamw"),
+                       torch.optim.AdamW(rest, lr=lr, betas=(0.9, 0.95), eps=1e-8)])
+
+
+class Optimizers(list):
+    """Optimizers stepped as one (Muon + AdamW): param_groups, step, zero_grad, a step post-hook (run after the last);
+    torch.distributed.checkpoint's get/set_optimizer_state_dict take a list: checkpoints hold them all."""
+    param_groups = property(lambda self: [g for o in self for g in o.param_groups])
+
+    def step(self) -> None:
+        for o in self:
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def register_step_post_hook(self, hook):
+        return self[-1].register_step_post_hook(hook)
 
 
 def lr_at(step: int, *, total: int, lr: float, warmup: int = 0, schedule: str = "cosine",
@@ -77,15 +110,15 @@ class ExpertLoads:
     is one with gradients on: not GRPO's engine rollouts (inference mode), not a no-grad reference pass."""
 
     def __init__(self, model: nn.Module, rt: Runtime):
-        self.rt, self.moes = rt, [m for m in model.modules() if isinstance(m, MoE)]
-        self.counts = [torch.zeros(m.gate.n_experts, device=rt.device) for m in self.moes]
+        self.rt, self.moes = rt, [m for m in model.modules() if isinstance(m, (MoE, V4MoE))]
+        self.counts = [torch.zeros(m.gate.weight.shape[0], device=rt.device) for m in self.moes]    # (E,) each
         self.fresh, self.last = False, []       # counted since the last collect(); the last step's global loads
-        for i, m in enumerate(self.moes):
-            m.register_forward_hook(lambda mod, args, out, i=i: self._count(i, mod))
+        for i, m in enumerate(self.moes):       # every gate returns (weights, experts (N, k), ...)
+            m.gate.register_forward_hook(lambda mod, args, out, i=i: self._count(i, out[1]))
 
-    def _count(self, i: int, moe: MoE) -> None:
+    def _count(self, i: int, idx: torch.Tensor) -> None:
         if torch.is_grad_enabled():
-            self.counts[i] += moe.load.to(self.counts[i].device, torch.float32)
+            self.counts[i] += torch.bincount(idx.flatten(), minlength=len(self.counts[i])).to(self.counts[i])
             self.fresh = True
 
     def collect(self) -> list[torch.Tensor]:
@@ -100,10 +133,12 @@ class ExpertLoads:
 
 def add_bias_update(optimizer: torch.optim.Optimizer, loads: ExpertLoads, speed: float):
     """V3's auxiliary-loss-free balancing (Section 2.1.2, eq. 16 and after) as an optimizer step post-hook: after
-    each step, b_i += speed * sign(mean load - load_i) for every noaux_tc gate, from the step's global loads (so
-    every rank applies the same update and the biases stay identical); `speed` is the paper's gamma. Registered only
-    where it does something (speed > 0, a noaux_tc gate): returns its handle, or None. Every trainer calls this."""
-    gates = [(i, m.gate) for i, m in enumerate(loads.moes) if m.gate.topk_method == "noaux_tc"]
+    each step, b_i += speed * sign(mean load - load_i) for every gate routing with the bias (V3's noaux_tc, V4's
+    learned routing, not its hash-routed layers), from the step's global loads (so every rank applies the same
+    update and the biases stay identical); `speed` is the paper's gamma. Registered only where it does something
+    (speed > 0, such a gate): returns its handle, or None. Every trainer calls this."""
+    gates = [(i, m.gate) for i, m in enumerate(loads.moes) if hasattr(m.gate, "e_score_correction_bias")
+             and getattr(m.gate, "topk_method", "noaux_tc") == "noaux_tc"]
     if speed <= 0 or not gates:
         return None
 

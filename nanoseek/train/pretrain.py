@@ -1,6 +1,7 @@
 """`nanoseek pretrain`: train a DeepSeek-V3-style MoE model from text, top to bottom.
 
     nanoseek pretrain --preset tiny --steps 200 --out runs/tiny            # the embedded task corpus, offline
+    nanoseek pretrain --preset v4-tiny --optimizer muon --steps 200 --out runs/v4   # DeepSeek-V4 (MTP, Muon)
     nanoseek pretrain --preset cpu --data books/ --steps 2000 --out runs/cpu --resume
     nanoseek pretrain --init runs/v31/final --dsa warmup --steps 100 --out runs/warm  # DeepSeek-V3.2's two stages
     nanoseek pretrain --init runs/warm/final --dsa sparse --steps 1000 --out runs/dsa
@@ -9,10 +10,10 @@
 One optimizer step (V3 Sections 2.1.2 and 2.2):
   L = L_main + mtp_lambda * L_MTP + L_balance        (eq. 25: MTP weight lambda; eq. 17-20: alpha, the small
                                                        sequence-wise balance loss, inside L_balance)
-  AdamW on L with warmup + cosine (or WSD) and gradient clipping, gradients accumulated over grad_accum
-  micro-batches (and averaged over processes by DDP / FSDP2); then the auxiliary-loss-free bias update
-  b_i += gamma * sign(mean load - load_i) (optim.add_bias_update, an optimizer-step hook), from the expert loads
-  summed over micro-batches and processes.
+  AdamW (or --optimizer muon: Muon for the matrices) on L with warmup + cosine (or WSD) and gradient clipping,
+  gradients accumulated over grad_accum micro-batches (and averaged over processes by DDP / FSDP2); then the
+  auxiliary-loss-free bias update b_i += gamma * sign(mean load - load_i) (optim.add_bias_update, an optimizer-step
+  hook; V4: its learned-routing layers), from the expert loads summed over micro-batches and processes.
 
 DeepSeek Sparse Attention (V3.2 Section 2.1.1) trains from a dense model (--dsa dense) in two stages, --dsa warmup
 (only the indexers learn) then --dsa sparse (model/dsa.py: stage_loss); metrics.jsonl adds indexer_kl, kept_mass.
@@ -63,6 +64,7 @@ class PretrainConfig:
     warmup: int = -1                  # warmup steps; -1: 5% of steps, at most 200
     min_lr_ratio: float = 0.1         # final lr = lr * min_lr_ratio
     weight_decay: float = 0.1         # AdamW decay of matrices (not norms or embeddings)
+    optimizer: str = "adamw"          # adamw | muon (torch's Muon for the 2-D matrices, AdamW for the rest)
     grad_clip: float = 1.0            # 0: no clipping (the norm is still logged)
     bias_update_speed: float = 0.001  # V3's routing-bias update speed gamma (0: auxiliary-loss-free balancing off)
     balance_alpha: float = 0.0001     # V3's sequence-wise balance loss weight alpha (the config's aux_loss_alpha)
@@ -83,10 +85,9 @@ CONFIG = PretrainConfig
 
 
 def validate(cfg: PretrainConfig) -> None:
-    if cfg.preset not in PRESETS:
-        raise UsageError(f"unknown preset {cfg.preset!r}; valid presets: {', '.join(PRESETS)}")
-    if cfg.schedule not in ("cosine", "wsd"):
-        raise UsageError(f"unknown schedule {cfg.schedule!r}; valid schedules: cosine, wsd")
+    for name, valid in (("preset", list(PRESETS)), ("schedule", ["cosine", "wsd"]), ("optimizer", ["adamw", "muon"])):
+        if getattr(cfg, name) not in valid:
+            raise UsageError(f"unknown {name} {getattr(cfg, name)!r}; valid {name}s: {', '.join(valid)}")
     for name, least in (("steps", 1), ("batch_size", 1), ("grad_accum", 1), ("seq_len", 2)):
         if int(getattr(cfg, name)) < least:
             raise UsageError(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(cfg, name)}")
@@ -208,7 +209,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
         for name, p in model.named_parameters():   # frozen: no gradient, no optimizer state
             p.requires_grad_(trains(name, dsa))
         module = runtime.parallelize(TrainModule(model), rt, cfg.fsdp, blocks=[*model.layers, *model.mtp])
-        opt = optim.adamw(module, cfg.lr, cfg.weight_decay)
+        opt = optim.build(cfg.optimizer, module, cfg.lr, cfg.weight_decay)
         loads = optim.ExpertLoads(model, rt)
         optim.add_bias_update(opt, loads, 0.0 if dsa == "warmup" else cfg.bias_update_speed)   # biases frozen too
         B, T, A, W = cfg.batch_size, cfg.seq_len, cfg.grad_accum, rt.world_size

@@ -323,7 +323,9 @@ def load_trainer_state(path: str | os.PathLike, module: torch.nn.Module, optimiz
         state.setdefault(name(fqn), {}).update(sc)
     groups = [{**g, "params": [name(p) for p in g["params"]], **({"betas": tuple(g["betas"])} if "betas" in g else {})}
               for g in doc["optimizer"]["param_groups"]]
-    state, groups = fuse_param_state(state, groups)      # a run saved before gate_up_proj & co. were fused
+    # a run saved before gate_up_proj & co. were fused; not V4's shared experts, which keep gate_proj and up_proj
+    own = {n for n, _ in getattr(module, "module", module).named_parameters()}           # (DDP wraps the module)
+    state, groups = (state, groups) if set(state) <= own else fuse_param_state(state, groups)
     try:
         set_optimizer_state_dict(module, optimizer, {"state": state, "param_groups": groups},
                                  options=StateDictOptions(full_state_dict=True, strict=False))
