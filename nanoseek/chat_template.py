@@ -15,18 +15,20 @@ import json
 from collections.abc import Callable, Iterable, Iterator
 from itertools import chain, islice
 
+from .encoding_v4 import DSML
 from .errors import UsageError
 
 # The template's default special tokens (DeepSeek-V3's own strings; a trained Tokenizer gives them ids 0 and 1).
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
 
-# Tool-call markers, written by a model in its answer (DeepSeek's added tokens; the tags of Qwen2/Qwen3 templates).
+# Tool-call markers, written by a model in its answer (DeepSeek's added tokens; the tags of Qwen2/Qwen3 templates;
+# DeepSeek-V4's one DSML token, which its tags are spelled around: <｜DSML｜invoke name="...">, see encoding_v4).
 # The tokenizer keeps them in generated text (they are not control_ids) so that serve/tools.py can read the calls.
 CALLS_BEGIN, CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
 CALL_BEGIN, CALL_END, TOOL_SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
 QWEN_CALL_BEGIN, QWEN_CALL_END = "<tool_call>", "</tool_call>"
-TOOL_MARKERS = (CALLS_BEGIN, CALLS_END, CALL_BEGIN, CALL_END, TOOL_SEP, QWEN_CALL_BEGIN, QWEN_CALL_END)
+TOOL_MARKERS = (CALLS_BEGIN, CALLS_END, CALL_BEGIN, CALL_END, TOOL_SEP, QWEN_CALL_BEGIN, QWEN_CALL_END, DSML)
 
 # DeepSeek-R1's chat format, written as a transformers chat template. Variables (the same names transformers
 # passes): messages, add_generation_prompt, bos_token, eos_token; plus `thinking` (default on), the "deep think"

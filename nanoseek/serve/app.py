@@ -255,7 +255,9 @@ class Service:
         # the request models with this server's limits in them, and the OpenAPI document built from the same models
         # (so that schema-valid means acceptable, up to the two limits JSON Schema cannot say: prompt tokens, bytes)
         template = getattr(self.tokenizer, "chat_template", None)
-        self.tool_format, self.shows_tools = tools.detect(template), tools.shows_tools(template)
+        prompt_format = getattr(self.tokenizer, "prompt_format", None)   # (V4: no template, DSML tool calls)
+        self.tool_format = tools.detect(template, prompt_format)
+        self.shows_tools = tools.shows_tools(template, prompt_format)
         fmt = self.tool_format and self.tool_format.name
         fim = getattr(self.tokenizer, "fim_ids", None) is not None
         self.chat_request, self.completion_request = P.request_models(self.limits, self.model_name, self.ctx,
@@ -483,8 +485,12 @@ class Service:
         if name is not None and name not in names:
             raise APIError(400, f"tool_choice names the function {name!r}, which is not among the tools "
                            f"({', '.join(names)}); name one of them", "unknown_tool", param="tool_choice")
-        return tools.forced_call_grammar(self.tool_format, [t.model_dump(exclude_none=True) for t in req.tools],
-                                         self.marker_id, name, req.parallel_tool_calls)
+        try:
+            return tools.forced_call_grammar(self.tool_format, [t.model_dump(exclude_none=True) for t in req.tools],
+                                             self.marker_id, name, req.parallel_tool_calls)
+        except UsageError as e:   # (a schema this format's calls cannot be held to)
+            raise APIError(400, f"the tools' parameters cannot be enforced while sampling: {e}", "invalid_tools",
+                           param="tools") from None
 
     def marker_id(self, text: str) -> int | None:
         """The id of a tool-call marker when it is one added token of the vocabulary (else it is spelled out)."""
