@@ -243,3 +243,17 @@ def test_two_process_muon_run_matches_one_process(mode, tmp_path, tok_dir):
         else:   # FSDP: Muon's bf16 Newton-Schulz sums in another order, and a near tie may route a token elsewhere
             diff = [abs(x - y) for la, lb in zip(a["expert_load"], b["expert_load"]) for x, y in zip(la, lb)]
             assert sum(diff) <= 8, (a["expert_load"], b["expert_load"])     # of 4 layers x 128 tokens x top-2
+
+
+@pytest.mark.parametrize("preset", ["v4-tiny", "v4-flash"])
+def test_num_params_with_mtp_counts_the_module_we_build(preset):
+    """config.num_params(include_mtp=True) counts the MTP module as published (e/h projections, three norms, a
+    sliding-window block with a biased gate, its hc head); the module built here has exactly that many (on the meta
+    device for V4-Flash's 284B)."""
+    cfg = ns.ModelConfig.preset(preset)
+    with torch.device("meta"):
+        model = ns.Transformer(cfg)
+    built = sum(p.numel() for p in model.parameters())
+    built += sum(b.numel() for n, b in model.named_buffers() if n.endswith("e_score_correction_bias"))
+    assert cfg.num_params(include_mtp=True)["total"] == built
+    assert sum(p.numel() for p in model.mtp.parameters()) > 0
