@@ -605,10 +605,10 @@ PRESETS: dict[str, dict] = {
                       n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
                       routed_scaling_factor=1.0, first_k_dense_replace=1, num_nextn_predict_layers=1,
                       max_position_embeddings=512, index_n_heads=4, index_head_dim=16, index_topk=16),
-    # DeepSeek-V4 (Apr 2026). Shapes of the published config.json files as third-party summaries of them report
-    # (NVIDIA NeMo's V4-Flash page, antirez/ds4's MODEL_CARD.md, glennklockwood.com's V4-Pro page) and transformers'
-    # DeepseekV4Config defaults (V4-Flash's); num_params: 284.3B / 13.2B (Flash), 1.62T / 49.8B (Pro) against the
-    # published 284B / 13B and 1.6T / 49B.
+    # DeepSeek-V4 (Apr 2026): the published config.json files' shapes (copies of V4-Flash's and V4-Pro's, the latter
+    # with its tensor listing, found through code search). num_params: Flash 284.3B / 13.3B active, Pro 1.573T (1.599T
+    # with its MTP module, the published checkpoint's count of weights) / 48.9B, against the published rounded
+    # 284B / 13B and 1.6T / 49B.
     # V4-Flash: layers 0-1 sliding window only, then CSA (even) / HCA (odd) alternating; top-6 of 256 experts
     "v4-flash": dict(model_type="deepseek_v4", vocab_size=129280, hidden_size=4096, moe_intermediate_size=2048,
                      num_hidden_layers=43, num_attention_heads=64, num_key_value_heads=1, head_dim=512,
@@ -619,11 +619,14 @@ PRESETS: dict[str, dict] = {
                      o_groups=8, o_lora_rank=1024, index_n_heads=64, index_head_dim=128, index_topk=512,
                      num_nextn_predict_layers=1, max_position_embeddings=1048576, rope_theta=10000.0,
                      rope_scaling=_YARN_V4, bos_token_id=0, eos_token_id=1),
-    # V4-Pro: 2 HCA layers then HCA/CSA alternating (transformers' default schedule), top-6 of 384 experts
+    # V4-Pro: compress_ratios [128, 128] + [4, 128] * 29 + [4]: layers 0-1 HCA, then CSA (even) / HCA (odd) alternating
+    # (30 CSA, 31 HCA; transformers' default schedule puts CSA on the odd layers); top-6 of 384 experts
     "v4-pro": dict(model_type="deepseek_v4", vocab_size=129280, hidden_size=7168, moe_intermediate_size=3072,
                    num_hidden_layers=61, num_attention_heads=128, num_key_value_heads=1, head_dim=512,
                    q_lora_rank=1536, qk_rope_head_dim=64, n_routed_experts=384, n_shared_experts=1,
                    num_experts_per_tok=6, scoring_func="sqrtsoftplus", routed_scaling_factor=2.5, o_groups=16,
+                   layer_types=["heavily_compressed_attention"] * 2 + ["compressed_sparse_attention" if i % 2 == 0 else
+                                                                       "heavily_compressed_attention" for i in range(59)],
                    o_lora_rank=1024, index_n_heads=64, index_head_dim=128, index_topk=1024,
                    num_nextn_predict_layers=1, max_position_embeddings=1048576, rope_theta=10000.0,
                    rope_scaling=_YARN_V4, bos_token_id=0, eos_token_id=1),

@@ -126,3 +126,16 @@ def test_preset_sizes_match_the_published_counts(name, total, active):
     digits = 3 if total == 284e9 else 2
     assert float(f"{n['total']:.{digits}g}") == total
     assert float(f"{n['activated']:.2g}") == active
+
+
+def test_v4_pro_schedule_and_weight_count_match_the_published_checkpoint():
+    """V4-Pro's config.json: compress_ratios [128, 128] + [4, 128] * 29 + [4] (HCA on layers 0-1, then CSA on the
+    even layers); its tensor listing holds 1,598,837,347,742 weights (861.6B stored elements, FP4 experts packed two
+    per byte, scales and tid2eid left out), which is num_params with the MTP module. transformers' default schedule
+    (CSA on the odd layers) gives another count: the check can fail."""
+    cfg = ModelConfig.preset("v4-pro")
+    rates = [128 if t == "heavily_compressed_attention" else 4 for t in cfg.layer_types]
+    assert rates == [128, 128] + [4, 128] * 29 + [4]
+    assert cfg.num_params(include_mtp=True)["total"] == 1_598_837_347_742
+    other = ModelConfig.preset("v4-pro", layer_types=None)
+    assert other.num_params(include_mtp=True)["total"] != 1_598_837_347_742
