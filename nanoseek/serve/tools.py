@@ -75,7 +75,8 @@ class ToolFormat:
         if self.name == "deepseek-v3.1":
             return content + CALLS_BEGIN + "".join(self.call_text(n, a) for n, a in calls) + CALLS_END
         if self.name == "deepseek-v4":
-            return f"{content}\n\n{V4_CALLS}\n" + "\n".join(self.call_text(n, a) for n, a in calls) + f"\n{V4_CALLS_END}"
+            invokes = "\n".join(self.call_text(n, a) for n, a in calls)
+            return f"{content}\n\n{V4_CALLS}\n{invokes}\n{V4_CALLS_END}"
         return (content + "\n" if content else "") + "\n".join(self.call_text(n, a) for n, a in calls)
 
 
