@@ -154,6 +154,64 @@ def test_a_cache_that_loses_state_fails_the_comparison(tiny, broken):
     assert rel_err(full, cached_logits(model, IDS, (3, 5), broken)) > 100 * TOL
 
 
+class CountsReads(V4Cache):
+    """Records what each layer's compressed branches read: (layer, name, shape) of every entries() / selected()."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.reads = []
+
+    def entries(self, layer, name, new, first):
+        out = super().entries(layer, name, new, first)
+        self.reads.append(("entries", layer, name, tuple(out.shape)))
+        return out
+
+    def selected(self, layer, name, positions):
+        out = super().selected(layer, name, positions)
+        self.reads.append(("selected", layer, name, tuple(out.shape)))
+        return out
+
+
+class PicksTheNextEntry(V4Cache):
+    """Negative control: gathers the entry after each chosen one (a gathered path that reads the wrong entries)."""
+
+    def selected(self, layer, name, positions):
+        return super().selected(layer, name, (positions + 1) % (positions.max() + 1))
+
+
+def test_a_csa_decode_step_reads_its_top_k_entries_only(tiny):
+    """After a 40-token prompt (10 CSA entries > index_topk 3), a decode step gathers k = 3 entries per CSA layer
+    for its query (and the HCA layer still reads its entries whole); the CSA compressor's entries are never read
+    whole. The indexer reads all its keys (it ranks them)."""
+    _, model = tiny
+    cfg, k = model.cfg, model.cfg.index_topk
+    cache = CountsReads(cfg, num_slots=2, max_len=64)
+    slots = [cache.pool.allocate() for _ in range(2)]
+    with torch.no_grad():
+        model(IDS[:, :40], cache.plan([[s] for s in slots], [0, 0], [40, 40]), cache=cache)
+        cache.reads.clear()
+        model(IDS[:, 40:41], cache.plan([[s] for s in slots], [40, 40], [1, 1]), cache=cache)
+    csa = [i for i, t in enumerate(cfg.layer_types) if t == "compressed_sparse_attention"]
+    assert sorted(r for r in cache.reads if r[2] == "compressor" and r[1] in csa) == \
+        [("selected", i, "compressor", (2, 1, k, cfg.head_dim)) for i in csa]
+    assert all(r[0] == "entries" for r in cache.reads if r[2] == "indexer" or r[1] not in csa)
+    assert ("entries", csa[0], "indexer", (2, 41 // 4, cfg.index_head_dim)) in cache.reads
+
+
+def test_gathered_top_k_equals_the_masked_attention(tiny, monkeypatch):
+    """The same cached run with the gathered path (decode and short chunks: T x k < entries) and with every CSA
+    step attending to all entries under the selection mask: equal logits (same tolerance as above: they differ by
+    the order of the softmax's sums). A gathered path reading the wrong entries fails the comparison."""
+    import nanoseek.model.v4 as v4
+    _, model = tiny
+    gathered = cached_logits(model, IDS, (1, 3))
+    wrong = cached_logits(model, IDS, (1, 3), PicksTheNextEntry)
+    monkeypatch.setattr(v4, "gather_selected", lambda T, S, k: False)
+    masked = cached_logits(model, IDS, (1, 3))
+    assert rel_err(masked, gathered) < TOL
+    assert rel_err(masked, wrong) > 100 * TOL
+
+
 def greedy(n):
     return ns.SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
 

@@ -168,12 +168,21 @@ class V4Cache:
         self._write(br.gate, self.positions % K, keep, gate)
         return kv_l, gate_l, first
 
-    def entries(self, layer: int, name: str, new: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
-        """Pooled entries first, first + 1, ... (B, W, dim) of pending()'s windows: keep the complete ones and
-        return every entry of each row so far (B, E, dim), E = the most complete of any row (the rest masked by
-        the attention: an entry w is visible once (w + 1) * rate tokens are in)."""
+    def store(self, layer: int, name: str, new: torch.Tensor, first: torch.Tensor) -> None:
+        """Pooled entries first, first + 1, ... (B, W, dim) of pending()'s windows: keep the complete ones."""
         br = self.branches[layer][name]
         w = first + torch.arange(new.shape[1], device=new.device)       # (B, W)
         self._write(br.entries, w, (w + 1) * br.rate <= self.end, new)
+
+    def entries(self, layer: int, name: str, new: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+        """store(), then every entry of each row so far (B, E, dim), E = the most complete of any row (the rest
+        masked by the attention: an entry w is visible once (w + 1) * rate tokens are in)."""
+        self.store(layer, name, new, first)
+        br = self.branches[layer][name]
         E = max((s + n) // br.rate for s, n in self._spans)
         return br.entries[self.slots, :E]
+
+    def selected(self, layer: int, name: str, positions: torch.Tensor) -> torch.Tensor:
+        """The entries at positions (B, T, k) of each row (CSA's top-k per query) -> (B, T, k, dim): reads T x k
+        entries, not all of them. Positions a query may not see read an entry that the attention masks."""
+        return self.branches[layer][name].entries[self.slots[:, None, None], positions]

@@ -18,6 +18,11 @@ The cache protocol (the model computes, the cache stores and gathers):
   cache.window(layer, kv, size)                     -> the window's keys (B, S, d) and which query sees which
   cache.pending(layer, name, kv, gate, rate, overlap) -> whole windows of projections to pool, first entry index
   cache.entries(layer, name, new, first)            -> every compressed entry of the sequence so far (B, E, dim)
+  cache.store(layer, name, new, first)              -> (stores the completed entries only, reads nothing)
+  cache.selected(layer, name, positions)            -> the entries at positions (B, T, k) of each row (B, T, k, dim)
+A cached CSA step that reads less that way (T x index_topk < E: decoding) stores its entries and gathers only each
+query's index_topk chosen ones, as V3.2's decode does (model/mla.py gather_selected): a decode step's attention
+reads the window and k entries, not E = context / 4.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .layers import Linear, RMSNorm
+from .mla import gather_selected
 from .moe import Experts
 from .rope import apply_rope, yarn_frequencies, yarn_scaling
 
@@ -83,9 +89,10 @@ class Compressor(nn.Module):
         self.position_bias = nn.Parameter(torch.zeros(rate, c * dim))        # B, one row per place in the window
         self.kv_norm = RMSNorm(dim, eps)
 
-    def compress(self, x: torch.Tensor, rotary: V4Rotary, cache=None, layer: int = 0) -> torch.Tensor:
+    def compress(self, x: torch.Tensor, rotary: V4Rotary, cache=None, layer: int = 0, read: bool = True):
         """No cache: x (B, T, hidden) -> the entries of its T // rate complete windows (B, W, dim), the tail left
-        out. With a cache: x holds this step's new tokens; -> every entry of each sequence so far (B, E, dim)."""
+        out. With a cache: x holds this step's new tokens; -> every entry of each sequence so far (B, E, dim), or,
+        read=False, None: the completed entries are stored and the caller gathers the ones it needs."""
         B, T, _ = x.shape
         if cache is None:
             x = x[:, :T // self.rate * self.rate]
@@ -98,7 +105,10 @@ class Compressor(nn.Module):
             return self.pool(kv, gate, first, rotary)
         # the cache puts the pending tokens of earlier steps (and, overlapping, the previous window) in front
         kv, gate, first = cache.pending(layer, self.cache_name, kv, gate, self.rate, self.overlap)
-        return cache.entries(layer, self.cache_name, self.pool(kv, gate, first, rotary), first)
+        entries = self.pool(kv, gate, first, rotary)
+        if not read:
+            return cache.store(layer, self.cache_name, entries, first)
+        return cache.entries(layer, self.cache_name, entries, first)
 
     def pool(self, kv: torch.Tensor, gate: torch.Tensor, first: torch.Tensor, rotary: V4Rotary) -> torch.Tensor:
         """kv, gate (B, L, c*dim): the projections of whole windows, L = rate * (W + overlap), a window before the
@@ -140,19 +150,21 @@ class Indexer(Compressor):
         self.q_b_proj = Linear(cfg.q_lora_rank, cfg.index_n_heads * cfg.index_head_dim, bias=False)
         self.scorer = Scorer(cfg.hidden_size, cfg.index_n_heads)
 
-    def select(self, x, q_latent, positions, visible, rotary: V4Rotary, cache=None, layer: int = 0) -> torch.Tensor:
-        """x (B, T, hidden), q_latent (B, T, q_lora_rank), visible (B, T, W) -> chosen (B, T, W) boolean."""
+    def scores(self, x, q_latent, positions, rotary: V4Rotary, cache=None, layer: int = 0) -> torch.Tensor:
+        """x (B, T, hidden), q_latent (B, T, q_lora_rank) -> index scores (B, T, W) of every compressed entry."""
         B, T, _ = x.shape
         keys = self.compress(x, rotary, cache, layer)                                    # (B, W, di)
         q = rope_tail(self.q_b_proj(q_latent).view(B, T, self.n_heads, self.dim),
                       *rotary(positions, "compress"))                                    # (B, T, nh, di)
         scores = torch.matmul(q.float(), keys.transpose(-1, -2).float().unsqueeze(1))    # (B, T, nh, W)
         w = self.scorer.weights_proj(x).float() * self.n_heads ** -0.5                   # (B, T, nh)
-        scores = (F.relu(scores) * self.dim ** -0.5 * w.unsqueeze(-1)).sum(dim=2)         # (B, T, W)
-        scores = scores.masked_fill(~visible, float("-inf"))
-        top = scores.topk(min(self.topk, keys.shape[1]), dim=-1).indices                 # (B, T, k)
-        chosen = torch.zeros_like(visible).scatter_(-1, top, True)
-        return chosen & visible               # a query with fewer visible entries than k picks some it cannot see
+        return (F.relu(scores) * self.dim ** -0.5 * w.unsqueeze(-1)).sum(dim=2)          # (B, T, W)
+
+    def top(self, scores: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """scores, visible (B, T, W) -> the top min(index_topk, W) visible entries (B, T, k) and which of them
+        are visible (B, T, k) bool: a query with fewer visible entries than k picks some it cannot see."""
+        top = scores.masked_fill(~visible, float("-inf")).topk(min(self.topk, scores.shape[-1]), dim=-1).indices
+        return top, visible.gather(-1, top)
 
 
 class CSACompressor(Compressor):
@@ -191,16 +203,28 @@ def window_mask(positions: torch.Tensor, window: int) -> torch.Tensor:
     return (d >= 0) & (d < window)
 
 
-def attend(q: torch.Tensor, kv: torch.Tensor, allowed: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
+def attend(q: torch.Tensor, kv: torch.Tensor, allowed: torch.Tensor, sinks: torch.Tensor, picked=None) -> torch.Tensor:
     """Softmax attention of q (B, H, T, d) over the shared K = V head kv (B, S, d), where allowed (B, T, S), with
-    one extra logit per head (its sink) that takes a share of the softmax and returns nothing -> (B, T, H, d)."""
+    one extra logit per head (its sink) that takes a share of the softmax and returns nothing -> (B, T, H, d).
+    picked: (entries (B, T, k, d), valid (B, T, k)), keys of each query's own (CSA's gathered top-k) that join the
+    same softmax."""
     B, H, T, d = q.shape
-    bias = torch.zeros(allowed.shape, device=q.device).masked_fill(~allowed, float("-inf"))
-    scores = torch.matmul(q, kv.unsqueeze(1).transpose(-1, -2)) * d ** -0.5 + bias[:, None]   # (B, H, T, S)
+
+    def bias(ok):
+        return torch.zeros(ok.shape, device=q.device).masked_fill(~ok, float("-inf"))
+
+    scores = torch.matmul(q, kv.unsqueeze(1).transpose(-1, -2)) * d ** -0.5 + bias(allowed)[:, None]  # (B, H, T, S)
+    if picked is not None:
+        own, valid = picked
+        own_scores = torch.einsum("bhtd,btkd->bhtk", q, own) * d ** -0.5 + bias(valid)[:, None]       # (B, H, T, k)
+        scores = torch.cat([scores, own_scores], dim=-1)
     logits = torch.cat([scores, sinks.view(1, -1, 1, 1).expand(B, -1, T, 1).to(scores.dtype)], dim=-1)
     logits = logits - logits.amax(dim=-1, keepdim=True)
-    probs = logits.softmax(dim=-1)[..., :-1]                                              # the sink's share is dropped
-    return torch.matmul(probs.to(kv.dtype), kv.unsqueeze(1)).transpose(1, 2)
+    probs = logits.softmax(dim=-1)[..., :-1].to(kv.dtype)                                 # the sink's share is dropped
+    out = torch.matmul(probs[..., :kv.shape[1]], kv.unsqueeze(1))                          # (B, H, T, d)
+    if picked is not None:
+        out = out + torch.einsum("bhtk,btkd->bhtd", probs[..., kv.shape[1]:], own)
+    return out.transpose(1, 2)
 
 
 class V4Attention(nn.Module):
@@ -234,10 +258,14 @@ class V4Attention(nn.Module):
             allowed = window_mask(positions, self.window)                                 # (B, T, T)
         else:        # the window's cached keys, then these: (B, S, d), (B, T, S)
             kv, allowed = cache.window(self.layer, kv, self.window)
+        picked = None
         if self.compressor is not None:
             entries, visible = self.compressed(x, q_latent, positions, rotary, cache)     # (B, W, d), (B, T, W)
-            kv, allowed = torch.cat([kv, entries], dim=1), torch.cat([allowed, visible], dim=-1)
-        out = attend(q, kv, allowed, self.sinks)                                          # (B, T, H, d)
+            if entries.dim() == 4:           # CSA's gathered top-k: (B, T, k, d), (B, T, k), each query its own
+                picked = entries, visible
+            else:
+                kv, allowed = torch.cat([kv, entries], dim=1), torch.cat([allowed, visible], dim=-1)
+        out = attend(q, kv, allowed, self.sinks, picked)                                  # (B, T, H, d)
         # V = K carries its keys' rotation: rotating the output back by the query's position leaves, on the rope
         # dims, a function of the relative positions only
         out = rope_tail(out, cos, -sin)
@@ -247,14 +275,25 @@ class V4Attention(nn.Module):
     def compressed(self, x, q_latent, positions, rotary, cache=None):
         """The compressed entries (B, W, d) and which each query may attend to (B, T, W): entry w summarises tokens
         up to (w + 1) * rate - 1, so query t sees it once t + 1 >= (w + 1) * rate; CSA keeps the indexer's top-k.
-        With a cache, W counts every entry of the sequences so far."""
+        With a cache, W counts every entry of the sequences so far, and a CSA step that reads less by gathering
+        (gather_selected) gets each query's chosen entries (B, T, k, d) and which of them are visible (B, T, k)."""
         c = self.compressor
-        entries = c.compress(x, rotary, cache, self.layer)
-        ready = (positions + 1) // c.rate                                                 # (B, T)
-        visible = torch.arange(entries.shape[1], device=x.device).view(1, 1, -1) < ready[..., None]
-        if isinstance(c, CSACompressor):      # (with no entry yet it still updates its cache)
-            visible = c.indexer.select(x, q_latent, positions, visible, rotary, cache, self.layer)
-        return entries, visible
+
+        def visible(n):
+            ready = (positions + 1) // c.rate                                             # (B, T)
+            return torch.arange(n, device=x.device).view(1, 1, -1) < ready[..., None]
+
+        if not isinstance(c, CSACompressor):
+            entries = c.compress(x, rotary, cache, self.layer)
+            return entries, visible(entries.shape[1])
+        scores = c.indexer.scores(x, q_latent, positions, rotary, cache, self.layer)      # (B, T, W)
+        W = scores.shape[-1]
+        top, valid = c.indexer.top(scores, visible(W))                                    # (B, T, k) each
+        if cache is not None and gather_selected(x.shape[1], W, top.shape[-1]):
+            c.compress(x, rotary, cache, self.layer, read=False)
+            return cache.selected(self.layer, c.cache_name, top), valid                   # (B, T, k, d)
+        entries = c.compress(x, rotary, cache, self.layer)     # (with no entry yet it still updates its cache)
+        return entries, torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, valid)
 
 
 class HyperConnection(nn.Module):
