@@ -8,6 +8,7 @@ one of them, as in the real model), as tests/test_v4_tokenizer.py does; test_too
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 
@@ -218,6 +219,22 @@ def test_schemas_a_v4_call_cannot_follow_are_refused_by_name():
 
 
 # ----------------------------------------------------------------------------------------------- the server
+class ScriptedV4(Scripted):
+    """test_tools.Scripted with V4's tokens: its script's DSML as the token, the rest as text (<tool_call> is text in
+    V4's vocabulary)."""
+
+    def add_request(self, prompt, params=None, request_id=None):
+        if self.script is not None:
+            from nanoseek.infer.grammar import Grammar
+            parts = []
+            for i, piece in enumerate(self.script.split(DSML)):
+                parts += ([f"<[{self.tok.token_to_id(DSML)}]>"] if i else []) + \
+                    ([json.dumps(piece, ensure_ascii=False)] if piece else [])
+            grammar = Grammar.lark(self.tok, "start: " + " ".join(parts) + "\n")
+            params = dataclasses.replace(params, constraint=grammar)
+        return self.engine.add_request(prompt, params, request_id=request_id)
+
+
 @pytest.fixture(scope="module")
 def v4(tok):
     """A random tiny-v4 model with V4's vocabulary behind the real app (thinking off by default: a random model
@@ -225,7 +242,7 @@ def v4(tok):
     torch.manual_seed(0)
     cfg = ns.ModelConfig.preset("tiny-v4", vocab_size=tok.vocab_size, bos_token_id=0, eos_token_id=1,
                                 max_position_embeddings=2048)      # (the tools section is ~400 tokens)
-    engine = Scripted(ns.Engine(ns.Transformer(cfg).eval(), tok, max_batch=16), tok)
+    engine = ScriptedV4(ns.Engine(ns.Transformer(cfg).eval(), tok, max_batch=16), tok)
     app = create_app(engine, tok, model_name=MODEL, api_key=KEY, max_concurrency=16, max_queue=128,
                      thinking_default=False)
     with ServerThread(app) as srv:
@@ -273,15 +290,19 @@ def test_auto_calls_are_parsed_from_the_models_text_whole_and_streamed(v4):
 
 
 def test_tool_choice_none_reads_no_calls(v4):
-    v4.engine.script = V4.answer_text([("get_weather", '{"city": "Oslo", "unit": "c"}')], content="Hi.")
+    v4.engine.script = V4.answer_text([("get_weather", '{"city": "Oslo", "unit": "c"}')], content="Hi <tool_call>.")
     try:
         a = client(v4).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
                                                 tools=TOOLS, tool_choice="none", max_tokens=100)
+        b = client(v4).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                                max_tokens=100)   # (no tools: the same reader)
     finally:
         v4.engine.script = None
-    msg = a.choices[0].message
-    assert msg.tool_calls is None and a.choices[0].finish_reason == "stop"
-    assert msg.content.startswith("Hi.") and "Oslo" in msg.content and DSML not in msg.content   # (not a token)
+    for answer in a, b:
+        msg = answer.choices[0].message
+        assert msg.tool_calls is None and answer.choices[0].finish_reason == "stop"
+        # the DSML token is no text (as when it was a control token); <tool_call> is text in V4's vocabulary
+        assert msg.content.startswith("Hi <tool_call>.") and "Oslo" in msg.content and DSML not in msg.content
 
 
 def test_the_round_trip_is_served_and_bad_schemas_are_refused(v4, tok):

@@ -516,7 +516,7 @@ class Service:
             return None
         if req.tools and req.tool_choice != "none":
             return tools.ToolCallParser(self.tool_format)
-        return tools.PlainAnswer()
+        return tools.PlainAnswer.of(self.tool_format)
 
     def stream(self, jobs: Job | list[Job], adapters) -> SSEResponse:
         """The SSE response of one job and its adapter, or of n choices (lists of both)."""

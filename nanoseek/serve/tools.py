@@ -447,12 +447,21 @@ class PlainAnswer:
     content: str = ""
     calls: list[dict] = field(default_factory=list)     # (always empty)
     buf: str = ""
+    markers: tuple[str, ...] = TOOL_MARKERS
+
+    @classmethod
+    def of(cls, fmt: ToolFormat) -> PlainAnswer:
+        """The reader for a model of format `fmt`. V4's vocabulary has DeepSeek's tool tokens and DSML but no
+        <tool_call> tags: there they are text, and stay."""
+        if fmt.name == "deepseek-v4":
+            return cls(markers=tuple(m for m in TOOL_MARKERS if m not in (QWEN_CALL_BEGIN, QWEN_CALL_END)))
+        return cls()
 
     def feed(self, text: str, final: bool = False) -> list[dict]:
         buf = self.buf + text
-        for m in TOOL_MARKERS:
+        for m in self.markers:
             buf = buf.replace(m, "")
-        keep = 0 if final else ct.partial_suffix(buf, TOOL_MARKERS)
+        keep = 0 if final else ct.partial_suffix(buf, self.markers)
         piece, self.buf = buf[:len(buf) - keep], buf[len(buf) - keep:]
         self.content += piece
         return [{"content": piece}] if piece else []
