@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any
 
 DEEPSEEK = ("deepseek_v3", "deepseek_v2", "deepseek_v32")   # MLA + DeepSeekMoE (+ MTP); V3.2 adds DSA
@@ -252,13 +253,32 @@ class ModelConfig:
     def is_moe_layer(self, i: int) -> bool:
         return self.is_moe and i >= self.first_k_dense_replace and i % max(self.moe_layer_freq, 1) == 0
 
-    @property
-    def kv_cache_elems_per_token(self) -> int:
-        """Elements one token costs in the cache, per layer: the MLA latent, kv_lora_rank + qk_rope_head_dim (+ the
-        indexer key, index_head_dim, with DSA), or GQA's keys and values, 2 x num_key_value_heads x head_dim."""
+    def cache_entries(self, layer: int) -> list[tuple[int, int, int]]:
+        """What layer `layer`'s KV cache grows by with the context: (tokens per entry, its elements, of which RoPE
+        dims) for each kind of entry. MLA: the latent, kv_lora_rank + qk_rope_head_dim, per token (+ the indexer
+        key, index_head_dim, with DSA); GQA: keys and values, 2 x num_key_value_heads x head_dim. V4: a CSA layer
+        one head_dim entry and one indexer key per compress_rates[CSA] (4) tokens, an HCA layer one entry per 128;
+        V4's window (the last sliding_window raw entries of every layer) does not grow and is not here.
+        The one account of the cache: info.cache_bytes and V4Cache.bytes_per_token are built on it."""
         if self.attention == "gqa":
-            return 2 * self.num_key_value_heads * self.head_dim
-        return self.kv_lora_rank + self.qk_rope_head_dim + (self.index_head_dim if self.dsa else 0)
+            return [(1, 2 * self.num_key_value_heads * self.head_dim, 0)]
+        if self.attention == "mla":
+            latent = (1, self.kv_lora_rank + self.qk_rope_head_dim, self.qk_rope_head_dim)
+            return [latent] + ([(1, self.index_head_dim, 0)] if self.dsa else [])
+        kind = self.layer_types[layer]
+        if kind == "sliding_attention":
+            return []
+        entry = (self.compress_rates[kind], self.head_dim, self.qk_rope_head_dim)
+        return [entry] + ([(entry[0], self.index_head_dim, 0)] if kind == "compressed_sparse_attention" else [])
+
+    @property
+    def kv_cache_elems_per_token(self) -> int | float:
+        """Elements one token costs in the cache, per layer, in the long run (cache_entries; V4: the mean over its
+        layers, so that x num_hidden_layers is a token's cost; a fraction when an entry's elements do not divide
+        by its rate)."""
+        L = self.num_hidden_layers
+        per = sum(Fraction(n, rate) for i in range(L) for rate, n, _ in self.cache_entries(i)) / L
+        return int(per) if per.denominator == 1 else float(per)
 
     @property
     def mha_cache_elems_per_token(self) -> int:

@@ -78,25 +78,21 @@ def _entry_bytes(nope: int, rope: int, fp8: bool) -> int:
 
 
 def cache_bytes(cfg: ModelConfig, tokens: int, fp8: bool = True) -> int:
-    """Bytes of KV cache one sequence of `tokens` tokens holds, all layers (not the MTP layer's).
+    """Bytes of KV cache one sequence of `tokens` tokens holds, all layers (not the MTP layer's): every layer's
+    cache_entries (config.py) at one per `rate` tokens, their RoPE dims in BF16 and the rest in FP8 (or BF16).
 
-    V4: every layer keeps its window's last `sliding_window` entries (head_dim each: constant in length); a CSA layer
-    adds one entry and one indexer key (index_head_dim) per compress_rate (4) tokens, an HCA layer one entry per 128
-    tokens. (The compressors' partial blocks, under 2 x 4 and 128 tokens of state per layer, are left out.)
     MLA (V2/V3): one latent, kv_lora_rank + qk_rope_head_dim, per token and layer, + the indexer key with DSA (V3.2).
-    GQA: keys and values, 2 x num_key_value_heads x head_dim per token and layer."""
-    L, key = cfg.num_hidden_layers, (cfg.index_head_dim or 0) * (1 if fp8 else 2)
-    if cfg.attention == "gqa":
-        return tokens * L * cfg.kv_cache_elems_per_token * (1 if fp8 else 2)
-    if cfg.attention == "mla":
-        return tokens * L * (_entry_bytes(cfg.kv_lora_rank, cfg.qk_rope_head_dim, fp8) + (key if cfg.dsa else 0))
-    entry = _entry_bytes(cfg.head_dim - cfg.qk_rope_head_dim, cfg.qk_rope_head_dim, fp8)
+    GQA: keys and values, 2 x num_key_value_heads x head_dim per token and layer.
+    V4: a CSA layer one entry and one indexer key (index_head_dim) per compress_rate (4) tokens, an HCA layer one
+    entry per 128; and every layer its window's last `sliding_window` entries (head_dim each: constant in length).
+    (The compressors' partial blocks, under 2 x 4 and 128 tokens of state per layer, are left out.)"""
     total = 0
-    for kind in cfg.layer_types:
-        total += min(tokens, cfg.sliding_window) * entry
-        if kind != "sliding_attention":
-            n = tokens // cfg.compress_rates[kind]
-            total += n * (entry + (key if kind == "compressed_sparse_attention" else 0))
+    for layer in range(cfg.num_hidden_layers):
+        for rate, n, rope in cfg.cache_entries(layer):
+            total += tokens // rate * _entry_bytes(n - rope, rope, fp8)
+        if cfg.attention == "hybrid":
+            total += min(tokens, cfg.sliding_window) * _entry_bytes(cfg.head_dim - cfg.qk_rope_head_dim,
+                                                                     cfg.qk_rope_head_dim, fp8)
     return total
 
 

@@ -18,6 +18,39 @@ def test_cache_bytes_by_hand_on_a_small_v4():
     assert info.cache_bytes(cfg, 5) == 4 * 5 * entry_fp8 + 2 * 1 * (entry_fp8 + 16)   # (shorter than the window)
 
 
+@pytest.mark.parametrize("name", ["tiny-v4", "v4-flash", "v4-pro", "v3", "v3.2", "qwen-7b"])
+def test_one_account_of_the_cache_per_token(name):
+    """config.py's kv_cache_elems_per_token (x layers) is what info.cache_bytes grows by per token in BF16, and what
+    the engine's cache reports (V4Cache; the paged caches for MLA / GQA), in the long run."""
+    from nanoseek.infer.cache import paged_cache_class
+    from nanoseek.infer.v4_cache import V4Cache
+    cfg = ModelConfig.preset(name)
+    L, per = cfg.num_hidden_layers, cfg.kv_cache_elems_per_token
+    n = 8 * 128 * 1024                                         # a multiple of every compress rate
+    assert info.cache_bytes(cfg, 2 * n, fp8=False) - info.cache_bytes(cfg, n, fp8=False) == n * L * per * 2
+    if cfg.attention == "hybrid":
+        csa = cfg.layer_types.count("compressed_sparse_attention")
+        hca = cfg.layer_types.count("heavily_compressed_attention")
+        rates = cfg.compress_rates
+        by_hand = (csa * (cfg.head_dim + cfg.index_head_dim) / rates["compressed_sparse_attention"]
+                   + hca * cfg.head_dim / rates["heavily_compressed_attention"])
+        assert L * per == by_hand
+        if name == "tiny-v4":      # the cache itself (a real one is cheap only at this size)
+            assert V4Cache(cfg, num_slots=1, max_len=64).bytes_per_token == 4 * L * per
+    else:
+        assert paged_cache_class(cfg).elems_per_token(cfg) == per
+        assert isinstance(per, int)
+
+
+def test_v4_flash_caches_what_deepseek_v4_describes_per_token():
+    """V4-Flash: 21 CSA layers (a 512 entry + a 128 indexer key per 4 tokens), 20 HCA (512 per 128), 2 window-only."""
+    cfg = ModelConfig.preset("v4-flash")
+    kinds = [cfg.layer_types.count(k) for k in ("compressed_sparse_attention", "heavily_compressed_attention")]
+    assert cfg.num_hidden_layers * cfg.kv_cache_elems_per_token == kinds[0] * 640 // 4 + kinds[1] * 512 // 128
+    v3 = ModelConfig.preset("v3")                            # a tenth of V3's per token (576 x 61 = 35,136)
+    assert cfg.num_hidden_layers * cfg.kv_cache_elems_per_token < v3.num_hidden_layers * v3.kv_cache_elems_per_token / 10
+
+
 def test_v3_and_v32_caches_are_one_latent_per_token_and_layer():
     v3, v32 = ModelConfig.preset("v3"), ModelConfig.preset("v3.2")
     assert info.cache_bytes(v3, 1) == 61 * (512 * 1 + 64 * 2) == 39_040          # FP8 latent, BF16 RoPE dims

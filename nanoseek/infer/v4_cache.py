@@ -94,10 +94,9 @@ class V4Cache:
                                      zeros(max_len // rate, dim))
             self.branches.append(layer)
         size = torch.empty((), dtype=dtype).element_size()
-        # in the long run a token costs its share of the compressed entries; the window and the pending tokens
-        # are a fixed cost per sequence (bytes_per_slot counts everything a slot holds)
-        self.bytes_per_token = size * sum(dim / rate for kind in cfg.layer_types
-                                          for _, rate, _, dim in branch_specs(cfg, kind))
+        # in the long run a token costs its share of the compressed entries (config.py cache_entries); the window
+        # and the pending tokens are a fixed cost per sequence (bytes_per_slot counts everything a slot holds)
+        self.bytes_per_token = size * cfg.num_hidden_layers * cfg.kv_cache_elems_per_token
         self.bytes_per_slot = size * sum(math.prod(s) for s in slot_shapes(cfg, max_len))
 
     @staticmethod
