@@ -344,7 +344,7 @@ class ToolCallParser:
 
     def _param(self, final: bool, out: list[dict]) -> bool:
         """After <｜DSML｜parameter: ` name="KEY" string="true|false">`, which opens the key in the arguments (a
-        malformed tag drops the parameter; a key said twice keeps its first value, as a JSON reader would not)."""
+        malformed tag drops the parameter; a key said twice keeps its first value: the arguments name each key once)."""
         tag = self._tag(_V4_PARAM_TAG, final)
         if tag is None:
             return False
@@ -548,7 +548,7 @@ def _dsml_call(f: dict, lit) -> str:
     schema = f.get("parameters") or {"type": "object"}
     props, required = schema.get("properties") or {}, schema.get("required") or []
     bad = [k for k in _WHOLE_OBJECT if k in schema] + [k for k in required if props.get(k, False) is False]
-    if bad or schema.get("type", "object") != "object":
+    if bad or schema.get("type", "object") not in ("object", ["object"]):
         raise UsageError(f"function {f['name']!r}: DeepSeek-V4 writes a call's arguments one parameter at a time, so "
                          "a forced call can follow a parameters schema made of an object's properties (with "
                          f"required and additionalProperties), not {bad or schema.get('type')!r}; simplify the schema "
