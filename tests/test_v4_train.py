@@ -257,3 +257,38 @@ def test_num_params_with_mtp_counts_the_module_we_build(preset):
     built += sum(b.numel() for n, b in model.named_buffers() if n.endswith("e_score_correction_bias"))
     assert cfg.num_params(include_mtp=True)["total"] == built
     assert sum(p.numel() for p in model.mtp.parameters()) > 0
+
+
+def test_learned_routing_layers_give_v3s_sequence_wise_balance_loss():
+    """V3 eq. 17-20 on each learned-routing layer (not the hash-routed ones), summed in losses()["balance_loss"]:
+    alpha * sum_i f_i P_i per sequence, f_i = E / (K T) * tokens of the sequence choosing expert i, P_i the mean of
+    the token's normalised score s_i / sum_j s_j; recomputed here from the gates' outputs, sequence by sequence.
+    It has a gradient for the learned gates; it is 0 in eval mode and with alpha 0."""
+    from nanoseek.train.pretrain import model_config
+    assert model_config(PretrainConfig(preset="v4-tiny", balance_alpha=0.02)).aux_loss_alpha == 0.02
+    torch.manual_seed(0)
+    cfg = ns.ModelConfig.preset("tiny-v4", aux_loss_alpha=0.01)
+    model = ns.Transformer(cfg).train()
+    B, T, E, K = 3, 16, cfg.n_routed_experts, cfg.num_experts_per_tok
+    ids = torch.randint(0, cfg.vocab_size, (B, T))
+    seen = {}
+    for i, m in enumerate(model.moe_layers()):
+        m.gate.register_forward_hook(lambda mod, args, out, i=i: seen.__setitem__(i, out))
+    out = model.losses(ids, ids)
+    hand = 0.0
+    learned = [i for i, t in enumerate(cfg.mlp_layer_types) if t == "moe"]
+    for i in learned:
+        _, idx, scores = seen[i]
+        for b in range(B):
+            s, chosen = scores.view(B, T, E)[b].detach(), idx.view(B, T, K)[b]
+            f = torch.bincount(chosen.flatten(), minlength=E).double() * E / (K * T)
+            p = (s / s.sum(-1, keepdim=True)).double().mean(0)
+            hand += 0.01 * float((f * p).sum()) / B
+    assert len(learned) == 3 and "hash_moe" in cfg.mlp_layer_types
+    assert abs(out["balance_loss"].item() - hand) < 1e-6 * hand
+    assert all((m.balance_loss is None) == m.gate.hashed for m in model.moe_layers())
+    out["balance_loss"].backward()           # it trains the learned gates (P_i carries the scores' gradient)
+    assert all(m.gate.weight.grad.abs().sum() > 0 for m in model.moe_layers() if not m.gate.hashed)
+    assert model.eval().losses(ids, ids)["balance_loss"].item() == 0.0
+    no_alpha = ns.Transformer(cfg.replace(aux_loss_alpha=0.0)).train()
+    assert no_alpha.losses(ids, ids)["balance_loss"].item() == 0.0

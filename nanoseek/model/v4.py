@@ -34,7 +34,7 @@ from torch import nn
 from ..config import ModelConfig
 from .layers import Linear, RMSNorm
 from .mla import gather_selected
-from .moe import Experts
+from .moe import Experts, sequence_balance_loss
 from .rope import apply_rope, yarn_frequencies, yarn_scaling
 
 CSA, HCA, SLIDING = "compressed_sparse_attention", "heavily_compressed_attention", "sliding_attention"
@@ -406,27 +406,39 @@ class V4Gate(nn.Module):
             self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts))
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor):
-        """x (N, hidden), input_ids (N,) -> weights (N, k), experts (N, k)."""
+        """x (N, hidden), input_ids (N,) -> weights (N, k), experts (N, k), scores (N, E) (as moe.Gate)."""
         scores = self.score(F.linear(x, self.weight).float())                            # (N, E)
         if self.hashed:
             idx = self.tid2eid[input_ids].long()
         else:
             idx = torch.topk(scores + self.e_score_correction_bias, self.k, dim=-1, sorted=False).indices
         w = scores.gather(1, idx)
-        return w / (w.sum(dim=-1, keepdim=True) + 1e-20) * self.scale, idx
+        return w / (w.sum(dim=-1, keepdim=True) + 1e-20) * self.scale, idx, scores
 
 
 class V4MoE(nn.Module):
+    """Routed experts (hash or learned routing), one shared expert. A learned-routing layer in training keeps V3's
+    sequence-wise balance loss of its last forward (moe.sequence_balance_loss, V3 eq. 17-20, on the sqrt(softplus)
+    scores; weight aux_loss_alpha, pretrain's --balance-alpha), which the V4 report keeps beside the bias update;
+    a hash-routed layer has none (its routing is a fixed table). transformers' V4 offers instead a Switch-style
+    batch-wise loss over softmax(router logits) (router_aux_loss_coef, off unless output_router_logits)."""
+
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.gate = V4Gate(cfg, cfg.mlp_layer_types[layer] == "hash_moe")
         self.experts = ClampedExperts(cfg)
         self.shared_experts = SharedExpert(cfg)
+        self.aux_loss_alpha = cfg.aux_loss_alpha
+        self.balance_loss: torch.Tensor | None = None   # sequence-wise balance loss of the last training forward
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """x (B, T, hidden), input_ids (B, T) -> (B, T, hidden)."""
+        B, T, _ = x.shape
         flat = x.reshape(-1, x.shape[-1])
-        weights, idx = self.gate(flat, input_ids.reshape(-1))
+        weights, idx, scores = self.gate(flat, input_ids.reshape(-1))
+        self.balance_loss = None
+        if self.training and self.aux_loss_alpha > 0 and not self.gate.hashed:
+            self.balance_loss = sequence_balance_loss(scores.view(B, T, -1), idx.view(B, T, -1), self.aux_loss_alpha)
         return self.experts(flat, weights, idx).view_as(x) + self.shared_experts(x)
 
 
