@@ -115,3 +115,91 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
         p = torch.softmax(logits, dim=-1)
         entropy = logz - (p * logits).sum(-1)
     return logp, entropy
+
+
+# ---------------------------------------------------------------------------------------------- the training forward
+# A group's G completions share their prompt. Run as G padded rows prompt + completion, every prompt token is computed
+# G times (the cpu-preset bench: 25-token prompts, <= 64-token completions, 25% of the positions); with a shared
+# prefix each distinct prompt runs once and its completions attend to its keys and values.
+class SharedPrefix:
+    """Keys and values of P prompts, computed once and read by the N completions that follow them: the `prefix`
+    argument of Transformer.forward / trunk (MLA.forward and GQA.forward call update() in every layer).
+
+    First forward, over the prompts (P, Tp), right-padded: update(layer, k, v) records the layer's keys and values
+    (P, Tp, heads, d) and returns them as they are, with no mask (causal). read(T) turns to the second forward, over
+    the completions (N, T): update returns [its prompt's keys ; its own keys] (N, Tp + T, heads, d), the same for the
+    values, and the mask (N, 1, T, Tp + T): the first lengths[group[n]] prompt columns, then causal. Gradients of the
+    N copies (an index into the recorded tensors) sum back into each prompt's keys and values: what computing the
+    prompt once per completion gives."""
+
+    def __init__(self, lengths: torch.Tensor, group: torch.Tensor):
+        self.lengths, self.group = lengths, group       # (P,) prompt lengths; (N,) the prompt row of each completion
+        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.mask: torch.Tensor | None = None          # set by read(): from then on update() reads
+
+    def read(self, width: int, T: int) -> None:
+        """Switch to the completions' forward: prompts right-padded to `width` columns, completions of T."""
+        dev = self.lengths.device
+        prompt = torch.arange(width, device=dev) < self.lengths[self.group][:, None]                 # (N, Tp)
+        causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
+        N = len(self.group)
+        self.mask = torch.cat([prompt[:, None].expand(N, T, width), causal.expand(N, T, T)], dim=-1)[:, None]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        if self.mask is None:
+            self.kv[layer] = (k, v)
+            return k, v, None
+        pk, pv = self.kv[layer]
+        return torch.cat([pk[self.group], k], dim=1), torch.cat([pv[self.group], v], dim=1), self.mask
+
+
+@dataclass
+class GroupBatch:
+    """Completions as one shared-prefix batch: each distinct prompt once, each completion one row after it. Column 0
+    of targets / mask / engine_logprobs is a completion's first token, predicted at its prompt's last position."""
+    prompts: torch.Tensor           # (P, Tp) the distinct prompts, right-padded
+    lengths: torch.Tensor           # (P,) their lengths
+    group: torch.Tensor             # (N,) the prompt row of each completion
+    inputs: torch.Tensor            # (N, T) each completion but its last token, right-padded (T >= 1)
+    targets: torch.Tensor           # (N, T + 1) the completion tokens
+    mask: torch.Tensor              # (N, T + 1) 1.0 where targets holds a completion token
+    engine_logprobs: torch.Tensor   # (N, T + 1) the sampler's log-probs of them (0 where it gave none)
+
+    def to(self, device) -> GroupBatch:
+        return GroupBatch(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
+
+
+def group_batch(comps, idx: list[int], pad_id: int) -> GroupBatch:
+    """Completions comps[i] for i in idx (anything with prompt_token_ids, token_ids, logprobs: engine Completions)
+    -> their GroupBatch; completions of equal prompts share one prompt row. No completion: one padding row that the
+    mask excludes (a process with nothing left still runs every forward)."""
+    rows: dict[tuple, int] = {}
+    group = [rows.setdefault(tuple(comps[i].prompt_token_ids), len(rows)) for i in idx]
+    outs = [list(comps[i].token_ids) for i in idx]
+    if not idx:
+        rows, group, outs = {(pad_id,): 0}, [0], [[]]
+    Tp, T = max(len(p) for p in rows), max(2, *(len(o) for o in outs)) - 1
+    pad = lambda seqs, width: torch.tensor([s + [pad_id] * (width - len(s)) for s in seqs])    # noqa: E731
+    lps = [[float(x) for x in (comps[i].logprobs or [])[:len(o)]] for i, o in zip(idx, outs)] or [[]]
+    return GroupBatch(pad([list(p) for p in rows], Tp), torch.tensor([len(p) for p in rows]), torch.tensor(group),
+                      pad([o[:-1] for o in outs], T), pad(outs, T + 1),
+                      torch.tensor([[1.0] * len(o) + [0.0] * (T + 1 - len(o)) for o in outs]),
+                      torch.tensor([x + [0.0] * (T + 1 - len(x)) for x in lps]))
+
+
+def group_logits(model, b: GroupBatch) -> torch.Tensor:
+    """The logits of every completion token of b, (N, T + 1, vocab): the prompts' forward, recording each layer's
+    keys and values, then the completions' forward reading them, at the positions after their prompt's."""
+    prefix = SharedPrefix(b.lengths, b.group)
+    prompt_logits = model(b.prompts, prefix=prefix)                                  # (P, Tp, vocab)
+    N, T = b.inputs.shape
+    prefix.read(b.prompts.shape[1], T)
+    positions = b.lengths[b.group][:, None] + torch.arange(T, device=b.inputs.device)   # (N, T)
+    logits = model(b.inputs, positions, prefix=prefix)                               # (N, T, vocab)
+    first = prompt_logits[torch.arange(len(b.lengths), device=b.lengths.device), b.lengths - 1]   # (P, vocab)
+    return torch.cat([first[b.group][:, None], logits], dim=1)
+
+
+def group_logprobs(model, b: GroupBatch, temperature: float = 1.0):
+    """token_logprobs of group_logits: log-probs and entropies (N, T + 1) of b's completion tokens."""
+    return token_logprobs(group_logits(model, b), b.targets, temperature)

@@ -213,40 +213,42 @@ def test_old_option_names_warmup_steps_and_bias_gamma_still_work(tmp_path):
 
 
 class Completion:
-    """What _rows reads of an engine Completion."""
+    """What rl.group_batch reads of an engine Completion."""
 
     def __init__(self, prompt, tokens):
         self.prompt_token_ids, self.token_ids, self.logprobs = prompt, tokens, None
 
 
 def test_reference_logprobs_in_one_forward_equal_one_forward_per_micro_batch(tiny):
-    from nanoseek.train.grpo import _rows, forward_logprobs, reference_logprobs
+    from nanoseek.rl import group_batch
+    from nanoseek.train.grpo import forward_logprobs, reference_logprobs
     model, tok = tiny
     model = model.eval()
     g = torch.Generator().manual_seed(0)
     ids = lambda n: torch.randint(3, tok.vocab_size, (n,), generator=g).tolist()   # noqa: E731
-    # prompts of 5-9 tokens, completions of 1-12: micro-batches of different widths and first target positions,
-    # sorted by length as train_on_rollout sorts them, and a padding micro-batch at the end (a process with none left)
-    comps = [Completion(ids(5 + i % 5), ids(1 + (7 * i) % 12)) for i in range(10)]
-    order = sorted(range(10), key=lambda i: len(comps[i].prompt_token_ids) + len(comps[i].token_ids))
-    rows = [_rows(comps, c, 0) for c in (order[:3], order[3:6], order[6:], [])]
+    # 5 prompts of 5-9 tokens x 2 completions of 1-12: micro-batches of different widths, a group split across two of
+    # them, and a padding micro-batch at the end (a process with none left)
+    prompts = [ids(5 + i) for i in range(5)]
+    comps = [Completion(prompts[i // 2], ids(1 + (7 * i) % 12)) for i in range(10)]
+    chunks = [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9], []]
+    rows = [group_batch(comps, c, 0) for c in chunks]
     cpu = torch.device("cpu")
-    apart = [forward_logprobs(model, r[0], r[1], 0.7, cpu)[0] for r in rows]
+    apart = [forward_logprobs(model, r, 0.7, cpu)[0] for r in rows]
     calls = []
     hook = model.register_forward_hook(lambda *a: calls.append(1))
-    try:
+    try:   # (each forward of a GroupBatch is two model calls: the prompts, then the completions)
         for max_logits, forwards in ((2**27, 2), (1, 4)):   # all real micro-batches in one forward / one each
             calls.clear()
-            joint = reference_logprobs(model, rows, 0, 0.7, cpu, max_logits=max_logits)
-            assert len(calls) == forwards
+            joint = reference_logprobs(model, comps, chunks, rows, 0, 0.7, cpu, max_logits=max_logits)
+            assert len(calls) == 2 * forwards
             assert [x.shape for x in joint] == [x.shape for x in apart]
             for j, (a, b, r) in enumerate(zip(joint, apart, rows)):
                 # the same products over more (padding) rows and columns: float32 rounding, measured <= 5e-7
-                assert torch.allclose(a * r[2], b * r[2], atol=1e-5), (j, (a - b).abs().max())
+                assert torch.allclose(a * r.mask, b * r.mask, atol=1e-5), (j, (a - b).abs().max())
     finally:
         hook.remove()
     # a comparison that can fail: the micro-batches' columns shifted by one position differ by far more
-    assert not torch.allclose(joint[1][:, 1:] * rows[1][2][:, 1:], apart[1][:, :-1] * rows[1][2][:, 1:], atol=1e-2)
+    assert not torch.allclose(joint[1][:, 1:] * rows[1].mask[:, 1:], apart[1][:, :-1] * rows[1].mask[:, 1:], atol=1e-2)
 
 
 def test_auto_compiles_the_rollouts_when_the_run_decodes_enough_steps():

@@ -41,18 +41,22 @@ class GQA(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.interleave = cfg.rope_interleave  # False for every dense family (the config refuses True)
 
-    def forward(self, x, cos, sin, mask=None, cache=None, layer: int = 0, dsa=None):
+    def forward(self, x, cos, sin, mask=None, cache=None, layer: int = 0, dsa=None, prefix=None):
         """x (B, T, hidden) -> (B, T, hidden).
 
         Without `cache`: attention over these T tokens, causal, or under `mask` (B, 1, T, T) or (T, T), True = may
         attend (every row needs one True). With `cache`: cache.update(layer, k, v) stores this step's keys (after
         RoPE and k_norm) and values, each (B, T, n_kv_heads, head_dim), and returns every visible key and value
         (B, S, n_kv_heads, head_dim) and a boolean mask (B|1, 1, T, S) (True = may attend) or None (the last T of
-        the S positions are these tokens: causal among them, all earlier ones visible).
+        the S positions are these tokens: causal among them, all earlier ones visible). `prefix` (rl.SharedPrefix,
+        without a cache): keys and values shared by several rows that come before these tokens (as in MLA.forward:
+        prefix.update(layer, k, v) returns the keys and values to read, (B, S, n_kv_heads, d), and their mask).
         """
         if mask is not None and cache is not None:
             raise ValueError("GQA got both a mask and a cache: the cache supplies the mask (cache.update returns "
                              "it); pass one of them")
+        if prefix is not None and (mask is not None or cache is not None):
+            raise ValueError("GQA's shared prefix supplies its own mask and runs without a cache; pass it alone")
         B, T, _ = x.shape
         q, k, v = self.qkv_proj(x).view(B, T, self.n_heads + 2 * self.n_kv_heads, self.head_dim).split(
             [self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=2)                   # (B, T, heads, d) each
@@ -64,6 +68,8 @@ class GQA(nn.Module):
             S = k.shape[1]
             if mask is None and T > 1:  # SDPA's is_causal aligns to the top-left corner; ours is bottom-right
                 mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
+        elif prefix is not None:
+            k, v, mask = prefix.update(layer, k, v)                                    # (B, S, n_kv_heads, d)
         out = self.attend(q, k, v, mask, causal=cache is None and mask is None and T > 1)    # (B, T, H, d)
         return self.o_proj(out.reshape(B, T, self.n_heads * self.head_dim))
 

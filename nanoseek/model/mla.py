@@ -91,11 +91,15 @@ class MLA(nn.Module):
         c_kv, k_pe = kv_a.split([self.kv_lora_rank, self.rope], dim=-1)
         return self.kv_a_layernorm(c_kv), apply_rope(k_pe, cos, sin, self.interleave)
 
-    def forward(self, x, cos, sin, mask=None, cache=None, layer: int = 0, dsa: DSA | None = None):
+    def forward(self, x, cos, sin, mask=None, cache=None, layer: int = 0, dsa: DSA | None = None, prefix=None):
         """x (B, T, hidden) -> (B, T, hidden).
 
         Without `cache`: the full path over these T tokens, causal, or under `mask` (B, 1, T, T) or (T, T),
         True = may attend (every row needs one True). With `cache`: the absorbed path through it.
+        `prefix` (rl.SharedPrefix, the full path only): keys and values computed before these tokens, shared by
+        several rows (GRPO: a group's prompt, once for its G completions); prefix.update(layer, k, v) takes this
+        layer's per-head keys (B, T, H, qk_dim) and values (B, T, H, v_dim) and returns the ones attention reads,
+        (B, S, H, .) each, with their mask (B, 1, T, S) or None for causal.
         cache.update(layer, c_kv, k_pe) stores this step's latents and returns every visible latent
         (B, S, kv_lora_rank), (B, S, rope) and a boolean mask (B, 1, T, S) (True = may attend) or None.
         With an indexer (DSA), see dsa_forward for the two more cache methods; `dsa` (dsa.DSA) switches the
@@ -104,6 +108,9 @@ class MLA(nn.Module):
         if mask is not None and cache is not None:
             raise ValueError("MLA got both a mask and a cache: the cache supplies the mask of the absorbed path "
                              "(cache.update returns it); pass one of them")
+        if prefix is not None and (mask is not None or cache is not None or self.indexer is not None):
+            raise ValueError("MLA's shared prefix runs on the full path without a mask (it supplies its own), a cache "
+                             "or DSA's indexer; pass the prefix alone")
         q_a, kv_a = self.down(x)
         q_nope, q_pe, q_latent = self.queries(x, q_a, cos, sin)
         c_kv, k_pe = self.latent(kv_a, cos, sin)
@@ -111,7 +118,7 @@ class MLA(nn.Module):
             return self.dsa_forward(x, q_latent, (q_nope, q_pe), (c_kv, k_pe), (cos, sin), mask, cache, layer,
                                     dsa or DSA())
         if cache is None:
-            return self.full_attention(q_nope, q_pe, c_kv, k_pe, mask)
+            return self.full_attention(q_nope, q_pe, c_kv, k_pe, mask, prefix, layer)
         return self.cached_attention(q_nope, q_pe, c_kv, k_pe, cache, layer)
 
     def cached_attention(self, q_nope, q_pe, c_kv, k_pe, cache, layer: int):
@@ -168,14 +175,17 @@ class MLA(nn.Module):
                                       c_sel.flatten(0, 1), pe_sel.flatten(0, 1), valid.reshape(B * T, 1, 1, -1))
         return out.view(B, T, -1)
 
-    def full_attention(self, q_nope, q_pe, c_kv, k_pe, mask=None):
+    def full_attention(self, q_nope, q_pe, c_kv, k_pe, mask=None, prefix=None, layer: int = 0):
         """Attention with per-head keys/values expanded from the latent (the training path): causal when mask is
-        None, else under the boolean mask (B|1, 1, T, T) or (T, T), True = may attend."""
+        None, else under the boolean mask (B|1, 1, T, T) or (T, T), True = may attend; a shared prefix's keys and
+        values come first when `prefix` is given (forward)."""
         B, T, H, _ = q_nope.shape
         kv = self.kv_b_proj(c_kv).view(B, T, H, self.nope + self.v_dim)
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)                                          # (B, T, H, qk_dim)
         k = torch.cat([k_nope, k_pe[:, :, None, :].expand(B, T, H, self.rope)], dim=-1)
+        if prefix is not None:
+            k, v, mask = prefix.update(layer, k, v)                   # (B, S, H, qk_dim), (B, S, H, v), (B, 1, T, S)
         # SDPA's fused (flash) kernels want one head size for q, k and v; with v_head_dim != qk_head_dim (V3: 128
         # vs 192) it silently falls back to the unfused math path, about 2x slower on CPU with backward. Zero
         # columns change neither the scores (explicit scale) nor the first v_head_dim output columns.

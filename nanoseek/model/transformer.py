@@ -51,10 +51,10 @@ class Block(nn.Module):
         moe = cfg.is_moe_layer(layer) or layer >= cfg.num_hidden_layers  # the MTP block is an MoE block (V3)
         self.mlp = MoE(cfg) if moe and cfg.is_moe else MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, mask=None, cache=None, dsa=None):
-        """x (B, T, hidden) -> (B, T, hidden); mask, cache and dsa (DeepSeek-V3.2's options) as in MLA.forward
-        (GQA.forward ignores dsa: no indexer)."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, self.layer, dsa)
+    def forward(self, x, cos, sin, mask=None, cache=None, dsa=None, prefix=None):
+        """x (B, T, hidden) -> (B, T, hidden); mask, cache, dsa (DeepSeek-V3.2's options) and prefix (a shared
+        prefix's keys and values) as in MLA.forward (GQA.forward ignores dsa: no indexer)."""
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, self.layer, dsa, prefix)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -149,14 +149,20 @@ class Transformer(nn.Module):
                     kv_a = None
 
     def trunk(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-              cache=None, dsa: DSA | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+              cache=None, dsa: DSA | None = None, prefix=None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """The main model up to its final norm: input_ids (B, T) -> h (B, T, hidden) and rope = (cos, sin), each
         (B, T, rope_dim // 2). The head is separate so that a caller who needs logits at a few positions
         (the engine) pays vocab x hidden for those only; rope serves the MTP module at the same positions.
-        dsa: DeepSeek-V3.2's per-forward options (model/dsa.py: dense or sparse, training records)."""
+        dsa: DeepSeek-V3.2's per-forward options (model/dsa.py: dense or sparse, training records). prefix
+        (rl.SharedPrefix): every layer's attention also reads keys and values computed before these tokens, e.g.
+        GRPO's prompt of a group, computed once and read by its G completions (positions then continue the
+        prefix's); deepseek_v2/v3 and the dense families, full path."""
         B, T = input_ids.shape
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        if prefix is not None and self.cfg.model_type == "deepseek_v4":
+            raise ValueError("a shared prefix is for deepseek_v2/v3 and the dense families: deepseek_v4's attention "
+                             "(model/v4.py) does not take one")
         if self.cfg.model_type == "deepseek_v4":
             if dsa is not None:
                 raise ValueError("dsa options are for deepseek_v32; deepseek_v4's indexer is part of its CSA layers")
@@ -164,7 +170,7 @@ class Transformer(nn.Module):
         rope = self.rotary(positions)
         x = self.embed_tokens(input_ids)                                               # (B, T, hidden)
         for block in self.layers:
-            x = block(x, *rope, mask, cache, dsa)
+            x = block(x, *rope, mask, cache, dsa, prefix)
         return self.norm(x), rope
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
@@ -173,7 +179,7 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, cache=None, return_hidden: bool = False, logits_to_keep: int = 0,
-                dsa: DSA | None = None):
+                dsa: DSA | None = None, prefix=None):
         """input_ids (B, T) -> logits (B, T, vocab) [, final hidden (B, T, hidden) after the last norm].
 
         positions (B, T): RoPE positions (default 0..T-1). mask: boolean (B, 1, T, T) or (T, T), True = may
@@ -181,8 +187,9 @@ class Transformer(nn.Module):
         (MLA.forward's protocol), which supplies its own mask. logits_to_keep k > 0: logits of the last k
         positions only (B, k, vocab), as transformers' argument: the head is skipped where no loss is taken.
         dsa (deepseek_v32 only): dsa.DSA(sparse=False) runs dense attention; DSA(records=[]) collects, per layer,
-        the indexer's scores and the attention it is trained to match (model/dsa.py)."""
-        h, _ = self.trunk(input_ids, positions, mask, cache, dsa)
+        the indexer's scores and the attention it is trained to match (model/dsa.py). prefix: keys and values
+        shared by several rows, before their tokens (trunk; rl.SharedPrefix)."""
+        h, _ = self.trunk(input_ids, positions, mask, cache, dsa, prefix)
         logits = self.head(h[:, -logits_to_keep:] if logits_to_keep else h)
         return (logits, h) if return_hidden else logits
 

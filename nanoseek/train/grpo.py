@@ -38,12 +38,11 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
 from .. import plots
 from ..data.jsonl import read_jsonl, write_jsonl
 from ..errors import UsageError
-from ..rl import LOSS_TYPES, SCALE_REWARDS, group_advantages, policy_loss, token_logprobs, zero_std_groups
+from ..rl import LOSS_TYPES, SCALE_REWARDS, group_advantages, group_batch, group_logprobs, policy_loss, zero_std_groups
 from . import optim, runtime
 from .run import Run
 
@@ -177,29 +176,11 @@ def rollout(engine, tok, task, problems: list, first: int, cfg: GRPOConfig, step
                    everyone([c.finish_reason == "length" for c in comps]).bool())
 
 
-def _rows(comps, idx, pad_id):
-    """Completions `idx` as right-padded rows prompt + completion -> inputs (n, T), and targets, completion mask,
-    engine logprobs (n, K) for the last K positions: from the first completion token on (the head runs there only).
-    No completion: one padding row that the mask excludes (a process with nothing left still runs every forward)."""
-    seqs = [list(comps[i].prompt_token_ids) + list(comps[i].token_ids) for i in idx] or [[pad_id, pad_id]]
-    n, T = len(seqs), max(len(s) for s in seqs) - 1
-    inputs, targets = torch.full((n, T), pad_id, dtype=torch.long), torch.full((n, T), pad_id, dtype=torch.long)
-    mask, eng_lp = torch.zeros((n, T)), torch.zeros((n, T))
-    for r, (i, s) in enumerate(zip(idx, seqs)):
-        inputs[r, :len(s) - 1], targets[r, :len(s) - 1] = torch.tensor(s[:-1]), torch.tensor(s[1:])
-        start, k = len(comps[i].prompt_token_ids) - 1, len(comps[i].token_ids)
-        mask[r, start:start + k] = 1.0
-        if comps[i].logprobs and k:
-            eng_lp[r, start:start + k] = torch.tensor([float(x) for x in comps[i].logprobs[:k]])
-    first = min((len(comps[i].prompt_token_ids) - 1 for i in idx), default=0)
-    return inputs, targets[:, first:], mask[:, first:], eng_lp[:, first:]
-
-
-def forward_logprobs(model, inputs, targets, temperature: float, device):
-    """Training forward of right-padded rows (N, T) -> log-probs and entropies (N, K) of the last K targets."""
+def forward_logprobs(model, b, temperature: float, device):
+    """Training forward of an rl.GroupBatch (each prompt once, its completions after it) -> log-probs and entropies
+    (N, T + 1) of the completion tokens."""
     with runtime.autocast(device):
-        logits = model(inputs.to(device), logits_to_keep=targets.shape[1])
-    return token_logprobs(logits, targets.to(device), temperature)
+        return group_logprobs(model, b.to(device), temperature)
 
 
 # logits one no-grad forward of the reference model may hold (float32: 512 MiB; log-softmax and the gather add about
@@ -207,37 +188,31 @@ def forward_logprobs(model, inputs, targets, temperature: float, device):
 REF_FORWARD_LOGITS = 2**27
 
 
-def _runs(rows: list, vocab_size: int, max_logits: int) -> list[list[int]]:
-    """Consecutive micro-batches (sorted by length) grouped so that each group's logits fit max_logits; a padding
-    micro-batch (nothing masked in: a process with no completion left) goes alone, not widening the others."""
-    runs, n = [[]], 0
-    for j, (inputs, _, mask, _) in enumerate(rows):
-        n += len(inputs)
-        if runs[-1] and (n * inputs.shape[1] * vocab_size > max_logits or not mask.any() or not rows[j - 1][2].any()):
+def _runs(chunks: list, rows: list, vocab_size: int, max_logits: int) -> list[list[int]]:
+    """Consecutive micro-batches grouped so that each group's logits fit max_logits; a padding micro-batch (no
+    completion: a process with nothing left) goes alone."""
+    runs, n, K = [], 0, 0
+    for j, c in enumerate(chunks):
+        n, K = n + len(c), max(K, rows[j].targets.shape[1])
+        if not runs or not c or not chunks[j - 1] or n * K * vocab_size > max_logits:
             runs.append([])
-            n = len(inputs)
+            n, K = len(c), rows[j].targets.shape[1]
         runs[-1].append(j)
     return runs
 
 
 @torch.no_grad()
-def reference_logprobs(ref_model, rows: list, pad_id: int, temperature: float, device,
+def reference_logprobs(ref_model, comps, chunks: list, rows: list, pad_id: int, temperature: float, device,
                        max_logits: int = REF_FORWARD_LOGITS) -> list[torch.Tensor]:
-    """pi_ref's log-probs for every micro-batch of `rows` (_rows' output) from one batched forward over all of them:
-    the frozen model needs no gradient, so none of the micro-batching the backward needs (it runs in slices of whole
-    micro-batches only where the logits would pass max_logits). Right padding to the longest row is invisible to
-    every real position under the causal mask. -> one (n_j, K_j) tensor per micro-batch, aligned with rows[j]."""
+    """pi_ref's log-probs for every micro-batch (completions chunks[j], GroupBatch rows[j]) from one batched forward
+    over all of them: the frozen model needs no gradient, so none of the micro-batching the backward needs (slices of
+    whole micro-batches only where the logits would pass max_logits). Column 0 of every row is its first completion
+    token, so micro-batch j's K_j columns are the joint batch's first K_j. -> one (n_j, K_j) tensor per micro-batch."""
     out = []
-    for run in _runs(rows, ref_model.cfg.vocab_size, max_logits):
-        T = max(rows[j][0].shape[1] for j in run)
-        first = min(rows[j][0].shape[1] - rows[j][1].shape[1] for j in run)    # the earliest position with a target
-        # micro-batch j's K_j targets sit at positions T_j - K_j .. T_j - 1, i.e. these columns of the joint rows
-        cols = [slice(rows[j][0].shape[1] - rows[j][1].shape[1] - first, rows[j][0].shape[1] - first) for j in run]
-        inputs = torch.cat([F.pad(rows[j][0], (0, T - rows[j][0].shape[1]), value=pad_id) for j in run])
-        targets = torch.cat([F.pad(rows[j][1], (c.start, T - first - c.stop), value=pad_id)
-                             for j, c in zip(run, cols)])                      # (n, T - first)
-        logp = forward_logprobs(ref_model, inputs, targets, temperature, device)[0]
-        out += [lp[:, c] for lp, c in zip(logp.split([len(rows[j][0]) for j in run]), cols)]
+    for run in _runs(chunks, rows, ref_model.cfg.vocab_size, max_logits):
+        b = rows[run[0]] if len(run) == 1 else group_batch(comps, [i for j in run for i in chunks[j]], pad_id)
+        logp = forward_logprobs(ref_model, b, temperature, device)[0]
+        out += [lp[:, :rows[j].targets.shape[1]] for j, lp in zip(run, logp.split([len(rows[j].group) for j in run]))]
     return out
 
 
@@ -259,24 +234,23 @@ def train_on_rollout(module, optimizer, ro: Rollout, cfg: GRPOConfig, pad_id: in
         return {**stats, "loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": float("nan"),
                 "logprob_gap": float("nan"), "trained_tokens": 0, "skipped": 1}
     comps = ro.completions
-    idx = sorted((i for i in range(len(comps)) if keep[mine][i]),
-                 key=lambda i: len(comps[i].prompt_token_ids) + len(comps[i].token_ids))
+    idx = [i for i in range(len(comps)) if keep[mine][i]]       # group by group: a micro-batch runs each prompt once
     chunks = [idx[j:j + cfg.micro_batch] for j in range(0, len(idx), cfg.micro_batch)]
     chunks += [[]] * (int(rt.sum(len(chunks), op="max")[0]) - len(chunks))   # every process runs as many forwards
-    rows = [_rows(comps, c, pad_id) for c in chunks]
-    num_tokens = torch.tensor(rt.sum(sum(r[2].sum().item() for r in rows))[0]).clamp(min=1.0)
-    ref = reference_logprobs(ref_model, rows, pad_id, cfg.temperature, rt.device) if cfg.beta else []
+    rows = [group_batch(comps, c, pad_id) for c in chunks]
+    num_tokens = torch.tensor(rt.sum(sum(r.mask.sum().item() for r in rows))[0]).clamp(min=1.0)
+    ref = reference_logprobs(ref_model, comps, chunks, rows, pad_id, cfg.temperature, rt.device) if cfg.beta else []
     old: list[torch.Tensor] = []
     agg, gap = torch.zeros(4, dtype=torch.float64), 0.0    # loss, kl, clip_frac, entropy sum (global units)
     for it in range(cfg.num_iterations):
         optimizer.zero_grad(set_to_none=True)
-        for j, (c, (inputs, targets, mask, eng_lp)) in enumerate(zip(chunks, rows)):
-            mask, adv_c = mask.to(rt.device), (adv[c] if c else torch.zeros(1)).to(rt.device)
+        for j, (c, b) in enumerate(zip(chunks, rows)):
+            mask, adv_c = b.mask.to(rt.device), (adv[c] if c else torch.zeros(1)).to(rt.device)
             with runtime.grad_sync(module, j == len(rows) - 1):
-                logp, ent = forward_logprobs(module, inputs, targets, cfg.temperature, rt.device)
+                logp, ent = forward_logprobs(module, b, cfg.temperature, rt.device)
                 if it == 0:
                     old.append(logp.detach())
-                    gap = max(gap, ((logp.detach() - eng_lp.to(rt.device)).abs() * mask).max().item())
+                    gap = max(gap, ((logp.detach() - b.engine_logprobs.to(rt.device)).abs() * mask).max().item())
                     agg[3] += (ent * mask).sum().item()
                 out = policy_loss(logp, old[j], adv_c, mask, loss_type=cfg.loss_type, eps_low=cfg.eps_low,
                                   eps_high=cfg.eps_high, beta=cfg.beta, ref_logp=ref[j] if ref else None,
