@@ -146,12 +146,14 @@ class V4Cache:
     def pending(self, layer: int, name: str, kv: torch.Tensor, gate: torch.Tensor, rate: int, overlap: bool):
         """This step's projections kv, gate (B, T, c*dim) -> the projections of whole windows (B, L, c*dim), the
         pending tokens in front of these (absent ones, before position 0 or past a row's end, gated -inf), and
-        first (B, 1): the entry the first of those windows completes (with overlap the window before it leads)."""
+        first (B, 1): the entry the first of those windows completes (with overlap the window before it leads).
+        The windows are those this step completes in some row (none at most decode steps: L = 0, or the one
+        leading window with overlap); a window no row completes would make an entry that store() drops."""
         br = self.branches[layer][name]
         K, T, lead = br.kv.shape[1], kv.shape[1], int(overlap)
         first = self.start // rate                                      # (B, 1)
         base = (first - lead) * rate                                    # (B, 1) position of local token 0
-        L = rate * max(math.ceil((s + n - (s // rate - lead) * rate) / rate) for s, n in self._spans)
+        L = rate * max((s + n) // rate - s // rate + lead for s, n in self._spans)
         p = base + torch.arange(L, device=kv.device)                    # (B, L)
         idx = torch.where(p < self.start, p % K, K + p - self.start).clamp(max=K + T - 1)
         present = (p >= 0) & (p < self.end)
