@@ -158,3 +158,78 @@ def test_train_on_rollout_takes_the_loss_and_gradient_of_the_padded_rows(loss_ty
     model.zero_grad(set_to_none=True)
     out.loss.backward()
     assert max((opt.seen[0][n] - w).abs().max() for n, w in grads(model).items()) > 1e-4
+
+
+# ---------------------------------------------------------------------------------------------- the rollouts
+def test_generate_decodes_text_once_a_request_ends_and_gets_the_streamed_text():
+    """generate() (GRPO's rollouts) reads a request's text when it ends, so without stop strings its text is decoded
+    then, by the same rules, not token by token: the same text, reasoning and content as the server's step() loop."""
+    tok = ns.Tokenizer.train(["naïve café, 日本語のテキスト 🙂 <think>why</think> 42\n"] * 50, vocab_size=320,
+                             progress=False)
+    torch.manual_seed(0)
+    model = ns.Transformer(ns.ModelConfig.preset("tiny", vocab_size=tok.vocab_size, initializer_range=0.3)).eval()
+    # high temperature over a byte-level vocabulary: characters split across tokens (U+FFFD held back) and think tags;
+    # half the prompts open a <think> (the reasoning / content split)
+    prompts = [tok.encode("café") + ([tok.think_start_id] if i % 2 else []) for i in range(12)]
+    params = [ns.SamplingParams(temperature=2.0, max_tokens=40, seed=i) for i in range(12)]
+    eng = ns.Engine(model, tok, max_batch=12, mtp=False, compile=False)
+    batch = eng.generate(prompts, params)
+    rids = [eng.add_request(p, sp) for p, sp in zip(prompts, params)]       # the server's way: deltas as they come
+    streamed, text = {}, {r: "" for r in rids}
+    while eng.has_unfinished():
+        for d in eng.step():
+            text[d.request_id] += d.raw_text
+            if d.finished:
+                streamed[d.request_id] = d.completion
+    for b, rid in zip(batch, rids):
+        s = streamed[rid]
+        assert (b.token_ids, b.text, b.reasoning_content, b.content) == (s.token_ids, s.text, s.reasoning_content,
+                                                                         s.content)
+        assert text[rid] == s.text
+    joined = "".join(b.text for b in batch)
+    assert "\ufffd" in joined or any(ord(c) > 127 for c in joined)          # split characters were exercised
+    assert any(b.reasoning_content for b in batch) and any(b.content for b in batch)
+
+
+def test_generate_streams_no_text_before_a_request_ends_unless_it_has_stop_strings():
+    tok = ns.Tokenizer.train(["the quick brown fox 123\n"] * 50, vocab_size=300, progress=False)
+    torch.manual_seed(0)
+    model = ns.Transformer(ns.ModelConfig.preset("tiny", vocab_size=tok.vocab_size)).eval()
+    eng = ns.Engine(model, tok, max_batch=4, mtp=False, compile=False)
+    seen = []
+    step = eng.step
+    eng.step = lambda: _record(step, seen)
+    plain = ns.SamplingParams(temperature=1.0, max_tokens=12, seed=1, ignore_eos=True)
+    eng.generate([tok.encode("the")] * 2, plain)
+    assert seen and not any(d.raw_text for d in seen if not d.finished)       # decoded once, at the end
+    seen.clear()
+    eng.generate([tok.encode("the")] * 2, ns.SamplingParams(temperature=1.0, max_tokens=12, seed=1, ignore_eos=True,
+                                                            stop=["zzz"]))
+    assert any(d.raw_text for d in seen if not d.finished)                    # a stop string needs the text as it grows
+
+
+def _record(step, seen):
+    out = step()
+    seen.extend(out)
+    return out
+
+
+def test_a_batch_where_every_row_samples_draws_what_a_mixed_batch_draws():
+    # GRPO's rollouts: every row samples (no argmax, no row gather, temperature 1 divides nothing); the same rows next
+    # to a greedy one take the general path: the same tokens and log-probs, step after step
+    from nanoseek.infer.sampling import sample
+    g = torch.Generator().manual_seed(0)
+    params = [ns.SamplingParams(temperature=t, top_p=p, seed=i, logprobs=True)
+              for i, (t, p) in enumerate([(1.0, 1.0), (1.0, 1.0), (0.7, 1.0), (1.0, 0.9), (1.3, 0.95)])]
+    greedy = ns.SamplingParams(temperature=0, logprobs=True)
+    gens = lambda: [torch.Generator().manual_seed(p.seed) for p in params]   # noqa: E731
+    ga, gb = gens(), gens() + [None]
+    for _ in range(4):
+        logits = torch.randn(5, 64, generator=g) * 3
+        alone = sample(logits, params, ga, [[1]] * 5, [[2]] * 5)
+        mixed = sample(torch.cat([logits, logits[:1]]), params + [greedy], gb, [[1]] * 6, [[2]] * 6)
+        assert alone.tokens == mixed.tokens[:5] and alone.logprobs == mixed.logprobs[:5]
+        assert mixed.tokens[5] == logits[0].argmax().item()
+    # a comparison that can fail: other seeds draw other tokens
+    other = sample(logits, params, [torch.Generator().manual_seed(100 + i) for i in range(5)], [[1]] * 5, [[2]] * 5)
+    assert other.tokens != alone.tokens

@@ -152,10 +152,14 @@ class _TextStream:
     end in U+FFFD (an incomplete character); the window starts at the previous release point, which also keeps
     tokenizers whose decoding depends on the preceding token (leading-space rules) right. Text that could be the
     start of a stop string is held back until it is known not to be one.
+
+    deferred=True (a generate() request without stop strings, whose text nobody reads before it ends): add() only
+    records the ids and the final flush runs the same rules over all of them, so the text is the same and the
+    per-token work of a batch job (GRPO's rollouts, evals) is not spent on deltas no one reads.
     """
 
-    def __init__(self, tokenizer, stops: tuple[str, ...], thinking: bool):
-        self.tok, self.stops = tokenizer, stops
+    def __init__(self, tokenizer, stops: tuple[str, ...], thinking: bool, deferred: bool = False):
+        self.tok, self.stops, self.deferred = tokenizer, stops, deferred and not stops
         self.ids: list[int] = []
         self.prefix_offset = self.read_offset = 0
         self.text = ""        # released text, cut at a stop string
@@ -168,6 +172,8 @@ class _TextStream:
         if self.tok is None:
             return False
         self.ids.append(token_id)
+        if self.deferred:
+            return False
         prefix = _decode(self.tok, self.ids[self.prefix_offset:self.read_offset])
         full = _decode(self.tok, self.ids[self.prefix_offset:])
         if len(full) <= len(prefix) or full.endswith("\ufffd"):
@@ -175,6 +181,13 @@ class _TextStream:
         new = full[len(prefix):]
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         return self._append(new)
+
+    def catch_up(self) -> None:
+        """A deferred stream's text so far: the streaming rules run over its ids, token by token (the same text)."""
+        if self.deferred:
+            ids, self.ids, self.deferred = self.ids, [], False
+            for t in ids:
+                self.add(t)
 
     def _append(self, new: str) -> bool:
         start = len(self.text)
@@ -190,6 +203,10 @@ class _TextStream:
 
     def flush(self, final: bool) -> tuple[str, str, str]:
         """(raw, reasoning, content) text released since the last flush."""
+        if self.deferred:
+            if not final:
+                return "", "", ""
+            self.catch_up()
         if final and not self.stopped and self.tok is not None and self.read_offset < len(self.ids):
             rest = _decode(self.tok, self.ids[self.prefix_offset:])[len(_decode(
                 self.tok, self.ids[self.prefix_offset:self.read_offset])):]
@@ -363,7 +380,7 @@ class Engine:
         if constrained:     # the grammar alone decides where the answer ends (a "stop" always parses)
             stop_ids = set()
         req = _Request(rid, ids, params, max_new, blocks, frozenset(stop_ids), gen,
-                       _TextStream(self.tokenizer, () if constrained else params.stop, thinking),
+                       _TextStream(self.tokenizer, () if constrained else params.stop, thinking, self._batch_job),
                        spec=self.mtp and params.greedy and not params.has_penalties and not constrained)
         if constrained:     # a thinking prompt reasons freely first (unless this tokenizer has no </think> token)
             req.in_reasoning = thinking and getattr(self.tokenizer, "think_end_id", None) is not None
@@ -442,7 +459,11 @@ class Engine:
         plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise UsageError(f"{len(prompts)} prompts but {len(plist)} SamplingParams: give one, or one per prompt")
-        ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        self._batch_job = True       # (its requests' text is read when they end: _TextStream's deferred)
+        try:
+            ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        finally:
+            self._batch_job = False
         mine, out = set(ids), {}
         bar = None
         if progress:
@@ -830,6 +851,14 @@ class Engine:
         what failed. Not the caller's fault (parameters are checked in add_request): the traceback is logged."""
         msg = f"{where}: {type(err).__name__}: {err}"
         log.error("request %s failed: %s", req.id, msg, exc_info=err)
+        if req.text.deferred:              # its text so far, as the deltas of a streaming request carried it
+            try:
+                req.text.catch_up()
+                _, reasoning, content = req.text.flush(final=False)
+                req.reasoning.append(reasoning)
+                req.content.append(content)
+            except Exception:              # (the failure may be in the detokenising itself)
+                pass
         self._close(req, "error")
         return StreamDelta(req.id, [], "", "", True, "error", self._completion(req, msg), error=msg)
 

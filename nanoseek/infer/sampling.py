@@ -188,13 +188,15 @@ def _filter(x: torch.Tensor, params: list[SamplingParams]):
     """Temperature-scaled logits (R, V) -> (filtered logits, sort order or None): min-p, top-k, top-p."""
     R, V = x.shape
     dev = x.device
-    min_p = torch.tensor([p.min_p for p in params], device=dev)
-    if (min_p > 0).any():
+    if any(p.min_p > 0 for p in params):
+        min_p = torch.tensor([p.min_p for p in params], device=dev)
         probs = x.softmax(-1)
         x = x.masked_fill(probs < min_p[:, None] * probs.amax(-1, keepdim=True), float("-inf"))
+    if not any(0 < p.top_k < V or p.top_p < 1 for p in params):       # (most batches: no tensor built)
+        return x, None
     top_k = torch.tensor([p.top_k if 0 < p.top_k < V else V for p in params], device=dev)   # 2^63: no limit
     top_p = torch.tensor([p.top_p for p in params], device=dev)
-    if not ((top_k < V).any() or (top_p < 1).any()):
+    if not ((top_k < V).any() or (top_p < 1).any()):                   # (a top_p that rounds to 1.0 in float32)
         return x, None
     x, order = x.sort(-1, descending=True)
     x = x.masked_fill(torch.arange(V, device=dev) >= top_k[:, None], float("-inf"))
@@ -251,12 +253,15 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
         logits = apply_penalties(logits.clone(), params, prompts, outputs)
     if masked:
         logits = apply_masks(logits, masks)
-    tokens = logits.argmax(-1)
     rand_rows = [i for i, p in enumerate(params) if not p.greedy]
+    # (when every row samples, no argmax, no row gather; x / 1.0 == x exactly, so temperature 1 divides nothing)
+    tokens = logits.argmax(-1) if len(rand_rows) < N else torch.empty(N, dtype=torch.long, device=dev)
     if rand_rows:
         sub = [params[i] for i in rand_rows]
-        temp = torch.tensor([_temperature(p) for p in sub], device=dev)
-        x, order = _filter(logits[rand_rows] / temp[:, None], sub)
+        x = logits if len(rand_rows) == N else logits[rand_rows]
+        if any(_temperature(p) != 1.0 for p in sub):
+            x = x / torch.tensor([_temperature(p) for p in sub], device=dev)[:, None]
+        x, order = _filter(x, sub)
         cdf = x.softmax(-1).cumsum(-1)
         u = torch.stack([torch.rand((), generator=generators[i], device=dev) for i in rand_rows])
         # inverse CDF: the first token whose cumulative mass exceeds u (right=True skips zero-probability tokens)
