@@ -9,7 +9,8 @@ What a V4 layer needs of the tokens before the new ones (V4 report Section 2.3):
 * CSA layers: the same for the lightning indexer, at index_head_dim (its keys are compressed entries too).
 A step gathers these, the model computes with this step's tokens in front of them exactly what the full forward
 computes, and the cache keeps what the next step needs (the last rows of the window, the new pending tokens, the
-entries completed).
+entries completed). A decoding CSA layer reads only the index_topk entries its indexer picks (selected()); the
+indexer itself reads all of its keys, which it ranks.
 
 Why slots and not pages (infer/cache.py): an entry spans rate tokens across page boundaries, the pending state and
 the window ring belong to one sequence at one length, so a page of tokens is not a unit that sequences could share.
@@ -72,7 +73,7 @@ def slot_shapes(cfg: ModelConfig, max_len: int) -> list[tuple[int, ...]]:
 class V4Cache:
     """The engine's cache for deepseek_v4 (one slot per sequence; see the module docstring). Per forward the engine
     calls plan(tables, starts, lens) once (tables[b] = [slot of row b]); the layers then call window / pending /
-    entries (model/v4.py's cache protocol)."""
+    entries, or store / selected (model/v4.py's cache protocol)."""
 
     paged = False              # the engine: one block (slot) per sequence, no prefix reuse, no compiled step
 
