@@ -20,7 +20,8 @@ The pure math (advantages, k3 KL, the clipped surrogate and its aggregation) is 
 hand-computed numbers in tests/test_grpo.py; this file only moves tensors.
 
 What a step costs: one batched engine call (decoding through the compiled graph in a run long enough to repay it:
-rollout_compile); pi_old's log-probs are the first iteration's own training forward, detached (no extra forward,
+rollout_compile); training forwards that compute each group's prompt once (rl.group_batch / group_logits: its G
+completions attend to the prompt's keys and values, as exact as G padded rows prompt + completion); pi_old's log-probs are the first iteration's own training forward, detached (no extra forward,
 reused by iterations 2..mu); pi_ref's come from one batched no-grad forward per rollout (reference_logprobs). The next
 rollout is not overlapped with the optimizer step: in every mode of this loop (mu = 1 or more, as in DeepSeekMath's
 Algorithm 1) the next batch is sampled by the weights that step produces, so overlapping would sample one step
