@@ -51,7 +51,7 @@ from ..chat_template import partial_suffix
 from ..errors import UsageError
 from ..model.dsa import DSA
 from .cache import block_keys, paged_cache_class
-from .compiled import AUTO_MIN_STEPS, CompiledDecode, compile_mode, say, steps_in_sight, unavailable
+from .compiled import AUTO_MIN_STEPS, CompiledDecode, CompiledV4, compile_mode, say, steps_in_sight, unavailable
 from .grammar import ConstraintError
 from .sampling import Sampled, SamplingParams, sample
 from .v4_cache import V4Cache
@@ -321,15 +321,11 @@ class Engine:
     def _slot_cache(self, num_blocks: int | None) -> V4Cache:
         """deepseek_v4's cache: one slot per sequence (infer/v4_cache.py), each slot the engine's block of
         max_seq_len tokens (block_size is ignored), num_blocks - 1 slots (default: max_batch, within
-        DEFAULT_CACHE_BYTES). No prefix reuse (copies of a prompt each compute it), no MTP speculation, and the
-        decode step stays eager (compiled.py captures the paged caches' step only)."""
+        DEFAULT_CACHE_BYTES). No prefix reuse (copies of a prompt each compute it), no MTP speculation; a compiled
+        decode step compiles the mHC only (compiled.CompiledV4)."""
         self.block_size = self.max_seq_len
         slots = num_blocks - 1 if num_blocks is not None else max(1, min(
             self.max_batch, DEFAULT_CACHE_BYTES // V4Cache.slot_bytes(self.cfg, self.max_seq_len, self.dtype)))
-        if self.compile is True:
-            say("decoding eager: the compiled decode step covers the paged caches, not deepseek_v4's (compile=True "
-                "ignored)")
-        self.compile = False
         return V4Cache(self.cfg, slots, self.max_seq_len, self.dtype, self.device)
 
     # ------------------------------------------------------------------------------------------ public API
@@ -758,8 +754,8 @@ class Engine:
             return None
         if self.compile == "auto":
             say(f"compiling the decode step (compile='auto': {steps} decode steps run or in sight >= {bar})")
-        self._compiled = CompiledDecode(self.model, self.cache, self.max_batch,
-                                        math.ceil(self.max_seq_len / self.block_size))
+        self._compiled = CompiledDecode(self.model, self.cache, self.max_batch, math.ceil(
+            self.max_seq_len / self.block_size)) if self.cache.paged else CompiledV4(self.model, self.cache)
         return self._compiled
 
     # ------------------------------------------------------------------------------------------ bookkeeping
