@@ -75,7 +75,7 @@ class V4Cache:
     calls plan(tables, starts, lens) once (tables[b] = [slot of row b]); the layers then call window / pending /
     entries, or store / selected (model/v4.py's cache protocol)."""
 
-    paged = False              # the engine: one block (slot) per sequence, no prefix reuse, no compiled step
+    paged = False              # the engine: one block (slot) per sequence, no prefix reuse (compiled step: CompiledV4)
 
     def __init__(self, cfg: ModelConfig, num_slots: int, max_len: int, dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None):

@@ -296,11 +296,37 @@ class V4Attention(nn.Module):
         return entries, torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, valid)
 
 
+def hyper_connection(streams, fn, base, scale, iters: int, eps: float, hc_eps: float):
+    """mHC's weights from the streams and what the block reads (HyperConnection's arithmetic, a pure function of
+    tensors: infer/compiled.py compiles it, one graph for every layer). streams (B, T, n, h), fn ((2+n) n, n h),
+    base ((2+n) n), scale (3) -> post (B, T, n), comb (B, T, n, n), the block's input (B, T, h)."""
+    B, T, n, _ = streams.shape
+    mix = F.linear(unit_rms(streams.reshape(B, T, -1).float(), eps), fn.float())     # (B, T, (2+n) n)
+    pre, post, comb = mix.split([n, n, n * n], dim=-1)
+    pre_b, post_b, comb_b = base.split([n, n, n * n])
+    pre = torch.sigmoid(pre * scale[0] + pre_b) + hc_eps                                # (B, T, n)
+    post = 2 * torch.sigmoid(post * scale[1] + post_b)                                  # (B, T, n)
+    comb = torch.softmax((comb * scale[2] + comb_b).view(B, T, n, n), dim=-1) + hc_eps  # (B, T, n, n)
+    comb = sinkhorn(comb, iters, hc_eps)
+    return post, comb, (pre.unsqueeze(-1) * streams).sum(dim=2).to(streams.dtype)
+
+
+def hyper_collapse(streams, fn, base, scale, eps: float, hc_eps: float) -> torch.Tensor:
+    """HyperHead's arithmetic: streams (B, T, n, h), fn (n, n h), base (n), scale (1) -> (B, T, h)."""
+    mix = F.linear(unit_rms(streams.flatten(2).float(), eps), fn.float())               # (B, T, n)
+    pre = torch.sigmoid(mix * scale.float() + base.float()) + hc_eps
+    return (pre.unsqueeze(-1) * streams).sum(dim=2).to(streams.dtype)
+
+
 class HyperConnection(nn.Module):
     """Manifold-constrained hyper-connections (mHC, report Section 2.2): from the hc_mult streams (B, T, n, h),
     pre (n) collapses them into the block's input, post (n) spreads its output back, comb (n x n) mixes the
     residual streams; comb is projected towards the doubly stochastic matrices by hc_sinkhorn_iters Sinkhorn-Knopp
     normalisations (columns, then rows and columns), so the mixing neither grows nor shrinks the streams."""
+
+    # the arithmetic (hyper_connection); a compiled decode step (infer/compiled.py CompiledV4) swaps in its
+    # torch.compile'd twin for the step's duration
+    weights = staticmethod(hyper_connection)
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -312,19 +338,15 @@ class HyperConnection(nn.Module):
 
     def forward(self, streams: torch.Tensor):
         """streams (B, T, n, h) -> post (B, T, n), comb (B, T, n, n), the block's input (B, T, h)."""
-        B, T, n, _ = streams.shape
-        mix = F.linear(unit_rms(streams.reshape(B, T, -1).float(), self.eps), self.fn.float())  # (B, T, (2+n) n)
-        pre, post, comb = mix.split([n, n, n * n], dim=-1)
-        pre_b, post_b, comb_b = self.base.split([n, n, n * n])
-        pre = torch.sigmoid(pre * self.scale[0] + pre_b) + self.hc_eps
-        post = 2 * torch.sigmoid(post * self.scale[1] + post_b)
-        comb = torch.softmax((comb * self.scale[2] + comb_b).view(B, T, n, n), dim=-1) + self.hc_eps
-        comb = sinkhorn(comb, self.iters, self.hc_eps)
-        return post, comb, (pre.unsqueeze(-1) * streams).sum(dim=2).to(streams.dtype)
+        return self.weights(streams, self.fn, self.base, self.scale, self.iters, self.eps, self.hc_eps)
 
 
 def sinkhorn(m: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
-    """Sinkhorn-Knopp on positive (..., n, n): normalise columns, then iters - 1 times rows and columns."""
+    """Sinkhorn-Knopp on positive (..., n, n): normalise columns, then iters - 1 times rows and columns, each
+    dividing by its sums + eps. Without gradients (inference) the same arithmetic runs in place on a bordered copy
+    (sinkhorn_bordered), in 2 calls a normalisation instead of 3."""
+    if not torch.is_grad_enabled():
+        return sinkhorn_bordered(m, iters, eps)
     m = m / (m.sum(dim=-2, keepdim=True) + eps)
     for _ in range(iters - 1):
         m = m / (m.sum(dim=-1, keepdim=True) + eps)
@@ -332,8 +354,27 @@ def sinkhorn(m: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     return m
 
 
+def sinkhorn_bordered(m: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
+    """sinkhorn's arithmetic for inference: m sits in a (..., n + 1, n + 1) matrix bordered by eps (an extra column
+    and row, corner 0), so a row's sum over the bordered row is its sum + eps in one reduction, and each division
+    is in place. A decode step's matrices are tiny (n x n per token), so the cost is the number of calls: 2 per
+    normalisation instead of 3. Equal to the plain loop up to float rounding (the eps joins the sum last either
+    way; tests/test_v4_engine.py checks 1e-6)."""
+    n = m.shape[-1]
+    bordered = F.pad(m, (0, 1, 0, 1), value=eps)                                          # (..., n+1, n+1)
+    bordered[..., n, n] = 0
+    core, rows, cols = bordered[..., :n, :n], bordered[..., :n, :], bordered[..., :, :n]  # views: (n, n) (n, n+1) (n+1, n)
+    core.div_(cols.sum(dim=-2, keepdim=True))
+    for _ in range(iters - 1):
+        core.div_(rows.sum(dim=-1, keepdim=True))
+        core.div_(cols.sum(dim=-2, keepdim=True))
+    return core
+
+
 class HyperHead(nn.Module):
     """The last collapse of the streams into one hidden state, before the final norm (pre weights only)."""
+
+    collapse = staticmethod(hyper_collapse)         # swapped like HyperConnection.weights in a compiled step
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -344,9 +385,7 @@ class HyperHead(nn.Module):
 
     def forward(self, streams: torch.Tensor) -> torch.Tensor:
         """(B, T, n, h) -> (B, T, h)."""
-        mix = F.linear(unit_rms(streams.flatten(2).float(), self.eps), self.hc_fn.float())  # (B, T, n)
-        pre = torch.sigmoid(mix * self.hc_scale.float() + self.hc_base.float()) + self.hc_eps
-        return (pre.unsqueeze(-1) * streams).sum(dim=2).to(streams.dtype)
+        return self.collapse(streams, self.hc_fn, self.hc_base, self.hc_scale, self.eps, self.hc_eps)
 
 
 def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
