@@ -142,10 +142,10 @@ class NoOverlap(V4Cache):
     that CSA's next entry pools (its ring rows for that window read as zeros)."""
 
     def pending(self, layer, name, kv, gate, rate, overlap):
-        kv_l, gate_l, first = super().pending(layer, name, kv, gate, rate, overlap)
-        if overlap:
-            kv_l[:, :rate] = 0
-        return kv_l, gate_l, first
+        windows = super().pending(layer, name, kv, gate, rate, overlap)
+        if overlap and windows is not None:
+            windows[0][:, :rate] = 0
+        return windows
 
 
 @pytest.mark.parametrize("broken", [ForgetsPending, ShortWindow, NoOverlap])

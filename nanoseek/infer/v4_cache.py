@@ -148,27 +148,30 @@ class V4Cache:
         """This step's projections kv, gate (B, T, c*dim) -> the projections of whole windows (B, L, c*dim), the
         pending tokens in front of these (absent ones, before position 0 or past a row's end, gated -inf), and
         first (B, 1): the entry the first of those windows completes (with overlap the window before it leads).
-        The windows are those this step completes in some row (none at most decode steps: L = 0, or the one
-        leading window with overlap); a window no row completes would make an entry that store() drops."""
+        The windows are those this step completes in some row; a window no row completes would make an entry that
+        store() drops. None when no row completes one (most decode steps): the new tokens are only kept."""
         br = self.branches[layer][name]
         K, T, lead = br.kv.shape[1], kv.shape[1], int(overlap)
+        done = max((s + n) // rate - s // rate for s, n in self._spans)    # windows completed, the most of any row
         first = self.start // rate                                      # (B, 1)
-        base = (first - lead) * rate                                    # (B, 1) position of local token 0
-        L = rate * max((s + n) // rate - s // rate + lead for s, n in self._spans)
-        p = base + torch.arange(L, device=kv.device)                    # (B, L)
-        idx = torch.where(p < self.start, p % K, K + p - self.start).clamp(max=K + T - 1)
-        present = (p >= 0) & (p < self.end)
+        windows = None
+        if done:
+            base = (first - lead) * rate                                # (B, 1) position of local token 0
+            p = base + torch.arange(rate * (done + lead), device=kv.device)         # (B, L)
+            idx = torch.where(p < self.start, p % K, K + p - self.start).clamp(max=K + T - 1)
+            present = (p >= 0) & (p < self.end)
 
-        def gather(ring: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-            src = torch.cat([ring[self.slots], new], dim=1)             # (B, K + T, c*dim)
-            return src.gather(1, idx[..., None].expand(-1, -1, src.shape[-1]))
+            def gather(ring: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+                src = torch.cat([ring[self.slots], new], dim=1)         # (B, K + T, c*dim)
+                return src.gather(1, idx[..., None].expand(-1, -1, src.shape[-1]))
 
-        kv_l, gate_l = gather(br.kv, kv), gather(br.gate, gate).masked_fill(~present[..., None], float("-inf"))
+            gated = gather(br.gate, gate).masked_fill(~present[..., None], float("-inf"))
+            windows = gather(br.kv, kv), gated, first
         # pending after this step: the tokens of the incomplete window (and, overlapping, of the one before)
         keep = self.valid & (self.positions >= (self.end // rate - lead) * rate)
         self._write(br.kv, self.positions % K, keep, kv)
         self._write(br.gate, self.positions % K, keep, gate)
-        return kv_l, gate_l, first
+        return windows
 
     def store(self, layer: int, name: str, new: torch.Tensor, first: torch.Tensor) -> None:
         """Pooled entries first, first + 1, ... (B, W, dim) of pending()'s windows: keep the complete ones."""
@@ -176,10 +179,12 @@ class V4Cache:
         w = first + torch.arange(new.shape[1], device=new.device)       # (B, W)
         self._write(br.entries, w, (w + 1) * br.rate <= self.end, new)
 
-    def entries(self, layer: int, name: str, new: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
-        """store(), then every entry of each row so far (B, E, dim), E = the most complete of any row (the rest
-        masked by the attention: an entry w is visible once (w + 1) * rate tokens are in)."""
-        self.store(layer, name, new, first)
+    def entries(self, layer: int, name: str, new: torch.Tensor | None, first: torch.Tensor | None) -> torch.Tensor:
+        """store() (new: None when pending() found nothing to pool), then every entry of each row so far
+        (B, E, dim), E = the most complete of any row (the rest masked by the attention: an entry w is visible once
+        (w + 1) * rate tokens are in)."""
+        if new is not None:
+            self.store(layer, name, new, first)
         br = self.branches[layer][name]
         E = max((s + n) // br.rate for s, n in self._spans)
         return br.entries[self.slots, :E]

@@ -103,9 +103,12 @@ class Compressor(nn.Module):
                 kv = torch.cat([kv.new_zeros(B, self.rate, kv.shape[-1]), kv], dim=1)
                 gate = torch.cat([gate.new_full((B, self.rate, gate.shape[-1]), float("-inf")), gate], dim=1)
             return self.pool(kv, gate, first, rotary)
-        # the cache puts the pending tokens of earlier steps (and, overlapping, the previous window) in front
-        kv, gate, first = cache.pending(layer, self.cache_name, kv, gate, self.rate, self.overlap)
-        entries = self.pool(kv, gate, first, rotary)
+        # the cache puts the pending tokens of earlier steps (and, overlapping, the previous window) in front; None:
+        # no row completes a window in this step (most decode steps), so there is no new entry to pool
+        windows = cache.pending(layer, self.cache_name, kv, gate, self.rate, self.overlap)
+        if windows is None:
+            return cache.entries(layer, self.cache_name, None, None) if read else None
+        entries, first = self.pool(*windows, rotary), windows[2]
         if not read:
             return cache.store(layer, self.cache_name, entries, first)
         return cache.entries(layer, self.cache_name, entries, first)
