@@ -189,9 +189,17 @@ def group_batch(comps, idx: list[int], pad_id: int) -> GroupBatch:
                       torch.tensor([x + [0.0] * (T + 1 - len(x)) for x in lps]))
 
 
+def takes_prefix(cfg) -> bool:
+    """Does the model's attention read a SharedPrefix? Not deepseek_v4's (model/v4.py) nor DSA's indexer."""
+    return cfg.model_type != "deepseek_v4" and not cfg.dsa
+
+
 def group_logits(model, b: GroupBatch) -> torch.Tensor:
     """The logits of every completion token of b, (N, T + 1, vocab): the prompts' forward, recording each layer's
-    keys and values, then the completions' forward reading them, at the positions after their prompt's."""
+    keys and values, then the completions' forward reading them, at the positions after their prompt's (padded_logits
+    for a model whose attention takes no prefix)."""
+    if not takes_prefix(getattr(model, "module", model).cfg):       # (DDP wraps the model as .module)
+        return padded_logits(model, b)
     prefix = SharedPrefix(b.lengths, b.group)
     prompt_logits = model(b.prompts, prefix=prefix)                                  # (P, Tp, vocab)
     N, T = b.inputs.shape
@@ -200,6 +208,19 @@ def group_logits(model, b: GroupBatch) -> torch.Tensor:
     logits = model(b.inputs, positions, prefix=prefix)                               # (N, T, vocab)
     first = prompt_logits[torch.arange(len(b.lengths), device=b.lengths.device), b.lengths - 1]   # (P, vocab)
     return torch.cat([first[b.group][:, None], logits], dim=1)
+
+
+def padded_logits(model, b: GroupBatch) -> torch.Tensor:
+    """group_logits the plain way: one right-padded row prompt + completion per completion (N, Tp + T), and the
+    logits at its completion tokens' positions, (N, T + 1, vocab)."""
+    lengths, prompts = b.lengths[b.group], b.prompts[b.group]                      # (N,), (N, Tp)
+    (N, T), Tp = b.inputs.shape, b.prompts.shape[1]
+    cols = torch.arange(Tp + T, device=b.inputs.device).expand(N, -1)               # (N, Tp + T)
+    rows = torch.where(cols < lengths[:, None], prompts.gather(1, cols.clamp(max=Tp - 1)),
+                       b.inputs.gather(1, (cols - lengths[:, None]).clamp(0, T - 1)))
+    logits = model(rows)                                                           # (N, Tp + T, vocab)
+    at = lengths[:, None] - 1 + torch.arange(T + 1, device=lengths.device)         # (N, T + 1)
+    return logits.gather(1, at[..., None].expand(N, T + 1, logits.shape[-1]))
 
 
 def group_logprobs(model, b: GroupBatch, temperature: float = 1.0):
