@@ -161,25 +161,35 @@ class CompiledDecode:
 
 
 class CompiledV4:
-    """deepseek_v4's decode step (V4Cache, one slot per sequence) with its mHC compiled: HyperConnection's weights
-    (RMS norm, projection, sigmoids, softmax and the hc_sinkhorn_iters Sinkhorn-Knopp normalisations) and the
-    HyperHead's collapse, each one inductor graph shared by every layer (batch 1 and batch > 1 get one graph each). The rest of the step stays eager: V4Cache's bookkeeping (Python spans, boolean writes) and the
-    experts' loop over the picked experts do not trace into one static graph as the paged caches' step does.
+    """deepseek_v4's decode step (V4Cache, one slot per sequence) with its pure pieces compiled, each one inductor
+    graph shared by every layer: the mHC (HyperConnection's weights: RMS norm, projection, sigmoids, softmax and
+    the hc_sinkhorn_iters Sinkhorn-Knopp normalisations; HyperHead's collapse), the attention's projections (query
+    latent, normed and rotated queries and keys: V4Attention.project) and its softmax over keys and sinks (attend).
+    The rest stays eager between them: V4Cache's bookkeeping (Python spans, boolean writes), the compressors and the
+    indexer's top-k, the experts' loop over the picked experts, none of which traces into one static graph as the
+    paged caches' step does.
 
-    Why the mHC: at small hidden sizes a V4 decode step is thousands of microsecond-sized calls and the Sinkhorn
-    iterations are the largest share of them (docs/benchmarks.md, "DeepSeek-V4 decode"); compiled, each mHC is one
-    call. Same arithmetic up to float rounding (tests/test_v4_engine.py: tokens equal, logits within 1e-5)."""
+    Why: at small hidden sizes a V4 decode step is thousands of microsecond-sized calls, the Sinkhorn iterations
+    the largest share of them (docs/benchmarks.md, "DeepSeek-V4 decode"); compiled, each piece is one call. The
+    same arithmetic up to float rounding (rope_tail in real arithmetic, rope.rotate_pairs; tests/test_v4_engine.py:
+    tokens equal, log-probs within 1e-5)."""
 
     def __init__(self, model, cache):
         self.model, self.cache = model, cache
         self.device = model.embed_tokens.weight.device
         self.cache_dir = use_disk_cache()
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
-        # dynamic=None (automatic): a graph for the first batch size, then one whose batch dim is symbolic; the
-        # other sizes (hc_mult, hidden, the iterations) stay constants, so inductor unrolls the Sinkhorn loop into
-        # one kernel (dynamic=True would make hc_mult symbolic: a loop of kernels and buffers, ~2x the call time)
-        self.weights = torch.compile(v4.hyper_connection, dynamic=None)
-        self.collapse = torch.compile(v4.hyper_collapse, dynamic=None)
+        # dynamic=None (automatic): a graph for the first shapes, then one whose changed dims (batch; the number of
+        # keys of HCA layers) are symbolic; hc_mult, hidden and the iterations stay constants, so inductor unrolls
+        # the Sinkhorn loop into one kernel (dynamic=True would make hc_mult symbolic: a loop of kernels)
+        def compiled(fn):
+            return torch.compile(fn, dynamic=None)
+
+        # (class, attribute, the compiled twin) swapped in for a step
+        self.swaps = [(v4.HyperConnection, "weights", staticmethod(compiled(v4.hyper_connection))),
+                      (v4.HyperHead, "collapse", staticmethod(compiled(v4.hyper_collapse))),
+                      (v4.V4Attention, "project", compiled(v4.V4Attention.project)),
+                      (v4.V4Attention, "attend", staticmethod(compiled(v4.attend)))]
         self.compile_seconds = 0.0
 
     def logits(self, tokens: list[int], tables: list[list[int]], starts: list[int], sparse: bool) -> torch.Tensor:
@@ -187,16 +197,19 @@ class CompiledV4:
         positions = self.cache.plan(tables, starts, [1] * len(tokens))                          # (B, 1)
         ids = torch.tensor(tokens, device=self.device)[:, None]                                   # (B, 1)
         graphs, t0 = _graphs(), time.perf_counter()
-        swapped = v4.HyperConnection.weights, v4.HyperHead.collapse
-        v4.HyperConnection.weights, v4.HyperHead.collapse = staticmethod(self.weights), staticmethod(self.collapse)
+        eager = [(owner, name, owner.__dict__[name]) for owner, name, _ in self.swaps]
         try:
+            for owner, name, twin in self.swaps:
+                setattr(owner, name, twin)
             h, _ = self.model.trunk(ids, positions, cache=self.cache)                              # (B, 1, hidden)
         finally:
-            v4.HyperConnection.weights, v4.HyperHead.collapse = (staticmethod(f) for f in swapped)
+            for owner, name, original in eager:
+                setattr(owner, name, original)
         if _graphs() > graphs:
             dt = time.perf_counter() - t0
             self.compile_seconds += dt
-            say(f"compiled deepseek_v4's mHC for batch {len(tokens)} in {dt:.1f} s (cache: {self.cache_dir})")
+            say(f"compiled deepseek_v4's decode pieces for batch {len(tokens)} in {dt:.1f} s "
+                f"(cache: {self.cache_dir})")
         return self.model.head(h[:, 0])                                                           # (B, vocab)
 
 

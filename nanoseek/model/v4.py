@@ -233,6 +233,10 @@ def attend(q: torch.Tensor, kv: torch.Tensor, allowed: torch.Tensor, sinks: torc
 class V4Attention(nn.Module):
     """One V4 attention: the window of raw tokens plus the layer type's compressed entries, one shared K=V head."""
 
+    # the softmax over keys and sinks (attend); a compiled decode step (infer/compiled.py CompiledV4) swaps in its
+    # torch.compile'd twin for the step's duration, as it does project's
+    attend = staticmethod(attend)
+
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         H, d, q = cfg.num_attention_heads, cfg.head_dim, cfg.q_lora_rank
@@ -253,10 +257,7 @@ class V4Attention(nn.Module):
         """x (B, T, hidden), positions (B, T) -> (B, T, hidden). With a cache (V4Cache), x holds the new tokens."""
         B, T, _ = x.shape
         cos, sin = rotary(positions, self.rope_kind)
-        q_latent = self.q_a_norm(self.q_a_proj(x))                                        # (B, T, q_lora_rank)
-        q = unit_rms(self.q_b_proj(q_latent).view(B, T, self.n_heads, self.head_dim), self.eps)
-        q = rope_tail(q, cos, sin).transpose(1, 2)                                        # (B, H, T, d)
-        kv = rope_tail(self.kv_norm(self.kv_proj(x)), cos, sin)                           # (B, T, d): K = V
+        q_latent, q, kv = self.project(x, cos, sin)
         if cache is None:
             allowed = window_mask(positions, self.window)                                 # (B, T, T)
         else:        # the window's cached keys, then these: (B, S, d), (B, T, S)
@@ -268,12 +269,22 @@ class V4Attention(nn.Module):
                 picked = entries, visible
             else:
                 kv, allowed = torch.cat([kv, entries], dim=1), torch.cat([allowed, visible], dim=-1)
-        out = attend(q, kv, allowed, self.sinks, picked)                                  # (B, T, H, d)
+        out = self.attend(q, kv, allowed, self.sinks, picked)                             # (B, T, H, d)
         # V = K carries its keys' rotation: rotating the output back by the query's position leaves, on the rope
         # dims, a function of the relative positions only
         out = rope_tail(out, cos, -sin)
         groups = self.o_a_proj(out.reshape(B, T, self.o_a_proj.groups, -1))              # (B, T, g, o_lora_rank)
         return self.o_b_proj(groups.flatten(2))
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x (B, T, hidden) -> the query latent (B, T, q_lora_rank), the normed and rotated queries (B, H, T, d)
+        and keys = values (B, T, d)."""
+        B, T, _ = x.shape
+        q_latent = self.q_a_norm(self.q_a_proj(x))                                        # (B, T, q_lora_rank)
+        q = unit_rms(self.q_b_proj(q_latent).view(B, T, self.n_heads, self.head_dim), self.eps)
+        q = rope_tail(q, cos, sin).transpose(1, 2)                                        # (B, H, T, d)
+        kv = rope_tail(self.kv_norm(self.kv_proj(x)), cos, sin)                           # (B, T, d): K = V
+        return q_latent, q, kv
 
     def compressed(self, x, q_latent, positions, rotary, cache=None):
         """The compressed entries (B, W, d) and which each query may attend to (B, T, W): entry w summarises tokens
