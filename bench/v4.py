@@ -2,6 +2,7 @@
 and the KV cache one sequence holds vs context for V3, V3.2 and V4 (config.py cache_entries, info.cache_bytes).
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/v4.py [--prompt-lens 256,1024] [--batches 1,8] [--new-tokens 32]
+                                                   [--compile true]
 
 The model is tiny-v4 widened (hidden 256, 8 heads of 64 over one shared key=value head, 16 RoPE dims, q_lora_rank
 128, grouped output 2 x 64; layers sliding / CSA / HCA / CSA with V4's rates 4 and 128 and window 128; indexer 16
@@ -10,9 +11,11 @@ prompt a CSA layer holds 256 entries and a decode query reads its window and 64 
 from our config (cfg.to_hf()), its weights are drawn (matrices N(0, 1/fan_in), vectors N(0, 0.3), a random hash
 table: far from greedy ties) and loaded into ours; ours runs in decode_layout, as `nanoseek serve` loads a model.
 
-Three sides per (prompt length, batch), greedy, float32, EOS ignored, the same random prompts: the engine; the
-engine with CSA's gathered top-k turned off (model/v4.gather_selected -> False: every CSA step attends to all
-entries under the selection mask, as before the gathered path); transformers' generate. Decode time runs from the
+Three sides per (prompt length, batch), greedy, float32, EOS ignored, the same random prompts: the engine (eager);
+the engine with CSA's gathered top-k turned off (model/v4.gather_selected -> False: every CSA step attends to all
+entries under the selection mask, as before the gathered path); transformers' generate. --compile true adds a
+fourth, the engine with its compiled decode pieces (Engine(compile=True), infer/compiled.py CompiledV4), run once
+untimed first so that its compiling stays out of the timings. Decode time runs from the
 step that gives every row its first token (the end of prefill) to the last step: decode tokens/s = batch x
 (new_tokens - 1) / that time, best of --repeat interleaved repetitions (each notes the 1-minute load average).
 Every repetition checks that the three sides' tokens are equal, row by row.
@@ -33,7 +36,7 @@ SMALL = dict(vocab_size=1024, hidden_size=256, num_attention_heads=8, head_dim=6
              o_lora_rank=64, sliding_window=128, index_n_heads=16, index_head_dim=32, index_topk=64,
              compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 128},
              max_position_embeddings=4096)
-SIDES = ("engine", "engine, masked CSA", "transformers")
+SIDES = ("engine", "engine, masked CSA", "transformers", "engine, compiled")
 CACHE_PRESETS = {"V3": "v3", "V3.2": "v3.2", "V4-Flash": "v4-flash", "V4-Pro": "v4-pro"}
 
 
@@ -110,25 +113,33 @@ def masked_csa():
 
 
 def measure(hf, model, P: int, B: int, args) -> dict:
-    """One cell: --repeat interleaved repetitions of the three sides; best decode tokens/s of each, rows whose
-    tokens equal transformers' (per side, over all repetitions), the load average before each and at the end."""
+    """One cell: --repeat interleaved repetitions of the sides; best decode tokens/s of each, rows whose tokens
+    equal transformers' (per side, over all repetitions), the load average before each and at the end."""
     import nanoseek as ns
     g = torch.Generator().manual_seed(1000 * B + P)
     prompts = torch.randint(3, model.cfg.vocab_size, (B, P), generator=g)
-    engine = ns.Engine(model, max_batch=B, max_seq_len=P + args.new_tokens + 8)
-    best, equal, loads = dict.fromkeys(SIDES, 0.0), dict.fromkeys(SIDES[:2], 0), []
+    engines = {side: ns.Engine(model, max_batch=B, max_seq_len=P + args.new_tokens + 8,
+                               compile=side == "engine, compiled") for side in sides(args) if side != "transformers"}
+    if "engine, compiled" in engines:
+        engine_run(engines["engine, compiled"], prompts, args.new_tokens)          # compiles (or reads the cache)
+    best, equal, loads = dict.fromkeys(sides(args), 0.0), dict.fromkeys(engines, 0), []
     for _ in range(args.repeat):
         loads.append(os.getloadavg()[0])
         ref, t = hf_run(hf, prompts, args.new_tokens)
         runs = {"transformers": t}
-        for side in SIDES[:2]:
-            with masked_csa() if side != "engine" else contextlib.nullcontext():
+        for side, engine in engines.items():
+            with masked_csa() if side == "engine, masked CSA" else contextlib.nullcontext():
                 tokens, runs[side] = engine_run(engine, prompts, args.new_tokens)
             equal[side] += sum(a == b for a, b in zip(tokens, ref))
         for side, t in runs.items():
             best[side] = max(best[side], B * (args.new_tokens - 1) / t)
     loads.append(os.getloadavg()[0])
     return dict(prompt=P, batch=B, tps=best, equal=equal, rows=B * args.repeat, loads=loads)
+
+
+def sides(args) -> tuple[str, ...]:
+    """The sides this run measures (the compiled engine with --compile true)."""
+    return SIDES if args.compile else SIDES[:3]
 
 
 def cache_table(contexts: list[int]) -> dict[str, list[int]]:
@@ -140,13 +151,14 @@ def cache_table(contexts: list[int]) -> dict[str, list[int]]:
 
 
 def plot(rows: list[dict], contexts: list[int], cache: dict[str, list[int]], path: Path, title: str) -> None:
-    """Left: decode tokens/s of the three sides per cell. Right: cache bytes per sequence vs context (log-log)."""
+    """Left: decode tokens/s of each side per cell. Right: cache bytes per sequence vs context (log-log)."""
     from nanoseek.plots import _pyplot
     plt = _pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.8))
-    width, colors = 0.27, ("#4d6bfe", "#8fa3ff", "#e07b39")
-    for j, (side, color) in enumerate(zip(SIDES, colors)):
-        xs = [i + (j - 1) * width for i in range(len(rows))]
+    shown = [s for s in SIDES if s in rows[0]["tps"]]
+    width, colors = 0.8 / len(shown), ("#4d6bfe", "#8fa3ff", "#e07b39", "#1b2a80")
+    for j, (side, color) in enumerate(zip(shown, colors)):
+        xs = [i + (j - (len(shown) - 1) / 2) * width for i in range(len(rows))]
         bars = a.bar(xs, [r["tps"][side] for r in rows], width, color=color, label=side)
         if side != "transformers":
             a.bar_label(bars, labels=[f"{r['tps'][side] / r['tps']['transformers']:.1f}x" for r in rows],
@@ -179,8 +191,11 @@ def main(argv=None):
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=3, help="best of N interleaved repetitions (the machine is shared)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: stable timings on a shared machine)")
+    ap.add_argument("--compile", default="false", choices=["true", "false"],
+                    help="also time the engine with its compiled decode pieces (Engine(compile=True))")
     ap.add_argument("--plot", default="docs/bench-v4.png", help="PNG of both results ('' for none)")
     args = ap.parse_args(argv)
+    args.compile = args.compile == "true"
     torch.set_num_threads(args.threads)
     hf, model = build()
     cfg = model.cfg
@@ -190,16 +205,17 @@ def main(argv=None):
           f"index_topk {cfg.index_topk}, params {n_params / 1e6:.2f}M; new_tokens {args.new_tokens}, threads "
           f"{torch.get_num_threads()}, torch {torch.__version__}, cpus {os.cpu_count()}, load at start "
           f"{os.getloadavg()[0]:.2f}", flush=True)
-    print(f"{'prompt':>6} {'batch':>5} " + " ".join(f"{s + ' tok/s':>26}" for s in SIDES)
-          + f" {'engine / tf':>11} {'masked / tf':>11}")
+    shown = sides(args)
+    print(f"{'prompt':>6} {'batch':>5} " + " ".join(f"{s + ' tok/s':>26}" for s in shown)
+          + "".join(f" {s.removeprefix('engine, ') + ' / tf':>13}" for s in shown if s != "transformers"))
     rows = []
     for P in [int(x) for x in args.prompt_lens.split(",")]:
         for B in [int(x) for x in args.batches.split(",")]:
             r = measure(hf, model, P, B, args)
             rows.append(r)
             t, n = r["tps"], r["rows"]
-            print(f"{P:>6} {B:>5} " + " ".join(f"{t[s]:>26.1f}" for s in SIDES)
-                  + f" {t['engine'] / t['transformers']:>10.2f}x {t[SIDES[1]] / t['transformers']:>10.2f}x   "
+            print(f"{P:>6} {B:>5} " + " ".join(f"{t[s]:>26.1f}" for s in shown)
+                  + " ".join(f"{t[s] / t['transformers']:>12.2f}x" for s in shown if s != "transformers") + "   "
                   f"(tokens equal to transformers': {', '.join(f'{k} {v}/{n}' for k, v in r['equal'].items())};"
                   f" load {' '.join(f'{x:.1f}' for x in r['loads'])})", flush=True)
     contexts = [2**k for k in range(10, 21, 2)]
