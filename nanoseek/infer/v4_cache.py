@@ -122,27 +122,46 @@ class V4Cache:
         t = torch.arange(max(lens), device=dev)
         self.positions = self.start + t                                                     # (B, T)
         self.valid = t < self.end - self.start                                              # (B, T) not padding
+        self._shared = {}
         return self.positions
 
-    def _write(self, store: torch.Tensor, rows: torch.Tensor, keep: torch.Tensor, x: torch.Tensor) -> None:
-        """store[slot of row b, rows[b, t]] = x[b, t] where keep[b, t]; x (B, T, ...), rows and keep (B, T)."""
-        slots = self.slots[:, None].expand_as(rows)
-        store[slots[keep], rows[keep]] = x[keep]
+    def _step(self, key: tuple, make):
+        """What every layer of this step computes alike (the window's mask, which rows a ring keeps): made by the
+        first layer that asks, then reused; a decode step is small enough that these calls would cost as much as
+        the layers' own arithmetic."""
+        if key not in self._shared:
+            self._shared[key] = make()
+        return self._shared[key]
+
+    def _where(self, rows: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The writes of (rows, keep) (B, T) as index tensors for _write: (slot, row) of the store, (b, t) of x."""
+        b, t = keep.nonzero(as_tuple=True)
+        return self.slots[b], rows[b, t], b, t
+
+    @staticmethod
+    def _write(store: torch.Tensor, where: tuple[torch.Tensor, ...], x: torch.Tensor) -> None:
+        """store[slot, row] = x[b, t] for each write of where (_where); x (B, T, ...)."""
+        slot, row, b, t = where
+        store[slot, row] = x[b, t]
 
     def window(self, layer: int, kv: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This step's keys kv (B, T, d) -> the keys to attend to, the ring's then these (B, K + T, d), and which
         each query sees (B, T, K + T): key s of query t if t - size < s <= t. Keeps each row's last K keys."""
         ring = self.window_kv[layer]
-        K = ring.shape[1]
-        r = torch.arange(K, device=kv.device)
-        ring_pos = self.start - 1 - (self.start - 1 - r) % K            # (B, K): latest position < start in row r
+        allowed, where = self._step(("window", ring.shape[1], size), lambda: self._window_plan(ring.shape[1], size))
         keys = torch.cat([ring[self.slots], kv], dim=1)                 # (B, K + T, d)
+        self._write(ring, where, kv)
+        return keys, allowed
+
+    def _window_plan(self, K: int, size: int) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """window()'s mask (B, T, K + T) for a ring of K rows and the ring's writes (each row's last K keys)."""
+        r = torch.arange(K, device=self.positions.device)
+        ring_pos = self.start - 1 - (self.start - 1 - r) % K            # (B, K): latest position < start in row r
         key_pos = torch.cat([ring_pos, self.positions], dim=1)          # (B, K + T)
         exists = torch.cat([ring_pos >= 0, self.valid], dim=1)
         d = self.positions[:, :, None] - key_pos[:, None, :]            # (B, T, K + T)
         allowed = (d >= 0) & (d < size) & exists[:, None, :]
-        self._write(ring, self.positions % K, self.valid & (self.positions >= self.end - K), kv)
-        return keys, allowed
+        return allowed, self._where(self.positions % K, self.valid & (self.positions >= self.end - K))
 
     def pending(self, layer: int, name: str, kv: torch.Tensor, gate: torch.Tensor, rate: int, overlap: bool):
         """This step's projections kv, gate (B, T, c*dim) -> the projections of whole windows (B, L, c*dim), the
@@ -152,32 +171,39 @@ class V4Cache:
         store() drops. None when no row completes one (most decode steps): the new tokens are only kept."""
         br = self.branches[layer][name]
         K, T, lead = br.kv.shape[1], kv.shape[1], int(overlap)
-        done = max((s + n) // rate - s // rate for s, n in self._spans)    # windows completed, the most of any row
-        first = self.start // rate                                      # (B, 1)
+        idx, present, where = self._step(("pending", rate, lead, K, T), lambda: self._pending_plan(rate, lead, K, T))
         windows = None
-        if done:
-            base = (first - lead) * rate                                # (B, 1) position of local token 0
-            p = base + torch.arange(rate * (done + lead), device=kv.device)         # (B, L)
-            idx = torch.where(p < self.start, p % K, K + p - self.start).clamp(max=K + T - 1)
-            present = (p >= 0) & (p < self.end)
+        if idx is not None:
 
             def gather(ring: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
                 src = torch.cat([ring[self.slots], new], dim=1)         # (B, K + T, c*dim)
                 return src.gather(1, idx[..., None].expand(-1, -1, src.shape[-1]))
 
             gated = gather(br.gate, gate).masked_fill(~present[..., None], float("-inf"))
-            windows = gather(br.kv, kv), gated, first
-        # pending after this step: the tokens of the incomplete window (and, overlapping, of the one before)
-        keep = self.valid & (self.positions >= (self.end // rate - lead) * rate)
-        self._write(br.kv, self.positions % K, keep, kv)
-        self._write(br.gate, self.positions % K, keep, gate)
+            windows = gather(br.kv, kv), gated, self.start // rate
+        self._write(br.kv, where, kv)
+        self._write(br.gate, where, gate)
         return windows
+
+    def _pending_plan(self, rate: int, lead: int, K: int, T: int):
+        """pending()'s gather: for each row the L = rate * (windows completed + lead) tokens to pool, their index
+        idx (B, L) into [the ring's K rows; the T new tokens] and which are present (B, L), both None when no row
+        completes a window; and the ring's writes (_where): the tokens of the incomplete window (and, overlapping,
+        of the one before) stay pending."""
+        done = max((s + n) // rate - s // rate for s, n in self._spans)    # windows completed, the most of any row
+        idx = present = None
+        if done:
+            p = (self.start // rate - lead) * rate + torch.arange(rate * (done + lead), device=self.start.device)
+            idx = torch.where(p < self.start, p % K, K + p - self.start).clamp(max=K + T - 1)     # (B, L)
+            present = (p >= 0) & (p < self.end)
+        keep = self.valid & (self.positions >= (self.end // rate - lead) * rate)
+        return idx, present, self._where(self.positions % K, keep)
 
     def store(self, layer: int, name: str, new: torch.Tensor, first: torch.Tensor) -> None:
         """Pooled entries first, first + 1, ... (B, W, dim) of pending()'s windows: keep the complete ones."""
         br = self.branches[layer][name]
         w = first + torch.arange(new.shape[1], device=new.device)       # (B, W)
-        self._write(br.entries, w, (w + 1) * br.rate <= self.end, new)
+        self._write(br.entries, self._where(w, (w + 1) * br.rate <= self.end), new)
 
     def entries(self, layer: int, name: str, new: torch.Tensor | None, first: torch.Tensor | None) -> torch.Tensor:
         """store() (new: None when pending() found nothing to pool), then every entry of each row so far
