@@ -164,7 +164,8 @@ class CompiledV4:
     """deepseek_v4's decode step (V4Cache, one slot per sequence) with its pure pieces compiled, each one inductor
     graph shared by every layer: the mHC (HyperConnection's weights: RMS norm, projection, sigmoids, softmax and
     the hc_sinkhorn_iters Sinkhorn-Knopp normalisations; HyperHead's collapse), the attention's projections (query
-    latent, normed and rotated queries and keys: V4Attention.project) and its softmax over keys and sinks (attend).
+    latent, normed and rotated queries and keys: V4Attention.project), its softmax over keys and sinks and output
+    projections (V4Attention.output), the lightning indexer's scores of its keys (Indexer.rank).
     The rest stays eager between them: V4Cache's bookkeeping (Python spans, boolean writes), the compressors and the
     indexer's top-k, the experts' loop over the picked experts, none of which traces into one static graph as the
     paged caches' step does.
@@ -189,7 +190,8 @@ class CompiledV4:
         self.swaps = [(v4.HyperConnection, "weights", staticmethod(compiled(v4.hyper_connection))),
                       (v4.HyperHead, "collapse", staticmethod(compiled(v4.hyper_collapse))),
                       (v4.V4Attention, "project", compiled(v4.V4Attention.project)),
-                      (v4.V4Attention, "attend", staticmethod(compiled(v4.attend)))]
+                      (v4.V4Attention, "output", compiled(v4.V4Attention.output)),
+                      (v4.Indexer, "rank", compiled(v4.Indexer.rank))]
         self.compile_seconds = 0.0
 
     def logits(self, tokens: list[int], tables: list[list[int]], starts: list[int], sparse: bool) -> torch.Tensor:

@@ -155,10 +155,14 @@ class Indexer(Compressor):
 
     def scores(self, x, q_latent, positions, rotary: V4Rotary, cache=None, layer: int = 0) -> torch.Tensor:
         """x (B, T, hidden), q_latent (B, T, q_lora_rank) -> index scores (B, T, W) of every compressed entry."""
-        B, T, _ = x.shape
         keys = self.compress(x, rotary, cache, layer)                                    # (B, W, di)
-        q = rope_tail(self.q_b_proj(q_latent).view(B, T, self.n_heads, self.dim),
-                      *rotary(positions, "compress"))                                    # (B, T, nh, di)
+        return self.rank(x, q_latent, keys, *rotary(positions, "compress"))
+
+    def rank(self, x, q_latent, keys, cos, sin) -> torch.Tensor:
+        """The scores (B, T, W) of keys (B, W, di) for the queries of x (B, T, hidden) and q_latent (scores'
+        arithmetic after the cache: compiled in a compiled decode step, as V4Attention.project)."""
+        B, T, _ = x.shape
+        q = rope_tail(self.q_b_proj(q_latent).view(B, T, self.n_heads, self.dim), cos, sin)  # (B, T, nh, di)
         scores = torch.matmul(q.float(), keys.transpose(-1, -2).float().unsqueeze(1))    # (B, T, nh, W)
         w = self.scorer.weights_proj(x).float() * self.n_heads ** -0.5                   # (B, T, nh)
         return (F.relu(scores) * self.dim ** -0.5 * w.unsqueeze(-1)).sum(dim=2)          # (B, T, W)
@@ -233,10 +237,6 @@ def attend(q: torch.Tensor, kv: torch.Tensor, allowed: torch.Tensor, sinks: torc
 class V4Attention(nn.Module):
     """One V4 attention: the window of raw tokens plus the layer type's compressed entries, one shared K=V head."""
 
-    # the softmax over keys and sinks (attend); a compiled decode step (infer/compiled.py CompiledV4) swaps in its
-    # torch.compile'd twin for the step's duration, as it does project's
-    attend = staticmethod(attend)
-
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         H, d, q = cfg.num_attention_heads, cfg.head_dim, cfg.q_lora_rank
@@ -255,7 +255,6 @@ class V4Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: V4Rotary, cache=None) -> torch.Tensor:
         """x (B, T, hidden), positions (B, T) -> (B, T, hidden). With a cache (V4Cache), x holds the new tokens."""
-        B, T, _ = x.shape
         cos, sin = rotary(positions, self.rope_kind)
         q_latent, q, kv = self.project(x, cos, sin)
         if cache is None:
@@ -269,13 +268,10 @@ class V4Attention(nn.Module):
                 picked = entries, visible
             else:
                 kv, allowed = torch.cat([kv, entries], dim=1), torch.cat([allowed, visible], dim=-1)
-        out = self.attend(q, kv, allowed, self.sinks, picked)                             # (B, T, H, d)
-        # V = K carries its keys' rotation: rotating the output back by the query's position leaves, on the rope
-        # dims, a function of the relative positions only
-        out = rope_tail(out, cos, -sin)
-        groups = self.o_a_proj(out.reshape(B, T, self.o_a_proj.groups, -1))              # (B, T, g, o_lora_rank)
-        return self.o_b_proj(groups.flatten(2))
+        return self.output(q, kv, allowed, cos, sin, picked)
 
+    # project and output are the attention's arithmetic between the cache's reads and writes: a compiled decode
+    # step (infer/compiled.py CompiledV4) swaps in their torch.compile'd twins for the step's duration
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """x (B, T, hidden) -> the query latent (B, T, q_lora_rank), the normed and rotated queries (B, H, T, d)
         and keys = values (B, T, d)."""
@@ -285,6 +281,17 @@ class V4Attention(nn.Module):
         q = rope_tail(q, cos, sin).transpose(1, 2)                                        # (B, H, T, d)
         kv = rope_tail(self.kv_norm(self.kv_proj(x)), cos, sin)                           # (B, T, d): K = V
         return q_latent, q, kv
+
+    def output(self, q, kv, allowed, cos, sin, picked=None) -> torch.Tensor:
+        """attend (q (B, H, T, d) over kv (B, S, d) where allowed (B, T, S), and picked), then the heads back to
+        hidden -> (B, T, hidden)."""
+        B, _, T, _ = q.shape
+        out = attend(q, kv, allowed, self.sinks, picked)                                  # (B, T, H, d)
+        # V = K carries its keys' rotation: rotating the output back by the query's position leaves, on the rope
+        # dims, a function of the relative positions only
+        out = rope_tail(out, cos, -sin)
+        groups = self.o_a_proj(out.reshape(B, T, self.o_a_proj.groups, -1))              # (B, T, g, o_lora_rank)
+        return self.o_b_proj(groups.flatten(2))
 
     def compressed(self, x, q_latent, positions, rotary, cache=None):
         """The compressed entries (B, W, d) and which each query may attend to (B, T, W): entry w summarises tokens
