@@ -130,11 +130,12 @@ class ForgetsPending(V4Cache):
 
 
 class ShortWindow(V4Cache):
-    """Negative control: a window ring one row short (the oldest key of each query's window is lost)."""
+    """Negative control: a window ring of sliding_window - 2 rows, one short of the keys before a query that its
+    window holds (the oldest key of each query's window is lost)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.window_kv = [r[:, 1:].contiguous() for r in self.window_kv]
+        self.window_kv = [r[:, 2:].contiguous() for r in self.window_kv]
 
 
 class NoOverlap(V4Cache):
@@ -179,6 +180,27 @@ class PicksTheNextEntry(V4Cache):
 
     def selected(self, layer, name, positions):
         return super().selected(layer, name, (positions + 1) % (positions.max() + 1))
+
+
+def test_a_decode_step_can_run_twice(pair):
+    """The engine reruns a compiled decode step that failed half-way eager, on the cache that step wrote in part:
+    running a decode step again on the same cache gives the same logits, at every position of a 12-token decode
+    past the window and the compressors' windows. A ring of sliding_window - 1 rows (the keys a window needs, no
+    spare row) makes the second run read the new key in place of its window's oldest: the check can fail."""
+    _, model = pair
+    for rows, ok in ((None, True), (model.cfg.sliding_window - 1, False)):
+        cache = V4Cache(model.cfg, num_slots=2, max_len=64)
+        if rows is not None:
+            cache.window_kv = [r[:, -rows:].contiguous() for r in cache.window_kv]
+        slots = [[cache.pool.allocate()] for _ in range(2)]
+        with torch.no_grad():
+            model(IDS[:, :PREFILL], cache.plan(slots, [0, 0], [PREFILL] * 2), cache=cache)
+            diffs = []
+            for t in range(PREFILL, IDS.shape[1]):
+                first, again = (model(IDS[:, t:t + 1], cache.plan(slots, [t, t], [1, 1]), cache=cache)
+                                for _ in range(2))
+                diffs.append(rel_err(first, again))
+        assert (max(diffs) == 0) == ok
 
 
 def test_a_csa_decode_step_reads_its_top_k_entries_only(tiny):
@@ -275,6 +297,14 @@ def test_engine_options_v4_does_not_take(tiny):
     _, model = tiny
     with pytest.raises(UsageError, match="deepseek_v4"):
         ns.Engine(model, mtp=True)
+
+
+def test_auto_compile_stays_eager_for_short_work_and_says_so(tiny, capsys):
+    """compile="auto" (the default) follows the paged caches' rule (compiled.AUTO_MIN_STEPS) for V4 too."""
+    _, model = tiny
+    eng = ns.Engine(model, max_seq_len=64)
+    eng.generate(prompts_of([12]), greedy(4))
+    assert eng._compiled is None and "decoding eager (compile='auto'" in capsys.readouterr().err
 
 
 def test_sinkhorn_in_place_equals_the_plain_loop():

@@ -2,7 +2,10 @@
 
 What a V4 layer needs of the tokens before the new ones (V4 report Section 2.3):
 * every layer: the raw K = V of the last sliding_window - 1 tokens (a query's window is those and itself), kept in
-  a ring of K = sliding_window - 1 rows (row = position % K);
+  a ring of K = sliding_window rows (row = position % K): one row more than the window needs, so that a decode
+  step's write replaces only a key its query no longer sees, and a step can run again on the same cache (the
+  engine reruns a compiled step that failed half-way eager; the compressors' rings and entries are rewritten
+  with the same values);
 * CSA and HCA layers: every compressed entry so far (max_len // rate rows, in order), and the compressor's pending
   tokens: the kv / gate projections (C, Z of eq. 20-21) of the window not complete yet, plus, with CSA's overlap,
   those of the window before it, whose first series (Ca) the next entry pools; a ring of (1 + overlap) * rate rows;
@@ -55,8 +58,9 @@ def branch_specs(cfg: ModelConfig, kind: str) -> list[tuple[str, int, bool, int]
 
 
 def ring_rows(cfg: ModelConfig) -> int:
-    """Rows of the window ring: the keys before a query that its window holds (at least one row)."""
-    return max(cfg.sliding_window - 1, 1)
+    """Rows of the window ring: the keys before a query that its window holds, and one (see the module
+    docstring)."""
+    return max(cfg.sliding_window, 1)
 
 
 def slot_shapes(cfg: ModelConfig, max_len: int) -> list[tuple[int, ...]]:
