@@ -299,6 +299,17 @@ def test_engine_options_v4_does_not_take(tiny):
         ns.Engine(model, mtp=True)
 
 
+def test_without_a_compiler_v4_decodes_eager_with_a_notice(tiny, capsys, monkeypatch):
+    import nanoseek.infer.engine as engine_mod
+    hf, model = tiny
+    monkeypatch.setattr(engine_mod, "unavailable", lambda device: "no C++ compiler found (test)")
+    eng = ns.Engine(model, max_seq_len=64, compile=True)
+    prompt = prompts_of([12], seed=7)[0]
+    assert eng.generate([prompt], greedy(4))[0].token_ids == hf_greedy(hf, prompt, 4)
+    assert eng._compiled is None and eng.compile is False
+    assert "decoding eager: no C++ compiler found (test)" in capsys.readouterr().err
+
+
 def test_auto_compile_stays_eager_for_short_work_and_says_so(tiny, capsys):
     """compile="auto" (the default) follows the paged caches' rule (compiled.AUTO_MIN_STEPS) for V4 too."""
     _, model = tiny
