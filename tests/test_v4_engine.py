@@ -333,6 +333,25 @@ def test_sinkhorn_in_place_equals_the_plain_loop():
             assert (sinkhorn_bordered(m, 20, 1e-6) - plain).abs().max() < 1e-6
 
 
+def test_sorted_experts_equal_the_loop(tiny):
+    """Without gradients the routed experts run sorted by expert (ClampedExperts.sorted_forward, grouped matmuls);
+    training runs the loop over the picked experts: the same products per (token, expert) pair, so within float
+    rounding (1e-6 relative; equal bits seen on the CPU). Swapped routing weights move the result: it can fail."""
+    _, model = tiny
+    experts = model.layers[0].mlp.experts
+    E, k = experts.down_proj.shape[0], model.cfg.num_experts_per_tok
+    g = torch.Generator().manual_seed(3)
+    for N in (1, 3, 17):
+        x = torch.randn(N, model.cfg.hidden_size, generator=g)
+        idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(N)])
+        w = torch.rand(N, k, generator=g)
+        with torch.enable_grad():
+            loop = experts(x, w, idx)
+        with torch.no_grad():
+            assert rel_err(loop, experts(x, w, idx)) < 1e-6
+            assert rel_err(loop, experts(x, w.flip(-1), idx)) > 1e-3
+
+
 def test_compiled_v4_decode_equals_eager(tiny, capsys):
     """Engine(compile=True) on deepseek_v4 compiles the mHC and the attention's projections and softmax
     (infer/compiled.py CompiledV4; batch 3, 2 and 1 as requests end: the batch-1 and the dynamic-batch graphs):

@@ -34,7 +34,7 @@ from torch import nn
 from ..config import ModelConfig
 from .layers import Linear, RMSNorm
 from .mla import gather_selected
-from .moe import Experts, sequence_balance_loss
+from .moe import Experts, grouped_linear, sequence_balance_loss
 from .rope import apply_rope, yarn_frequencies, yarn_scaling
 
 CSA, HCA, SLIDING = "compressed_sparse_attention", "heavily_compressed_attention", "sliding_attention"
@@ -436,7 +436,10 @@ class ClampedExperts(Experts):
         self.limit = cfg.swiglu_limit
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """x (N, hidden), weights/idx (N, k) -> (N, hidden): a loop over the experts that were picked."""
+        """x (N, hidden), weights/idx (N, k) -> (N, hidden): a loop over the experts that were picked (training);
+        without gradients, sorted_forward."""
+        if not torch.is_grad_enabled():
+            return self.sorted_forward(x, weights, idx)
         out = torch.zeros_like(x)
         for e in idx.unique().tolist():
             token, slot = torch.where(idx == e)
@@ -444,6 +447,19 @@ class ClampedExperts(Experts):
             y = F.linear(clamped_swiglu(gate, up, self.limit), self.down_proj[e]) * weights[token, slot, None]
             out.index_add_(0, token, y.to(x.dtype))
         return out
+
+    def sorted_forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """The loop's arithmetic with the N*k (token, expert) pairs sorted by expert, each projection one grouped
+        matmul (moe.grouped_linear, as moe.Experts): a fixed number of calls however many experts a step hits (a
+        batch of decode rows hits most of them). Inference only: the loop stays the training path."""
+        N, k = idx.shape
+        flat = idx.flatten()
+        order = flat.argsort(stable=True)                                                 # (N*k,) grouped by expert
+        token = order // k
+        counts = torch.bincount(flat, minlength=self.down_proj.shape[0])                  # (E,) pairs per expert
+        gate, up = grouped_linear(x[token], self.gate_up_proj, counts).chunk(2, dim=-1)   # (N*k, inter) each
+        ys = grouped_linear(clamped_swiglu(gate, up, self.limit), self.down_proj, counts)  # (N*k, hidden)
+        return torch.zeros_like(x).index_add_(0, token, (ys * weights.flatten()[order, None]).to(x.dtype))
 
 
 SCORES = {"sqrtsoftplus": lambda s: F.softplus(s).sqrt(), "sigmoid": torch.sigmoid,
