@@ -14,7 +14,8 @@ attention needs nothing more here: its cache (PagedDSACache) also keeps each tok
 query's attention gathers only the index_topk latents its indexer selects (model/mla.py dsa_forward).
 DeepSeek-V4 runs on a cache of one slot per sequence instead (infer/v4_cache.py: the window, each compressor's
 entries and pending tokens, the indexer's keys), the slot being the sequence's one block of max_seq_len tokens:
-chunked prefill and continuous batching as above; no prefix reuse, MTP speculation or compiled step for it.
+chunked prefill and continuous batching as above; no prefix reuse or MTP speculation for it, and its compiled step
+compiles the decode forward's pure pieces between the cache's calls (compiled.CompiledV4).
 
 The plain decode forward (no MTP speculation) can run as one compiled graph, batch and context padded to buckets
 (infer/compiled.py): Engine(compile=True), or "auto" (the default), which compiles once enough decode steps are run
