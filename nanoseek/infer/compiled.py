@@ -25,6 +25,10 @@ MoE.load as a scatter. DeepSeek-V3.2's selection runs over the padded context's 
 Compiled artifacts (inductor's FX graph cache and AOT autograd cache) live under ~/.cache/nanoseek/inductor
 ($XDG_CACHE_HOME/nanoseek/inductor; TORCHINDUCTOR_CACHE_DIR wins if set), so a second start only traces the step
 (seconds) instead of running the C++ compiler again. Each new batch bucket prints its compile time.
+
+DeepSeek-V4's slot cache (infer/v4_cache.py) does not trace into one graph (Python spans, the experts' loop):
+CompiledV4 compiles the pure pieces of its decode forward instead (the mHC, the attention's projections and output,
+the indexer's scores) and runs the rest eager between them.
 """
 
 from __future__ import annotations
