@@ -25,7 +25,9 @@ def no_attention(q, kv, allowed, sinks, picked=None):
 
 
 def counted(fn) -> int:
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    """torch's count of fn's forward with gradients on: the training path (without gradients the routed experts run
+    as grouped matmuls, ClampedExperts.sorted_forward, which FlopCounterMode does not see)."""
+    with torch.enable_grad(), FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
 
