@@ -364,6 +364,8 @@ def test_compiled_v4_decode_equals_eager(tiny, capsys):
     eng = ns.Engine(model, max_batch=3, max_seq_len=96, compile=True)
     compiled = eng.generate(prompts, params)
     assert isinstance(eng._compiled, CompiledV4) and "compiled deepseek_v4's decode pieces" in capsys.readouterr().err
+    # the compiled twins were this model's for the steps only: no module keeps one afterwards
+    assert not any({"weights", "collapse", "project", "output", "rank"} & m.__dict__.keys() for m in model.modules())
     for e, c, prompt, p in zip(eager, compiled, prompts, params):
         assert c.token_ids == e.token_ids == hf_greedy(hf, prompt, p.max_tokens)
         assert max(abs(a - b) for a, b in zip(c.logprobs, e.logprobs)) < TOL

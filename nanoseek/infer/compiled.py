@@ -37,6 +37,7 @@ import math
 import os
 import sys
 import time
+import types
 
 import torch
 
@@ -203,14 +204,18 @@ class CompiledV4:
         positions = self.cache.plan(tables, starts, [1] * len(tokens))                          # (B, 1)
         ids = torch.tensor(tokens, device=self.device)[:, None]                                   # (B, 1)
         graphs, t0 = _graphs(), time.perf_counter()
-        eager = [(owner, name, owner.__dict__[name]) for owner, name, _ in self.swaps]
+        # the twins go on this model's modules only, for this step (instance attributes shadow the class's methods)
+        swapped = [(m, name) for owner, name, _ in self.swaps for m in self.model.modules() if isinstance(m, owner)]
         try:
             for owner, name, twin in self.swaps:
-                setattr(owner, name, twin)
+                for m in self.model.modules():
+                    if isinstance(m, owner):
+                        object.__setattr__(m, name, twin.__func__ if isinstance(twin, staticmethod)
+                                           else types.MethodType(twin, m))
             h, _ = self.model.trunk(ids, positions, cache=self.cache)                              # (B, 1, hidden)
         finally:
-            for owner, name, original in eager:
-                setattr(owner, name, original)
+            for m, name in swapped:
+                m.__dict__.pop(name, None)
         if _graphs() > graphs:
             dt = time.perf_counter() - t0
             self.compile_seconds += dt
