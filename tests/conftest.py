@@ -98,6 +98,32 @@ def hf_checkpoint(tmp_path):
     return lambda kind="v3", **cfg: make_hf_checkpoint(tmp_path, kind, **cfg)
 
 
+def v4_pair(**overrides):
+    """(transformers' DeepseekV4ForCausalLM, ours) with the same random weights, from the tiny-v4 preset with
+    overrides, both float32 in eval mode. Weights std 0.3 for vectors, 0.15 for matrices (not 0.02: the attention,
+    sinks, stream mixing and routing all move the logits), a random hash table and routing bias."""
+    import transformers
+
+    from nanoseek.config import ModelConfig
+    from nanoseek.model.transformer import Transformer
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("tiny-v4", **overrides)
+    kw = {k: v for k, v in cfg.to_hf().items() if k != "architectures"}
+    hf = transformers.DeepseekV4ForCausalLM(transformers.DeepseekV4Config(**kw)).float().eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0.0, 0.3 if p.dim() < 2 else 0.15)
+        for m in hf.modules():
+            if hasattr(m, "tid2eid"):
+                m.tid2eid.copy_(torch.rand(cfg.vocab_size, cfg.n_routed_experts).argsort(-1)[:, :cfg.num_experts_per_tok])
+            if hasattr(m, "e_score_correction_bias"):
+                m.e_score_correction_bias.normal_(0.0, 0.3)
+    ours = Transformer(cfg).eval()
+    ours.load_state_dict({k.removeprefix("model."): v for k, v in hf.state_dict().items()}, strict=True)
+    return hf, ours
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b|: the relative error the acceptance tests bound."""
     return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()

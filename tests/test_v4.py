@@ -12,30 +12,15 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from conftest import v4_pair  # noqa: E402
+
 import nanoseek as ns  # noqa: E402
 from nanoseek.config import ModelConfig  # noqa: E402
-from nanoseek.model.transformer import Transformer  # noqa: E402
 
 TOL = 1e-5
 
 
-def random_pair(**overrides):
-    """(transformers' model, ours) with the same random weights, from the tiny-v4 preset with overrides."""
-    torch.manual_seed(0)
-    cfg = ModelConfig.preset("tiny-v4", **overrides)
-    kw = {k: v for k, v in cfg.to_hf().items() if k != "architectures"}
-    hf = transformers.DeepseekV4ForCausalLM(transformers.DeepseekV4Config(**kw)).float().eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.normal_(0.0, 0.3 if p.dim() < 2 else 0.15)
-        for m in hf.modules():
-            if hasattr(m, "tid2eid"):
-                m.tid2eid.copy_(torch.rand(cfg.vocab_size, cfg.n_routed_experts).argsort(-1)[:, :cfg.num_experts_per_tok])
-            if hasattr(m, "e_score_correction_bias"):
-                m.e_score_correction_bias.normal_(0.0, 0.3)
-    ours = Transformer(cfg).eval()
-    ours.load_state_dict({k.removeprefix("model."): v for k, v in hf.state_dict().items()}, strict=True)
-    return hf, ours
+random_pair = v4_pair
 
 
 def rel_err(hf, ours, ids) -> float:

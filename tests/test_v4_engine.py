@@ -20,12 +20,12 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from conftest import v4_pair  # noqa: E402
+
 import nanoseek as ns  # noqa: E402
-from nanoseek.config import ModelConfig  # noqa: E402
 from nanoseek.errors import UsageError  # noqa: E402
 from nanoseek.infer.compiled import CompiledV4  # noqa: E402
 from nanoseek.infer.v4_cache import V4Cache  # noqa: E402
-from nanoseek.model.transformer import Transformer  # noqa: E402
 from nanoseek.model.v4 import sinkhorn, sinkhorn_bordered  # noqa: E402
 
 TOL = 1e-5
@@ -37,23 +37,10 @@ CONFIGS = {
 
 
 def random_pair(**overrides):
-    """(transformers' model, ours) with the same random weights (as tests/test_v4.py), greedy for a fixed length."""
-    torch.manual_seed(0)
-    cfg = ModelConfig.preset("tiny-v4", **overrides)
-    kw = {k: v for k, v in cfg.to_hf().items() if k != "architectures"}
-    hf = transformers.DeepseekV4ForCausalLM(transformers.DeepseekV4Config(**kw)).float().eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.normal_(0.0, 0.3 if p.dim() < 2 else 0.15)
-        for m in hf.modules():
-            if hasattr(m, "tid2eid"):
-                m.tid2eid.copy_(torch.rand(cfg.vocab_size, cfg.n_routed_experts).argsort(-1)[:, :cfg.num_experts_per_tok])
-            if hasattr(m, "e_score_correction_bias"):
-                m.e_score_correction_bias.normal_(0.0, 0.3)
-    hf.generation_config.eos_token_id = None        # pure argmax for max_new_tokens steps, as ignore_eos here
+    """conftest.v4_pair, with transformers' generate set to pure argmax for max_new_tokens steps (as ignore_eos)."""
+    hf, ours = v4_pair(**overrides)
+    hf.generation_config.eos_token_id = None
     hf.generation_config.pad_token_id = 0
-    ours = Transformer(cfg).eval()
-    ours.load_state_dict({k.removeprefix("model."): v for k, v in hf.state_dict().items()}, strict=True)
     return hf, ours
 
 
