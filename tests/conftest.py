@@ -124,6 +124,23 @@ def v4_pair(**overrides):
     return hf, ours
 
 
+def metrics_rows(out) -> list[dict]:
+    """A run's metrics.jsonl (OUT/metrics.jsonl), one dict per line."""
+    import json
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def corpus_tokenizer_dir(tmp_path_factory) -> str:
+    """A 512-token BPE tokenizer trained once on the embedded corpus (what pretrain would train itself)."""
+    from nanoseek.data.tasks import corpus_documents
+    from nanoseek.tokenizer import Tokenizer
+
+    d = tmp_path_factory.mktemp("tok")
+    Tokenizer.train(list(corpus_documents(400, seed=0)), 512, progress=False).save(d)
+    return str(d)
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b|: the relative error the acceptance tests bound."""
     return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()

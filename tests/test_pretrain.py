@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import metrics_rows
 
 from nanoseek.train import optim
 from nanoseek.train.pretrain import PretrainConfig, pretrain, train_step
@@ -31,18 +32,11 @@ FAST = dict(preset="tiny", seq_len=32, batch_size=8, lr=2e-2, corpus_docs=400, p
 
 
 @pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory) -> str:
-    """A 512-token BPE tokenizer trained once on the embedded corpus (what pretrain would train itself)."""
-    from nanoseek.data.tasks import corpus_documents
-    from nanoseek.tokenizer import Tokenizer
-
-    d = tmp_path_factory.mktemp("tok")
-    Tokenizer.train(list(corpus_documents(400, seed=0)), 512, progress=False).save(d)
-    return str(d)
+def tok_dir(corpus_tokenizer_dir) -> str:
+    return corpus_tokenizer_dir
 
 
-def rows(out) -> list[dict]:
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+rows = metrics_rows
 
 
 def cli(args: list[str], env_extra: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from conftest import metrics_rows
 
 import nanoseek as ns
 from nanoseek.checkpoint import load_model_and_tokenizer
@@ -49,8 +50,7 @@ def dense(preset, tok, seed=0):
                                                 eos_token_id=tok.eos_id))
 
 
-def rows(out):
-    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+rows = metrics_rows
 
 
 @pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen3"])

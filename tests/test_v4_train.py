@@ -8,7 +8,6 @@ One intra-op thread everywhere (see tests/test_pretrain.py); the 200-step run ta
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import subprocess
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import metrics_rows
 from safetensors import safe_open
 
 import nanoseek as ns
@@ -31,17 +31,11 @@ FAST = dict(preset="v4-tiny", seq_len=32, batch_size=8, corpus_docs=400, progres
 
 
 @pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory) -> str:
-    from nanoseek.data.tasks import corpus_documents
-    from nanoseek.tokenizer import Tokenizer
-
-    d = tmp_path_factory.mktemp("tok")
-    Tokenizer.train(list(corpus_documents(400, seed=0)), 512, progress=False).save(d)
-    return str(d)
+def tok_dir(corpus_tokenizer_dir) -> str:
+    return corpus_tokenizer_dir
 
 
-def rows(out) -> list[dict]:
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+rows = metrics_rows
 
 
 def mean(xs) -> float:
