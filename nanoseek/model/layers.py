@@ -7,11 +7,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import gemv
+
 # Inference on the CPU: which matrix product runs a projection. Decoding is a stream of skinny products (one row
 # per sequence), and there MKL's product over nn.Linear's (out, in) weight reads memory at about half the speed of
 # oneDNN's or of MKL's over an (in, out) copy (docs/benchmarks.md, "Dense decode"). Above ONEDNN_MIN_WEIGHT elements
-# the projection runs through oneDNN (its fixed cost, ~13 us a call, is lost below); decode_layout() stores the
-# widest weights (in, out) for one-row decoding.
+# the projection runs through oneDNN (its fixed cost, ~13 us a call, is lost below). One row runs model/gemv.py's
+# kernel, which reads the (out, in) weight at memory speed, once decode_layout() has built it; without a compiler
+# decode_layout() stores the widest weights (in, out) for MKL's one-row product instead.
 ONEDNN_MIN_WEIGHT = 1 << 20
 _ONEDNN = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 
@@ -22,6 +25,8 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
+        if x.numel() == x.shape[-1] and gemv.applies(w, x):   # one row: the one-row kernel, where decode_layout built it
+            return gemv.linear(x, w, self.bias)
         if (_ONEDNN is None or torch.is_grad_enabled() or x.device.type != "cpu" or w.dtype != torch.float32
                 or x.dtype != torch.float32 or w.numel() < ONEDNN_MIN_WEIGHT):
             return F.linear(x, w, self.bias)
@@ -53,11 +58,16 @@ def _(x, w, bias):
 
 @torch.no_grad()
 def decode_layout(model: nn.Module) -> int:
-    """Store the weight of every Linear wider out than in (the vocabulary head, the MLP's fused gate_up, ...) as
-    (in, out) in memory, for faster one-row decoding on the CPU. Same values, shapes and names (the parameter
-    becomes a transposed view of an (in, out) buffer), so save() writes the same file. For a model that only serves:
-    one that keeps training keeps nn.Linear's layout. One weight at a time (the peak is one weight more); returns
-    how many moved. Weights read directly rather than through forward (MLA's kv_b_proj) are plain nn.Linear."""
+    """Prepare a model that only serves for fast one-row decoding on the CPU. First choice: the one-row kernel
+    (model/gemv.py, built once per machine), which reads nn.Linear's own (out, in) layout at memory speed: nothing
+    moves, returns 0. Without it (no C++ compiler): store the weight of every Linear wider out than in (the
+    vocabulary head, the MLP's fused gate_up, ...) as (in, out) in memory, where MKL's one-row product is fastest.
+    Same values, shapes and names (the parameter becomes a transposed view of an (in, out) buffer), so save() writes
+    the same file; a model that keeps training keeps nn.Linear's layout. One weight at a time (the peak is one weight
+    more); returns how many moved. Weights read directly rather than through forward (MLA's kv_b_proj) are plain
+    nn.Linear."""
+    if next(model.parameters()).device.type == "cpu" and gemv.load():
+        return 0
     moved = 0
     for m in model.modules():
         if isinstance(m, Linear) and m.out_features > m.in_features and m.weight.is_contiguous():

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from . import flash_mla
+from . import flash_mla, gemv
 from .dsa import DSA, IndexRecord, LightningIndexer, causal_visible, selection_mask, top_k
 from .layers import Linear, RMSNorm
 from .rope import apply_rope, yarn_get_mscale, yarn_scaling
@@ -217,6 +217,8 @@ class MLA(nn.Module):
         """q_nope (B, T, H, nope) -> q_nope W_UK (B, T, H, kv_lora_rank): each head's query in latent space."""
         B, T, H, _ = q_nope.shape
         w_uk = self.kv_b_proj.weight.view(H, self.nope + self.v_dim, self.kv_lora_rank)[:, : self.nope]  # (H, nope, r)
+        if B * T == 1 and gemv.applies(w_uk, q_nope):     # one token: W_UK's rows streamed once (model/gemv.py)
+            return gemv.vecmat(w_uk, q_nope.reshape(H, self.nope), torch.arange(H)).view(B, T, H, self.kv_lora_rank)
         # per head, q_nope @ W_UK as one bmm over heads (einsum costs ~2x as much per call at decode sizes)
         q_lat = torch.bmm(q_nope.reshape(B * T, H, self.nope).transpose(0, 1), w_uk)   # (H, B*T, r)
         return q_lat.transpose(0, 1).reshape(B, T, H, self.kv_lora_rank)
@@ -233,6 +235,8 @@ class MLA(nn.Module):
         """The latent output of every head (B, T, H, kv_lora_rank) -> o_proj(out W_UV) (B, T, hidden)."""
         B, T, H, r = out.shape
         w_uv = self.kv_b_proj.weight.view(H, self.nope + self.v_dim, r)[:, self.nope:]  # (H, v, r)
+        if B * T == 1 and gemv.applies(w_uv, out):       # one token: W_UV's rows streamed once (model/gemv.py)
+            return self.o_proj(gemv.gemv(w_uv, out.reshape(H, r), torch.arange(H)).view(B, T, H * self.v_dim))
         out = torch.bmm(out.view(B * T, H, r).transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # (B*T, H, v)
         return self.o_proj(out.reshape(B, T, H * self.v_dim))
 

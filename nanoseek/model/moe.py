@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from . import gemv
 from .layers import MLP
 
 
@@ -75,6 +76,8 @@ class Experts(nn.Module):
         scattered back to their tokens with index_add.
         """
         E, hidden, inter = self.down_proj.shape
+        if x.shape[0] == 1 and gemv.applies(self.gate_up_proj, x):   # one token: its k experts, read once each
+            return self.one_token_forward(x, weights, idx)
         if x.shape[0] * E * inter * hidden <= DENSE_EXPERTS_MAX_MACS:
             return self.dense_forward(x, weights, idx)
         if torch.compiler.is_compiling():   # a captured graph (infer/compiled.py) needs static shapes: no sort, counts
@@ -101,6 +104,15 @@ class Experts(nn.Module):
         gate, up = (x @ self.gate_up_proj.view(E * 2 * inter, hidden).t()).view(N, E, 2 * inter).chunk(2, dim=-1)
         h = F.silu(gate) * up * g[..., None]                                                    # (N, E, inter)
         return torch.bmm(h.transpose(0, 1), self.down_proj.transpose(1, 2)).sum(0)           # (E, N, h) -> (N, h)
+
+    def one_token_forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """The same result for one token (batch-1 decoding) through the one-row kernel (model/gemv.py): each chosen
+        expert's weights are streamed once, in place; no copy, no sort. x (1, hidden), weights/idx (1, k)."""
+        k = idx.shape[1]
+        which = idx[0].long()
+        gate, up = gemv.gemv(self.gate_up_proj, x.expand(k, -1).contiguous(), which).chunk(2, dim=-1)  # (k, inter)
+        h = F.silu(gate) * up * weights[0, :, None].to(x.dtype)                                      # (k, inter)
+        return gemv.gemv(self.down_proj, h.contiguous(), which).sum(0, keepdim=True)                 # (1, hidden)
 
     def gathered_forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """The same result with shapes fixed by N and k alone, for a compiled decode step: each (token, expert) pair

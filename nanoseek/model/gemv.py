@@ -1,0 +1,223 @@
+"""One-row matrix products for batch-1 decoding on the CPU: y = W x read at the speed of memory.
+
+At one row a projection does 2 FLOPs per 4 bytes of weight it reads: the step is a stream of weights, and its bound
+is the memory bandwidth one core can pull. The library products leave a third of it unused on one row (MKL's x @ W.T
+over an (in, out) weight reads at ~65% of a plain `sum` over the same bytes, oneDNN's and MKL's over the (out, in)
+one at ~50%; docs/benchmarks.md, "Batch-1 decode ... roofline"). The loop below reads W's rows in memory order, one
+sequential stream that the hardware prefetcher follows, 16 float lanes per fused multiply-add, and reads at 90-95%
+of `sum` (rows longer than 4,096: 80-85%, four rows at a time).
+
+gemv(w, x, which): w (G, out, in) float32, each matrix stored row by row (one Linear's weight with G = 1, a stack
+of experts, MLA's per-head W_UV), x (P, in), which (P,) int64 -> (P, out) with y[p] = w[which[p]] @ x[p]. One routed
+token's k experts are one call. vecmat(w, x, which): the other orientation, y[p] = x[p] @ w[which[p]] for w
+(G, in, out), streaming w's rows and adding each into y (MLA's query absorption through W_UK).
+
+The kernel is compiled on first use by the C++ compiler torch's extensions use (torch.utils.cpp_extension, -O3
+-march=native) and cached under ~/.cache/nanoseek/kernels ($XDG_CACHE_HOME): once per machine, ~30 s. Without a
+compiler, load() returns False after a one-line notice and callers keep their library product.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import torch
+
+SOURCE = r"""
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+// y[o] = dot(w[o, :], x) for o in [o0, o1). Rows of up to 4,096 floats: one row after the other (one sequential
+// stream), two 16-lane accumulators. Longer rows: x no longer sits in L1 beside the stream, so four rows share each
+// load of x (four streams, still faster there). Measured against `sum`, docs/benchmarks.md.
+static void rows(const float* w, const float* x, float* y, int64_t o0, int64_t o1, int64_t in) {
+  int64_t o = o0;
+#if defined(__AVX512F__)
+  const int64_t body = in - in % 16;
+  if (in > 4096) {
+    for (; o + 4 <= o1; o += 4) {
+      const float* r = w + o * in;
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      for (int64_t i = 0; i < body; i += 16) {
+        const __m512 xv = _mm512_loadu_ps(x + i);
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(r + i), xv, a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(r + in + i), xv, a1);
+        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(r + 2 * in + i), xv, a2);
+        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(r + 3 * in + i), xv, a3);
+      }
+      float s[4] = {_mm512_reduce_add_ps(a0), _mm512_reduce_add_ps(a1), _mm512_reduce_add_ps(a2),
+                    _mm512_reduce_add_ps(a3)};
+      for (int k = 0; k < 4; ++k) {
+        for (int64_t i = body; i < in; ++i) s[k] += r[k * in + i] * x[i];
+        y[o + k] = s[k];
+      }
+    }
+  }
+  for (; o < o1; ++o) {
+    const float* r = w + o * in;
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+    int64_t i = 0;
+    for (; i + 32 <= body; i += 32) {
+      a0 = _mm512_fmadd_ps(_mm512_loadu_ps(r + i), _mm512_loadu_ps(x + i), a0);
+      a1 = _mm512_fmadd_ps(_mm512_loadu_ps(r + i + 16), _mm512_loadu_ps(x + i + 16), a1);
+    }
+    if (i < body) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(r + i), _mm512_loadu_ps(x + i), a0);
+    float s = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+    for (i = body; i < in; ++i) s += r[i] * x[i];
+    y[o] = s;
+  }
+#else  // other CPUs: the compiler vectorises the 16 lanes for whatever vector width -march=native gives
+  for (; o < o1; ++o) {
+    const float* r = w + o * in;
+    float acc[16] = {};
+    int64_t i = 0;
+    for (; i + 16 <= in; i += 16) {
+#pragma omp simd
+      for (int k = 0; k < 16; ++k) acc[k] += r[i + k] * x[i + k];
+    }
+    float s = 0.f;
+    for (; i < in; ++i) s += r[i] * x[i];
+    for (int k = 0; k < 16; ++k) s += acc[k];
+    y[o] = s;
+  }
+#endif
+}
+
+// y (out) = x (in) @ w (in, out): w's rows in order, each added into y (in L1) with weight x[i].
+static void vec_rows(const float* w, const float* x, float* y, int64_t in, int64_t out) {
+  for (int64_t o = 0; o < out; ++o) y[o] = 0.f;
+  for (int64_t i = 0; i < in; ++i) {
+    const float* r = w + i * out;
+    const float xi = x[i];
+#pragma omp simd
+    for (int64_t o = 0; o < out; ++o) y[o] += xi * r[o];
+  }
+}
+
+static void check(const torch::Tensor& w, const torch::Tensor& x, const torch::Tensor& which, int64_t in) {
+  TORCH_CHECK(w.dim() == 3 && x.dim() == 2 && which.dim() == 1, "gemv: w (G, rows, cols), x (P, in), which (P,)");
+  TORCH_CHECK(w.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat, "gemv: float32 only");
+  TORCH_CHECK(which.scalar_type() == at::kLong && which.size(0) == x.size(0), "gemv: which is (P,) int64");
+  TORCH_CHECK(w.stride(2) == 1 && w.stride(1) == w.size(2) && x.is_contiguous() && which.is_contiguous(),
+              "gemv: each of w's matrices stored row by row, x and which contiguous");
+  TORCH_CHECK(x.size(1) == in, "gemv: w and x disagree on `in`");
+  const int64_t* wh = which.data_ptr<int64_t>();
+  for (int64_t p = 0; p < which.size(0); ++p) TORCH_CHECK(wh[p] >= 0 && wh[p] < w.size(0), "gemv: which out of range");
+}
+
+// w (G, out, in), x (P, in), which (P,) -> y (P, out): y[p] = w[which[p]] @ x[p]. w[g] at w + g * stride(0).
+torch::Tensor gemv(torch::Tensor w, torch::Tensor x, torch::Tensor which) {
+  const int64_t out = w.size(1), in = w.size(2), P = x.size(0), gs = w.stride(0);
+  check(w, x, which, in);
+  auto y = torch::empty({P, out}, x.options());
+  const float* wp = w.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
+  const int64_t* wh = which.data_ptr<int64_t>();
+  float* yp = y.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(4, (int64_t{1} << 16) / std::max<int64_t>(in, 1));  // >= 256 KB a task
+  at::parallel_for(0, P * out, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end;) {
+      const int64_t p = t / out, o = t % out, stop = std::min(end, (p + 1) * out);
+      rows(wp + wh[p] * gs, xp + p * in, yp + p * out, o, o + (stop - t), in);
+      t = stop;
+    }
+  });
+  return y;
+}
+
+// w (G, in, out), x (P, in), which (P,) -> y (P, out): y[p] = x[p] @ w[which[p]].
+torch::Tensor vecmat(torch::Tensor w, torch::Tensor x, torch::Tensor which) {
+  const int64_t in = w.size(1), out = w.size(2), P = x.size(0), gs = w.stride(0);
+  check(w, x, which, in);
+  auto y = torch::empty({P, out}, x.options());
+  const float* wp = w.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
+  const int64_t* wh = which.data_ptr<int64_t>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) vec_rows(wp + wh[p] * gs, xp + p * in, yp + p * out, in, out);
+  });
+  return y;
+}
+"""
+
+MIN_WEIGHT = 1 << 20        # elements of one matrix below which the library product's fixed cost is no loss
+_ZERO = torch.zeros(1, dtype=torch.long)
+_state: dict = {}           # "lib": the built extension, or "error": why it could not be built
+
+
+def kernel_dir() -> str:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "nanoseek", "kernels")
+
+
+def load(verbose: bool = True) -> bool:
+    """Build (first time on this machine) or load the kernel; True when gemv runs it. Never raises: without a
+    working C++ compiler it notes why once and returns False."""
+    if "lib" in _state or "error" in _state:
+        return "lib" in _state
+    from torch.utils.cpp_extension import load_inline
+    folder = kernel_dir()
+    os.makedirs(folder, exist_ok=True)
+    t0 = time.perf_counter()
+    try:
+        _state["lib"] = load_inline("nanoseek_gemv", cpp_sources=SOURCE, functions=["gemv", "vecmat"], build_directory=folder,
+                                    extra_cflags=["-O3", "-march=native", "-fopenmp-simd"], verbose=False)
+    except Exception as e:     # no compiler, no ninja, an unsupported flag: the library product stays
+        _state["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+        if verbose:
+            print(f"nanoseek: one-row product kernel not built ({_state['error'][:200]}); using the library "
+                  "product", file=sys.stderr)
+        return False
+    if verbose and time.perf_counter() - t0 > 5:
+        print(f"nanoseek: built the one-row product kernel in {time.perf_counter() - t0:.0f} s (cache: {folder})",
+              file=sys.stderr)
+    return True
+
+
+def ready() -> bool:
+    """The kernel is loaded (load() succeeded in this process)."""
+    return "lib" in _state
+
+
+def applies(w: torch.Tensor, x: torch.Tensor) -> bool:
+    """The kernels serve this product: loaded, no gradient wanted, float32 on the CPU, each of w's matrices stored
+    row by row (stacked at any stride), and w at least MIN_WEIGHT elements."""
+    return ("lib" in _state and not torch.is_grad_enabled() and w.device.type == "cpu" and x.device.type == "cpu"
+            and w.dtype == torch.float32 and x.dtype == torch.float32 and w.stride(-1) == 1
+            and w.stride(-2) == w.shape[-1] and w.numel() >= MIN_WEIGHT)
+
+
+@torch.library.custom_op("nanoseek::gemv", mutates_args=())
+def gemv(w: torch.Tensor, x: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
+    """w (G, out, in), x (P, in), which (P,) int64 -> (P, out): y[p] = w[which[p]] @ x[p]. An opaque op to
+    torch.compile, so a compiled decode step calls the kernel too."""
+    return _state["lib"].gemv(w, x.contiguous(), which.contiguous())
+
+
+@gemv.register_fake
+def _(w, x, which):
+    return x.new_empty(x.shape[0], w.shape[1])
+
+
+@torch.library.custom_op("nanoseek::vecmat", mutates_args=())
+def vecmat(w: torch.Tensor, x: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
+    """w (G, in, out), x (P, in), which (P,) int64 -> (P, out): y[p] = x[p] @ w[which[p]] (w's rows streamed in
+    order, each added into y). MLA's query absorption, x @ W_UK per head, at one token."""
+    return _state["lib"].vecmat(w, x.contiguous(), which.contiguous())
+
+
+@vecmat.register_fake
+def _(w, x, which):
+    return x.new_empty(x.shape[0], w.shape[2])
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, w, bias) for an x of one row (..., in), w (out, in), through the kernel."""
+    y = gemv(w[None], x.reshape(1, x.shape[-1]), _ZERO).view(*x.shape[:-1], w.shape[0])
+    return y if bias is None else y + bias
