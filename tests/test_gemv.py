@@ -61,6 +61,21 @@ def test_gemv_equals_the_matrix_product(kernel, out_f, in_f):
     assert rel_err(gemv.gemv(w, x, torch.tensor([2, 0, 1, 1])), ref) > 0.1
 
 
+def test_threads_split_the_rows_and_give_the_same_result(kernel):
+    torch.manual_seed(0)
+    w, x, which = torch.randn(2, 4099, 64), torch.randn(3, 64), torch.tensor([1, 0, 1])   # ~4 tasks per row of x
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = gemv.gemv(w, x, which)
+        torch.set_num_threads(2)
+        two = gemv.gemv(w, x, which)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+    assert rel_err(two, torch.stack([w[1] @ x[0], w[0] @ x[1], w[1] @ x[2]])) < 1e-6
+
+
 def test_strided_stacks_and_vecmat_equal_mlas_bmm(kernel):
     """W_UK and W_UV are row-contiguous views of kv_b_proj's weight at a head stride of (nope + v) * r."""
     torch.manual_seed(0)

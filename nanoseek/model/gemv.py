@@ -164,6 +164,9 @@ def load(verbose: bool = True) -> bool:
     from torch.utils.cpp_extension import load_inline
     folder = kernel_dir()
     os.makedirs(folder, exist_ok=True)
+    if verbose and not any(f.startswith("nanoseek_gemv") and f.endswith(".so") for f in os.listdir(folder)):
+        print(f"nanoseek: building the one-row product kernel (once per machine, ~30 s; cache: {folder})",
+              file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     try:
         _state["lib"] = load_inline("nanoseek_gemv", cpp_sources=SOURCE, functions=["gemv", "vecmat"], build_directory=folder,
@@ -175,8 +178,7 @@ def load(verbose: bool = True) -> bool:
                   "product", file=sys.stderr)
         return False
     if verbose and time.perf_counter() - t0 > 5:
-        print(f"nanoseek: built the one-row product kernel in {time.perf_counter() - t0:.0f} s (cache: {folder})",
-              file=sys.stderr)
+        print(f"nanoseek: built the one-row product kernel in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return True
 
 
