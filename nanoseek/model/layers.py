@@ -66,7 +66,8 @@ def decode_layout(model: nn.Module) -> int:
     the same file; a model that keeps training keeps nn.Linear's layout. One weight at a time (the peak is one weight
     more); returns how many moved. Weights read directly rather than through forward (MLA's kv_b_proj) are plain
     nn.Linear."""
-    if next(model.parameters()).device.type == "cpu" and gemv.load():
+    first = next(model.parameters())
+    if first.device.type == "cpu" and first.dtype == torch.float32 and gemv.load():   # the kernel is float32's
         return 0
     moved = 0
     for m in model.modules():
