@@ -17,8 +17,10 @@ Each repetition notes the machine's load average (os.getloadavg, 1 minute).
 
 `--roofline`: the memory-bandwidth bound of batch-1 decode, measured in the same run. Bandwidth: the best of
 several single-thread sums over a float32 array far larger than the caches (torch and numpy), read at the start,
-before every repetition and at the end, and sustained over 1.5 s (a repetition's span) before every repetition;
-shares against the highest sustained reading (like for like) and the highest single sum (strictest). Bytes per token:
+before every repetition and at the end, and sustained over 1.5 s (a repetition's span); shares of each side's best
+run against the highest sustained and the highest single-sum readings (the strictest), and step by step: one more
+decode per side in which every step is followed by a sum over the same bytes, the median of sum time / step time
+(the same moment, like for like). Bytes per token:
 every weight once (the embedding table counts one row unless tied to the head) plus the K/V (or latent) cache
 read at the mean decode context. Our side serves as `nanoseek serve` does: weights in decode_layout
 (--training-layout keeps nn.Linear's). Roofline tokens/s = bandwidth / bytes per token. `--profile`: torch profiler
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -117,6 +120,51 @@ def engine_decode_time(engine, prompts, n, profiler=None):
     return time.perf_counter() - t0
 
 
+def engine_step_shares(engine, prompts, n, buf) -> list[float]:
+    """One greedy decode of the prompts; after each decode step a sum over buf (as many bytes as a token reads):
+    sum time / step time per step, that step's share of the roofline at that moment."""
+    import nanoseek as ns
+    engine.reset_prefix_cache()
+    for p in prompts.tolist():
+        engine.add_request(p, ns.SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+    engine.step()                                  # prefill
+    shares = []
+    while engine.has_unfinished():
+        t0 = time.perf_counter()
+        engine.step()
+        t1 = time.perf_counter()
+        buf.sum()
+        shares.append((time.perf_counter() - t1) / (t1 - t0))
+    return shares
+
+
+class PairedClock:
+    """A transformers streamer that runs a sum over buf after each step and keeps sum time / step time (the first
+    put is the prompt, the second ends the prefill: neither is a decode step)."""
+
+    def __init__(self, buf):
+        self.buf, self.puts, self.last, self.shares = buf, 0, 0.0, []
+
+    def put(self, value):
+        t = time.perf_counter()
+        self.puts += 1
+        if self.puts > 2:
+            self.buf.sum()
+            self.shares.append((time.perf_counter() - t) / (t - self.last))
+        self.last = time.perf_counter()
+
+    def end(self):
+        pass
+
+
+def hf_step_shares(hf, prompts, n, buf) -> list[float]:
+    clock = PairedClock(buf)
+    with torch.inference_mode():
+        hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=n, min_new_tokens=n,
+                    do_sample=False, streamer=clock)
+    return clock.shares
+
+
 def read_bandwidth(gib: float = 1.0, repeat: int = 5) -> tuple[float, float]:
     """Single-thread read bandwidth in bytes/s: best of `repeat` sums over a float32 array of `gib` GiB (torch,
     numpy), far larger than any cache. Returns (best, torch's best)."""
@@ -188,18 +236,24 @@ def measure(model, hf, P: int, B: int, args, V: int):
     compile_s = engines["compiled"]._compiled.compile_seconds if "compiled" in engines else 0.0
     n = args.new_tokens
     times, loads, bws = {k: [] for k in [*engines, "transformers"]}, [], []
+    roof = args.roofline and B == 1    # the bandwidth moves with the machine's other tenants: read it every time
     for _ in range(args.repeat):    # interleaved, so that load changes on the machine hit every side
         loads.append(load1())
-        if args.roofline and B == 1:   # the bandwidth moves with the machine's other tenants: read it every time
-            bws.append((read_bandwidth(repeat=2)[0], sustained_bandwidth()))
+        bws += [(read_bandwidth(repeat=2)[0], sustained_bandwidth())] if roof else []
         for k, engine in engines.items():
             times[k].append(engine_decode_time(engine, prompts, n))
         times["transformers"].append(hf_decode_time(hf, prompts, n))
     loads.append(load1())
+    shares = {}
+    if roof:     # each decode step against a sum over the same bytes right after it (the same moment)
+        buf = torch.ones(int(bytes_per_token(model, P + n / 2)) // 4)
+        shares = {k: engine_step_shares(engine, prompts, n, buf) for k, engine in engines.items()}
+        shares["transformers"] = hf_step_shares(hf, prompts, n, buf)
+        del buf
     if args.profile:
         for engine in engines.values():
             profile_engine(engine, prompts, n, B)
-    return {k: B * (n - 1) / min(t) for k, t in times.items()}, same, loads, compile_s, bws
+    return {k: B * (n - 1) / min(t) for k, t in times.items()}, same, loads, compile_s, (bws, shares)
 
 
 def profile_engine(engine, prompts, n, B):
@@ -269,7 +323,7 @@ def main(argv=None):
     rows = []
     for P in lens:
         for B in [int(b) for b in args.batches.split(",")]:
-            tps, same, loads, compile_s, bws = measure(model, hf, P, B, args, cfg.vocab_size)
+            tps, same, loads, compile_s, (bws, shares) = measure(model, hf, P, B, args, cfg.vocab_size)
             tps_e, tps_h = tps["eager"], tps["transformers"]
             rows.append((P, B, tps_e, tps_h, tps.get("compiled")))
             extra = (f" {tps['compiled']:>15.2f} {tps['compiled'] / tps_h:>5.2f}x   (compile {compile_s:.1f} s)"
@@ -278,29 +332,32 @@ def main(argv=None):
                   f"(greedy tokens equal to transformers': {', '.join(f'{k} {v}/{B}' for k, v in same.items())}; "
                   f"load {' '.join(f'{x:.1f}' for x in loads)})", flush=True)
             if bw and B == 1:
-                report_roofline(model, P + args.new_tokens / 2, tps, [bw[0], *(b for b, _ in bws)],
-                                [s for _, s in bws])
+                report_roofline(model, P + args.new_tokens / 2, tps, bw[0], bws, shares)
     if bw:
         bw2 = read_bandwidth()
         print(f"read bandwidth again at the end: {bw2[0] / 1e9:.2f} GB/s, load={load1():.2f}")
     return rows
 
 
-def report_roofline(model, context: float, tps: dict, peaks: list, sustained: list) -> None:
-    """Each side's best tokens/s (its best repetition, ~1.5 s of decoding) as a share of two roofs: the highest
-    bandwidth sustained over a repetition's span during the run (like for like), and the highest single ~30 ms
-    sum (at the start, before every repetition, now): the bound least favourable to the shares. On this shared
-    machine the bandwidth moves by 10-15% from one moment to the next."""
-    peaks = [*peaks, read_bandwidth(repeat=3)[0]]
+def report_roofline(model, context: float, tps: dict, start_bw: float, bws: list, shares: dict) -> None:
+    """Shares of the roofline (bytes per token / bandwidth), two ways. (1) Each side's best tokens/s against the
+    highest bandwidth read during the run, sustained over 1.5 s and as a best single ~30 ms sum (before every
+    repetition, at the start, now): the strictest bounds, since on this shared machine the bandwidth moves by
+    10-15% from minute to minute. (2) Step by step: each decode step against a sum over the same bytes run right
+    after it (shares[side], one ratio per step), the median: the same moment, like for like."""
     nbytes = bytes_per_token(model, context)
+    peaks, sustained = [start_bw, read_bandwidth(repeat=3)[0], *(p for p, _ in bws)], [s for _, s in bws]
     print(f"       roofline: {nbytes / 1e6:.1f} MB/token (weights + cache at mean context {context:.0f}); "
           f"load {load1():.2f}", flush=True)
-    for name, bws in (("sustained", sustained), ("peak", peaks)):
-        bw = max(bws)
-        roof = bw / nbytes
-        shares = ", ".join(f"{k} {100 * v / roof:.0f}%" for k, v in tps.items())
-        print(f"       {name:>9} bandwidth {bw / 1e9:.2f} GB/s (highest of {len(bws)}, lowest {min(bws) / 1e9:.2f})"
-              f" -> {roof:.2f} tok/s; {shares}", flush=True)
+    for name, readings in (("sustained", sustained), ("peak", peaks)):
+        bw = max(readings)
+        told = ", ".join(f"{k} {100 * v * nbytes / bw:.0f}%" for k, v in tps.items())
+        print(f"       {name:>9} bandwidth {bw / 1e9:.2f} GB/s (highest of {len(readings)}, lowest "
+              f"{min(readings) / 1e9:.2f}) -> {bw / nbytes:.2f} tok/s; {told}", flush=True)
+    told = ", ".join(f"{k} {100 * statistics.median(v):.0f}% (quartiles {100 * statistics.quantiles(v)[0]:.0f}-"
+                     f"{100 * statistics.quantiles(v)[2]:.0f}%)" for k, v in shares.items())
+    print(f"       step by step, each step against a sum over the same bytes right after it (median of "
+          f"{len(next(iter(shares.values())))} steps): {told}", flush=True)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@ At one row a projection does 2 FLOPs per 4 bytes of weight it reads: the step is
 is the memory bandwidth one core can pull. The library products leave a third of it unused on one row (MKL's x @ W.T
 over an (in, out) weight reads at ~65% of a plain `sum` over the same bytes, oneDNN's and MKL's over the (out, in)
 one at ~50%; docs/benchmarks.md, "Batch-1 decode ... roofline"). The loop below reads W's rows in memory order, one
-sequential stream that the hardware prefetcher follows, 16 float lanes per fused multiply-add, and reads at 90-95%
-of `sum` (rows longer than 4,096: 80-85%, four rows at a time).
+sequential streams the hardware prefetcher follows (two far apart, sharing each load of x), 16 float lanes per fused
+multiply-add, and reads at 85-97% of `sum` (rows longer than 4,096: 80-85%, four rows at a time).
 
 gemv(w, x, which): w (G, out, in) float32, each matrix stored row by row (one Linear's weight with G = 1, a stack
 of experts, MLA's per-head W_UV), x (P, in), which (P,) int64 -> (P, out) with y[p] = w[which[p]] @ x[p]. One routed
@@ -32,9 +32,10 @@ SOURCE = r"""
 #include <immintrin.h>
 #endif
 
-// y[o] = dot(w[o, :], x) for o in [o0, o1). Rows of up to 4,096 floats: one row after the other (one sequential
-// stream), two 16-lane accumulators. Longer rows: x no longer sits in L1 beside the stream, so four rows share each
-// load of x (four streams, still faster there). Measured against `sum`, docs/benchmarks.md.
+// y[o] = dot(w[o, :], x) for o in [o0, o1). Rows of up to 4,096 floats: two streams, rows o and o + half of the
+// range at once, each row in memory order, sharing each load of x (two far-apart sequential streams read faster
+// than one here, and faster than two neighbouring rows). Longer rows: x no longer sits in L1 beside the streams,
+// so four neighbouring rows share each load of x. Measured against `sum`, docs/benchmarks.md.
 static void rows(const float* w, const float* x, float* y, int64_t o0, int64_t o1, int64_t in) {
   int64_t o = o0;
 #if defined(__AVX512F__)
@@ -57,6 +58,26 @@ static void rows(const float* w, const float* x, float* y, int64_t o0, int64_t o
         y[o + k] = s[k];
       }
     }
+  } else {
+    const int64_t half = (o1 - o0) / 2;
+    for (; o < o0 + half; ++o) {
+      const float* r0 = w + o * in;
+      const float* r1 = r0 + half * in;
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+      for (int64_t i = 0; i < body; i += 16) {
+        const __m512 xv = _mm512_loadu_ps(x + i);
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(r0 + i), xv, a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(r1 + i), xv, a1);
+      }
+      float s0 = _mm512_reduce_add_ps(a0), s1 = _mm512_reduce_add_ps(a1);
+      for (int64_t i = body; i < in; ++i) {
+        s0 += r0[i] * x[i];
+        s1 += r1[i] * x[i];
+      }
+      y[o] = s0;
+      y[o + half] = s1;
+    }
+    o = o0 + 2 * half;                     // an odd range leaves its last row to the loop below
   }
   for (; o < o1; ++o) {
     const float* r = w + o * in;
