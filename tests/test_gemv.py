@@ -30,7 +30,7 @@ class Calls:
     """Counts the kernel's calls (wraps the built extension)."""
 
     def __init__(self, lib):
-        self.lib, self.n = lib, {"gemv": 0, "vecmat": 0}
+        self.lib, self.n = lib, {"gemv": 0, "vecmat": 0, "linear_rows": 0}
 
     def gemv(self, *a):
         self.n["gemv"] += 1
@@ -39,6 +39,10 @@ class Calls:
     def vecmat(self, *a):
         self.n["vecmat"] += 1
         return self.lib.vecmat(*a)
+
+    def linear_rows(self, *a):
+        self.n["linear_rows"] += 1
+        return self.lib.linear_rows(*a)
 
 
 @pytest.fixture
@@ -100,17 +104,29 @@ def test_bad_operands_are_refused(kernel):
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_linear_takes_the_kernel_for_one_row_only(small_min, calls, bias):
+def test_linear_takes_the_kernel_for_one_or_two_rows_only(small_min, calls, bias):
     torch.manual_seed(0)
     lin = Linear(48, 160, bias=bias).eval()
-    one, five = torch.randn(1, 1, 48), torch.randn(5, 48)
+    one, two, five = torch.randn(1, 1, 48), torch.randn(2, 1, 48), torch.randn(5, 48)
     with torch.inference_mode():
-        y1, y5 = lin(one), lin(five)
-    assert calls["gemv"] == 1                                   # the one row, not the five
-    assert rel_err(y1, F.linear(one, lin.weight, lin.bias)) < 1e-6 and y1.shape == (1, 1, 160)
-    assert rel_err(y5, F.linear(five, lin.weight, lin.bias)) < 1e-6
-    lin(one).sum().backward()                                   # training: nn.Linear's product and gradient
-    assert calls["gemv"] == 1 and lin.weight.grad is not None
+        y1, y2, y5 = lin(one), lin(two), lin(five)
+        assert lin(torch.randn(0, 48)).shape == (0, 160)
+    assert calls["linear_rows"] == 2                             # the one row and the two, not the five
+    for x, y in ((one, y1), (two, y2), (five, y5)):
+        assert y.shape == (*x.shape[:-1], 160) and rel_err(y, F.linear(x, lin.weight, lin.bias)) < 1e-6
+    lin(one).sum().backward()                                    # training: nn.Linear's product and gradient
+    assert calls["linear_rows"] == 2 and lin.weight.grad is not None
+
+
+# short rows (two far-apart streams, an odd count of rows), long rows (four neighbouring rows, a remainder)
+@pytest.mark.parametrize("out_f,in_f", [(7, 40), (9, 4100)])
+@pytest.mark.parametrize("rows", [1, 2])
+def test_linear_rows_equals_the_matrix_product(kernel, out_f, in_f, rows):
+    torch.manual_seed(0)
+    w, x = torch.randn(out_f, in_f), torch.randn(rows, in_f)
+    ref = (x.double() @ w.double().T).float()
+    assert rel_err(gemv.linear_rows(w, x), ref) < 2e-6
+    assert rel_err(gemv.linear_rows(w.roll(1, dims=0).contiguous(), x), ref) > 0.1   # negative control: rows shifted
 
 
 def test_decode_layout_keeps_the_layout_when_the_kernel_is_built(kernel, monkeypatch):
@@ -169,10 +185,10 @@ def test_batch_one_decode_through_the_kernels_equals_the_library_products(kernel
     spy = Calls(gemv._state["lib"])
     monkeypatch.setitem(gemv._state, "lib", spy)
     assert_same(greedy(model, compile=False), ref)
-    assert spy.n["gemv"] > 0 and spy.n["vecmat"] > 0
+    assert min(spy.n.values()) > 0
     eager_calls = dict(spy.n)
     assert_same(greedy(model, compile=True), ref)
-    assert spy.n["gemv"] > eager_calls["gemv"] and spy.n["vecmat"] > eager_calls["vecmat"]
+    assert all(spy.n[k] > eager_calls[k] for k in spy.n)
 
 
 def test_one_token_experts_equal_the_routed_forward(small_min, calls):

@@ -32,81 +32,64 @@ SOURCE = r"""
 #include <immintrin.h>
 #endif
 
-// y[o] = dot(w[o, :], x) for o in [o0, o1). Rows of up to 4,096 floats: two streams, rows o and o + half of the
-// range at once, each row in memory order, sharing each load of x (two far-apart sequential streams read faster
-// than one here, and faster than two neighbouring rows). Longer rows: x no longer sits in L1 beside the streams,
-// so four neighbouring rows share each load of x. Measured against `sum`, docs/benchmarks.md.
-static void rows(const float* w, const float* x, float* y, int64_t o0, int64_t o1, int64_t in) {
-  int64_t o = o0;
+// The core: for S weight rows o, o + d, ..., o + (S-1) d and R rows of x (R x in, contiguous), y[r * ys + row] =
+// dot(w[row, :], x[r, :]). Each weight row is read once, in memory order; each 16-float load of w serves R fused
+// multiply-adds and each load of x serves S. (S = 2, d = half a range: two far-apart sequential streams, which read
+// faster here than one and than two neighbouring rows; rows longer than 4,096 floats, where x no longer sits in L1
+// beside the streams: S = 4 neighbouring rows. Measured against `sum`, docs/benchmarks.md.)
+template <int R, int S>
+static void dots(const float* w, const float* x, float* y, int64_t ys, int64_t o, int64_t d, int64_t in) {
 #if defined(__AVX512F__)
   const int64_t body = in - in % 16;
-  if (in > 4096) {
-    for (; o + 4 <= o1; o += 4) {
-      const float* r = w + o * in;
-      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-      for (int64_t i = 0; i < body; i += 16) {
-        const __m512 xv = _mm512_loadu_ps(x + i);
-        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(r + i), xv, a0);
-        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(r + in + i), xv, a1);
-        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(r + 2 * in + i), xv, a2);
-        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(r + 3 * in + i), xv, a3);
-      }
-      float s[4] = {_mm512_reduce_add_ps(a0), _mm512_reduce_add_ps(a1), _mm512_reduce_add_ps(a2),
-                    _mm512_reduce_add_ps(a3)};
-      for (int k = 0; k < 4; ++k) {
-        for (int64_t i = body; i < in; ++i) s[k] += r[k * in + i] * x[i];
-        y[o + k] = s[k];
-      }
+  __m512 acc[S][R];
+  for (int s = 0; s < S; ++s)
+    for (int r = 0; r < R; ++r) acc[s][r] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < body; i += 16) {
+    __m512 wv[S];
+    for (int s = 0; s < S; ++s) wv[s] = _mm512_loadu_ps(w + (o + s * d) * in + i);
+    for (int r = 0; r < R; ++r) {
+      const __m512 xv = _mm512_loadu_ps(x + r * in + i);
+      for (int s = 0; s < S; ++s) acc[s][r] = _mm512_fmadd_ps(wv[s], xv, acc[s][r]);
     }
+  }
+  for (int s = 0; s < S; ++s)
+    for (int r = 0; r < R; ++r) {
+      const float* wr = w + (o + s * d) * in;
+      float v = _mm512_reduce_add_ps(acc[s][r]);
+      for (int64_t i = body; i < in; ++i) v += wr[i] * x[r * in + i];
+      y[r * ys + o + s * d] = v;
+    }
+#else  // other CPUs: the compiler vectorises the 16 lanes for whatever vector width -march=native gives
+  for (int s = 0; s < S; ++s)
+    for (int r = 0; r < R; ++r) {
+      const float* wr = w + (o + s * d) * in;
+      const float* xr = x + r * in;
+      float acc[16] = {};
+      int64_t i = 0;
+      for (; i + 16 <= in; i += 16) {
+#pragma omp simd
+        for (int k = 0; k < 16; ++k) acc[k] += wr[i + k] * xr[i + k];
+      }
+      float v = 0.f;
+      for (; i < in; ++i) v += wr[i] * xr[i];
+      for (int k = 0; k < 16; ++k) v += acc[k];
+      y[r * ys + o + s * d] = v;
+    }
+#endif
+}
+
+// y[r * ys + o] = dot(w[o, :], x[r, :]) for o in [o0, o1), r < R.
+template <int R>
+static void rows(const float* w, const float* x, float* y, int64_t ys, int64_t o0, int64_t o1, int64_t in) {
+  int64_t o = o0;
+  if (in > 4096) {
+    for (; o + 4 <= o1; o += 4) dots<R, 4>(w, x, y, ys, o, 1, in);
   } else {
     const int64_t half = (o1 - o0) / 2;
-    for (; o < o0 + half; ++o) {
-      const float* r0 = w + o * in;
-      const float* r1 = r0 + half * in;
-      __m512 a0 = _mm512_setzero_ps(), a1 = a0;
-      for (int64_t i = 0; i < body; i += 16) {
-        const __m512 xv = _mm512_loadu_ps(x + i);
-        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(r0 + i), xv, a0);
-        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(r1 + i), xv, a1);
-      }
-      float s0 = _mm512_reduce_add_ps(a0), s1 = _mm512_reduce_add_ps(a1);
-      for (int64_t i = body; i < in; ++i) {
-        s0 += r0[i] * x[i];
-        s1 += r1[i] * x[i];
-      }
-      y[o] = s0;
-      y[o + half] = s1;
-    }
+    for (; o < o0 + half; ++o) dots<R, 2>(w, x, y, ys, o, half, in);
     o = o0 + 2 * half;                     // an odd range leaves its last row to the loop below
   }
-  for (; o < o1; ++o) {
-    const float* r = w + o * in;
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0;
-    int64_t i = 0;
-    for (; i + 32 <= body; i += 32) {
-      a0 = _mm512_fmadd_ps(_mm512_loadu_ps(r + i), _mm512_loadu_ps(x + i), a0);
-      a1 = _mm512_fmadd_ps(_mm512_loadu_ps(r + i + 16), _mm512_loadu_ps(x + i + 16), a1);
-    }
-    if (i < body) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(r + i), _mm512_loadu_ps(x + i), a0);
-    float s = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
-    for (i = body; i < in; ++i) s += r[i] * x[i];
-    y[o] = s;
-  }
-#else  // other CPUs: the compiler vectorises the 16 lanes for whatever vector width -march=native gives
-  for (; o < o1; ++o) {
-    const float* r = w + o * in;
-    float acc[16] = {};
-    int64_t i = 0;
-    for (; i + 16 <= in; i += 16) {
-#pragma omp simd
-      for (int k = 0; k < 16; ++k) acc[k] += r[i + k] * x[i + k];
-    }
-    float s = 0.f;
-    for (; i < in; ++i) s += r[i] * x[i];
-    for (int k = 0; k < 16; ++k) s += acc[k];
-    y[o] = s;
-  }
-#endif
+  for (; o < o1; ++o) dots<R, 1>(w, x, y, ys, o, 0, in);
 }
 
 // y (out) = x (in) @ w (in, out): w's rows in order, each added into y (in L1) with weight x[i].
@@ -144,9 +127,28 @@ torch::Tensor gemv(torch::Tensor w, torch::Tensor x, torch::Tensor which) {
   at::parallel_for(0, P * out, grain, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end;) {
       const int64_t p = t / out, o = t % out, stop = std::min(end, (p + 1) * out);
-      rows(wp + wh[p] * gs, xp + p * in, yp + p * out, o, o + (stop - t), in);
+      rows<1>(wp + wh[p] * gs, xp + p * in, yp + p * out, out, o, o + (stop - t), in);
       t = stop;
     }
+  });
+  return y;
+}
+
+// w (out, in), x (R, in) with R <= 2 (MAX_ROWS) -> y (R, out) = x @ w.T: the weight read once for both rows.
+torch::Tensor linear_rows(torch::Tensor w, torch::Tensor x) {
+  TORCH_CHECK(w.dim() == 2 && x.dim() == 2 && x.size(1) == w.size(1), "linear_rows: w (out, in), x (R, in)");
+  TORCH_CHECK(w.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat, "linear_rows: float32 only");
+  TORCH_CHECK(w.stride(1) == 1 && w.stride(0) == w.size(1) && x.is_contiguous(), "linear_rows: contiguous tensors");
+  const int64_t R = x.size(0), out = w.size(0), in = w.size(1);
+  TORCH_CHECK(R == 1 || R == 2, "linear_rows: 1 or 2 rows of x");
+  auto y = torch::empty({R, out}, x.options());
+  const float* wp = w.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(4, (int64_t{1} << 16) / std::max<int64_t>(in, 1));  // >= 256 KB a task
+  at::parallel_for(0, out, grain, [&](int64_t o0, int64_t o1) {
+    if (R == 1) rows<1>(wp, xp, yp, out, o0, o1, in);
+    else rows<2>(wp, xp, yp, out, o0, o1, in);
   });
   return y;
 }
@@ -168,6 +170,8 @@ torch::Tensor vecmat(torch::Tensor w, torch::Tensor x, torch::Tensor which) {
 """
 
 MIN_WEIGHT = 1 << 20        # elements of one matrix below which the library product's fixed cost is no loss
+MAX_ROWS = 2                # rows of x linear() takes in one pass over the weight: at 2 rows it reads at 46-72% of
+                            # `sum` (oneDNN 33-42%), at 4 about as oneDNN, at 8 slower (docs/benchmarks.md)
 _ZERO = torch.zeros(1, dtype=torch.long)
 _state: dict = {}           # "lib": the built extension, or "error": why it could not be built
 
@@ -190,7 +194,7 @@ def load(verbose: bool = True) -> bool:
               file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     try:
-        _state["lib"] = load_inline("nanoseek_gemv", cpp_sources=SOURCE, functions=["gemv", "vecmat"], build_directory=folder,
+        _state["lib"] = load_inline("nanoseek_gemv", cpp_sources=SOURCE, functions=["gemv", "vecmat", "linear_rows"], build_directory=folder,
                                     extra_cflags=["-O3", "-march=native", "-fopenmp-simd"], verbose=False)
     except Exception as e:     # no compiler, no ninja, an unsupported flag: the library product stays
         _state["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
@@ -240,7 +244,18 @@ def _(w, x, which):
     return x.new_empty(x.shape[0], w.shape[2])
 
 
+@torch.library.custom_op("nanoseek::linear_rows", mutates_args=())
+def linear_rows(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """w (out, in), x (R, in), 1 <= R <= MAX_ROWS -> x @ w.T (R, out), the weight read once for all R rows."""
+    return _state["lib"].linear_rows(w, x.contiguous())
+
+
+@linear_rows.register_fake
+def _(w, x):
+    return x.new_empty(x.shape[0], w.shape[0])
+
+
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, w, bias) for an x of one row (..., in), w (out, in), through the kernel."""
-    y = gemv(w[None], x.reshape(1, x.shape[-1]), _ZERO).view(*x.shape[:-1], w.shape[0])
+    """F.linear(x, w, bias) for an x of up to MAX_ROWS rows (..., in), w (out, in), through the kernel."""
+    y = linear_rows(w, x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], w.shape[0])
     return y if bias is None else y + bias

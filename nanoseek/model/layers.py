@@ -12,8 +12,8 @@ from . import gemv
 # Inference on the CPU: which matrix product runs a projection. Decoding is a stream of skinny products (one row
 # per sequence), and there MKL's product over nn.Linear's (out, in) weight reads memory at about half the speed of
 # oneDNN's or of MKL's over an (in, out) copy (docs/benchmarks.md, "Dense decode"). Above ONEDNN_MIN_WEIGHT elements
-# the projection runs through oneDNN (its fixed cost, ~13 us a call, is lost below). One row runs model/gemv.py's
-# kernel, which reads the (out, in) weight at memory speed, once decode_layout() has built it; without a compiler
+# the projection runs through oneDNN (its fixed cost, ~13 us a call, is lost below). One or two rows run
+# model/gemv.py's kernel, which reads the (out, in) weight at memory speed, once decode_layout() has built it; without a compiler
 # decode_layout() stores the widest weights (in, out) for MKL's one-row product instead.
 ONEDNN_MIN_WEIGHT = 1 << 20
 _ONEDNN = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
@@ -25,8 +25,8 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if x.numel() == x.shape[-1] and gemv.applies(w, x):   # one row: the one-row kernel, where decode_layout built it
-            return gemv.linear(x, w, self.bias)
+        if 0 < x.numel() <= gemv.MAX_ROWS * x.shape[-1] and gemv.applies(w, x):   # 1-2 rows: gemv.py's kernel,
+            return gemv.linear(x, w, self.bias)                                  # where decode_layout built it
         if (_ONEDNN is None or torch.is_grad_enabled() or x.device.type != "cpu" or w.dtype != torch.float32
                 or x.dtype != torch.float32 or w.numel() < ONEDNN_MIN_WEIGHT):
             return F.linear(x, w, self.bias)
