@@ -1,16 +1,17 @@
-"""One-row matrix products for batch-1 decoding on the CPU: y = W x read at the speed of memory.
+"""One- and two-row matrix products for small-batch decoding on the CPU: y = W x read at the speed of memory.
 
 At one row a projection does 2 FLOPs per 4 bytes of weight it reads: the step is a stream of weights, and its bound
 is the memory bandwidth one core can pull. The library products leave a third of it unused on one row (MKL's x @ W.T
 over an (in, out) weight reads at ~65% of a plain `sum` over the same bytes, oneDNN's and MKL's over the (out, in)
-one at ~50%; docs/benchmarks.md, "Batch-1 decode ... roofline"). The loop below reads W's rows in memory order, one
-sequential streams the hardware prefetcher follows (two far apart, sharing each load of x), 16 float lanes per fused
-multiply-add, and reads at 85-97% of `sum` (rows longer than 4,096: 80-85%, four rows at a time).
+one at ~50%; docs/benchmarks.md, "Batch-1 decode ... roofline"). The loop below reads W's rows in memory order as two
+far-apart sequential streams the hardware prefetcher follows, sharing each load of x, 16 float lanes per fused
+multiply-add, and reads at 85-97% of `sum` (rows longer than 4,096: 80-85%, four neighbouring rows at a time).
 
 gemv(w, x, which): w (G, out, in) float32, each matrix stored row by row (one Linear's weight with G = 1, a stack
 of experts, MLA's per-head W_UV), x (P, in), which (P,) int64 -> (P, out) with y[p] = w[which[p]] @ x[p]. One routed
 token's k experts are one call. vecmat(w, x, which): the other orientation, y[p] = x[p] @ w[which[p]] for w
-(G, in, out), streaming w's rows and adding each into y (MLA's query absorption through W_UK).
+(G, in, out), streaming w's rows and adding each into y (MLA's query absorption through W_UK). linear_rows(w, x):
+x (R, in) @ w.T for R = 1 or 2 (a Linear), the weight read once for both rows.
 
 The kernel is compiled on first use by the C++ compiler torch's extensions use (torch.utils.cpp_extension, -O3
 -march=native) and cached under ~/.cache/nanoseek/kernels ($XDG_CACHE_HOME): once per machine, ~30 s. Without a
@@ -172,7 +173,6 @@ torch::Tensor vecmat(torch::Tensor w, torch::Tensor x, torch::Tensor which) {
 MIN_WEIGHT = 1 << 20        # elements of one matrix below which the library product's fixed cost is no loss
 MAX_ROWS = 2                # rows of x linear() takes in one pass over the weight: at 2 rows it reads at 46-72% of
                             # `sum` (oneDNN 33-42%), at 4 about as oneDNN, at 8 slower (docs/benchmarks.md)
-_ZERO = torch.zeros(1, dtype=torch.long)
 _state: dict = {}           # "lib": the built extension, or "error": why it could not be built
 
 
@@ -194,8 +194,9 @@ def load(verbose: bool = True) -> bool:
               file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     try:
-        _state["lib"] = load_inline("nanoseek_gemv", cpp_sources=SOURCE, functions=["gemv", "vecmat", "linear_rows"], build_directory=folder,
-                                    extra_cflags=["-O3", "-march=native", "-fopenmp-simd"], verbose=False)
+        _state["lib"] = load_inline("nanoseek_gemv", cpp_sources=SOURCE, functions=["gemv", "vecmat", "linear_rows"],
+                                    build_directory=folder, extra_cflags=["-O3", "-march=native", "-fopenmp-simd"],
+                                    verbose=False)
     except Exception as e:     # no compiler, no ninja, an unsupported flag: the library product stays
         _state["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
         if verbose:
@@ -205,11 +206,6 @@ def load(verbose: bool = True) -> bool:
     if verbose and time.perf_counter() - t0 > 5:
         print(f"nanoseek: built the one-row product kernel in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return True
-
-
-def ready() -> bool:
-    """The kernel is loaded (load() succeeded in this process)."""
-    return "lib" in _state
 
 
 def applies(w: torch.Tensor, x: torch.Tensor) -> bool:
