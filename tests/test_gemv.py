@@ -129,10 +129,17 @@ def test_linear_rows_equals_the_matrix_product(kernel, out_f, in_f, rows):
     assert rel_err(gemv.linear_rows(w.roll(1, dims=0).contiguous(), x), ref) > 0.1   # negative control: rows shifted
 
 
-def test_decode_layout_keeps_the_layout_when_the_kernel_is_built(kernel, monkeypatch):
+def test_decode_layout_keeps_the_layout_when_the_kernel_is_built(small_min, monkeypatch):
     lin = Linear(48, 160)
     assert decode_layout(lin) == 0 and lin.weight.is_contiguous()
     monkeypatch.setattr(gemv, "_state", {"error": "no compiler"})     # without it: (in, out) for MKL's product
+    assert decode_layout(lin) == 1 and lin.weight.stride() == (1, 160)
+
+
+def test_decode_layout_of_a_small_model_neither_builds_nor_uses_the_kernel(monkeypatch):
+    monkeypatch.setattr(gemv, "_state", {})
+    monkeypatch.setattr(gemv, "load", lambda *a, **k: pytest.fail("a model without a weight of MIN_WEIGHT built it"))
+    lin = Linear(48, 160)
     assert decode_layout(lin) == 1 and lin.weight.stride() == (1, 160)
 
 

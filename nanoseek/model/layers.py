@@ -67,7 +67,9 @@ def decode_layout(model: nn.Module) -> int:
     more); returns how many moved. Weights read directly rather than through forward (MLA's kv_b_proj) are plain
     nn.Linear."""
     first = next(model.parameters())
-    if first.device.type == "cpu" and first.dtype == torch.float32 and gemv.load():   # the kernel is float32's
+    if (first.device.type == "cpu" and first.dtype == torch.float32          # the kernel is float32's, and no use
+            and any(p.numel() >= gemv.MIN_WEIGHT for p in model.parameters())   # (nor worth its build) to small models
+            and gemv.load()):
         return 0
     moved = 0
     for m in model.modules():
