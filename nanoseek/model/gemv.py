@@ -115,24 +115,28 @@ static void check(const torch::Tensor& w, const torch::Tensor& x, const torch::T
   for (int64_t p = 0; p < which.size(0); ++p) TORCH_CHECK(wh[p] >= 0 && wh[p] < w.size(0), "gemv: which out of range");
 }
 
+// The checks and output of gemv and vecmat: y (P, out); f(w, group stride, x, which, y) fills it.
+template <class F>
+static torch::Tensor grouped(torch::Tensor w, torch::Tensor x, torch::Tensor which, int64_t in, int64_t out, F f) {
+  check(w, x, which, in);
+  auto y = torch::empty({x.size(0), out}, x.options());
+  f(w.data_ptr<float>(), w.stride(0), x.data_ptr<float>(), which.data_ptr<int64_t>(), y.data_ptr<float>());
+  return y;
+}
+
 // w (G, out, in), x (P, in), which (P,) -> y (P, out): y[p] = w[which[p]] @ x[p]. w[g] at w + g * stride(0).
 torch::Tensor gemv(torch::Tensor w, torch::Tensor x, torch::Tensor which) {
-  const int64_t out = w.size(1), in = w.size(2), P = x.size(0), gs = w.stride(0);
-  check(w, x, which, in);
-  auto y = torch::empty({P, out}, x.options());
-  const float* wp = w.data_ptr<float>();
-  const float* xp = x.data_ptr<float>();
-  const int64_t* wh = which.data_ptr<int64_t>();
-  float* yp = y.data_ptr<float>();
+  const int64_t out = w.size(1), in = w.size(2), P = x.size(0);
   const int64_t grain = std::max<int64_t>(4, (int64_t{1} << 16) / std::max<int64_t>(in, 1));  // >= 256 KB a task
-  at::parallel_for(0, P * out, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end;) {
-      const int64_t p = t / out, o = t % out, stop = std::min(end, (p + 1) * out);
-      rows<1>(wp + wh[p] * gs, xp + p * in, yp + p * out, out, o, o + (stop - t), in);
-      t = stop;
-    }
+  return grouped(w, x, which, in, out, [&](const float* wp, int64_t gs, const float* xp, const int64_t* wh, float* yp) {
+    at::parallel_for(0, P * out, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end;) {
+        const int64_t p = t / out, o = t % out, stop = std::min(end, (p + 1) * out);
+        rows<1>(wp + wh[p] * gs, xp + p * in, yp + p * out, out, o, o + (stop - t), in);
+        t = stop;
+      }
+    });
   });
-  return y;
 }
 
 // w (out, in), x (R, in) with R <= 2 (MAX_ROWS) -> y (R, out) = x @ w.T: the weight read once for both rows.
@@ -156,17 +160,12 @@ torch::Tensor linear_rows(torch::Tensor w, torch::Tensor x) {
 
 // w (G, in, out), x (P, in), which (P,) -> y (P, out): y[p] = x[p] @ w[which[p]].
 torch::Tensor vecmat(torch::Tensor w, torch::Tensor x, torch::Tensor which) {
-  const int64_t in = w.size(1), out = w.size(2), P = x.size(0), gs = w.stride(0);
-  check(w, x, which, in);
-  auto y = torch::empty({P, out}, x.options());
-  const float* wp = w.data_ptr<float>();
-  const float* xp = x.data_ptr<float>();
-  const int64_t* wh = which.data_ptr<int64_t>();
-  float* yp = y.data_ptr<float>();
-  at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) vec_rows(wp + wh[p] * gs, xp + p * in, yp + p * out, in, out);
+  const int64_t in = w.size(1), out = w.size(2), P = x.size(0);
+  return grouped(w, x, which, in, out, [&](const float* wp, int64_t gs, const float* xp, const int64_t* wh, float* yp) {
+    at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) vec_rows(wp + wh[p] * gs, xp + p * in, yp + p * out, in, out);
+    });
   });
-  return y;
 }
 """
 
