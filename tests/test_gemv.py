@@ -196,6 +196,13 @@ def test_batch_one_decode_through_the_kernels_equals_the_library_products(kernel
     eager_calls = dict(spy.n)
     assert_same(greedy(model, compile=True), ref)
     assert all(spy.n[k] > eager_calls[k] for k in spy.n)
+    # negative control: the query absorption reading the wrong head's W_UK changes the logprobs
+    lib = spy.lib
+    monkeypatch.setitem(gemv._state, "lib", type("Wrong", (), {
+        "gemv": staticmethod(lib.gemv), "linear_rows": staticmethod(lib.linear_rows),
+        "vecmat": staticmethod(lambda w, x, which: lib.vecmat(w, x, which.roll(1)))})())
+    with pytest.raises(AssertionError):
+        assert_same(greedy(model, compile=False), ref)
 
 
 def test_one_token_experts_equal_the_routed_forward(small_min, calls):
