@@ -8,13 +8,16 @@ Steps alternate in blocks so both sides see the same machine load; the median st
 
     .venv/bin/python bench/train_step.py [--preset cpu] [--batch 8] [--seq 128] [--steps 12] [--threads N]
     python3 bench/train_step.py --device cuda --preset small --batch 16 --seq 1024    # + MFU (bench/gpu.sh)
+    .venv/bin/python bench/train_step.py --threads 1 --compile     # + our step with every block compiled
 
 `--device cuda`: both models, the batch and the optimizers on the GPU, each timed step closed by
 torch.cuda.synchronize(). The step runs as `nanoseek pretrain` runs it there: bf16 autocast with float32 weights
 and optimizer state (runtime.autocast; transformers' step under the same autocast). It also prints the model FLOPs
 utilisation: flops.flops_per_token (6 x activated parameters + attention, PaLM appendix B) x tokens/s over the
 GPU's dense bf16 peak (flops.PEAK_BF16_FLOPS; none for an unlisted GPU). `--no-transformers`: our step alone
-(no transformers installed, or only the MFU wanted).
+(no transformers installed, or only the MFU wanted). `--compile`: a third side, our step with every block compiled
+(`nanoseek pretrain --compile`, runtime.compile_blocks) on a copy of the same weights; its compile falls in the
+uncounted warm-up and is printed.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ def parse_args():
     ap.add_argument("--mtp", action="store_true", help="also time our step with the MTP module and loss on")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where both steps run (cuda: bf16 "
                     "autocast, as nanoseek pretrain trains on a GPU)")
+    ap.add_argument("--compile", action="store_true", help="also time our step with every block compiled "
+                    "(nanoseek pretrain --compile)")
     ap.add_argument("--no-transformers", action="store_true", help="time our step only (no comparison)")
     ap.add_argument("--peak-tflops", type=float, default=0.0, help="MFU against this peak (TFLOP/s) instead of the "
                     "GPU's listed bf16 peak; on the CPU the MFU line is printed only with it")
@@ -108,6 +113,19 @@ def main() -> None:
         o2 = adamw(mod2)
         optim.add_bias_update(o2, optim.ExpertLoads(m2, rt), 0.001)
         sides["nanoseek+MTP"] = lambda: step_ours(mod2, o2, 0.3)
+    if args.compile:
+        import copy
+
+        from nanoseek.train.runtime import compile_blocks
+        m3 = copy.deepcopy(ours)
+        print(compile_blocks(m3, dev))
+        mod3 = TrainModule(m3)
+        o3 = adamw(mod3)
+        optim.add_bias_update(o3, optim.ExpertLoads(m3, rt), 0.001)
+        t0 = time.perf_counter()
+        step_ours(mod3, o3)                    # the first step compiles (inductor's disk cache may shorten it)
+        print(f"compiled blocks: first step {time.perf_counter() - t0:.1f} s")
+        sides["nanoseek compiled"] = lambda: step_ours(mod3, o3)
     times = time_sides(sides, args.steps, dev)
     report(args, cfg, times, dev, transformers.__version__ if transformers else "not used")
 
@@ -143,9 +161,11 @@ def report(args, cfg, times: dict[str, list[float]], dev: torch.device, hf_versi
     print(f"preset {args.preset} ({n['total'] / 1e6:.2f}M params, {n['activated'] / 1e6:.2f}M activated), batch "
           f"{args.batch} x {args.seq} tokens, {where}, torch {torch.__version__}, transformers {hf_version}")
     for k, v in med.items():
-        print(f"  {k:<14} {tokens / v:10,.0f} tokens/s  (median step {1000 * v:7.1f} ms over {len(times[k])})")
+        print(f"  {k:<17} {tokens / v:10,.0f} tokens/s  (median step {1000 * v:7.1f} ms over {len(times[k])})")
     if "transformers" in med:
         print(f"ratio nanoseek / transformers: {med['transformers'] / med['nanoseek']:.2f}x training tokens/s")
+        if "nanoseek compiled" in med:
+            print(f"ratio nanoseek compiled / transformers: {med['transformers'] / med['nanoseek compiled']:.2f}x")
     if cuda or args.peak_tflops:
         report_mfu(cfg, args.seq, {k: tokens / v for k, v in med.items()}, dev, args.preset, args.peak_tflops)
 

@@ -80,13 +80,13 @@ class Experts(nn.Module):
             return self.one_token_forward(x, weights, idx)
         if x.shape[0] * E * inter * hidden <= DENSE_EXPERTS_MAX_MACS:
             return self.dense_forward(x, weights, idx)
-        if torch.compiler.is_compiling():   # a captured graph (infer/compiled.py) needs static shapes: no sort, counts
-            return self.gathered_forward(x, weights, idx)
+        if torch.compiler.is_compiling() and not torch.is_grad_enabled():
+            return self.gathered_forward(x, weights, idx)   # the compiled decode step (infer/compiled.py): no sort
         N, k = idx.shape
         flat = idx.flatten()
         order = flat.argsort(stable=True)                        # (N*k,) pairs grouped by expert
         token = order // k                                       # the token of each sorted pair
-        counts = torch.bincount(flat, minlength=E)               # (E,) pairs per expert
+        counts = flat.new_zeros(E).index_add_(0, flat, torch.ones_like(flat))   # (E,) pairs per expert
         gate, up = grouped_linear(x[token], self.gate_up_proj, counts).chunk(2, dim=-1)  # (N*k, inter) each
         # the routing weight g_i scales the expert's output; applied before down_proj it costs inter, not hidden,
         # multiplies per pair (down_proj is linear, so the result is the same)
@@ -147,6 +147,8 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> to
     """
     if _grouped_mm_ok(x, w):
         offs = counts.cumsum(0).to(torch.int32)                  # end row of each expert's slice
+        if torch.compiler.is_compiling():                        # a compiled training block (runtime.compile_blocks)
+            return compiled_grouped_mm(x, w, offs)
         return torch._grouped_mm(x, w.transpose(1, 2), offs=offs)
     sizes = counts.tolist()                                      # the one host sync
     if max(sizes, default=0) * len(sizes) <= PADDED_MAX_ROWS_RATIO * x.shape[0]:
@@ -157,6 +159,45 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> to
             outs.append(x[start:start + n] @ w[e].t())
             start += n
     return torch.cat(outs) if outs else x.new_zeros(0, w.shape[1])
+
+
+# torch._grouped_mm inside a compiled graph: its shape function wants bf16 operands (the CUDA kernel's), while the CPU
+# kernel takes float32. As our own op, with the shape given here and the backward written with the same kernel, a
+# compiled training block keeps the grouped experts in its graph (runtime.compile_blocks).
+@torch.library.custom_op("nanoseek::grouped_mm", mutates_args=())
+def compiled_grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """x (S, in) grouped by expert (offs (E,) int32: each group's end row), w (E, out, in) -> (S, out): x_e @ w_e^T."""
+    return torch._grouped_mm(x.contiguous(), w.transpose(1, 2), offs=offs)
+
+
+@compiled_grouped_mm.register_fake
+def _(x, w, offs):
+    return x.new_empty(x.shape[0], w.shape[1])
+
+
+@torch.library.custom_op("nanoseek::grouped_mm_weight_grad", mutates_args=())
+def grouped_mm_weight_grad(grad: torch.Tensor, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """grad (S, out), x (S, in), grouped alike -> (E, out, in): grad_e^T @ x_e, the gradient of each w_e."""
+    return torch._grouped_mm(grad.contiguous().t(), x.contiguous(), offs=offs)
+
+
+@grouped_mm_weight_grad.register_fake
+def _(grad, x, offs):
+    return grad.new_empty(offs.shape[0], grad.shape[1], x.shape[1])
+
+
+def _grouped_mm_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _grouped_mm_backward(ctx, grad):
+    x, w, offs = ctx.saved_tensors
+    gx = compiled_grouped_mm(grad, w.transpose(1, 2), offs) if ctx.needs_input_grad[0] else None   # grad_e @ w_e
+    gw = grouped_mm_weight_grad(grad, x, offs) if ctx.needs_input_grad[1] else None
+    return gx, gw, None
+
+
+compiled_grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_context)
 
 
 def padded_grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, capacity: int) -> torch.Tensor:
@@ -181,8 +222,10 @@ def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
             return False
     elif x.device.type != "cpu":
         return False
-    size = x.element_size()  # the kernel wants every row stride and base pointer 16-byte aligned
-    return all(t.stride(-2) * size % 16 == 0 and t.data_ptr() % 16 == 0 and t.stride(-1) == 1 for t in (x, w))
+    size = x.element_size()  # the kernel wants every row stride and base pointer 16-byte aligned (a compiled
+    # training block, runtime.compile_blocks, has no pointers to look at: its buffers and the parameters are aligned)
+    aligned = torch.compiler.is_compiling() or all(t.data_ptr() % 16 == 0 for t in (x, w))
+    return aligned and all(t.stride(-2) * size % 16 == 0 and t.stride(-1) == 1 for t in (x, w))
 
 
 class MoE(nn.Module):

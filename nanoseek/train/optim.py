@@ -107,28 +107,44 @@ def clip_grad(params, max_norm: float) -> float:
 class ExpertLoads:
     """Tokens routed to each expert by the training forwards of one optimizer step, for every MoE of the model
     (main layers, then the MTP blocks), summed over micro-batches and, in collect(), over ranks. A training forward
-    is one with gradients on: not GRPO's engine rollouts (inference mode), not a no-grad reference pass."""
+    is one with gradients on: not GRPO's engine rollouts (inference mode), not a no-grad reference pass.
+
+    The counts live on the gates: a non-persistent buffer `routed_tokens` (E,) that one forward hook per gate adds
+    into (count_routed). A hook that is the same function for every layer and a count that is a module buffer
+    keep a compiled block (runtime.compile_blocks) one graph for all its layers: no per-layer constant to guard
+    on, no data-dependent shape. One counter per gate, however many ExpertLoads watch the model."""
 
     def __init__(self, model: nn.Module, rt: Runtime):
         self.rt, self.moes = rt, [m for m in model.modules() if isinstance(m, (MoE, V4MoE))]
-        self.counts = [torch.zeros(m.gate.weight.shape[0], device=rt.device) for m in self.moes]    # (E,) each
-        self.fresh, self.last = False, []       # counted since the last collect(); the last step's global loads
-        for i, m in enumerate(self.moes):       # every gate returns (weights, experts (N, k), ...)
-            m.gate.register_forward_hook(lambda mod, args, out, i=i: self._count(i, out[1]))
+        self.last: list[torch.Tensor] = []      # the last step's global loads
+        for m in self.moes:                     # every gate returns (weights, experts (N, k), ...)
+            if not hasattr(m.gate, "routed_tokens"):
+                m.gate.register_buffer("routed_tokens", torch.zeros(m.gate.weight.shape[0],
+                                                                    device=m.gate.weight.device), persistent=False)
+                m.gate.register_forward_hook(count_routed)
 
-    def _count(self, i: int, idx: torch.Tensor) -> None:
-        if torch.is_grad_enabled():
-            self.counts[i] += torch.bincount(idx.flatten(), minlength=len(self.counts[i])).to(self.counts[i])
-            self.fresh = True
+    @property
+    def fresh(self) -> bool:
+        """Some training forward was counted since the last collect() (one host sync)."""
+        return bool(self.moes) and bool(torch.stack([m.gate.routed_tokens for m in self.moes]).any())
 
     def collect(self) -> list[torch.Tensor]:
         """This step's global loads (one all-reduce for all layers), then start counting afresh. Collected once per
         step: by the bias hook right after optimizer.step(), else by the first caller; later calls return it."""
-        if self.fresh and self.moes:
-            self.last = list(self.rt.all_reduce(torch.stack(self.counts)).unbind(0))
-            self.counts = [torch.zeros_like(c) for c in self.counts]
-            self.fresh = False
+        if self.fresh:
+            counts = torch.stack([m.gate.routed_tokens for m in self.moes])
+            self.last = list(self.rt.all_reduce(counts.to(self.rt.device)).unbind(0))
+            for m in self.moes:
+                m.gate.routed_tokens.zero_()
         return self.last
+
+
+def count_routed(gate: nn.Module, args, out) -> None:
+    """A gate's forward hook: add the tokens this forward routed to each expert to gate.routed_tokens, in training
+    forwards (gradients on) only. A fixed-shape scatter, not bincount, so a compiled block keeps it in its graph."""
+    if torch.is_grad_enabled():
+        idx = out[1].flatten()
+        gate.routed_tokens.index_add_(0, idx, torch.ones_like(idx, dtype=gate.routed_tokens.dtype))
 
 
 def add_bias_update(optimizer: torch.optim.Optimizer, loads: ExpertLoads, speed: float):

@@ -1,0 +1,98 @@
+"""The optional compiled training step (`nanoseek pretrain --compile`, runtime.compile_blocks): every block as one
+inductor graph, trained like the eager blocks, with the expert loads and the grouped experts inside the graph."""
+
+import pytest
+import torch
+
+from nanoseek.model.moe import compiled_grouped_mm
+from nanoseek.train import optim, runtime
+from nanoseek.train.pretrain import PretrainConfig, pretrain
+from nanoseek.train.runtime import Runtime
+
+from conftest import metrics_rows
+
+FAST = dict(preset="tiny", seq_len=32, batch_size=8, lr=2e-2, corpus_docs=400, progress=False, device="cpu")
+KEYS = ("loss", "mtp_loss", "balance_loss", "grad_norm", "load_imbalance")
+
+
+def _run(tmp_path, tok_dir, name, **kw) -> list[dict]:
+    out = tmp_path / name
+    pretrain(PretrainConfig(out=str(out), steps=3, tokenizer=tok_dir, **{**FAST, **kw}))
+    return metrics_rows(out)
+
+
+def _gap(a: list[dict], b: list[dict]) -> float:
+    """Largest difference of the logged losses, gradient norms and loads over the steps of two runs."""
+    gaps = [abs(ra[k] - rb[k]) for ra, rb in zip(a, b) for k in KEYS]
+    gaps += [abs(x - y) for ra, rb in zip(a, b) for la, lb in zip(ra["expert_load"], rb["expert_load"])
+             for x, y in zip(la, lb)]
+    return max(gaps)
+
+
+def test_compiled_blocks_train_like_eager_in_one_graph_per_kind_of_block(tmp_path, corpus_tokenizer_dir):
+    # tiny: a dense block, an MoE block (noaux_tc, bias update) and the MTP block; three steps of pretrain each way
+    eager = _run(tmp_path, corpus_tokenizer_dir, "eager")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = _run(tmp_path, corpus_tokenizer_dir, "compiled", compile=True)
+    counters = torch._dynamo.utils.counters
+    assert not counters["graph_break"], dict(counters["graph_break"])      # hooks, loads, grouped experts: in graph
+    assert counters["stats"]["unique_graphs"] == 3, dict(counters["stats"])   # dense block, MoE block, MTP block
+    assert len(eager) == len(compiled) == 3
+    assert _gap(eager, compiled) < 1e-5, (eager, compiled)
+    # negative control: the same comparison sees a run whose learning rate differs by 1%
+    assert _gap(eager, _run(tmp_path, corpus_tokenizer_dir, "other-lr", lr=2.02e-2)) > 1e-4
+
+
+def test_without_a_compiler_training_stays_eager_and_says_why(monkeypatch):
+    from nanoseek import ModelConfig, Transformer
+    from nanoseek.infer import compiled
+
+    monkeypatch.setattr(compiled, "unavailable", lambda device: "no C++ compiler found (g++)")
+    model = Transformer(ModelConfig.preset("tiny"))
+    note = runtime.compile_blocks(model, torch.device("cpu"))
+    assert "no C++ compiler" in note and "eager" in note
+    assert all(b._compiled_call_impl is None for b in [*model.layers, *model.mtp])
+
+
+def test_compiled_grouped_mm_has_the_kernels_values_gradients_and_shape_function():
+    g = torch.Generator().manual_seed(0)
+    E, S, d_in, d_out = 3, 12, 8, 4
+    x = torch.randn(S, d_in, generator=g, requires_grad=True)
+    w = torch.randn(E, d_out, d_in, generator=g, requires_grad=True)
+    offs = torch.tensor([4, 4, 12], dtype=torch.int32)          # expert 1 gets no rows
+    y = compiled_grouped_mm(x, w, offs)
+    ref = torch.cat([x[:4] @ w[0].t(), x[4:] @ w[2].t()])
+    assert torch.allclose(y, ref, atol=1e-6)
+    gy = torch.randn(S, d_out, generator=g)
+    gx, gw = torch.autograd.grad(y, (x, w), gy)
+    rx, rw = torch.autograd.grad(ref, (x, w), gy)
+    assert torch.allclose(gx, rx, atol=1e-5) and torch.allclose(gw, rw, atol=1e-5)
+    assert gw[1].abs().max() == 0                                  # an expert without rows gets no gradient
+    # negative control: rows assigned to the wrong experts give other values
+    assert not torch.allclose(compiled_grouped_mm(x, w, torch.tensor([8, 8, 12], dtype=torch.int32)), ref, atol=1e-3)
+    torch.library.opcheck(compiled_grouped_mm, (x.detach(), w.detach(), offs))   # fake kernel, autograd registration
+
+
+def test_expert_loads_count_training_forwards_on_the_gates_once():
+    from nanoseek import ModelConfig, Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset("tiny")).train()
+    loads = optim.ExpertLoads(model, Runtime())
+    optim.ExpertLoads(model, Runtime())                             # a second watcher adds no second count
+    seen = []
+    for m in loads.moes:
+        m.gate.register_forward_hook(lambda mod, args, out: seen.append(out[1].flatten()))
+    x = torch.randint(0, 512, (2, 16))
+    with torch.no_grad():
+        model.losses(x[:, :-1], x[:, 1:])                           # no gradients: not a training forward
+    assert not loads.fresh and loads.collect() == []
+    seen.clear()
+    model.losses(x[:, :-1], x[:, 1:])                               # main MoE layer, then the MTP block's
+    assert loads.fresh
+    got = loads.collect()
+    want = [torch.bincount(idx, minlength=8).float() for idx in seen]
+    assert len(got) == len(want) == len(loads.moes) and all(torch.equal(a, b) for a, b in zip(got, want))
+    assert not loads.fresh and all(m.gate.routed_tokens.sum() == 0 for m in loads.moes)   # counting afresh
+    assert not any("routed_tokens" in k for k in model.state_dict())                      # not saved with the model
