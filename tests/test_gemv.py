@@ -161,6 +161,16 @@ def test_without_a_compiler_load_says_so_once_and_the_library_product_stays(monk
         assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))
 
 
+def test_the_built_kernel_is_kept_apart_per_kind_of_cpu(monkeypatch, tmp_path):
+    # -march=native code built on one CPU may use instructions another lacks: a home folder shared by machines of
+    # different kinds must not hand one's build to the other
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    here = gemv.kernel_dir()
+    assert here == gemv.kernel_dir() and here.startswith(str(tmp_path / "nanoseek" / "kernels"))
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "NO_AVX")   # another CPU
+    assert gemv.kernel_dir() != here
+
+
 def tiny_model(preset: str):
     model = ns.Transformer(ns.ModelConfig.preset(preset)).eval()
     randomize_(model, 0, scale=0.3)

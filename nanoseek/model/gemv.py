@@ -14,8 +14,8 @@ token's k experts are one call. vecmat(w, x, which): the other orientation, y[p]
 x (R, in) @ w.T for R = 1 or 2 (a Linear), the weight read once for both rows.
 
 The kernel is compiled on first use by the C++ compiler torch's extensions use (torch.utils.cpp_extension, -O3
--march=native) and cached under ~/.cache/nanoseek/kernels ($XDG_CACHE_HOME): once per machine, ~30 s. Without a
-compiler, load() returns False after a one-line notice and callers keep their library product.
+-march=native) and cached under ~/.cache/nanoseek/kernels/<cpu_key> ($XDG_CACHE_HOME): once per kind of CPU, ~30 s.
+Without a compiler, load() returns False after a one-line notice and callers keep their library product.
 """
 
 from __future__ import annotations
@@ -176,8 +176,26 @@ _state: dict = {}           # "lib": the built extension, or "error": why it cou
 
 
 def kernel_dir() -> str:
+    """Where the built kernel lives: one folder per kind of CPU (cpu_key), since -march=native code built on one
+    CPU may use instructions another lacks (a home folder shared by a cluster's machines)."""
     root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(root, "nanoseek", "kernels")
+    return os.path.join(root, "nanoseek", "kernels", cpu_key())
+
+
+def cpu_key() -> str:
+    """A short name for this CPU's model and instruction sets (Linux: /proc/cpuinfo's model name and flags; elsewhere
+    the platform's processor string and torch's CPU capability)."""
+    import hashlib
+    import platform
+    ident = f"{platform.machine()} {platform.processor()} {torch.backends.cpu.get_cpu_capability()}"
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f.read().split("\n\n")[0].splitlines() if ln.split(":")[0].strip() in
+                     ("model name", "flags", "Features", "CPU part")]
+        ident += "\n" + "\n".join(lines)
+    except OSError:
+        pass
+    return f"{platform.machine()}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}"
 
 
 def load(verbose: bool = True) -> bool:
