@@ -9,7 +9,8 @@ budget, temperature 1, beta 0 (no reference model), loss_type dapo, one iteratio
 CPU (TRL: use_cpu=True, bf16=False). Rewards are the same Python function on both sides. A step is sampling +
 scoring + the training forward/backward + the optimizer step; the first step (warm-up) is not counted and the
 median of the others is reported. ratio = TRL seconds per step / ours. `--compile true`: our rollouts decode through
-the compiled graph (infer/compiled.py), as a long run's do; its compile time falls in the uncounted first step.
+the compiled graph (infer/compiled.py) and our training forward runs as one compiled graph (rl.compiled_group_logprobs),
+as a long run's do; their compile time falls in the uncounted first step.
 
 `--shape llama-135m` (instead of a preset): a llama model of SmolLM-135M's widths (hidden 576, 9 heads over 3
 key/value heads, intermediate 1536, vocabulary 49,152, tied embeddings, 30 layers; `--layers N` keeps N of them),
@@ -128,8 +129,9 @@ def main():
     ap.add_argument("--prompts", type=int, default=4, help="prompts per step")
     ap.add_argument("--group", type=int, default=8, help="completions per prompt")
     ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--compile", default="auto", help="our rollouts' compiled decode step: true, false or auto (GRPO's "
-                    "rule: compile when steps x max-tokens reach 4,000 on the CPU, so a short bench stays eager)")
+    ap.add_argument("--compile", default="auto", help="our rollouts' compiled decode step and compiled training "
+                    "forward: true, false or auto (GRPO's rules: rollouts when steps x max-tokens reach 4,000 on the "
+                    "CPU, the training forward from 2,000 steps; a short bench stays eager)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--trl-checkpointing", type=int, choices=(0, 1), default=None,
                     help="TRL's gradient_checkpointing (default: TRL's own default, on since TRL 1.x; ours has none)")

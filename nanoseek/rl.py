@@ -226,3 +226,15 @@ def padded_logits(model, b: GroupBatch) -> torch.Tensor:
 def group_logprobs(model, b: GroupBatch, temperature: float = 1.0):
     """token_logprobs of group_logits: log-probs and entropies (N, T + 1) of b's completion tokens."""
     return token_logprobs(group_logits(model, b), b.targets, temperature)
+
+
+_compiled: dict = {}
+
+
+def compiled_group_logprobs(model, b: GroupBatch, temperature: float = 1.0):
+    """group_logprobs as one torch.compile graph, forward and backward, with dynamic shapes (one graph for every
+    number of completions and every prompt / completion length): GRPO's training forward with --compile
+    (train/grpo.py: training_compile). The same values as group_logprobs (tests/test_grpo_prefix.py)."""
+    if "fn" not in _compiled:
+        _compiled["fn"] = torch.compile(group_logprobs, dynamic=True)
+    return _compiled["fn"](model, b, temperature)

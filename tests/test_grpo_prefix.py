@@ -164,6 +164,41 @@ def test_train_on_rollout_takes_the_loss_and_gradient_of_the_padded_rows(loss_ty
     assert max((opt.seen[0][n] - w).abs().max() for n, w in grads(model).items()) > 1e-4
 
 
+@pytest.mark.slow   # ~100 s of compiling (dynamic shapes, forward and backward) from a cold inductor cache
+def test_the_compiled_training_forward_takes_the_padded_rows_gradient_for_all_shapes():
+    from nanoseek.rl import group_advantages, policy_loss
+    from nanoseek.train import runtime
+    from nanoseek.train.grpo import GRPOConfig, Rollout, train_on_rollout
+
+    model = model_of("tiny")
+    g = torch.Generator().manual_seed(2)
+    ids = lambda n: torch.randint(3, model.cfg.vocab_size, (n,), generator=g).tolist()   # noqa: E731
+    comps = [Completion(p, ids(k)) for p, ks in zip((ids(4), ids(9), ids(6)), ((3, 0, 12, 5), (8, 1, 6, 2),
+                                                                               (9, 4, 4, 11))) for k in ks]
+    rewards = torch.rand(3, 4, generator=g)
+    ro = Rollout([None] * 3, comps, 0, rewards, {}, torch.zeros(12), torch.zeros(12, dtype=torch.bool))
+    cfg = GRPOConfig(loss_type="grpo", micro_batch=3, grad_clip=0.0, beta=0.0, max_tokens=16, temperature=0.7,
+                     dynamic_sampling=False)                  # 4 micro-batches of 1-2 prompts, 3-13 columns each
+    opt = Optimizer(model)
+    torch._dynamo.utils.counters.clear()
+    stats = train_on_rollout(model, opt, ro, cfg, 0, None, runtime.init("cpu"), compiled=True)
+    counters = torch._dynamo.utils.counters
+    # one graph for micro-batches of 1 prompt, one for 2 (torch specialises a size of 1), none per length
+    assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+
+    logp, mask = padded_logprobs(model, comps)
+    for rolled in (0, 1):            # rolled = 1: the advantages of another group order, a gradient that must differ
+        out = policy_loss(logp, logp.detach(), group_advantages(rewards.roll(rolled, 0)).flatten(), mask,
+                          loss_type="grpo", max_tokens=16)
+        model.zero_grad(set_to_none=True)
+        out.loss.backward(retain_graph=True)
+        gap = max((opt.seen[0][n] - w).abs().max() for n, w in grads(model).items())
+        if rolled:
+            assert gap > 1e-4
+        else:
+            assert abs(stats["loss"] - out.loss.item()) < 1e-5 and gap < 1e-5, gap
+
+
 # ---------------------------------------------------------------------------------------------- the rollouts
 def test_generate_decodes_text_once_a_request_ends_and_gets_the_streamed_text():
     """generate() (GRPO's rollouts) reads a request's text when it ends, so without stop strings its text is decoded

@@ -191,8 +191,10 @@ class MLA(nn.Module):
         # columns change neither the scores (explicit scale) nor the first v_head_dim output columns.
         d = max(self.qk_dim, self.v_dim)
         q, k, v = (F.pad(t, (0, d - t.shape[-1])) if t.shape[-1] < d else t for t in (q, k, v))
+        # (mask None: keys are these T tokens, so causal holds for any T, one included; no test of T, which a compiled
+        # training forward with dynamic shapes holds symbolic)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-                                             is_causal=mask is None and T > 1, scale=self.softmax_scale)  # (B, H, T, d)
+                                             is_causal=mask is None, scale=self.softmax_scale)  # (B, H, T, d)
         out = out.transpose(1, 2)[..., : self.v_dim]                                     # (B, T, H, v)
         return self.o_proj(out.reshape(B, T, H * self.v_dim))
 

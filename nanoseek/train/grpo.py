@@ -21,7 +21,8 @@ hand-computed numbers in tests/test_grpo.py; this file only moves tensors.
 
 What a step costs: one batched engine call (decoding through the compiled graph in a run long enough to repay it:
 rollout_compile); training forwards that compute each group's prompt once (rl.group_batch / group_logits: its G
-completions attend to the prompt's keys and values, as exact as G padded rows prompt + completion); pi_old's log-probs are the first iteration's own training forward, detached (no extra forward,
+completions attend to the prompt's keys and values, as exact as G padded rows prompt + completion), as one compiled
+graph in a run long enough (training_compile); pi_old's log-probs are the first iteration's own training forward, detached (no extra forward,
 reused by iterations 2..mu); pi_ref's come from one batched no-grad forward per rollout (reference_logprobs). The next
 rollout is not overlapped with the optimizer step: in every mode of this loop (mu = 1 or more, as in DeepSeekMath's
 Algorithm 1) the next batch is sampled by the weights that step produces, so overlapping would sample one step
@@ -43,7 +44,8 @@ import torch
 from .. import plots
 from ..data.jsonl import read_jsonl, write_jsonl
 from ..errors import UsageError
-from ..rl import LOSS_TYPES, SCALE_REWARDS, group_advantages, group_batch, group_logprobs, policy_loss, zero_std_groups
+from ..rl import (LOSS_TYPES, SCALE_REWARDS, compiled_group_logprobs, group_advantages, group_batch, group_logprobs,
+                  policy_loss, zero_std_groups)
 from . import optim, runtime
 from .run import Run
 
@@ -96,7 +98,8 @@ class GRPOConfig:
     stop_after: int = 0             # stop (with a checkpoint) after this step, as if interrupted
     fsdp: bool = False              # FSDP2 fully_shard instead of DDP (under torchrun)
     device: str | None = None       # cpu | cuda; None: the GPU when there is one
-    compile: str = "auto"           # compiled rollout decode: true, false, auto (steps x max_tokens >= 4000 on CPU)
+    compile: str = "auto"           # compiled rollout decode and training forward: true, false, auto (rollouts: steps x
+                                    # max_tokens >= 4000 on CPU; training forward: steps >= AUTO_TRAIN_STEPS)
     progress: bool = True           # tqdm bar
     REQUIRED: ClassVar[tuple] = ("model", "task", "out")
     ALIASES: ClassVar[dict] = {"warmup_steps": "warmup", "bias_gamma": "bias_update_speed"}
@@ -126,6 +129,27 @@ def rollout_compile(compile, rollouts_left: int, max_tokens: int, device: torch.
     steps, bar = rollouts_left * max_tokens, AUTO_MIN_STEPS.get(device.type, float("inf"))
     return steps >= bar, (f"rollouts decode {'compiled' if steps >= bar else 'eager'} (compile='auto': "
                           f"{rollouts_left} rollouts x {max_tokens} tokens, compiling pays from {bar} decode steps)")
+
+
+# A compiled training forward (rl.compiled_group_logprobs) takes ~30 s to compile from inductor's disk cache and ~100 s
+# cold (cpu preset, one thread) and saves ~15% of a GRPO step there (0.45-0.50 -> 0.39-0.40 s: docs/benchmarks.md):
+# "auto" compiles it for runs of at least this many steps, which repay even a cold compile.
+AUTO_TRAIN_STEPS = 2000
+
+
+def training_compile(compile, steps_left: int, rt) -> tuple[bool, str]:
+    """Whether the training forward runs compiled, and a note saying why: compile=True, or "auto" with at least
+    AUTO_TRAIN_STEPS steps to run; never without a compiler (compiled.unavailable) or under torchrun (DDP / FSDP2
+    around a compiled forward is not tested here)."""
+    from ..infer.compiled import compile_mode, unavailable
+    mode = compile_mode(compile)
+    if mode is False or (mode == "auto" and steps_left < AUTO_TRAIN_STEPS):
+        return False, ("" if mode is False else f"training forward eager (compile='auto': {steps_left} steps, "
+                       f"compiling pays from {AUTO_TRAIN_STEPS})")
+    why = unavailable(rt.device) or ("not under torchrun" if rt.distributed else None)
+    if why:
+        return False, f"training forward eager: {why}"
+    return True, "training forward compiled (the first step compiles it)"
 
 
 # ---------------------------------------------------------------------------------------------------- rollouts
@@ -177,11 +201,11 @@ def rollout(engine, tok, task, problems: list, first: int, cfg: GRPOConfig, step
                    everyone([c.finish_reason == "length" for c in comps]).bool())
 
 
-def forward_logprobs(model, b, temperature: float, device):
+def forward_logprobs(model, b, temperature: float, device, compiled: bool = False):
     """Training forward of an rl.GroupBatch (each prompt once, its completions after it) -> log-probs and entropies
-    (N, T + 1) of the completion tokens."""
+    (N, T + 1) of the completion tokens; compiled: through rl.compiled_group_logprobs (training_compile)."""
     with runtime.autocast(device):
-        return group_logprobs(model, b.to(device), temperature)
+        return (compiled_group_logprobs if compiled else group_logprobs)(model, b.to(device), temperature)
 
 
 # logits one no-grad forward of the reference model may hold (float32: 512 MiB; log-softmax and the gather add about
@@ -217,7 +241,8 @@ def reference_logprobs(ref_model, comps, chunks: list, rows: list, pad_id: int, 
     return out
 
 
-def train_on_rollout(module, optimizer, ro: Rollout, cfg: GRPOConfig, pad_id: int, ref_model, rt) -> dict:
+def train_on_rollout(module, optimizer, ro: Rollout, cfg: GRPOConfig, pad_id: int, ref_model, rt,
+                     compiled: bool = False) -> dict:
     """num_iterations optimizer steps on one rollout batch; returns the step's statistics (over all processes).
     Old log-probs (the denominator of rho) are the policy's own, recorded without gradient in the first iteration,
     before any update: exactly the policy that sampled. The engine's sampling log-probs are compared to them
@@ -248,7 +273,7 @@ def train_on_rollout(module, optimizer, ro: Rollout, cfg: GRPOConfig, pad_id: in
         for j, (c, b) in enumerate(zip(chunks, rows)):
             mask, adv_c = b.mask.to(rt.device), (adv[c] if c else torch.zeros(1)).to(rt.device)
             with runtime.grad_sync(module, j == len(rows) - 1):
-                logp, ent = forward_logprobs(module, b, cfg.temperature, rt.device)
+                logp, ent = forward_logprobs(module, b, cfg.temperature, rt.device, compiled)
                 if it == 0:
                     old.append(logp.detach())
                     gap = max(gap, ((logp.detach() - b.engine_logprobs.to(rt.device)).abs() * mask).max().item())
@@ -316,8 +341,10 @@ def grpo(cfg: GRPOConfig, reward_funcs=None, reward_weights=None, model=None, to
         longest = max(len(prompt_ids(tokenizer, task, p))
                       for p in draw_problems(task, train_rng(cfg.seed, "len"), difficulty, 64))
         compile, note = rollout_compile(cfg.compile, cfg.steps - run.step, cfg.max_tokens, rt.device)
-        if note:
-            run.print(f"[grpo] {note}")
+        train_compiled, train_note = training_compile(cfg.compile, cfg.steps - run.step, rt)
+        for n in (note, train_note):
+            if n:
+                run.print(f"[grpo] {n}")
         # no MTP speculation: the engine drafts for greedy requests only, GRPO does not train the MTP block, and a
         # speculating engine decodes eager
         engine = Engine(policy, tokenizer, max_batch=min(256, (mine.stop - mine.start) * cfg.group_size),
@@ -328,7 +355,7 @@ def grpo(cfg: GRPOConfig, reward_funcs=None, reward_weights=None, model=None, to
                          rt)
             lr = optim.set_lr(opt, optim.lr_at(step, total=cfg.steps, lr=cfg.lr, warmup=cfg.warmup,
                                                schedule="cosine", min_lr_ratio=1.0))
-            stats = train_on_rollout(module, opt, ro, cfg, tokenizer.pad_id or 0, ref_model, rt)
+            stats = train_on_rollout(module, opt, ro, cfg, tokenizer.pad_id or 0, ref_model, rt, train_compiled)
             if policy is not model:
                 policy.load_state_dict(runtime.full_state_dict(module))
             engine.reset_prefix_cache()   # cached prefixes hold latents of the old weights
