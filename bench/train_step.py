@@ -79,8 +79,8 @@ def main() -> None:
     rows = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=g).to(dev)
     x, y = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
 
-    def adamw(model):
-        return torch.optim.AdamW(optim.param_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.95), eps=1e-8)
+    def adamw(model):   # what nanoseek pretrain steps with (fused; transformers' Trainer default too), both sides
+        return optim.fused_adamw(optim.param_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.95), eps=1e-8)
 
     module = TrainModule(ours)
     opt_ours = adamw(module)
