@@ -9,9 +9,10 @@ Static shapes by buckets (a graph is specialised to its input shapes, so the ste
 * batch: padded to the next power of two (1, 2, 4, 8, ... capped at max_batch). A padding row has start 0 and an
   all-zero block table: it writes the scratch slot 0, attends to it alone (no empty softmax row), and its logits are
   dropped.
-* context: the block table padded to a power-of-two number of blocks (at least 2); positions past a row's length
-  read slot 0 under a False mask. This dimension is compiled symbolic: one graph per batch bucket for every context
-  (on a GPU, CUDA graphs then record one replay per context bucket, without compiling again).
+* context: the block table as many blocks as the longest row holds (at least 2); positions past a row's length
+  read slot 0 under a False mask. This dimension is compiled symbolic: one graph per batch bucket for every context.
+  On a GPU the table is padded to a power-of-two number of blocks, since CUDA graphs record one replay per size;
+  on the CPU an exact table reads no padding blocks (batch 32, cpu preset: ~9% more tokens/s than padded).
 The inputs are three small tensors: each row's token, block table and start position. The slots a row writes and
 reads and its mask are computed inside the graph (the eager engine's PagedCache.plan computes the same in Python);
 PagedCache.update and DSA's update_indexer / update_selected then run unchanged inside it.
@@ -150,7 +151,8 @@ class CompiledDecode:
         tables[b] covers starts[b] + 1 tokens."""
         B = len(tokens)
         Bp = bucket(B, self.max_batch)
-        nb = bucket(max(2, max(len(t) for t in tables)), max(2, self.max_blocks))
+        nb = max(2, max(len(t) for t in tables))
+        nb = bucket(nb, max(2, self.max_blocks)) if self.cuda else nb
         pad = Bp - B
         table = torch.tensor([t + [0] * (nb - len(t)) for t in tables] + [[0] * nb] * pad, device=self.device)
         meta = torch.tensor([tokens + [0] * pad, starts + [0] * pad], device=self.device)
