@@ -22,14 +22,14 @@ hand-computed numbers in tests/test_grpo.py; this file only moves tensors.
 What a step costs: one batched engine call (decoding through the compiled graph in a run long enough to repay it:
 rollout_compile); training forwards that compute each group's prompt once (rl.group_batch / group_logits: its G
 completions attend to the prompt's keys and values, as exact as G padded rows prompt + completion), as one compiled
-graph in a run long enough (training_compile); pi_old's log-probs are the first iteration's own training forward, detached (no extra forward,
-reused by iterations 2..mu); pi_ref's come from one batched no-grad forward per rollout (reference_logprobs). The next
-rollout is not overlapped with the optimizer step: in every mode of this loop (mu = 1 or more, as in DeepSeekMath's
-Algorithm 1) the next batch is sampled by the weights that step produces, so overlapping would sample one step
-off-policy, a different algorithm (asynchronous GRPO), not a faster run of this one. Under
-torchrun every statistic that spans the batch (group and batch advantages, the dapo / dr_grpo denominators, the
-logged means) is taken over all processes, and sampling seeds depend on a completion's global index, so N
-processes compute what one process would.
+graph in a run long enough (training_compile); pi_old's log-probs are the first iteration's own training forward,
+detached (no extra forward, reused by iterations 2..mu); pi_ref's come from one batched no-grad forward per rollout
+(reference_logprobs). The next rollout is not overlapped with the optimizer step: in every mode of this loop (mu = 1
+or more, as in DeepSeekMath's Algorithm 1) the next batch is sampled by the weights that step produces, so
+overlapping would sample one step off-policy, a different algorithm (asynchronous GRPO), not a faster run of this
+one. Under torchrun every statistic that spans the batch (group and batch advantages, the dapo / dr_grpo
+denominators, the logged means) is taken over all processes, and sampling seeds depend on a completion's global
+index, so N processes compute what one process would.
 """
 
 from __future__ import annotations
