@@ -16,7 +16,7 @@ and optimizer state (runtime.autocast; transformers' step under the same autocas
 utilisation: flops.flops_per_token (6 x activated parameters + attention, PaLM appendix B) x tokens/s over the
 GPU's dense bf16 peak (flops.PEAK_BF16_FLOPS; none for an unlisted GPU). `--no-transformers`: our step alone
 (no transformers installed, or only the MFU wanted). `--compile`: a third side, our step with every block compiled
-(`nanoseek pretrain --compile`, runtime.compile_blocks) on a copy of the same weights; its compile falls in the
+(`nanoseek pretrain --compile`, compiled.compile_blocks) on a copy of the same weights; its compile falls in the
 uncounted warm-up and is printed.
 """
 
@@ -116,7 +116,7 @@ def main() -> None:
     if args.compile:
         import copy
 
-        from nanoseek.train.runtime import compile_blocks
+        from nanoseek.infer.compiled import compile_blocks
         m3 = copy.deepcopy(ours)
         print(compile_blocks(m3, dev))
         mod3 = TrainModule(m3)

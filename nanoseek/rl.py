@@ -238,3 +238,20 @@ def compiled_group_logprobs(model, b: GroupBatch, temperature: float = 1.0):
     if "fn" not in _compiled:
         _compiled["fn"] = torch.compile(group_logprobs, dynamic=True)
     return _compiled["fn"](model, b, temperature)
+
+
+# The compiled training forward (rl.compiled_group_logprobs) compiles in ~30 s (disk cache) to ~100 s (cold) and saves
+# ~15% of a cpu-preset GRPO step (docs/benchmarks.md): "auto" compiles it for runs that repay even a cold compile.
+AUTO_TRAIN_STEPS = 2000
+
+
+def training_compile(compile, steps_left: int, device, distributed: bool = False) -> tuple[bool, str]:
+    """Whether the training forward runs compiled, and why: compile=True, or "auto" with >= AUTO_TRAIN_STEPS steps to
+    run; never without a compiler (compiled.unavailable) or under torchrun (untested around DDP / FSDP2)."""
+    from .infer.compiled import compile_mode, unavailable
+    mode = compile_mode(compile)
+    if mode is False or (mode == "auto" and steps_left < AUTO_TRAIN_STEPS):
+        return False, "" if mode is False else f"training forward eager ('auto': {steps_left} < {AUTO_TRAIN_STEPS} " \
+            "steps)"
+    why = unavailable(device) or ("not under torchrun" if distributed else None)
+    return (False, f"training forward eager: {why}") if why else (True, "training forward compiled (in the first step)")

@@ -1,15 +1,13 @@
-"""The optional compiled training step (`nanoseek pretrain --compile`, runtime.compile_blocks): every block as one
+"""The optional compiled training step (`nanoseek pretrain --compile`, compiled.compile_blocks): every block as one
 inductor graph, trained like the eager blocks, with the expert loads and the grouped experts inside the graph."""
 
-import pytest
 import torch
+from conftest import metrics_rows
 
 from nanoseek.model.moe import compiled_grouped_mm
-from nanoseek.train import optim, runtime
+from nanoseek.train import optim
 from nanoseek.train.pretrain import PretrainConfig, pretrain
 from nanoseek.train.runtime import Runtime
-
-from conftest import metrics_rows
 
 FAST = dict(preset="tiny", seq_len=32, batch_size=8, lr=2e-2, corpus_docs=400, progress=False, device="cpu")
 KEYS = ("loss", "mtp_loss", "balance_loss", "grad_norm", "load_imbalance")
@@ -49,7 +47,7 @@ def test_without_a_compiler_training_stays_eager_and_says_why(monkeypatch):
 
     monkeypatch.setattr(compiled, "unavailable", lambda device: "no C++ compiler found (g++)")
     model = Transformer(ModelConfig.preset("tiny"))
-    note = runtime.compile_blocks(model, torch.device("cpu"))
+    note = compiled.compile_blocks(model, torch.device("cpu"))
     assert "no C++ compiler" in note and "eager" in note
     assert all(b._compiled_call_impl is None for b in [*model.layers, *model.mtp])
 

@@ -264,6 +264,18 @@ def test_auto_compiles_the_rollouts_when_the_run_decodes_enough_steps():
     assert "4 rollouts x 64 tokens" in rollout_compile("auto", 4, 64, cpu)[1]
 
 
+def test_auto_compiles_the_training_forward_for_long_runs_only(monkeypatch):
+    from nanoseek.infer import compiled
+    from nanoseek.rl import AUTO_TRAIN_STEPS, training_compile
+    cpu = torch.device("cpu")
+    assert training_compile("auto", AUTO_TRAIN_STEPS - 1, cpu)[0] is False
+    assert training_compile("auto", AUTO_TRAIN_STEPS, cpu)[0] is True
+    assert training_compile("true", 1, cpu)[0] is True and training_compile("false", 10**6, cpu) == (False, "")
+    assert training_compile("true", 1, cpu, distributed=True) == (False, "training forward eager: not under torchrun")
+    monkeypatch.setattr(compiled, "unavailable", lambda device: "no C++ compiler found (g++)")
+    assert training_compile("true", 10**6, cpu) == (False, "training forward eager: no C++ compiler found (g++)")
+
+
 SPEED = ("logprob_gap", "step_s", "tokens_per_s", "elapsed_s")     # what may differ between compiled and eager
 
 
@@ -274,9 +286,9 @@ def test_compiled_rollouts_train_exactly_as_eager_rollouts(tmp_path, tiny, monke
     it rounds differently, tests/test_grpo_prefix.py.)"""
     from safetensors.torch import load_file
 
+    from nanoseek import rl
     from nanoseek.infer import compiled
-    from nanoseek.train import grpo as trainer
-    monkeypatch.setattr(trainer, "training_compile", lambda *a: (False, ""))
+    monkeypatch.setattr(rl, "training_compile", lambda *a: (False, ""))
     _, tok = tiny
     calls = []
     real = compiled.CompiledDecode.logits

@@ -147,7 +147,7 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> to
     """
     if _grouped_mm_ok(x, w):
         offs = counts.cumsum(0).to(torch.int32)                  # end row of each expert's slice
-        if torch.compiler.is_compiling():                        # a compiled training block (runtime.compile_blocks)
+        if torch.compiler.is_compiling():                        # a compiled training block (compiled.compile_blocks)
             return compiled_grouped_mm(x, w, offs)
         return torch._grouped_mm(x, w.transpose(1, 2), offs=offs)
     sizes = counts.tolist()                                      # the one host sync
@@ -163,7 +163,7 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> to
 
 # torch._grouped_mm inside a compiled graph: its shape function wants bf16 operands (the CUDA kernel's), while the CPU
 # kernel takes float32. As our own op, with the shape given here and the backward written with the same kernel, a
-# compiled training block keeps the grouped experts in its graph (runtime.compile_blocks).
+# compiled training block keeps the grouped experts in its graph (compiled.compile_blocks).
 @torch.library.custom_op("nanoseek::grouped_mm", mutates_args=())
 def compiled_grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """x (S, in) grouped by expert (offs (E,) int32: each group's end row), w (E, out, in) -> (S, out): x_e @ w_e^T."""
@@ -223,7 +223,7 @@ def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
     elif x.device.type != "cpu":
         return False
     size = x.element_size()  # the kernel wants every row stride and base pointer 16-byte aligned (a compiled
-    # training block, runtime.compile_blocks, has no pointers to look at: its buffers and the parameters are aligned)
+    # training block, compiled.compile_blocks, has no pointers to look at: its buffers and the parameters are aligned)
     aligned = torch.compiler.is_compiling() or all(t.data_ptr() % 16 == 0 for t in (x, w))
     return aligned and all(t.stride(-2) * size % 16 == 0 and t.stride(-1) == 1 for t in (x, w))
 

@@ -44,8 +44,7 @@ import torch
 from .. import plots
 from ..data.jsonl import read_jsonl, write_jsonl
 from ..errors import UsageError
-from ..rl import (LOSS_TYPES, SCALE_REWARDS, compiled_group_logprobs, group_advantages, group_batch, group_logprobs,
-                  policy_loss, zero_std_groups)
+from ..rl import LOSS_TYPES, SCALE_REWARDS, group_advantages, group_batch, group_logprobs, policy_loss, zero_std_groups
 from . import optim, runtime
 from .run import Run
 
@@ -98,8 +97,7 @@ class GRPOConfig:
     stop_after: int = 0             # stop (with a checkpoint) after this step, as if interrupted
     fsdp: bool = False              # FSDP2 fully_shard instead of DDP (under torchrun)
     device: str | None = None       # cpu | cuda; None: the GPU when there is one
-    compile: str = "auto"           # compiled rollout decode and training forward: true, false, auto (rollouts: steps x
-                                    # max_tokens >= 4000 on CPU; training forward: steps >= AUTO_TRAIN_STEPS)
+    compile: str = "auto"           # compiled rollouts and training forward: true, false, auto (when the run repays it)
     progress: bool = True           # tqdm bar
     REQUIRED: ClassVar[tuple] = ("model", "task", "out")
     ALIASES: ClassVar[dict] = {"warmup_steps": "warmup", "bias_gamma": "bias_update_speed"}
@@ -129,27 +127,6 @@ def rollout_compile(compile, rollouts_left: int, max_tokens: int, device: torch.
     steps, bar = rollouts_left * max_tokens, AUTO_MIN_STEPS.get(device.type, float("inf"))
     return steps >= bar, (f"rollouts decode {'compiled' if steps >= bar else 'eager'} (compile='auto': "
                           f"{rollouts_left} rollouts x {max_tokens} tokens, compiling pays from {bar} decode steps)")
-
-
-# A compiled training forward (rl.compiled_group_logprobs) takes ~30 s to compile from inductor's disk cache and ~100 s
-# cold (cpu preset, one thread) and saves ~15% of a GRPO step there (0.45-0.50 -> 0.39-0.40 s: docs/benchmarks.md):
-# "auto" compiles it for runs of at least this many steps, which repay even a cold compile.
-AUTO_TRAIN_STEPS = 2000
-
-
-def training_compile(compile, steps_left: int, rt) -> tuple[bool, str]:
-    """Whether the training forward runs compiled, and a note saying why: compile=True, or "auto" with at least
-    AUTO_TRAIN_STEPS steps to run; never without a compiler (compiled.unavailable) or under torchrun (DDP / FSDP2
-    around a compiled forward is not tested here)."""
-    from ..infer.compiled import compile_mode, unavailable
-    mode = compile_mode(compile)
-    if mode is False or (mode == "auto" and steps_left < AUTO_TRAIN_STEPS):
-        return False, ("" if mode is False else f"training forward eager (compile='auto': {steps_left} steps, "
-                       f"compiling pays from {AUTO_TRAIN_STEPS})")
-    why = unavailable(rt.device) or ("not under torchrun" if rt.distributed else None)
-    if why:
-        return False, f"training forward eager: {why}"
-    return True, "training forward compiled (the first step compiles it)"
 
 
 # ---------------------------------------------------------------------------------------------------- rollouts
@@ -204,6 +181,7 @@ def rollout(engine, tok, task, problems: list, first: int, cfg: GRPOConfig, step
 def forward_logprobs(model, b, temperature: float, device, compiled: bool = False):
     """Training forward of an rl.GroupBatch (each prompt once, its completions after it) -> log-probs and entropies
     (N, T + 1) of the completion tokens; compiled: through rl.compiled_group_logprobs (training_compile)."""
+    from ..rl import compiled_group_logprobs
     with runtime.autocast(device):
         return (compiled_group_logprobs if compiled else group_logprobs)(model, b.to(device), temperature)
 
@@ -341,10 +319,10 @@ def grpo(cfg: GRPOConfig, reward_funcs=None, reward_weights=None, model=None, to
         longest = max(len(prompt_ids(tokenizer, task, p))
                       for p in draw_problems(task, train_rng(cfg.seed, "len"), difficulty, 64))
         compile, note = rollout_compile(cfg.compile, cfg.steps - run.step, cfg.max_tokens, rt.device)
-        train_compiled, train_note = training_compile(cfg.compile, cfg.steps - run.step, rt)
-        for n in (note, train_note):
-            if n:
-                run.print(f"[grpo] {n}")
+        from ..rl import training_compile
+        train_compiled, train_note = training_compile(cfg.compile, cfg.steps - run.step, rt.device, rt.distributed)
+        for n in filter(None, (note, train_note)):
+            run.print(f"[grpo] {n}")
         # no MTP speculation: the engine drafts for greedy requests only, GRPO does not train the MTP block, and a
         # speculating engine decodes eager
         engine = Engine(policy, tokenizer, max_batch=min(256, (mine.stop - mine.start) * cfg.group_size),

@@ -34,10 +34,9 @@ def adamw(module: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.95)) 
 
 
 def fused_adamw(groups, **kw) -> torch.optim.AdamW:
-    """AdamW as one fused kernel over all parameters (CPU and CUDA; ~0.9 vs 3.3 ms a step for the cpu preset on one
-    core; transformers' Trainer default since torch 2.8), the multi-tensor loop for sharded (DTensor) parameters."""
-    sharded = any(type(p).__name__ == "DTensor" for g in groups for p in g["params"])
-    return torch.optim.AdamW(groups, **kw, **({} if sharded else {"fused": True}))
+    """AdamW as one fused kernel (0.9 vs 3.3 ms a cpu-preset step; transformers' Trainer default), but for DTensors."""
+    fused = not any(type(p).__name__ == "DTensor" for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, **kw, fused=fused or None)
 
 
 def build(name: str, module: nn.Module, lr: float, weight_decay: float):
@@ -114,25 +113,19 @@ def clip_grad(params, max_norm: float) -> float:
 class ExpertLoads:
     """Tokens routed to each expert by the training forwards of one optimizer step, for every MoE of the model
     (main layers, then the MTP blocks), summed over micro-batches and, in collect(), over ranks. A training forward
-    is one with gradients on: not GRPO's engine rollouts (inference mode), not a no-grad reference pass.
-
-    The counts live on the gates: a non-persistent buffer `routed_tokens` (E,) that one forward hook per gate adds
-    into (count_routed). A hook that is the same function for every layer and a count that is a module buffer
-    keep a compiled block (runtime.compile_blocks) one graph for all its layers: no per-layer constant to guard
-    on, no data-dependent shape. One counter per gate, however many ExpertLoads watch the model."""
+    is one with gradients on: not GRPO's engine rollouts (inference mode), not a no-grad reference pass. The counts
+    live on the gates (a non-persistent buffer, one hook function for all: a compiled block stays one graph for all
+    its layers, compiled.compile_blocks); one counter per gate, however many ExpertLoads watch the model."""
 
     def __init__(self, model: nn.Module, rt: Runtime):
         self.rt, self.moes = rt, [m for m in model.modules() if isinstance(m, (MoE, V4MoE))]
         self.last: list[torch.Tensor] = []      # the last step's global loads
-        for m in self.moes:                     # every gate returns (weights, experts (N, k), ...)
-            if not hasattr(m.gate, "routed_tokens"):
-                m.gate.register_buffer("routed_tokens", torch.zeros(m.gate.weight.shape[0],
-                                                                    device=m.gate.weight.device), persistent=False)
-                m.gate.register_forward_hook(count_routed)
+        for m in (m for m in self.moes if not hasattr(m.gate, "routed_tokens")):   # gates return (w, experts, ...)
+            m.gate.register_buffer("routed_tokens", torch.zeros(len(m.gate.weight), device=m.gate.weight.device), False)
+            m.gate.register_forward_hook(count_routed)
 
     @property
-    def fresh(self) -> bool:
-        """Some training forward was counted since the last collect() (one host sync)."""
+    def fresh(self) -> bool:   # some training forward was counted since the last collect() (one host sync)
         return bool(self.moes) and bool(torch.stack([m.gate.routed_tokens for m in self.moes]).any())
 
     def collect(self) -> list[torch.Tensor]:

@@ -38,6 +38,7 @@ from .. import flops, plots
 from ..checkpoint import read_config
 from ..config import PRESETS, ModelConfig
 from ..errors import UsageError
+from ..infer.compiled import compile_blocks
 from ..model.dsa import DSA, STAGES, dense_kept_mass, stage_loss, trains
 from . import optim, runtime
 from .run import Run
@@ -70,7 +71,7 @@ class PretrainConfig:
     balance_alpha: float = 0.0001     # V3's sequence-wise balance loss weight alpha (the config's aux_loss_alpha)
     mtp_lambda: float = 0.3           # V3: 0.3 for the first 10T tokens, 0.1 after
     fsdp: bool = False                # FSDP2 fully_shard instead of DDP (under torchrun)
-    compile: bool = False             # torch.compile each block (runtime.compile_blocks; compiles in the first step)
+    compile: bool = False             # torch.compile each block (infer/compiled.compile_blocks; in the first step)
     tokenizer: str | None = None      # a tokenizer folder; None: train one on the data (vocab_size of the model)
     vocab_size: int | None = None     # override the preset's vocab_size (and the trained tokenizer's)
     corpus_docs: int = 4000           # documents of the embedded corpus when data is None
@@ -210,7 +211,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
         for name, p in model.named_parameters():   # frozen: no gradient, no optimizer state
             p.requires_grad_(trains(name, dsa))
         if cfg.compile:
-            run.print(f"[pretrain] {runtime.compile_blocks(model, rt.device)}")
+            run.print(f"[pretrain] {compile_blocks(model, rt.device)}")
         module = runtime.parallelize(TrainModule(model), rt, cfg.fsdp, blocks=[*model.layers, *model.mtp])
         opt = optim.build(cfg.optimizer, module, cfg.lr, cfg.weight_decay)
         loads = optim.ExpertLoads(model, rt)

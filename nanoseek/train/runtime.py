@@ -133,25 +133,6 @@ class TrainModule(nn.Module):
         return self.model.losses(*args, **kwargs)
 
 
-def compile_blocks(model: nn.Module, device: torch.device) -> str:
-    """torch.compile every transformer block of `model` in place (main layers and MTP blocks), torchtitan's way:
-    per block, before DDP / FSDP2 wrap them, so a graph holds one layer's forward and backward and is compiled once
-    for all layers of a kind (dense and MoE blocks: two graphs). Inductor's C++ backend on the CPU, Triton on a GPU.
-    Shapes stay static (a pretraining run's batch never changes shape). Returns a line for the log; without a
-    compiler the blocks stay eager and the line says why. The model itself is unchanged (same parameters, same
-    state_dict names: a compiled block keeps its module, only its call goes through the graph)."""
-    from ..infer.compiled import unavailable, use_disk_cache
-    why = unavailable(device)
-    if why:
-        return f"--compile: {why}; training eager"
-    use_disk_cache()
-    blocks = [*model.layers, *getattr(model, "mtp", [])]
-    for b in blocks:
-        b.compile(dynamic=False)
-    return f"--compile: {len(blocks)} blocks compiled (the first step compiles them; inductor cache: " \
-           f"{os.environ['TORCHINDUCTOR_CACHE_DIR']})"
-
-
 def parallelize(module: nn.Module, rt: Runtime, fsdp: bool = False, blocks=(), unused: bool = False) -> nn.Module:
     """DDP, or FSDP2 (`fully_shard` each of `blocks`, then the root) under torchrun; `module` itself in one process.
     DDP does not re-broadcast buffers (the MoE routing bias): every rank applies the same bias update from the same
