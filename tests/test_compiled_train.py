@@ -1,6 +1,7 @@
 """The optional compiled training step (`nanoseek pretrain --compile`, compiled.compile_blocks): every block as one
 inductor graph, trained like the eager blocks, with the expert loads and the grouped experts inside the graph."""
 
+import pytest
 import torch
 from conftest import metrics_rows
 
@@ -93,3 +94,27 @@ def test_expert_loads_count_training_forwards_on_the_gates_once():
     assert len(got) == len(want) == len(loads.moes) and all(torch.equal(a, b) for a, b in zip(got, want))
     assert not loads.fresh and all(m.gate.routed_tokens.sum() == 0 for m in loads.moes)   # counting afresh
     assert not any("routed_tokens" in k for k in model.state_dict())                      # not saved with the model
+
+
+@pytest.mark.slow   # one cold compile per family, 20-60 s each
+@pytest.mark.parametrize("preset", ["v4-tiny", "tiny-v3.2", "tiny-qwen2"])
+def test_compiled_blocks_of_the_other_families_train_like_eager(preset):
+    from nanoseek import ModelConfig, Transformer
+    from nanoseek.infer import compiled
+    from nanoseek.train.pretrain import train_step
+    from nanoseek.train.runtime import TrainModule
+
+    losses = {}
+    for compile in (False, True):
+        torch.manual_seed(0)
+        model = Transformer(ModelConfig.preset(preset)).train()
+        if compile:
+            assert "blocks compiled" in compiled.compile_blocks(model, torch.device("cpu"))
+        module = TrainModule(model)
+        opt = optim.adamw(module, 1e-3, 0.1)
+        optim.add_bias_update(opt, optim.ExpertLoads(model, Runtime()), 0.001)
+        x = torch.randint(0, model.cfg.vocab_size, (4, 33), generator=torch.Generator().manual_seed(1))
+        losses[compile] = [train_step(module, opt, [(x[:, :-1], x[:, 1:])], mtp_lambda=0.3, grad_clip=1.0,
+                                      rt=Runtime())["loss"] for _ in range(3)]
+    assert max(abs(a - b) for a, b in zip(losses[False], losses[True])) < 1e-5, losses
+    assert losses[False][0] != losses[False][2]        # the weights moved: the comparison spans three updates
