@@ -237,7 +237,10 @@ def compiled_group_logprobs(model, b: GroupBatch, temperature: float = 1.0):
     (train/grpo.py: training_compile). The same values as group_logprobs (tests/test_grpo_prefix.py)."""
     if "fn" not in _compiled:
         _compiled["fn"] = torch.compile(group_logprobs, dynamic=True)
-    return _compiled["fn"](model, b, temperature)
+    # no "duck" sizes: two sizes that happen to be equal in the first batch (3 prompt columns, 3 completions) are not
+    # assumed equal ever after, which would cost a graph for the first batch where they differ
+    with torch.fx.experimental._config.patch(use_duck_shape=False):
+        return _compiled["fn"](model, b, temperature)
 
 
 # The compiled training forward (rl.compiled_group_logprobs) compiles in ~30 s (disk cache) to ~100 s (cold) and saves

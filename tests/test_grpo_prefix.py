@@ -129,8 +129,11 @@ class Optimizer:
         self.seen.append(grads(self.model))
 
 
-@pytest.mark.parametrize("loss_type,micro_batch", [("dapo", 32), ("grpo", 4), ("dr_grpo", 3)])
-def test_train_on_rollout_takes_the_loss_and_gradient_of_the_padded_rows(loss_type, micro_batch):
+@pytest.mark.parametrize("loss_type,micro_batch,compiled", [
+    ("dapo", 32, False), ("grpo", 4, False), ("dr_grpo", 3, False),
+    # the compiled training forward (rl.compiled_group_logprobs): ~100 s of compiling from a cold inductor cache
+    pytest.param("grpo", 3, True, marks=pytest.mark.slow)])
+def test_train_on_rollout_takes_the_loss_and_gradient_of_the_padded_rows(loss_type, micro_batch, compiled):
     from nanoseek.rl import group_advantages, policy_loss
     from nanoseek.train import runtime
     from nanoseek.train.grpo import GRPOConfig, Rollout, train_on_rollout
@@ -146,57 +149,28 @@ def test_train_on_rollout_takes_the_loss_and_gradient_of_the_padded_rows(loss_ty
     cfg = GRPOConfig(loss_type=loss_type, micro_batch=micro_batch, grad_clip=0.0, beta=0.0, max_tokens=16,
                      temperature=0.7, dynamic_sampling=False)
     opt = Optimizer(model)
-    stats = train_on_rollout(model, opt, ro, cfg, 0, None, runtime.init("cpu"))
+    torch._dynamo.utils.counters.clear()
+    stats = train_on_rollout(model, opt, ro, cfg, 0, None, runtime.init("cpu"), compiled=compiled)
+    if compiled:   # micro-batches of 3: of 1 prompt or 2, 3-14 columns; one graph for 1 prompt (torch specialises a
+        # size of 1), one for 2, none per length
+        counters = torch._dynamo.utils.counters
+        assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
 
+    tol = 1e-5 if compiled else 1e-6       # (a compiled graph rounds differently)
     logp, mask = padded_logprobs(model, comps)
     out = policy_loss(logp, logp.detach(), group_advantages(rewards).flatten(), mask, loss_type=loss_type,
                       max_tokens=16)
     model.zero_grad(set_to_none=True)
     out.loss.backward(retain_graph=True)
-    assert abs(stats["loss"] - out.loss.item()) < 1e-6 and stats["trained_tokens"] == int(mask.sum())
+    assert abs(stats["loss"] - out.loss.item()) < tol and stats["trained_tokens"] == int(mask.sum())
     for n, want in grads(model).items():
-        assert (opt.seen[0][n] - want).abs().max() < 1e-6, n
+        assert (opt.seen[0][n] - want).abs().max() < tol, n
     # a comparison that can fail: the advantages of another group order give another gradient
     out = policy_loss(logp, logp.detach(), group_advantages(rewards.roll(1, 0)).flatten(), mask,
                       loss_type=loss_type, max_tokens=16)
     model.zero_grad(set_to_none=True)
     out.loss.backward()
     assert max((opt.seen[0][n] - w).abs().max() for n, w in grads(model).items()) > 1e-4
-
-
-@pytest.mark.slow   # ~100 s of compiling (dynamic shapes, forward and backward) from a cold inductor cache
-def test_the_compiled_training_forward_takes_the_padded_rows_gradient_for_all_shapes():
-    from nanoseek.rl import group_advantages, policy_loss
-    from nanoseek.train import runtime
-    from nanoseek.train.grpo import GRPOConfig, Rollout, train_on_rollout
-
-    model = model_of("tiny")
-    g = torch.Generator().manual_seed(2)
-    ids = lambda n: torch.randint(3, model.cfg.vocab_size, (n,), generator=g).tolist()   # noqa: E731
-    comps = [Completion(p, ids(k)) for p, ks in zip((ids(4), ids(9), ids(6)), ((3, 0, 12, 5), (8, 1, 6, 2),
-                                                                               (9, 4, 4, 11))) for k in ks]
-    rewards = torch.rand(3, 4, generator=g)
-    ro = Rollout([None] * 3, comps, 0, rewards, {}, torch.zeros(12), torch.zeros(12, dtype=torch.bool))
-    cfg = GRPOConfig(loss_type="grpo", micro_batch=3, grad_clip=0.0, beta=0.0, max_tokens=16, temperature=0.7,
-                     dynamic_sampling=False)                  # 4 micro-batches of 1-2 prompts, 3-13 columns each
-    opt = Optimizer(model)
-    torch._dynamo.utils.counters.clear()
-    stats = train_on_rollout(model, opt, ro, cfg, 0, None, runtime.init("cpu"), compiled=True)
-    counters = torch._dynamo.utils.counters
-    # one graph for micro-batches of 1 prompt, one for 2 (torch specialises a size of 1), none per length
-    assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
-
-    logp, mask = padded_logprobs(model, comps)
-    for rolled in (0, 1):            # rolled = 1: the advantages of another group order, a gradient that must differ
-        out = policy_loss(logp, logp.detach(), group_advantages(rewards.roll(rolled, 0)).flatten(), mask,
-                          loss_type="grpo", max_tokens=16)
-        model.zero_grad(set_to_none=True)
-        out.loss.backward(retain_graph=True)
-        gap = max((opt.seen[0][n] - w).abs().max() for n, w in grads(model).items())
-        if rolled:
-            assert gap > 1e-4
-        else:
-            assert abs(stats["loss"] - out.loss.item()) < 1e-5 and gap < 1e-5, gap
 
 
 # ---------------------------------------------------------------------------------------------- the rollouts
