@@ -118,3 +118,41 @@ def test_compiled_blocks_of_the_other_families_train_like_eager(preset):
                                       rt=Runtime())["loss"] for _ in range(3)]
     assert max(abs(a - b) for a, b in zip(losses[False], losses[True])) < 1e-5, losses
     assert losses[False][0] != losses[False][2]        # the weights moved: the comparison spans three updates
+
+
+def test_compiled_mla_takes_explicit_attention_with_sdpas_values(monkeypatch):
+    # while compiling on the CPU, MLA's full path computes attention as two matmuls around a softmax (no zero columns
+    # for SDPA's kernel), up to EXPLICIT_SCORES scores; the same values as SDPA, causal or under a mask
+    import torch.nn.functional as F
+
+    import nanoseek as ns
+    from nanoseek.model import mla
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 5, 3, 8, generator=g), torch.randn(2, 7, 3, 8, generator=g)
+    v = torch.randn(2, 7, 3, 4, generator=g)
+    mask = torch.rand(2, 1, 5, 7, generator=g) > 0.3
+    mask[..., 0] = True
+    sdpa = lambda m, causal: F.scaled_dot_product_attention(   # noqa: E731
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=m, is_causal=causal, scale=0.3).transpose(1, 2)
+    assert torch.allclose(mla.explicit_attention(q, k, v, mask, 0.3), sdpa(mask, False), atol=1e-6)
+    qc, kc, vc = q[:, :5], k[:, :5], v[:, :5]
+    assert torch.allclose(mla.explicit_attention(qc, kc, vc, None, 0.3), F.scaled_dot_product_attention(
+        qc.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2), is_causal=True, scale=0.3).transpose(1, 2), atol=1e-6)
+    assert not torch.allclose(mla.explicit_attention(q, k, v, mask, 0.31), sdpa(mask, False), atol=1e-3)   # control
+
+    calls = []
+    real = mla.explicit_attention
+    monkeypatch.setattr(mla, "explicit_attention", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    model = ns.Transformer(ns.ModelConfig.preset("tiny").replace(num_nextn_predict_layers=0))
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 12))
+    eager = model(ids)
+    assert not calls                                                     # eager: SDPA
+    compiled = torch.compile(model, backend="eager", fullgraph=True)     # (dynamo's trace only: no inductor)
+    assert torch.allclose(compiled(ids), eager, atol=1e-5) and calls
+    monkeypatch.setattr(mla, "EXPLICIT_SCORES", 0)       # above the bound: SDPA while compiling too (a new trace: dynamo
+                                                         # guards on the bound's value)
+    calls.clear()
+    torch.compile(model, backend="eager", fullgraph=True)(ids)
+    assert not calls

@@ -21,7 +21,7 @@ from nanoseek.errors import UsageError
 from nanoseek.infer import engine as engine_mod
 from nanoseek.infer.cache import BlockPool, block_keys
 from nanoseek.infer.engine import _ReasoningSplit, _TextStream
-from nanoseek.infer.sampling import Sampled, SamplingParams, sample
+from nanoseek.infer.sampling import Sampled, SamplingParams, Uniforms, sample
 
 N_NEW = 12
 
@@ -352,6 +352,29 @@ def test_sampler_filters_and_penalties_are_vectorised_per_row():
     gen = torch.Generator().manual_seed(1)
     n = sum(sample(x, [sp], [gen], [[]], [[]]).tokens[0] == 0 for _ in range(2000))
     assert abs(n / 2000 - x.softmax(-1)[0, 0].item()) < 0.04      # ~4 standard deviations
+
+
+def test_a_requests_uniforms_are_its_generators_draws_one_by_one_whatever_the_block():
+    # Uniforms draws BLOCK numbers at a time; on the CPU they are the numbers one draw per token would give
+    stream, g = Uniforms(torch.Generator().manual_seed(7)), torch.Generator().manual_seed(7)
+    got = []
+    for _ in range(2 * Uniforms.BLOCK + 5):        # across refills
+        assert stream.peek() == stream.peek()       # peeking consumes nothing
+        got.append(stream.peek())
+        stream.take()
+    assert got == [torch.rand((), generator=g).item() for _ in range(len(got))]
+    assert got != [torch.rand((), generator=torch.Generator().manual_seed(8)).item() for _ in range(len(got))]
+    # through the sampler: a Uniforms row samples exactly what a bare generator of the same seed does, and a call
+    # that fails (a constraint that allows nothing) uses no number: the next call samples as if it had not happened
+    logits = torch.randn(3, 40, generator=torch.Generator().manual_seed(0))
+    sp = [SamplingParams(temperature=1.0)] * 3
+    bare = [torch.Generator().manual_seed(i) for i in range(3)]
+    mine = [Uniforms(torch.Generator().manual_seed(i)) for i in range(3)]
+    nothing = torch.full((40,), -math.inf)
+    with pytest.raises(ValueError):
+        sample(logits.clone(), sp, mine, [[]] * 3, [[]] * 3, masks=[None, nothing, None])
+    for _ in range(3):
+        assert sample(logits, sp, mine, [[]] * 3, [[]] * 3).tokens == sample(logits, sp, bare, [[]] * 3, [[]] * 3).tokens
 
 
 def test_bad_requests_are_usage_errors(tiny):

@@ -54,7 +54,7 @@ from ..model.dsa import DSA
 from .cache import block_keys, paged_cache_class
 from .compiled import AUTO_MIN_STEPS, CompiledDecode, CompiledV4, compile_mode, say, steps_in_sight, unavailable
 from .grammar import ConstraintError
-from .sampling import Sampled, SamplingParams, sample
+from .sampling import Sampled, SamplingParams, Uniforms, sample
 from .v4_cache import V4Cache
 
 __all__ = ["Engine", "SamplingParams", "Completion", "StreamDelta"]
@@ -228,7 +228,7 @@ class _Request:
     max_new: int                        # max_tokens, clipped to the context
     blocks_needed: int                  # blocks this request holds at most (prompt + max_new - 1 cached tokens)
     stop_ids: frozenset
-    gen: torch.Generator | None
+    gen: Uniforms | None                # its sampler's uniform numbers (None: greedy)
     text: _TextStream
     spec: bool                          # eligible for MTP speculation
     output: list[int] = field(default_factory=list)
@@ -369,7 +369,7 @@ class Engine:
         gen = None
         if not params.greedy:
             seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
-            gen = torch.Generator(device=self.device).manual_seed(seed % 2**64)   # torch wraps -1 to 2^64 - 1 too
+            gen = Uniforms(torch.Generator(device=self.device).manual_seed(seed % 2**64))   # (torch wraps -1 too)
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos and self.eos_id is not None:
             stop_ids.add(self.eos_id)

@@ -9,6 +9,8 @@ Order, as vLLM applies it: logit_bias, penalties on the raw logits (repetition, 
 constraint's mask (tokens the request's grammar does not allow get -inf: see grammar.py), temperature, min-p, top-k,
 top-p, then one draw by inverse CDF. `logprobs` are computed before all of that, from log_softmax(logits /
 temperature) (raw logits when greedy): the quantity a training forward recomputes (GRPO compares the two).
+A request's uniform numbers come from its Uniforms: its generator's draws, taken BLOCK at a time (one call instead
+of one a token), used one per sampled token.
 
 Hostile values (a server passes its clients' numbers here) cannot break the arithmetic: SamplingParams refuses
 NaN, infinities and non-integers; the sampler clamps what is left to the model and to float32. top_k beyond the
@@ -138,6 +140,27 @@ def _clamp(x: float, lo: float, hi: float) -> float:
     return min(max(x, lo), hi)
 
 
+class Uniforms:
+    """One request's uniform numbers in [0, 1): its own torch.Generator's draws, BLOCK at a time, handed out in order
+    (peek() the next, take() it once the token it chose stands). On the CPU torch.rand(n) gives the same numbers as
+    n draws of one, so a seeded request samples what one draw per token would; the stream never depends on what
+    else shares the batch. A sampler call that fails before take() leaves the next number where it was."""
+
+    BLOCK = 64
+
+    def __init__(self, generator: torch.Generator):
+        self.generator, self.buf, self.next = generator, [], 0
+
+    def peek(self) -> float:
+        if self.next == len(self.buf):
+            g = self.generator
+            self.buf, self.next = torch.rand(self.BLOCK, generator=g, device=g.device).tolist(), 0
+        return self.buf[self.next]
+
+    def take(self) -> None:
+        self.next += 1
+
+
 @dataclass
 class Sampled:
     """The sampler's answer for N rows, as Python lists (one device->host copy)."""
@@ -173,6 +196,11 @@ def apply_penalties(logits: torch.Tensor, params: list[SamplingParams], prompts:
     sub = sub - freq * counts - pres * (counts > 0)
     logits[rows] = sub
     return logits
+
+
+def _uniform(g: Uniforms | torch.Generator) -> float:
+    """The row's next uniform number (a bare torch.Generator: one draw now, as Uniforms would hand it out)."""
+    return g.peek() if isinstance(g, Uniforms) else torch.rand((), generator=g, device=g.device).item()
 
 
 def _temperature(p: SamplingParams) -> float:
@@ -232,20 +260,21 @@ def apply_masks(logits: torch.Tensor, masks: list[torch.Tensor | None]) -> torch
     return logits
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[Uniforms | torch.Generator | None],
            prompts: list[list[int]], outputs: list[list[int]],
            masks: list[torch.Tensor | None] | None = None) -> Sampled:
-    """Choose one token per row of logits (N, V). generators[i] is request i's RNG (None for greedy rows);
-    masks[i] request i's constraint as a float (V,) to add: 0 where allowed, -inf where not (None: no constraint;
-    grammar.Matcher.logit_mask)."""
+    """Choose one token per row of logits (N, V). generators[i] is request i's randomness (None for greedy rows):
+    its Uniforms (the engine's), or a torch.Generator drawn once here; masks[i] request i's constraint as a float
+    (V,) to add: 0 where allowed, -inf where not (None: no constraint; grammar.Matcher.logit_mask)."""
     N, V = logits.shape
     dev = logits.device
     logits = logits.float()
     want_lp = any(p.logprobs or p.top_logprobs for p in params)
     lp = None
-    if want_lp:
-        t = torch.tensor([1.0 if p.greedy else _temperature(p) for p in params], device=dev)
-        lp = torch.log_softmax(logits / t[:, None], dim=-1)
+    if want_lp:       # (x / 1.0 == x exactly: all rows at temperature 1 or greedy divide nothing)
+        t = [1.0 if p.greedy else _temperature(p) for p in params]
+        lp = torch.log_softmax(logits if all(x == 1.0 for x in t) else logits / torch.tensor(t, device=dev)[:, None],
+                               dim=-1)
     masked = masks is not None and any(m is not None for m in masks)
     if masked or any(p.logit_bias for p in params):
         logits = apply_bias(logits.clone(), params)      # (a copy: the caller's logits stay as the model made them)
@@ -263,11 +292,14 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
             x = x / torch.tensor([_temperature(p) for p in sub], device=dev)[:, None]
         x, order = _filter(x, sub)
         cdf = x.softmax(-1).cumsum(-1)
-        u = torch.stack([torch.rand((), generator=generators[i], device=dev) for i in rand_rows])
+        u = torch.tensor([_uniform(generators[i]) for i in rand_rows], device=dev)
         # inverse CDF: the first token whose cumulative mass exceeds u (right=True skips zero-probability tokens)
         pos = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp_(max=V - 1)
-        chosen = pos if order is None else order.gather(1, pos)
-        tokens[rand_rows] = chosen[:, 0]
+        chosen = (pos if order is None else order.gather(1, pos))[:, 0]
+        if len(rand_rows) == N:
+            tokens = chosen
+        else:
+            tokens[rand_rows] = chosen
     out = Sampled(tokens.tolist())
     if lp is not None:
         out.logprobs = _floored(lp.gather(1, tokens[:, None])[:, 0]).tolist()
@@ -277,4 +309,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
             vals, idx = _floored(vals).tolist(), idx.tolist()
             out.top_logprobs = [dict(zip(idx[i][:p.top_logprobs], vals[i][:p.top_logprobs])) for i, p in
                                 enumerate(params)]
+    for i in rand_rows:          # the numbers are used: the next call hands out the following ones
+        if isinstance(generators[i], Uniforms):
+            generators[i].take()
     return out

@@ -36,6 +36,24 @@ def gather_selected(T: int, S: int, k: int) -> bool:
     return T * k < S
 
 
+# A compiled graph on the CPU (GRPO's training forward, `pretrain --compile`) computes the full path's attention as
+# two matmuls around a softmax that inductor fuses with the mask and the scale, without the zero columns SDPA's kernel
+# needs: at small heads (the cpu preset's 4 x 48) SDPA's CPU kernel runs at ~15-20 GFLOP/s. It holds the (B, H, T, S)
+# scores for the backward, so only up to this many of them; above, SDPA's flash kernel, which holds none.
+EXPLICIT_SCORES = 2**24
+
+
+def explicit_attention(q, k, v, mask, scale: float):
+    """softmax(q k^T * scale, masked) v: q (B, T, H, d), k (B, S, H, d), v (B, S, H, dv), mask (B|1, 1, T, S) True =
+    may attend, or None for causal -> (B, T, H, dv)."""
+    T, S = q.shape[1], k.shape[1]
+    scores = torch.einsum("bthd,bshd->bhts", q, k) * scale                       # (B, H, T, S)
+    if mask is None:
+        mask = causal_visible(T, S, q.device)
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+    return torch.einsum("bhts,bshd->bthd", probs, v)                              # (B, T, H, dv)
+
+
 class MLA(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -186,6 +204,8 @@ class MLA(nn.Module):
         k = torch.cat([k_nope, k_pe[:, :, None, :].expand(B, T, H, self.rope)], dim=-1)
         if prefix is not None:
             k, v, mask = prefix.update(layer, k, v)                   # (B, S, H, qk_dim), (B, S, H, v), (B, 1, T, S)
+        if torch.compiler.is_compiling() and q.device.type == "cpu" and B * H * T * k.shape[1] <= EXPLICIT_SCORES:
+            return self.o_proj(explicit_attention(q, k, v, mask, self.softmax_scale).reshape(B, T, H * self.v_dim))
         # SDPA's fused (flash) kernels want one head size for q, k and v; with v_head_dim != qk_head_dim (V3: 128
         # vs 192) it silently falls back to the unfused math path, about 2x slower on CPU with backward. Zero
         # columns change neither the scores (explicit scale) nor the first v_head_dim output columns.
