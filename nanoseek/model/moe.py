@@ -236,7 +236,8 @@ class MoE(nn.Module):
         self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
                                if cfg.n_shared_experts else None)
         self.aux_loss_alpha = cfg.aux_loss_alpha
-        self.load: torch.Tensor | None = None           # tokens routed to each expert in the last forward
+        self.load: torch.Tensor | None = None           # tokens routed to each expert in the last forward with
+                                                        # gradients (forwards without, the engine's, leave it)
         self.balance_loss: torch.Tensor | None = None   # sequence-wise balance loss of the last training forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -246,7 +247,7 @@ class MoE(nn.Module):
         y = self.experts(flat, weights, idx)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
-        with torch.no_grad():
+        if torch.is_grad_enabled():   # (not in the engine's forwards: no one reads it there, ~20 us a layer a step)
             # tokens per expert as a scatter, not bincount: a fixed (E,) shape, so a compiled graph keeps it
             self.load = torch.zeros_like(scores[0], dtype=torch.long).index_add_(0, idx.flatten(), torch.ones_like(
                 idx.flatten()))
