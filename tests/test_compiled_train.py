@@ -121,8 +121,8 @@ def test_compiled_blocks_of_the_other_families_train_like_eager(preset):
 
 
 def test_compiled_mla_takes_explicit_attention_with_sdpas_values(monkeypatch):
-    # while compiling on the CPU, MLA's full path computes attention as two matmuls around a softmax (no zero columns
-    # for SDPA's kernel), up to EXPLICIT_SCORES scores; the same values as SDPA, causal or under a mask
+    # while compiling on the CPU, MLA's full path computes masked attention as two matmuls around a softmax (no zero
+    # columns for SDPA's kernel), up to EXPLICIT_SCORES scores; the same values as SDPA, causal or under a mask
     import torch.nn.functional as F
 
     import nanoseek as ns
@@ -147,12 +147,15 @@ def test_compiled_mla_takes_explicit_attention_with_sdpas_values(monkeypatch):
     torch.manual_seed(0)
     model = ns.Transformer(ns.ModelConfig.preset("tiny").replace(num_nextn_predict_layers=0))
     ids = torch.randint(0, model.cfg.vocab_size, (2, 12))
-    eager = model(ids)
+    mask = torch.ones(12, 12, dtype=torch.bool).tril()
+    mask[6:, :6] = False                                                 # two documents per row
+    eager = model(ids, mask=mask)
     assert not calls                                                     # eager: SDPA
     compiled = torch.compile(model, backend="eager", fullgraph=True)     # (dynamo's trace only: no inductor)
-    assert torch.allclose(compiled(ids), eager, atol=1e-5) and calls
-    monkeypatch.setattr(mla, "EXPLICIT_SCORES", 0)       # above the bound: SDPA while compiling too (a new trace: dynamo
-                                                         # guards on the bound's value)
+    assert torch.allclose(compiled(ids, mask=mask), eager, atol=1e-5) and calls
     calls.clear()
-    torch.compile(model, backend="eager", fullgraph=True)(ids)
+    compiled(ids)
+    assert not calls                                                     # causal: SDPA's kernel skips masked blocks
+    monkeypatch.setattr(mla, "EXPLICIT_SCORES", 0)       # above the bound: SDPA while compiling too (a new trace: dynamo
+    compiled(ids, mask=mask)                             # guards on the bound's value)
     assert not calls

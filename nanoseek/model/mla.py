@@ -36,10 +36,12 @@ def gather_selected(T: int, S: int, k: int) -> bool:
     return T * k < S
 
 
-# A compiled graph on the CPU (GRPO's training forward, `pretrain --compile`) computes the full path's attention as
-# two matmuls around a softmax that inductor fuses with the mask and the scale, without the zero columns SDPA's kernel
-# needs: at small heads (the cpu preset's 4 x 48) SDPA's CPU kernel runs at ~15-20 GFLOP/s. It holds the (B, H, T, S)
-# scores for the backward, so only up to this many of them; above, SDPA's flash kernel, which holds none.
+# A compiled graph on the CPU (GRPO's training forward; `pretrain --compile` on packed documents) computes masked
+# attention on the full path as two matmuls around a softmax that inductor fuses with the mask and the scale, without
+# the zero columns SDPA's kernel needs: at small heads (the cpu preset's 4 x 48, GRPO's 63 x 88 scores) SDPA's CPU
+# kernel runs at ~15-20 GFLOP/s (11.2 vs ~9.5 ms a layer forward and backward). It holds the (B, H, T, S) scores for
+# the backward, so only up to this many; above, and for causal attention (whose masked blocks SDPA's kernel skips:
+# 5.8 vs 6.4 ms at 8 x 128 tokens), SDPA's flash kernel.
 EXPLICIT_SCORES = 2**24
 
 
@@ -204,7 +206,8 @@ class MLA(nn.Module):
         k = torch.cat([k_nope, k_pe[:, :, None, :].expand(B, T, H, self.rope)], dim=-1)
         if prefix is not None:
             k, v, mask = prefix.update(layer, k, v)                   # (B, S, H, qk_dim), (B, S, H, v), (B, 1, T, S)
-        if torch.compiler.is_compiling() and q.device.type == "cpu" and B * H * T * k.shape[1] <= EXPLICIT_SCORES:
+        if (torch.compiler.is_compiling() and q.device.type == "cpu" and mask is not None
+                and B * H * T * k.shape[1] <= EXPLICIT_SCORES):
             return self.o_proj(explicit_attention(q, k, v, mask, self.softmax_scale).reshape(B, T, H * self.v_dim))
         # SDPA's fused (flash) kernels want one head size for q, k and v; with v_head_dim != qk_head_dim (V3: 128
         # vs 192) it silently falls back to the unfused math path, about 2x slower on CPU with backward. Zero
