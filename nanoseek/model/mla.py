@@ -38,10 +38,10 @@ def gather_selected(T: int, S: int, k: int) -> bool:
 
 # A compiled graph on the CPU (GRPO's training forward; `pretrain --compile` on packed documents) computes masked
 # attention on the full path as two matmuls around a softmax that inductor fuses with the mask and the scale, without
-# the zero columns SDPA's kernel needs: at small heads (the cpu preset's 4 x 48, GRPO's 63 x 88 scores) SDPA's CPU
-# kernel runs at ~15-20 GFLOP/s (11.2 vs ~9.5 ms a layer forward and backward). It holds the (B, H, T, S) scores for
-# the backward, so only up to this many; above, and for causal attention (whose masked blocks SDPA's kernel skips:
-# 5.8 vs 6.4 ms at 8 x 128 tokens), SDPA's flash kernel.
+# the zero columns SDPA's kernel needs: at small heads (the cpu preset's 4 x 48, GRPO's 63 x 88 scores a row) SDPA's
+# CPU kernel runs at ~15-20 GFLOP/s (forward and backward of one layer, compiled: 13.0-13.4 vs 10.3-10.8 ms). It holds
+# the (B, H, T, S) scores for the backward, so only up to this many; above, and for causal attention (whose masked
+# blocks SDPA's kernel skips: 5.8 vs 6.4 ms at 8 x 128 tokens), SDPA's flash kernel.
 EXPLICIT_SCORES = 2**24
 
 
