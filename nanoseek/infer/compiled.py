@@ -48,10 +48,11 @@ from ..model import v4
 from ..model.dsa import DSA
 
 # The "auto" rule (Engine(compile="auto")): compile once the decode steps an engine has run plus those in sight
-# reach this many. Measured on the shared 2-core CPU (docs/benchmarks.md, "Compiled decode"), `cpu` preset: a batch
-# bucket compiles in 15-25 s cold (30-75 s when the machine is busy) and in 1-4 s from the disk cache, and saves
-# ~1.4 ms per step at batch 1 and 16, so a cold compile pays back after ~10,000-15,000 steps and a cached one after
-# ~1,000-3,000; the bar sits between, for a machine whose cache is warm after its first run. Model size cancels out
+# reach this many. Measured on the shared 2-core CPU (docs/benchmarks.md, "Compiled decode"), `cpu` preset, C++
+# wrapper (re-measured 2026-12-01 19:35): a process's first batch bucket compiles in ~28 s cold and ~6 s from the disk
+# cache, each further bucket in ~19 s / ~2 s, and the compiled step saves ~2.3 ms at batch 1 and ~2.2-2.9 ms at batch
+# 16, so a cold compile pays back after ~7,000-12,000 steps and a cached one after ~700-2,500; the bar sits between,
+# for a machine whose cache is warm after its first run. Model size cancels out
 # to first order: compile time and the saving per step both grow with the number of layers. On a GPU compiling is
 # cheaper (triton kernels, no C++ toolchain) and a launch-bound step saves more, hence the lower bar (an estimate:
 # no GPU was at hand to measure it).
