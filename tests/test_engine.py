@@ -375,6 +375,12 @@ def test_a_requests_uniforms_are_its_generators_draws_one_by_one_whatever_the_bl
         sample(logits.clone(), sp, mine, [[]] * 3, [[]] * 3, masks=[None, nothing, None])
     for _ in range(3):
         assert sample(logits, sp, mine, [[]] * 3, [[]] * 3).tokens == sample(logits, sp, bare, [[]] * 3, [[]] * 3).tokens
+    # one request in two rows of a call (its stream twice) takes two numbers in turn, as a bare generator draws them
+    flat = torch.zeros(2, 1000)                    # uniform over 1,000 tokens: the token is floor(1000 u)
+    twice, g = Uniforms(torch.Generator().manual_seed(3)), torch.Generator().manual_seed(3)
+    for _ in range(40):                            # across refills
+        assert sample(flat, sp[:2], [twice, twice], [[]] * 2, [[]] * 2).tokens == \
+            sample(flat, sp[:2], [g, g], [[]] * 2, [[]] * 2).tokens
 
 
 def test_bad_requests_are_usage_errors(tiny):

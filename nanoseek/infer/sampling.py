@@ -151,14 +151,15 @@ class Uniforms:
     def __init__(self, generator: torch.Generator):
         self.generator, self.buf, self.next = generator, [], 0
 
-    def peek(self) -> float:
-        if self.next == len(self.buf):
+    def peek(self, ahead: int = 0) -> float:
+        """The number `ahead` places after the next one (a request with two rows in one call takes two)."""
+        while self.next + ahead >= len(self.buf):
             g = self.generator
-            self.buf, self.next = torch.rand(self.BLOCK, generator=g, device=g.device).tolist(), 0
-        return self.buf[self.next]
+            self.buf, self.next = self.buf[self.next:] + torch.rand(self.BLOCK, generator=g, device=g.device).tolist(), 0
+        return self.buf[self.next + ahead]
 
-    def take(self) -> None:
-        self.next += 1
+    def take(self, n: int = 1) -> None:
+        self.next += n
 
 
 @dataclass
@@ -198,9 +199,14 @@ def apply_penalties(logits: torch.Tensor, params: list[SamplingParams], prompts:
     return logits
 
 
-def _uniform(g: Uniforms | torch.Generator) -> float:
-    """The row's next uniform number (a bare torch.Generator: one draw now, as Uniforms would hand it out)."""
-    return g.peek() if isinstance(g, Uniforms) else torch.rand((), generator=g, device=g.device).item()
+def _uniform(g: Uniforms | torch.Generator, used: dict[int, int]) -> float:
+    """The row's next uniform number: after the `used[id(g)]` this call already took from a Uniforms (a bare
+    torch.Generator: one draw now, as Uniforms would hand it out)."""
+    if not isinstance(g, Uniforms):
+        return torch.rand((), generator=g, device=g.device).item()
+    k = used.get(id(g), 0)
+    used[id(g)] = k + 1
+    return g.peek(k)
 
 
 def _temperature(p: SamplingParams) -> float:
@@ -292,7 +298,8 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
             x = x / torch.tensor([_temperature(p) for p in sub], device=dev)[:, None]
         x, order = _filter(x, sub)
         cdf = x.softmax(-1).cumsum(-1)
-        u = torch.tensor([_uniform(generators[i]) for i in rand_rows], device=dev)
+        used: dict[int, int] = {}    # numbers handed to each Uniforms in this call (a request may have two rows)
+        u = torch.tensor([_uniform(generators[i], used) for i in rand_rows], device=dev)
         # inverse CDF: the first token whose cumulative mass exceeds u (right=True skips zero-probability tokens)
         pos = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp_(max=V - 1)
         chosen = (pos if order is None else order.gather(1, pos))[:, 0]
@@ -309,7 +316,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
             vals, idx = _floored(vals).tolist(), idx.tolist()
             out.top_logprobs = [dict(zip(idx[i][:p.top_logprobs], vals[i][:p.top_logprobs])) for i, p in
                                 enumerate(params)]
-    for i in rand_rows:          # the numbers are used: the next call hands out the following ones
-        if isinstance(generators[i], Uniforms):
-            generators[i].take()
+    for i in {id(generators[i]): i for i in rand_rows}.values():   # the numbers are used: the next call hands out
+        if isinstance(generators[i], Uniforms):                   # the following ones
+            generators[i].take(used[id(generators[i])])
     return out
