@@ -175,9 +175,9 @@ class CompiledDecode:
         nb = bucket(nb, max(2, self.max_blocks)) if self.cuda else nb
         pad = Bp - B
         # (flat lists through numpy: ~3x faster than torch.tensor of nested lists, ~30 us a step at batch 32)
-        table = _ints([b for t in tables for b in (*t, *[0] * (nb - len(t)))] + [0] * (pad * nb), self.device)
+        rows = [b for t in tables for b in (*t, *[0] * (nb - len(t)))] + [0] * (pad * nb)
+        table = _ints(rows, self.device).view(Bp, nb)
         meta = _ints(tokens + [0] * pad + starts + [0] * pad, self.device).view(2, Bp)
-        table = table.view(Bp, nb)
         # one compiled graph for every context of this batch (on a GPU, CUDA graphs still record one per size)
         torch._dynamo.maybe_mark_dynamic(table, 1)
         graphs = _graphs()

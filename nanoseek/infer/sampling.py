@@ -158,8 +158,8 @@ class Uniforms:
             self.buf, self.next = self.buf[self.next:] + torch.rand(self.BLOCK, generator=g, device=g.device).tolist(), 0
         return self.buf[self.next + ahead]
 
-    def take(self, n: int = 1) -> None:
-        self.next += n
+    def take(self) -> None:
+        self.next += 1
 
 
 @dataclass
@@ -316,7 +316,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
             vals, idx = _floored(vals).tolist(), idx.tolist()
             out.top_logprobs = [dict(zip(idx[i][:p.top_logprobs], vals[i][:p.top_logprobs])) for i, p in
                                 enumerate(params)]
-    for i in {id(generators[i]): i for i in rand_rows}.values():   # the numbers are used: the next call hands out
-        if isinstance(generators[i], Uniforms):                   # the following ones
-            generators[i].take(used[id(generators[i])])
+    for i in rand_rows:          # the numbers are used: the next call hands out the following ones
+        if isinstance(generators[i], Uniforms):
+            generators[i].take()
     return out

@@ -46,12 +46,9 @@ EXPLICIT_SCORES = 2**24
 
 
 def explicit_attention(q, k, v, mask, scale: float):
-    """softmax(q k^T * scale, masked) v: q (B, T, H, d), k (B, S, H, d), v (B, S, H, dv), mask (B|1, 1, T, S) True =
-    may attend, or None for causal -> (B, T, H, dv)."""
-    T, S = q.shape[1], k.shape[1]
+    """softmax(q k^T * scale, masked) v: q (B, T, H, d), k (B, S, H, d), v (B, S, H, dv), mask (B|1, 1, T, S) or (T, S)
+    True = may attend -> (B, T, H, dv)."""
     scores = torch.einsum("bthd,bshd->bhts", q, k) * scale                       # (B, H, T, S)
-    if mask is None:
-        mask = causal_visible(T, S, q.device)
     probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
     return torch.einsum("bhts,bshd->bthd", probs, v)                              # (B, T, H, dv)
 
