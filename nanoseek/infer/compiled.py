@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from ..errors import UsageError
-from ..model import v4
+from ..model import cpu_attention, v4
 from ..model.dsa import DSA
 
 # The "auto" rule (Engine(compile="auto")): compile once the decode steps an engine has run plus those in sight
@@ -117,6 +117,8 @@ def compile_blocks(model: torch.nn.Module, device: torch.device) -> str:
     if why:
         return f"--compile: {why}; training eager"
     use_disk_cache()
+    if device.type == "cpu":     # the graphs call the causal attention kernel only if it is built before they trace
+        cpu_attention.load()
     blocks = [*model.layers, *getattr(model, "mtp", [])]
     for b in blocks:
         b.compile(dynamic=False)

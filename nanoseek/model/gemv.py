@@ -201,28 +201,35 @@ def cpu_key() -> str:
 def load(verbose: bool = True) -> bool:
     """Build (first time on this machine) or load the kernel; True when gemv runs it. Never raises: without a
     working C++ compiler it notes why once and returns False."""
-    if "lib" in _state or "error" in _state:
-        return "lib" in _state
+    if "lib" not in _state and "error" not in _state:
+        lib = build("nanoseek_gemv", SOURCE, ["gemv", "vecmat", "linear_rows"], "one-row product kernel", _state,
+                    verbose)
+        if lib is not None:
+            _state["lib"] = lib
+    return "lib" in _state
+
+
+def build(name: str, source: str, functions: list[str], what: str, state: dict, verbose: bool = True):
+    """Build (first time on this kind of CPU) or load the C++ extension `name` (-O3 -march=native, in its own folder
+    under kernel_dir(): torch's builder keeps one source file per folder); returns it, or None after setting
+    state["error"] and a one-line notice (no compiler, no ninja, a bad flag)."""
     from torch.utils.cpp_extension import load_inline
-    folder = kernel_dir()
+    folder = os.path.join(kernel_dir(), name)
     os.makedirs(folder, exist_ok=True)
-    if verbose and not any(f.startswith("nanoseek_gemv") and f.endswith(".so") for f in os.listdir(folder)):
-        print(f"nanoseek: building the one-row product kernel (once per machine, ~30 s; cache: {folder})",
-              file=sys.stderr, flush=True)
+    if verbose and not any(f.startswith(name) and f.endswith(".so") for f in os.listdir(folder)):
+        print(f"nanoseek: building the {what} (once per machine, ~30 s; cache: {folder})", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     try:
-        _state["lib"] = load_inline("nanoseek_gemv", cpp_sources=SOURCE, functions=["gemv", "vecmat", "linear_rows"],
-                                    build_directory=folder, extra_cflags=["-O3", "-march=native", "-fopenmp-simd"],
-                                    verbose=False)
-    except Exception as e:     # no compiler, no ninja, an unsupported flag: the library product stays
-        _state["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+        lib = load_inline(name, cpp_sources=source, functions=functions, build_directory=folder,
+                          extra_cflags=["-O3", "-march=native", "-fopenmp-simd"], verbose=False)
+    except Exception as e:     # the library product (or SDPA) stays
+        state["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
         if verbose:
-            print(f"nanoseek: one-row product kernel not built ({_state['error'][:200]}); using the library "
-                  "product", file=sys.stderr)
-        return False
+            print(f"nanoseek: {what} not built ({state['error'][:200]}); using the library product", file=sys.stderr)
+        return None
     if verbose and time.perf_counter() - t0 > 5:
-        print(f"nanoseek: built the one-row product kernel in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    return True
+        print(f"nanoseek: built the {what} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    return lib
 
 
 def applies(w: torch.Tensor, x: torch.Tensor) -> bool:

@@ -1,0 +1,332 @@
+"""Causal attention for training on the CPU: one fused kernel per (sequence, head), forward and backward.
+
+At the widths a CPU trains (the `cpu` preset: 4 heads of 48 query/key and 32 value dims, 128 tokens) SDPA's CPU
+flash kernel spends more time moving blocks than multiplying: it wants one head size for q, k and v (MLA's value
+head is narrower, so a third of its value columns are zeros, mla.py), works on 32-query blocks, and forward and
+backward of one layer ran at ~15-20 GFLOP/s, a fifth of a training step (docs/benchmarks.md, "Training step ...
+causal attention kernel"). Here each (sequence, head) is one task whose keys, values and probabilities stay in
+the core's caches:
+
+    forward, four query rows at a time:  s = q K^T (keys 0..i only) -> p = softmax(s * scale) -> o = p V
+                                         saved: o and lse = log sum exp (s * scale) per row
+    backward:  p recomputed from lse;  dP = dO V^T;  dS = p * (dP - rowsum(dO * o)) * scale
+               dQ = dS K;   dK = dS^T Q;   dV = p^T dO        (FlashAttention-2's backward, Dao 2023, Alg. 2)
+
+Scores are computed against K^T held in the task's buffer, 16 keys per AVX-512 multiply-add and four query rows
+per load of K^T; e^x is a degree-6 polynomial after a base-2 range reduction (relative error ~1e-7). q, k, v are
+read in place through their strides ((B, T, H, d), last dim contiguous: MLA's value is a view of kv_b_proj's
+output) and the outputs come back in the same (B, T, H, d) layout, so no transpose is copied on either side.
+
+AVX-512 only (other CPUs keep SDPA: the kernel reports it was built without it). Built on first use like gemv.py's
+kernel (torch.utils.cpp_extension, -O3 -march=native, cached per kind of CPU); without a compiler, SDPA stays and
+one line says why. The two steps are custom ops, so a compiled training block (compiled.compile_blocks) calls
+them as they are. tests/test_cpu_attention.py checks values and gradients against float64 attention.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import gemv
+
+SOURCE = r"""
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+#include <cmath>
+#include <vector>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+
+// e^x for 16 floats: x = n ln2 + f with |f| <= ln2 / 2, e^f by its degree-6 Taylor polynomial, times 2^n (scalef).
+// Inputs below -87 (a masked score's -inf too) give e^-87, which the callers mask to 0 where it matters.
+static inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504089f)), _MM_FROUND_TO_NEAREST_INT);
+  __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);     // ln2 in two parts (Cody-Waite)
+  f = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), f);
+  __m512 p = _mm512_set1_ps(1.f / 720);
+  for (float c : {1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(p, n);
+}
+
+static inline int64_t up16(int64_t n) { return (n + 15) / 16 * 16; }
+static inline __mmask16 first(int64_t n) { return n >= 16 ? 0xFFFF : (__mmask16)((1u << n) - 1); }
+
+// out[r * os + j] = sum_c a[r * as + c] * bt[c * ld + j], r < R, j < up16(n): R rows against a matrix held
+// transposed (len x ld, zero past its columns); 64 columns (4 vectors) at a time, each load of bt feeds R rows.
+template <int R>
+static void rows_bt(const float* a, int64_t as, const float* bt, int64_t ld, int64_t len, int64_t n, float* out,
+                    int64_t os) {
+  for (int64_t j0 = 0; j0 < n; j0 += 64) {
+    const int U = (int)std::min<int64_t>(4, (n - j0 + 15) / 16);
+    __m512 acc[R][4], b[4];
+    for (int r = 0; r < R; ++r)
+      for (int u = 0; u < 4; ++u) acc[r][u] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < len; ++c) {
+      for (int u = 0; u < 4; ++u) if (u < U) b[u] = _mm512_loadu_ps(bt + c * ld + j0 + 16 * u);
+      for (int r = 0; r < R; ++r) {
+        const __m512 x = _mm512_set1_ps(a[r * as + c]);
+        for (int u = 0; u < 4; ++u) if (u < U) acc[r][u] = _mm512_fmadd_ps(x, b[u], acc[r][u]);
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int u = 0; u < 4; ++u) if (u < U) _mm512_storeu_ps(out + r * os + j0 + 16 * u, acc[r][u]);
+  }
+}
+
+// out[r * os + w] = sum_{i < n} coef[r * cr + i * ci] * b[i * bs + w], r < R, w < width: R weighted sums of b's
+// rows, 64 columns at a time (the coefficients of one row r are coef's row (ci = 1) or column (cr = 1)).
+template <int R>
+static void rows_b(const float* coef, int64_t cr, int64_t ci, const float* b, int64_t bs, int64_t n, int64_t width,
+                   float* out, int64_t os) {
+  for (int64_t w0 = 0; w0 < width; w0 += 64) {
+    const int U = (int)std::min<int64_t>(4, (width - w0 + 15) / 16);
+    const __mmask16 last = first(width - w0 - 16 * (U - 1));
+    __m512 acc[R][4], v[4];
+    for (int r = 0; r < R; ++r)
+      for (int u = 0; u < 4; ++u) acc[r][u] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; ++i) {
+      for (int u = 0; u < 4; ++u) if (u < U) v[u] = _mm512_maskz_loadu_ps(u == U - 1 ? last : 0xFFFF, b + i * bs + w0 + 16 * u);
+      for (int r = 0; r < R; ++r) {
+        const __m512 x = _mm512_set1_ps(coef[r * cr + i * ci]);
+        for (int u = 0; u < 4; ++u) if (u < U) acc[r][u] = _mm512_fmadd_ps(x, v[u], acc[r][u]);
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int u = 0; u < 4; ++u) if (u < U) _mm512_mask_storeu_ps(out + r * os + w0 + 16 * u, u == U - 1 ? last : 0xFFFF, acc[r][u]);
+  }
+}
+
+// f(std::integral_constant<int, R>) for R = rows in 1..4: the row count is a template argument (registers)
+template <class F>
+static void by_rows(int64_t rows, F f) {
+  if (rows >= 4) f(std::integral_constant<int, 4>());
+  else if (rows == 3) f(std::integral_constant<int, 3>());
+  else if (rows == 2) f(std::integral_constant<int, 2>());
+  else f(std::integral_constant<int, 1>());
+}
+
+// x (T rows of d at row stride xs) -> xt (d x ld), zero past column T
+static void transpose(const float* x, int64_t xs, int64_t T, int64_t d, float* xt, int64_t ld) {
+  for (int64_t c = 0; c < d; ++c) {
+    for (int64_t t = 0; t < T; ++t) xt[c * ld + t] = x[t * xs + c];
+    for (int64_t t = T; t < ld; ++t) xt[c * ld + t] = 0.f;
+  }
+}
+
+// rows r < R of s (query i0 + r sees keys 0..i0 + r): p = e^(s * scale - m), 0 past the row's last key (to ld).
+// Forward (lse given = false): m = the row's max, p normalised, lse[r] = m + log(sum). Backward: m = lse[r].
+static void softmax_rows(float* s, int64_t ld, int R, int64_t i0, float scale, float* lse, bool given) {
+  for (int r = 0; r < R; ++r) {
+    float* row = s + r * ld;
+    const int64_t n = i0 + r + 1;
+    float m = given ? lse[r] : 0.f;
+    if (!given) {
+      __m512 mx = _mm512_set1_ps(-INFINITY);
+      for (int64_t j = 0; j < n; j += 16) mx = _mm512_mask_max_ps(mx, first(n - j), mx, _mm512_loadu_ps(row + j));
+      m = _mm512_reduce_max_ps(mx) * scale;
+    }
+    const __m512 sc = _mm512_set1_ps(scale), mm = _mm512_set1_ps(m);
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < ld; j += 16) {
+      const __mmask16 keep = j < n ? first(n - j) : 0;
+      const __m512 p = _mm512_maskz_mov_ps(keep, exp16(_mm512_fmsub_ps(_mm512_loadu_ps(row + j), sc, mm)));
+      _mm512_storeu_ps(row + j, p);
+      sum = _mm512_add_ps(sum, p);
+    }
+    if (!given) {
+      const float l = _mm512_reduce_add_ps(sum);
+      const __m512 inv = _mm512_set1_ps(1.f / l);
+      for (int64_t j = 0; j < ld; j += 16) _mm512_storeu_ps(row + j, _mm512_mul_ps(_mm512_loadu_ps(row + j), inv));
+      lse[r] = m + std::log(l);
+    }
+  }
+}
+#endif
+
+// A (B, T, H, d) tensor with a contiguous last dim: head (b, h)'s rows start at p + b sB + h sH, sT apart.
+struct Heads {
+  float* p;
+  int64_t sB, sT, sH, H;
+  explicit Heads(const torch::Tensor& x)
+      : p(x.data_ptr<float>()), sB(x.stride(0)), sT(x.stride(1)), sH(x.stride(2)), H(x.size(2)) {}
+  float* at(int64_t task) const { return p + (task / H) * sB + (task % H) * sH; }
+};
+
+static void check(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v) {
+#if !defined(__AVX512F__)
+  TORCH_CHECK(false, "causal attention kernel: built without AVX-512");
+#endif
+  TORCH_CHECK(q.dim() == 4 && k.sizes() == q.sizes() && v.dim() == 4 && v.sizes().slice(0, 3) == q.sizes().slice(0, 3),
+              "causal attention: q, k (B, T, H, d) and v (B, T, H, dv)");
+  for (const auto& t : {q, k, v})
+    TORCH_CHECK(t.scalar_type() == at::kFloat && t.stride(3) == 1, "causal attention: float32, last dim contiguous");
+}
+
+bool has_avx512() {
+#if defined(__AVX512F__)
+  return true;
+#else
+  return false;
+#endif
+}
+
+// q, k (B, T, H, d), v (B, T, H, dv) -> o (B, T, H, dv), lse (B, H, T): causal softmax(q k^T * scale) v
+std::vector<torch::Tensor> causal_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, double scale) {
+  check(q, k, v);
+  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), d = q.size(3), dv = v.size(3);
+  auto o = torch::empty({B, T, H, dv}, q.options());
+  auto lse = torch::empty({B, H, T}, q.options());
+#if defined(__AVX512F__)
+  const Heads Q(q), K(k), V(v), O(o);
+  const int64_t ld = up16(T);
+  float* L = lse.data_ptr<float>();
+  at::parallel_for(0, B * H, 1, [&](int64_t n0, int64_t n1) {
+    std::vector<float> kt(d * ld), s(4 * ld);
+    for (int64_t n = n0; n < n1; ++n) {
+      const float *qn = Q.at(n), *vn = V.at(n);
+      float* on = O.at(n);
+      transpose(K.at(n), K.sT, T, d, kt.data(), ld);
+      for (int64_t i0 = 0; i0 < T; i0 += 4) {
+        by_rows(T - i0, [&](auto rows) {
+          constexpr int R = decltype(rows)::value;
+          rows_bt<R>(qn + i0 * Q.sT, Q.sT, kt.data(), ld, d, i0 + R, s.data(), ld);
+          softmax_rows(s.data(), ld, R, i0, (float)scale, L + n * T + i0, false);
+          rows_b<R>(s.data(), ld, 1, vn, V.sT, i0 + R, dv, on + i0 * O.sT, O.sT);
+        });
+      }
+    }
+  });
+#endif
+  return {o, lse};
+}
+
+// causal_forward's gradients: dout (B, T, H, dv) -> dq, dk (B, T, H, d), dv (B, T, H, dv)
+std::vector<torch::Tensor> causal_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor o,
+                                           torch::Tensor lse, torch::Tensor dout, double scale) {
+  check(q, k, v);
+  TORCH_CHECK(o.sizes() == v.sizes() && dout.sizes() == v.sizes() && o.stride(3) == 1 && dout.stride(3) == 1 &&
+              lse.is_contiguous(), "causal attention backward: o, dout like v, lse (B, H, T) contiguous");
+  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), d = q.size(3), dv = v.size(3);
+  auto dq = torch::empty({B, T, H, d}, q.options()), dk = torch::empty({B, T, H, d}, q.options());
+  auto dvv = torch::empty({B, T, H, dv}, q.options());
+#if defined(__AVX512F__)
+  const Heads Q(q), K(k), V(v), O(o), G(dout), DQ(dq), DK(dk), DV(dvv);
+  const int64_t ld = up16(T);
+  const float* L = lse.data_ptr<float>();
+  const float sc = (float)scale;
+  at::parallel_for(0, B * H, 1, [&](int64_t n0, int64_t n1) {
+    std::vector<float> kt(d * ld), vt(dv * ld), P(T * ld), DS(T * ld), delta(T);
+    for (int64_t n = n0; n < n1; ++n) {
+      const float *qn = Q.at(n), *kn = K.at(n), *on = O.at(n), *gn = G.at(n);
+      transpose(kn, K.sT, T, d, kt.data(), ld);
+      transpose(V.at(n), V.sT, T, dv, vt.data(), ld);
+      for (int64_t i = 0; i < T; ++i) {                                   // delta_i = dO_i . O_i
+        float acc = 0.f;
+        for (int64_t c = 0; c < dv; ++c) acc += gn[i * G.sT + c] * on[i * O.sT + c];
+        delta[i] = acc;
+      }
+      for (int64_t i0 = 0; i0 < T; i0 += 4) {
+        by_rows(T - i0, [&](auto rows) {
+          constexpr int R = decltype(rows)::value;
+          float *p = P.data() + i0 * ld, *ds = DS.data() + i0 * ld;
+          const int64_t keys = i0 + R, w = up16(keys);
+          rows_bt<R>(qn + i0 * Q.sT, Q.sT, kt.data(), ld, d, keys, p, ld);           // scores again
+          softmax_rows(p, ld, R, i0, sc, const_cast<float*>(L + n * T + i0), true);  // p from the saved lse
+          rows_bt<R>(gn + i0 * G.sT, G.sT, vt.data(), ld, dv, keys, ds, ld);         // dP = dO V^T
+          for (int r = 0; r < R; ++r) {                                              // dS = p (dP - delta) scale
+            const __m512 dl = _mm512_set1_ps(delta[i0 + r]), s = _mm512_set1_ps(sc);
+            for (int64_t j = 0; j < w; j += 16) {
+              const __m512 x = _mm512_sub_ps(_mm512_loadu_ps(ds + r * ld + j), dl);
+              _mm512_storeu_ps(ds + r * ld + j, _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(p + r * ld + j), x), s));
+            }
+            for (int64_t j = w; j < ld; j += 16) _mm512_storeu_ps(ds + r * ld + j, _mm512_setzero_ps());
+          }
+          rows_b<R>(ds, ld, 1, kn, K.sT, keys, d, DQ.at(n) + i0 * DQ.sT, DQ.sT);    // dQ = dS K
+        });
+      }
+      for (int64_t j0 = 0; j0 < T; j0 += 4) {         // key rows j0..: dK = dS^T Q, dV = P^T dO over queries i >= j0
+        by_rows(T - j0, [&](auto rows) {
+          constexpr int R = decltype(rows)::value;
+          rows_b<R>(DS.data() + j0 * ld + j0, 1, ld, qn + j0 * Q.sT, Q.sT, T - j0, d, DK.at(n) + j0 * DK.sT, DK.sT);
+          rows_b<R>(P.data() + j0 * ld + j0, 1, ld, gn + j0 * G.sT, G.sT, T - j0, dv, DV.at(n) + j0 * DV.sT, DV.sT);
+        });
+      }
+    }
+  });
+#endif
+  return {dq, dk, dvv};
+}
+"""
+
+MAX_T = 1024        # tokens per sequence up to which the kernel runs (its backward holds 2 T^2 floats a thread)
+_state: dict = {}   # "lib": the built extension (with AVX-512), or "error": why not
+
+
+def load(verbose: bool = True) -> bool:
+    """Build (first time on this kind of CPU) or load the kernel; True when it runs here. Never raises."""
+    if "lib" not in _state and "error" not in _state:
+        lib = gemv.build("nanoseek_attention", SOURCE, ["causal_forward", "causal_backward", "has_avx512"],
+                         "causal attention kernel", _state, verbose)
+        if lib is not None and not lib.has_avx512():
+            _state["error"] = "this CPU has no AVX-512"
+        elif lib is not None:
+            _state["lib"] = lib
+    return "lib" in _state
+
+
+def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """The kernel serves this causal attention (q, k (B, T, H, d), v (B, T, H, dv)): float32 on the CPU, T <=
+    MAX_T, and the kernel built, or built now outside a compiled graph (compile_blocks builds it first)."""
+    if not (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.float32 and q.dim() == 4
+            and 1 < q.shape[1] <= MAX_T):
+        return False
+    return "lib" in _state or (not torch.compiler.is_compiling() and load())
+
+
+@torch.library.custom_op("nanoseek::causal_attention", mutates_args=())
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor,
+                                                                                                 torch.Tensor]:
+    """q, k (B, T, H, d), v (B, T, H, dv) float32 -> (out (B, T, H, dv), lse (B, H, T)): causal softmax(q k^T
+    scale) v, and each row's log-sum-exp of its scaled scores (what the backward recomputes p from)."""
+    o, lse = _state["lib"].causal_forward(*(t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v)), scale)
+    return o, lse
+
+
+@causal_attention.register_fake
+def _(q, k, v, scale):
+    B, T, H, _ = q.shape
+    return q.new_empty(B, T, H, v.shape[-1]), q.new_empty(B, H, T)
+
+
+@torch.library.custom_op("nanoseek::causal_attention_backward", mutates_args=())
+def causal_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+                              grad: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of causal_attention's out with respect to q, k and v, given grad (B, T, H, dv)."""
+    last = [t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, o)]
+    dq, dk, dv = _state["lib"].causal_backward(*last, lse.contiguous(), grad.contiguous(), scale)
+    return dq, dk, dv
+
+
+@causal_attention_backward.register_fake
+def _(q, k, v, o, lse, grad, scale):
+    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(v.shape)
+
+
+def _context(ctx, inputs, output):
+    q, k, v, scale = inputs
+    ctx.scale = scale
+    ctx.save_for_backward(q, k, v, *output)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, o, lse = ctx.saved_tensors
+    return (*causal_attention_backward(q, k, v, o, lse, grad_out, ctx.scale), None)
+
+
+causal_attention.register_autograd(_backward, setup_context=_context)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention through the kernel (check applies() first): (B, T, H, d) x2, (B, T, H, dv) -> (B, T, H, dv)."""
+    return causal_attention(q, k, v, scale)[0]
