@@ -36,8 +36,12 @@ def inputs(B, T, H, d, dv, seed=0):
     return q, k, kv, kv[..., d:]
 
 
+@pytest.mark.parametrize("rowwise", [False, True])
 @pytest.mark.parametrize("shape", [(2, 37, 3, 24, 20), (1, 5, 2, 48, 32), (1, 70, 1, 72, 136)])
-def test_values_and_gradients_equal_float64_attention(kernel, shape):
+def test_values_and_gradients_equal_float64_attention(kernel, monkeypatch, shape, rowwise):
+    # both backwards: dK, dV by columns of p and dS held whole, and added up per block of query rows
+    monkeypatch.setattr(CA, "ROWS_BACKWARD_MIN_T", 0 if rowwise else 10**9)
+    monkeypatch.setattr(CA, "ROWS_BACKWARD_MAX_WIDTH", 10**9)
     B, T, H, d, dv = shape
     q, k, kv, v = inputs(*shape)
     scale = d ** -0.5 * 1.3
@@ -52,6 +56,22 @@ def test_values_and_gradients_equal_float64_attention(kernel, shape):
         assert (a.double() - b).abs().max() < 2e-5
     # negative control: attention that also hides each token from itself is far from the kernel's
     assert (out.double() - reference(q, k, v, scale, diagonal=0)).abs().max() > 1e-2
+
+
+def test_threads_split_the_heads_and_give_the_same_bits(kernel):
+    # one task per (sequence, head), each with its own buffers: two threads compute what one does, bit for bit
+    q, k, kv, v = inputs(2, 23, 3, 24, 16, seed=2)
+    grad = torch.randn(2, 23, 3, 16, generator=torch.Generator().manual_seed(3))
+    runs = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            out = CA.attention(q, k, v, 0.3)
+            runs.append((out, *torch.autograd.grad(out, (q, k, kv), grad)))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
 def test_the_ops_shape_functions_and_autograd_registration_agree(kernel):

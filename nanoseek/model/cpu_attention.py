@@ -32,6 +32,7 @@ from . import gemv
 SOURCE = r"""
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
+#include <algorithm>
 #include <cmath>
 #include <vector>
 #if defined(__AVX512F__)
@@ -51,6 +52,7 @@ static inline __m512 exp16(__m512 x) {
 
 static inline int64_t up16(int64_t n) { return (n + 15) / 16 * 16; }
 static inline __mmask16 first(int64_t n) { return n >= 16 ? 0xFFFF : (__mmask16)((1u << n) - 1); }
+static inline __mmask16 part(int u, int U, __mmask16 last) { return u == U - 1 ? last : 0xFFFF; }   // vector u of U
 
 // out[r * os + j] = sum_c a[r * as + c] * bt[c * ld + j], r < R, j < up16(n): R rows against a matrix held
 // transposed (len x ld, zero past its columns); 64 columns (4 vectors) at a time, each load of bt feeds R rows.
@@ -86,14 +88,39 @@ static void rows_b(const float* coef, int64_t cr, int64_t ci, const float* b, in
     for (int r = 0; r < R; ++r)
       for (int u = 0; u < 4; ++u) acc[r][u] = _mm512_setzero_ps();
     for (int64_t i = 0; i < n; ++i) {
-      for (int u = 0; u < 4; ++u) if (u < U) v[u] = _mm512_maskz_loadu_ps(u == U - 1 ? last : 0xFFFF, b + i * bs + w0 + 16 * u);
+      for (int u = 0; u < 4; ++u) if (u < U) v[u] = _mm512_maskz_loadu_ps(part(u, U, last), b + i * bs + w0 + 16 * u);
       for (int r = 0; r < R; ++r) {
         const __m512 x = _mm512_set1_ps(coef[r * cr + i * ci]);
         for (int u = 0; u < 4; ++u) if (u < U) acc[r][u] = _mm512_fmadd_ps(x, v[u], acc[r][u]);
       }
     }
     for (int r = 0; r < R; ++r)
-      for (int u = 0; u < 4; ++u) if (u < U) _mm512_mask_storeu_ps(out + r * os + w0 + 16 * u, u == U - 1 ? last : 0xFFFF, acc[r][u]);
+      for (int u = 0; u < 4; ++u)
+        if (u < U) _mm512_mask_storeu_ps(out + r * os + w0 + 16 * u, part(u, U, last), acc[r][u]);
+  }
+}
+
+// out[j * os + w] += sum_{r < R} coef[r * ld + j] * x[r * xs + w] for j < n, w < width: the R rows of x, held in
+// registers, added into n rows of out with the weights of coef's column j (dK += dS^T Q, dV += P^T dO by row blocks).
+template <int R>
+static void outer_add(const float* coef, int64_t ld, const float* x, int64_t xs, int64_t width, int64_t n, float* out,
+                      int64_t os) {
+  for (int64_t w0 = 0; w0 < width; w0 += 64) {
+    const int U = (int)std::min<int64_t>(4, (width - w0 + 15) / 16);
+    const __mmask16 last = first(width - w0 - 16 * (U - 1));
+    __m512 xr[R][4], acc[4];
+    for (int r = 0; r < R; ++r)
+      for (int u = 0; u < 4; ++u)
+        if (u < U) xr[r][u] = _mm512_maskz_loadu_ps(part(u, U, last), x + r * xs + w0 + 16 * u);
+    for (int64_t j = 0; j < n; ++j) {
+      float* o = out + j * os + w0;
+      for (int u = 0; u < 4; ++u) if (u < U) acc[u] = _mm512_maskz_loadu_ps(part(u, U, last), o + 16 * u);
+      for (int r = 0; r < R; ++r) {
+        const __m512 c = _mm512_set1_ps(coef[r * ld + j]);
+        for (int u = 0; u < 4; ++u) if (u < U) acc[u] = _mm512_fmadd_ps(c, xr[r][u], acc[u]);
+      }
+      for (int u = 0; u < 4; ++u) if (u < U) _mm512_mask_storeu_ps(o + 16 * u, part(u, U, last), acc[u]);
+    }
   }
 }
 
@@ -201,9 +228,10 @@ std::vector<torch::Tensor> causal_forward(torch::Tensor q, torch::Tensor k, torc
   return {o, lse};
 }
 
-// causal_forward's gradients: dout (B, T, H, dv) -> dq, dk (B, T, H, d), dv (B, T, H, dv)
+// causal_forward's gradients: dout (B, T, H, dv) -> dq, dk (B, T, H, d), dv (B, T, H, dv). dK and dV: by columns of
+// p and dS held whole (T x ld each), or with rowwise added up per block of query rows (4 x ld buffers).
 std::vector<torch::Tensor> causal_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor o,
-                                           torch::Tensor lse, torch::Tensor dout, double scale) {
+                                           torch::Tensor lse, torch::Tensor dout, double scale, bool rowwise) {
   check(q, k, v);
   TORCH_CHECK(o.sizes() == v.sizes() && dout.sizes() == v.sizes() && o.stride(3) == 1 && dout.stride(3) == 1 &&
               lse.is_contiguous(), "causal attention backward: o, dout like v, lse (B, H, T) contiguous");
@@ -216,9 +244,15 @@ std::vector<torch::Tensor> causal_backward(torch::Tensor q, torch::Tensor k, tor
   const float* L = lse.data_ptr<float>();
   const float sc = (float)scale;
   at::parallel_for(0, B * H, 1, [&](int64_t n0, int64_t n1) {
-    std::vector<float> kt(d * ld), vt(dv * ld), P(T * ld), DS(T * ld), delta(T);
+    const int64_t held = rowwise ? 4 : T;                                      // rows of p and dS kept
+    std::vector<float> kt(d * ld), vt(dv * ld), P(held * ld), DS(held * ld), delta(T);
     for (int64_t n = n0; n < n1; ++n) {
       const float *qn = Q.at(n), *kn = K.at(n), *on = O.at(n), *gn = G.at(n);
+      float *dkn = DK.at(n), *dvn = DV.at(n);
+      for (int64_t j = 0; rowwise && j < T; ++j) {
+        std::fill(dkn + j * DK.sT, dkn + j * DK.sT + d, 0.f);
+        std::fill(dvn + j * DV.sT, dvn + j * DV.sT + dv, 0.f);
+      }
       transpose(kn, K.sT, T, d, kt.data(), ld);
       transpose(V.at(n), V.sT, T, dv, vt.data(), ld);
       for (int64_t i = 0; i < T; ++i) {                                   // delta_i = dO_i . O_i
@@ -229,7 +263,7 @@ std::vector<torch::Tensor> causal_backward(torch::Tensor q, torch::Tensor k, tor
       for (int64_t i0 = 0; i0 < T; i0 += 4) {
         by_rows(T - i0, [&](auto rows) {
           constexpr int R = decltype(rows)::value;
-          float *p = P.data() + i0 * ld, *ds = DS.data() + i0 * ld;
+          float *p = P.data() + (rowwise ? 0 : i0 * ld), *ds = DS.data() + (rowwise ? 0 : i0 * ld);
           const int64_t keys = i0 + R, w = up16(keys);
           rows_bt<R>(qn + i0 * Q.sT, Q.sT, kt.data(), ld, d, keys, p, ld);           // scores again
           softmax_rows(p, ld, R, i0, sc, const_cast<float*>(L + n * T + i0), true);  // p from the saved lse
@@ -243,13 +277,17 @@ std::vector<torch::Tensor> causal_backward(torch::Tensor q, torch::Tensor k, tor
             for (int64_t j = w; j < ld; j += 16) _mm512_storeu_ps(ds + r * ld + j, _mm512_setzero_ps());
           }
           rows_b<R>(ds, ld, 1, kn, K.sT, keys, d, DQ.at(n) + i0 * DQ.sT, DQ.sT);    // dQ = dS K
+          if (rowwise) {
+            outer_add<R>(ds, ld, qn + i0 * Q.sT, Q.sT, d, keys, dkn, DK.sT);           // dK += dS^T Q
+            outer_add<R>(p, ld, gn + i0 * G.sT, G.sT, dv, keys, dvn, DV.sT);           // dV += P^T dO
+          }
         });
       }
-      for (int64_t j0 = 0; j0 < T; j0 += 4) {         // key rows j0..: dK = dS^T Q, dV = P^T dO over queries i >= j0
+      for (int64_t j0 = 0; !rowwise && j0 < T; j0 += 4) {   // key rows j0..: dK = dS^T Q, dV = P^T dO, queries i >= j0
         by_rows(T - j0, [&](auto rows) {
           constexpr int R = decltype(rows)::value;
-          rows_b<R>(DS.data() + j0 * ld + j0, 1, ld, qn + j0 * Q.sT, Q.sT, T - j0, d, DK.at(n) + j0 * DK.sT, DK.sT);
-          rows_b<R>(P.data() + j0 * ld + j0, 1, ld, gn + j0 * G.sT, G.sT, T - j0, dv, DV.at(n) + j0 * DV.sT, DV.sT);
+          rows_b<R>(DS.data() + j0 * ld + j0, 1, ld, qn + j0 * Q.sT, Q.sT, T - j0, d, dkn + j0 * DK.sT, DK.sT);
+          rows_b<R>(P.data() + j0 * ld + j0, 1, ld, gn + j0 * G.sT, G.sT, T - j0, dv, dvn + j0 * DV.sT, DV.sT);
         });
       }
     }
@@ -263,6 +301,14 @@ std::vector<torch::Tensor> causal_backward(torch::Tensor q, torch::Tensor k, tor
 # by columns: past L2 it slows. One layer forward + backward against SDPA (bench/cpu_attention.py, one thread): 1.9-2.2x
 # up to 512 tokens, 1.7x at 768, 1.1-1.3x at 1,024, 0.75x at 2,048.
 MAX_T = 1024
+# Which backward: by default dK and dV are sums over the columns of p and dS, held whole (T^2 floats each); from
+# ROWS_BACKWARD_MIN_T tokens with narrow heads (d + dv up to ROWS_BACKWARD_MAX_WIDTH) they are added up row block by
+# row block instead (causal_backward's rowwise: O(T) buffers, each key row of dK and dV loaded and stored per block).
+# Backward alone, one thread: (T, d, dv) = (1024, 48, 32) 16.5 -> 11.1 ms, (2048, 48, 32) 99 -> 43, (1024, 96, 64)
+# 75 -> 58, (768, 48, 32) 19.4 -> 13.8; slower with wide heads ((1024, 192, 128) 269 -> 300) and short rows
+# ((256, 64, 64) 5.4 -> 6.6); equal at (128, 48, 32) and (512, 96, 64).
+ROWS_BACKWARD_MIN_T = 768
+ROWS_BACKWARD_MAX_WIDTH = 160
 _state: dict = {}   # "lib": the built extension (with AVX-512), or "error": why not
 
 
@@ -307,7 +353,8 @@ def causal_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               grad: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The gradients of causal_attention's out with respect to q, k and v, given grad (B, T, H, dv)."""
     last = [t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, o)]
-    dq, dk, dv = _state["lib"].causal_backward(*last, lse.contiguous(), grad.contiguous(), scale)
+    rows = q.shape[1] >= ROWS_BACKWARD_MIN_T and q.shape[-1] + v.shape[-1] <= ROWS_BACKWARD_MAX_WIDTH
+    dq, dk, dv = _state["lib"].causal_backward(*last, lse.contiguous(), grad.contiguous(), scale, rows)
     return dq, dk, dv
 
 
