@@ -4,7 +4,9 @@
     .venv/bin/python bench/cpu_attention.py --step [--compile]        # + a whole pretraining step, kernel on / off
 
 A shape is B x T x H x d x dv (batch, tokens, heads, query/key head size, value head size; the default is the `cpu`
-preset's layer at bench/train_step.py's batch, then V2-Lite's head sizes). Per shape: both sides first agree with
+preset's layer at bench/train_step.py's batch, then V2-Lite's head sizes), causal; B x T x H x d x dv x P adds a
+shared prompt prefix of P keys before each row's own T (GRPO's training forward, rl.SharedPrefix: the first P - 4
+prefix columns visible, then causal), run under that boolean mask. Per shape: both sides first agree with
 float64 attention (max error printed), then forward + backward of one layer is timed, the sides alternating in
 rounds of --iters calls, median per side. SDPA's side is what MLA.full_attention runs without the kernel: the
 value head zero-padded to the query's (its flash kernel wants one head size), heads moved to dim 1 and back.
@@ -28,7 +30,7 @@ import torch.nn.functional as F
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shapes", default="8x128x4x48x32,1x512x16x192x128")
+    ap.add_argument("--shapes", default="8x128x4x48x32,1x512x16x192x128,32x64x4x48x32x32")
     ap.add_argument("--iters", type=int, default=5, help="calls per side per round")
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--threads", type=int, default=1)
@@ -37,35 +39,40 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def sdpa(q, k, v, scale):
+def sdpa(q, k, v, scale, mask=None):
     """MLA.full_attention's SDPA call: value zero-padded to the query's head size."""
     d, dv = q.shape[-1], v.shape[-1]
     v = F.pad(v, (0, d - dv)) if dv < d else v
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-                                         scale=scale)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                         is_causal=mask is None, scale=scale)
     return out.transpose(1, 2)[..., :dv]
 
 
-def float64(q, k, v, scale):
+def float64(q, k, v, scale, mask=None):
     T = q.shape[1]
     s = torch.einsum("bthd,bshd->bhts", q.double(), k.double()) * scale
-    s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    s = s.masked_fill(~mask if mask is not None else torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
     return torch.einsum("bhts,bshd->bthd", s.softmax(-1), v.double())
 
 
 def layer(args, shape: str) -> None:
     from nanoseek.model import cpu_attention
-    B, T, H, d, dv = (int(x) for x in shape.split("x"))
+    B, T, H, d, dv, *prefix = (int(x) for x in shape.split("x"))
+    P = prefix[0] if prefix else 0
+    mask = None
+    if P:                                                                   # [prompt (P - 4 visible) ; own causal]
+        mask = torch.cat([torch.arange(P).expand(T, P) < P - 4, torch.ones(T, T, dtype=torch.bool).tril()], dim=1)
     g = torch.Generator().manual_seed(0)
-    q, k = (torch.randn(B, T, H, d, generator=g, requires_grad=True) for _ in range(2))
-    kv = torch.randn(B, T, H, d + dv, generator=g, requires_grad=True)   # MLA's value: a view of kv_b_proj's output
+    q = torch.randn(B, T, H, d, generator=g, requires_grad=True)
+    k = torch.randn(B, P + T, H, d, generator=g, requires_grad=True)
+    kv = torch.randn(B, P + T, H, d + dv, generator=g, requires_grad=True)   # MLA's value: a view of kv_b_proj's output
     v, grad, scale = kv[..., d:], torch.randn(B, T, H, dv, generator=g), d ** -0.5
     sides = {"SDPA": sdpa, "kernel": cpu_attention.attention}
-    ref = float64(q, k, v, scale)
-    err = {n: (f(q, k, v, scale).double() - ref).abs().max().item() for n, f in sides.items()}
+    ref = float64(q, k, v, scale, mask)
+    err = {n: (f(q, k, v, scale, mask).double() - ref).abs().max().item() for n, f in sides.items()}
 
     def call(f):
-        torch.autograd.grad(f(q, k, v, scale), (q, k, kv), grad)
+        torch.autograd.grad(f(q, k, v, scale, mask), (q, k, kv), grad)
 
     times = {n: [] for n in sides}
     for f in sides.values():
@@ -77,7 +84,8 @@ def layer(args, shape: str) -> None:
                 call(f)
                 times[n].append(time.perf_counter() - t0)
     med = {n: statistics.median(t) for n, t in times.items()}
-    flops = 2 * B * H * T * (T + 1) / 2 * (3 * d + 3 * dv)     # fwd: d + dv; bwd: dv + 2d + dv
+    pairs = T * (T + 1) / 2 + T * max(P - 4, 0)                            # (query, visible key) pairs per head
+    flops = 2 * B * H * pairs * (3 * d + 3 * dv)                             # fwd: d + dv; bwd: dv + 2d + dv
     print(f"{shape:>18}: SDPA {1e3 * med['SDPA']:7.2f} ms ({flops / med['SDPA'] / 1e9:5.1f} GFLOP/s)  kernel "
           f"{1e3 * med['kernel']:7.2f} ms ({flops / med['kernel'] / 1e9:5.1f} GFLOP/s)  speed-up "
           f"{med['SDPA'] / med['kernel']:.2f}x   max error vs float64: SDPA {err['SDPA']:.1e}, kernel {err['kernel']:.1e}")

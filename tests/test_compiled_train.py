@@ -121,12 +121,15 @@ def test_compiled_blocks_of_the_other_families_train_like_eager(preset):
 
 
 def test_compiled_mla_takes_explicit_attention_with_sdpas_values(monkeypatch):
-    # while compiling on the CPU, MLA's full path computes masked attention as two matmuls around a softmax (no zero
-    # columns for SDPA's kernel), up to EXPLICIT_SCORES scores; the same values as SDPA under the mask
+    # while compiling on the CPU without model/cpu_attention.py's kernel (a CPU without AVX-512), MLA's full path
+    # computes masked attention as two matmuls around a softmax (no zero columns for SDPA's kernel), up to
+    # EXPLICIT_SCORES scores; the same values as SDPA under the mask
     import torch.nn.functional as F
 
     import nanoseek as ns
-    from nanoseek.model import mla
+    from nanoseek.model import cpu_attention, mla
+
+    monkeypatch.setattr(cpu_attention, "_state", {"error": "this CPU has no AVX-512"})
 
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(2, 5, 3, 8, generator=g), torch.randn(2, 7, 3, 8, generator=g)

@@ -2,6 +2,9 @@
 values and gradients, at shapes off its vector widths and on strided inputs; MLA's full path runs it and trains as
 it does through SDPA; without the kernel SDPA stays."""
 
+import os
+import shutil
+
 import pytest
 import torch
 from conftest import randomize_, rel_err
@@ -14,26 +17,45 @@ from nanoseek.model import gemv
 @pytest.fixture(scope="module")
 def kernel():
     if not CA.load():
+        # skipped only where it cannot run: no AVX-512 (BW, VL) or no C++ compiler; a failed build is a defect
+        flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+        if all(f in flags for f in ("avx512f", "avx512bw", "avx512vl")) and shutil.which("c++"):
+            pytest.fail(f"the causal attention kernel did not build on an AVX-512 machine: {CA._state.get('error')}")
         pytest.skip(f"the causal attention kernel does not run here: {CA._state.get('error')}")
 
 
-def reference(q, k, v, scale, diagonal: int = 1):
-    """softmax(q k^T scale) v in float64, key j visible to query i when j < i + diagonal (1: causal)."""
-    T = q.shape[1]
+def reference(q, k, v, scale, diagonal: int = 1, mask=None):
+    """softmax(q k^T scale) v in float64: under mask (B | 1, 1, T, S), else key j visible to query i when j < i +
+    diagonal (1: causal). A query that may see nothing gets 0."""
+    T, S = q.shape[1], k.shape[1]
     s = torch.einsum("bthd,bshd->bhts", q.double(), k.double()) * scale
-    s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(diagonal), float("-inf"))
-    out = torch.einsum("bhts,bshd->bthd", s.softmax(-1).nan_to_num(), v.double())
+    visible = torch.ones(T, S, dtype=torch.bool).tril(diagonal - 1) if mask is None else mask
+    out = torch.einsum("bhts,bshd->bthd", s.masked_fill(~visible, float("-inf")).softmax(-1).nan_to_num(), v.double())
     return out
 
 
-def inputs(B, T, H, d, dv, seed=0):
-    """q (B, T, H, d) stored head-major (strided over T), k contiguous, v a view into a wider (B, T, H, d + dv)
-    tensor, as MLA's value is a view of kv_b_proj's output."""
+def inputs(B, T, H, d, dv, seed=0, S=None):
+    """q (B, T, H, d) stored head-major (strided over T), k (B, S, H, d) contiguous, v a view into a wider
+    (B, S, H, d + dv) tensor, as MLA's value is a view of kv_b_proj's output."""
     g = torch.Generator().manual_seed(seed)
+    S = S or T
     q = torch.randn(B, H, T, d, generator=g).transpose(1, 2).requires_grad_()
-    k = torch.randn(B, T, H, d, generator=g).requires_grad_()
-    kv = torch.randn(B, T, H, d + dv, generator=g).requires_grad_()
+    k = torch.randn(B, S, H, d, generator=g).requires_grad_()
+    kv = torch.randn(B, S, H, d + dv, generator=g).requires_grad_()
     return q, k, kv, kv[..., d:]
+
+
+def check_against_float64(q, k, kv, v, scale, mask=None):
+    out = CA.attention(q, k, v, scale, mask)
+    ref = reference(q, k, v, scale, mask=mask)
+    assert out.shape == ref.shape and out.dtype == torch.float32
+    assert (out.double() - ref).abs().max() < 1e-5
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    got = torch.autograd.grad(out, (q, k, kv), grad)
+    want = torch.autograd.grad(ref, (q, k, kv), grad.double())
+    for a, b in zip(got, want):
+        assert (a.double() - b).abs().max() < 2e-5
+    return out
 
 
 @pytest.mark.parametrize("rowwise", [False, True])
@@ -45,17 +67,33 @@ def test_values_and_gradients_equal_float64_attention(kernel, monkeypatch, shape
     B, T, H, d, dv = shape
     q, k, kv, v = inputs(*shape)
     scale = d ** -0.5 * 1.3
-    out = CA.attention(q, k, v, scale)
-    ref = reference(q, k, v, scale)
-    assert out.shape == (B, T, H, dv) and out.dtype == torch.float32
-    assert (out.double() - ref).abs().max() < 1e-5
-    grad = torch.randn(B, T, H, dv, generator=torch.Generator().manual_seed(1))
-    got = torch.autograd.grad(out, (q, k, kv), grad)
-    want = torch.autograd.grad(ref, (q, k, kv), grad.double())
-    for a, b in zip(got, want):
-        assert (a.double() - b).abs().max() < 2e-5
+    out = check_against_float64(q, k, kv, v, scale)
     # negative control: attention that also hides each token from itself is far from the kernel's
     assert (out.double() - reference(q, k, v, scale, diagonal=0)).abs().max() > 1e-2
+
+
+def test_masked_attention_equals_float64_attention(kernel):
+    """The masks training passes: packed documents (block-diagonal causal, padding seeing itself), a shared prompt
+    prefix before each row's own keys (GRPO: S > T, the prompt's padding hidden), a mask shared by the batch, and an
+    arbitrary one (non-causal, a row that sees nothing gets 0)."""
+    from nanoseek.model.transformer import document_mask
+    from nanoseek.rl import SharedPrefix
+    g = torch.Generator().manual_seed(5)
+    documents = torch.tensor([[0] * 7 + [1] * 12 + [2] * 9 + [-1] * 5, [3] * 20 + [4] * 13])
+    check_against_float64(*inputs(2, 33, 3, 24, 20), 0.3, document_mask(documents))
+    prefix = SharedPrefix(torch.tensor([9, 14]), torch.tensor([0, 0, 1]))
+    prefix.read(16, 21)                                             # prompts padded to 16 columns, 21 own tokens
+    check_against_float64(*inputs(3, 21, 2, 24, 16, S=37), 0.3, prefix.mask)
+    shared = torch.rand(25, 25, generator=g) < 0.5
+    check_against_float64(*inputs(2, 25, 2, 32, 16), 0.3, shared)
+    general = torch.rand(2, 1, 19, 30, generator=g) < 0.3
+    general[1, 0, 4] = False                                        # a query that may attend nothing
+    out = check_against_float64(*inputs(2, 19, 2, 16, 16, S=30), 0.3, general)
+    assert out[1, 4].abs().max() == 0
+    # negative control: the document mask's neighbour (documents 1 and 2 merged) gives other values
+    q, k, kv, v = inputs(2, 33, 3, 24, 20)
+    merged = document_mask(documents.masked_fill(documents == 2, 1))
+    assert (CA.attention(q, k, v, 0.3, document_mask(documents)) - CA.attention(q, k, v, 0.3, merged)).abs().max() > 1e-2
 
 
 def test_threads_split_the_heads_and_give_the_same_bits(kernel):
@@ -75,8 +113,10 @@ def test_threads_split_the_heads_and_give_the_same_bits(kernel):
 
 
 def test_the_ops_shape_functions_and_autograd_registration_agree(kernel):
-    q, k, _, v = inputs(1, 9, 2, 16, 8)
-    torch.library.opcheck(CA.causal_attention, (q.detach(), k.detach(), v.detach(), 0.25))
+    q, k, _, v = inputs(1, 9, 2, 16, 8, S=11)
+    torch.library.opcheck(CA.causal_attention, (q.detach(), k.detach()[:, :9], v.detach()[:, :9], 0.25))
+    mask = torch.ones(9, 11, dtype=torch.bool).tril(2)
+    torch.library.opcheck(CA.causal_attention, (q.detach(), k.detach(), v.detach(), 0.25, mask))
 
 
 class Spy:
@@ -114,7 +154,7 @@ def test_mla_trains_through_the_kernel_as_through_sdpa(kernel, monkeypatch):
     assert max(rel_err(grads[n], ref_grads[n]) for n in grads) < 1e-4
     # negative control: a kernel whose scale is 10% off trains another model
     monkeypatch.setattr(CA, "MAX_T", 1024)
-    monkeypatch.setattr(spy, "causal_forward", lambda q, k, v, scale: spy.lib.causal_forward(q, k, v, scale * 1.1))
+    monkeypatch.setattr(spy, "causal_forward", lambda q, k, v, scale, m: spy.lib.causal_forward(q, k, v, scale * 1.1, m))
     wrong = losses_and_grads(model, ids)[1]
     assert max(rel_err(wrong[n], ref_grads[n]) for n in grads) > 1e-2
 

@@ -1,4 +1,4 @@
-"""Causal attention for training on the CPU: one fused kernel per (sequence, head), forward and backward.
+"""Attention for training on the CPU: one fused kernel per (sequence, head), forward and backward, causal or masked.
 
 At the widths a CPU trains (the `cpu` preset: 4 heads of 48 query/key and 32 value dims, 128 tokens) SDPA's CPU
 flash kernel spends more time moving blocks than multiplying: it wants one head size for q, k and v (MLA's value
@@ -12,12 +12,16 @@ the core's caches:
     backward:  p recomputed from lse;  dP = dO V^T;  dS = p * (dP - rowsum(dO * o)) * scale
                dQ = dS K;   dK = dS^T Q;   dV = p^T dO        (FlashAttention-2's backward, Dao 2023, Alg. 2)
 
+Under a boolean mask (B | 1, 1, T, S) (packed documents, GRPO's shared prompt prefix before each row's own keys,
+DSA's selection, any other) a block of four query rows computes only the keys from the first to the last any of
+them may see, and the mask hides the rest; a row that may see nothing gets 0 (SDPA: NaN).
+
 Scores are computed against K^T held in the task's buffer, 16 keys per AVX-512 multiply-add and four query rows
 per load of K^T; e^x is a degree-6 polynomial after a base-2 range reduction (relative error ~1e-7). q, k, v are
 read in place through their strides ((B, T, H, d), last dim contiguous: MLA's value is a view of kv_b_proj's
 output) and the outputs come back in the same (B, T, H, d) layout, so no transpose is copied on either side.
 
-AVX-512 only (other CPUs keep SDPA: the kernel reports it was built without it). Built on first use like gemv.py's
+AVX-512 (F, BW, VL) only (other CPUs keep SDPA: the kernel reports it was built without it). Built on first use like gemv.py's
 kernel (torch.utils.cpp_extension, -O3 -march=native, cached per kind of CPU); without a compiler, SDPA stays and
 one line says why. The two steps are custom ops, so a compiled training block (compiled.compile_blocks) calls
 them as they are. tests/test_cpu_attention.py checks values and gradients against float64 attention.
@@ -35,7 +39,12 @@ SOURCE = r"""
 #include <algorithm>
 #include <cmath>
 #include <vector>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)   // masked byte loads: BW and VL
+#define NS_AVX512 1
+#else
+#define NS_AVX512 0
+#endif
+#if NS_AVX512
 #include <immintrin.h>
 
 // e^x for 16 floats: x = n ln2 + f with |f| <= ln2 / 2, e^f by its degree-6 Taylor polynomial, times 2^n (scalef).
@@ -141,33 +150,75 @@ static void transpose(const float* x, int64_t xs, int64_t T, int64_t d, float* x
   }
 }
 
-// rows r < R of s (query i0 + r sees keys 0..i0 + r): p = e^(s * scale - m), 0 past the row's last key (to ld).
-// Forward (lse given = false): m = the row's max, p normalised, lse[r] = m + log(sum). Backward: m = lse[r].
-static void softmax_rows(float* s, int64_t ld, int R, int64_t i0, float scale, float* lse, bool given) {
+// The keys of a block of query rows: [L, L + n) of the sequence. Row r keeps column j (key L + j) when j < n and,
+// with a mask, its byte mrow[r][j] is set (mrow[r] already offset by L), else when j <= last[r] (causal).
+struct Keep {
+  const uint8_t* mrow[4];
+  int64_t last[4], n;
+  __mmask16 at(int r, int64_t j) const {
+    __mmask16 k = j < n ? first(n - j) : 0;
+    if (mrow[r]) {
+      const __m128i b = _mm_maskz_loadu_epi8(k, mrow[r] + j);
+      return _mm_test_epi8_mask(b, b);
+    }
+    return j <= last[r] ? (__mmask16)(k & first(last[r] - j + 1)) : 0;
+  }
+};
+
+// rows r < R of s (ld columns): p = e^(s * scale - m) where kept, 0 elsewhere. Forward (given = false): m = the row's
+// largest kept score, p normalised, lse[r] = m + log(sum) (+inf for a row that keeps nothing, whose p stays 0).
+// Backward (given): m = lse[r].
+static void softmax_rows(float* s, int64_t ld, int R, const Keep& keep, float scale, float* lse, bool given) {
   for (int r = 0; r < R; ++r) {
     float* row = s + r * ld;
-    const int64_t n = i0 + r + 1;
     float m = given ? lse[r] : 0.f;
     if (!given) {
       __m512 mx = _mm512_set1_ps(-INFINITY);
-      for (int64_t j = 0; j < n; j += 16) mx = _mm512_mask_max_ps(mx, first(n - j), mx, _mm512_loadu_ps(row + j));
+      for (int64_t j = 0; j < keep.n; j += 16) mx = _mm512_mask_max_ps(mx, keep.at(r, j), mx, _mm512_loadu_ps(row + j));
       m = _mm512_reduce_max_ps(mx) * scale;
     }
     const __m512 sc = _mm512_set1_ps(scale), mm = _mm512_set1_ps(m);
     __m512 sum = _mm512_setzero_ps();
     for (int64_t j = 0; j < ld; j += 16) {
-      const __mmask16 keep = j < n ? first(n - j) : 0;
-      const __m512 p = _mm512_maskz_mov_ps(keep, exp16(_mm512_fmsub_ps(_mm512_loadu_ps(row + j), sc, mm)));
+      const __mmask16 k = keep.at(r, j);
+      const __m512 p = _mm512_maskz_mov_ps(k, k ? exp16(_mm512_fmsub_ps(_mm512_loadu_ps(row + j), sc, mm)) : sc);
       _mm512_storeu_ps(row + j, p);
       sum = _mm512_add_ps(sum, p);
     }
     if (!given) {
       const float l = _mm512_reduce_add_ps(sum);
-      const __m512 inv = _mm512_set1_ps(1.f / l);
-      for (int64_t j = 0; j < ld; j += 16) _mm512_storeu_ps(row + j, _mm512_mul_ps(_mm512_loadu_ps(row + j), inv));
-      lse[r] = m + std::log(l);
+      if (l > 0.f) {
+        const __m512 inv = _mm512_set1_ps(1.f / l);
+        for (int64_t j = 0; j < ld; j += 16) _mm512_storeu_ps(row + j, _mm512_mul_ps(_mm512_loadu_ps(row + j), inv));
+      }
+      lse[r] = l > 0.f ? m + std::log(l) : INFINITY;
     }
   }
+}
+
+// A block of R query rows from i0 against keys of S: the keys any of them may see, [L, L + keep.n), with each row's
+// keep rule. Causal (no mask): [0, i0 + R). Mask rows (mrow(i), or nullptr): from the first to the last set byte.
+template <class M>
+static Keep block_keys(M mrow, int64_t i0, int R, int64_t S, int64_t& L) {
+  Keep keep{};
+  int64_t lo = S, hi = 0;
+  for (int r = 0; r < R; ++r) {
+    const uint8_t* m = mrow(i0 + r);
+    int64_t a = 0, b = i0 + r + 1;
+    if (m) {
+      for (a = 0; a < S && !m[a]; ++a) {}
+      for (b = S; b > a && !m[b - 1]; --b) {}
+    }
+    if (b > a) lo = std::min(lo, a), hi = std::max(hi, b);
+  }
+  L = hi > lo ? lo : 0;
+  keep.n = hi > lo ? hi - lo : 0;
+  for (int r = 0; r < R; ++r) {
+    const uint8_t* m = mrow(i0 + r);
+    keep.mrow[r] = m ? m + L : nullptr;
+    keep.last[r] = i0 + r - L;
+  }
+  return keep;
 }
 #endif
 
@@ -180,46 +231,74 @@ struct Heads {
   float* at(int64_t task) const { return p + (task / H) * sB + (task % H) * sH; }
 };
 
-static void check(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v) {
-#if !defined(__AVX512F__)
+// The optional mask (B | 1, T, S) bool, True = may attend, last dim contiguous; row (b, i) at p + b sB + i sT.
+struct Mask {
+  const uint8_t* p = nullptr;
+  int64_t sB = 0, sT = 0;
+  explicit Mask(const c10::optional<torch::Tensor>& m) {
+    if (!m || !m->defined()) return;
+    p = reinterpret_cast<const uint8_t*>(m->data_ptr<bool>());
+    sB = m->size(0) == 1 ? 0 : m->stride(0);
+    sT = m->stride(1);
+  }
+};
+
+static void check(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                  const c10::optional<torch::Tensor>& mask) {
+#if !NS_AVX512
   TORCH_CHECK(false, "causal attention kernel: built without AVX-512");
 #endif
-  TORCH_CHECK(q.dim() == 4 && k.sizes() == q.sizes() && v.dim() == 4 && v.sizes().slice(0, 3) == q.sizes().slice(0, 3),
-              "causal attention: q, k (B, T, H, d) and v (B, T, H, dv)");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && k.size(0) == q.size(0) && k.size(2) == q.size(2) &&
+              k.size(3) == q.size(3) && v.sizes().slice(0, 3) == k.sizes().slice(0, 3),
+              "causal attention: q (B, T, H, d), k (B, S, H, d), v (B, S, H, dv)");
   for (const auto& t : {q, k, v})
     TORCH_CHECK(t.scalar_type() == at::kFloat && t.stride(3) == 1, "causal attention: float32, last dim contiguous");
+  if (mask && mask->defined()) {
+    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->dim() == 3 && mask->size(1) == q.size(1) &&
+                (mask->size(0) == 1 || mask->size(0) == q.size(0)) && mask->size(2) == k.size(1) &&
+                mask->stride(2) == 1, "causal attention: mask (B | 1, T, S) bool, last dim contiguous");
+  } else {
+    TORCH_CHECK(k.size(1) == q.size(1), "causal attention: without a mask, as many keys as queries");
+  }
 }
 
 bool has_avx512() {
-#if defined(__AVX512F__)
+#if NS_AVX512
   return true;
 #else
   return false;
 #endif
 }
 
-// q, k (B, T, H, d), v (B, T, H, dv) -> o (B, T, H, dv), lse (B, H, T): causal softmax(q k^T * scale) v
-std::vector<torch::Tensor> causal_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, double scale) {
-  check(q, k, v);
-  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), d = q.size(3), dv = v.size(3);
+// q (B, T, H, d), k (B, S, H, d), v (B, S, H, dv) -> o (B, T, H, dv), lse (B, H, T): softmax(q k^T * scale) v,
+// causal (S = T) or under mask (B | 1, T, S)
+std::vector<torch::Tensor> causal_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, double scale,
+                                          c10::optional<torch::Tensor> mask) {
+  check(q, k, v, mask);
+  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), d = q.size(3), S = k.size(1), dv = v.size(3);
   auto o = torch::empty({B, T, H, dv}, q.options());
   auto lse = torch::empty({B, H, T}, q.options());
-#if defined(__AVX512F__)
+#if NS_AVX512
   const Heads Q(q), K(k), V(v), O(o);
-  const int64_t ld = up16(T);
-  float* L = lse.data_ptr<float>();
+  const Mask M(mask);
+  const int64_t ld = up16(S) + 16;      // a block's columns start anywhere in [0, S): room for its last 16
+  float* LS = lse.data_ptr<float>();
   at::parallel_for(0, B * H, 1, [&](int64_t n0, int64_t n1) {
     std::vector<float> kt(d * ld), s(4 * ld);
     for (int64_t n = n0; n < n1; ++n) {
+      const int64_t b = n / H;
       const float *qn = Q.at(n), *vn = V.at(n);
       float* on = O.at(n);
-      transpose(K.at(n), K.sT, T, d, kt.data(), ld);
+      auto mrow = [&](int64_t i) { return M.p ? M.p + b * M.sB + i * M.sT : nullptr; };
+      transpose(K.at(n), K.sT, S, d, kt.data(), ld);
       for (int64_t i0 = 0; i0 < T; i0 += 4) {
         by_rows(T - i0, [&](auto rows) {
           constexpr int R = decltype(rows)::value;
-          rows_bt<R>(qn + i0 * Q.sT, Q.sT, kt.data(), ld, d, i0 + R, s.data(), ld);
-          softmax_rows(s.data(), ld, R, i0, (float)scale, L + n * T + i0, false);
-          rows_b<R>(s.data(), ld, 1, vn, V.sT, i0 + R, dv, on + i0 * O.sT, O.sT);
+          int64_t L;
+          const Keep keep = block_keys(mrow, i0, R, S, L);
+          rows_bt<R>(qn + i0 * Q.sT, Q.sT, kt.data() + L, ld, d, keep.n, s.data(), ld);
+          softmax_rows(s.data(), ld, R, keep, (float)scale, LS + n * T + i0, false);
+          rows_b<R>(s.data(), ld, 1, vn + L * V.sT, V.sT, keep.n, dv, on + i0 * O.sT, O.sT);
         });
       }
     }
@@ -228,33 +307,40 @@ std::vector<torch::Tensor> causal_forward(torch::Tensor q, torch::Tensor k, torc
   return {o, lse};
 }
 
-// causal_forward's gradients: dout (B, T, H, dv) -> dq, dk (B, T, H, d), dv (B, T, H, dv). dK and dV: by columns of
-// p and dS held whole (T x ld each), or with rowwise added up per block of query rows (4 x ld buffers).
+// causal_forward's gradients: dout (B, T, H, dv) -> dq (B, T, H, d), dk (B, S, H, d), dv (B, S, H, dv). dK and dV:
+// by columns of p and dS held whole (T x ld each; causal only), or, rowwise or under a mask, added up per block of
+// query rows (4 x ld buffers).
 std::vector<torch::Tensor> causal_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor o,
-                                           torch::Tensor lse, torch::Tensor dout, double scale, bool rowwise) {
-  check(q, k, v);
-  TORCH_CHECK(o.sizes() == v.sizes() && dout.sizes() == v.sizes() && o.stride(3) == 1 && dout.stride(3) == 1 &&
-              lse.is_contiguous(), "causal attention backward: o, dout like v, lse (B, H, T) contiguous");
-  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), d = q.size(3), dv = v.size(3);
-  auto dq = torch::empty({B, T, H, d}, q.options()), dk = torch::empty({B, T, H, d}, q.options());
-  auto dvv = torch::empty({B, T, H, dv}, q.options());
-#if defined(__AVX512F__)
+                                           torch::Tensor lse, torch::Tensor dout, double scale,
+                                           c10::optional<torch::Tensor> mask, bool rowwise) {
+  check(q, k, v, mask);
+  TORCH_CHECK(o.sizes() == dout.sizes() && o.size(1) == q.size(1) && o.size(3) == v.size(3) && o.stride(3) == 1 &&
+              dout.stride(3) == 1 && lse.is_contiguous(),
+              "causal attention backward: o, dout (B, T, H, dv), lse (B, H, T)");
+  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), d = q.size(3), S = k.size(1), dv = v.size(3);
+  auto dq = torch::empty({B, T, H, d}, q.options()), dk = torch::empty({B, S, H, d}, q.options());
+  auto dvv = torch::empty({B, S, H, dv}, q.options());
+#if NS_AVX512
   const Heads Q(q), K(k), V(v), O(o), G(dout), DQ(dq), DK(dk), DV(dvv);
-  const int64_t ld = up16(T);
-  const float* L = lse.data_ptr<float>();
+  const Mask M(mask);
+  rowwise = rowwise || M.p;
+  const int64_t ld = up16(S) + 16;
+  const float* LS = lse.data_ptr<float>();
   const float sc = (float)scale;
   at::parallel_for(0, B * H, 1, [&](int64_t n0, int64_t n1) {
     const int64_t held = rowwise ? 4 : T;                                      // rows of p and dS kept
     std::vector<float> kt(d * ld), vt(dv * ld), P(held * ld), DS(held * ld), delta(T);
     for (int64_t n = n0; n < n1; ++n) {
-      const float *qn = Q.at(n), *kn = K.at(n), *on = O.at(n), *gn = G.at(n);
+      const int64_t b = n / H;
+      const float *qn = Q.at(n), *kn = K.at(n), *vn = V.at(n), *on = O.at(n), *gn = G.at(n);
       float *dkn = DK.at(n), *dvn = DV.at(n);
-      for (int64_t j = 0; rowwise && j < T; ++j) {
+      auto mrow = [&](int64_t i) { return M.p ? M.p + b * M.sB + i * M.sT : nullptr; };
+      for (int64_t j = 0; rowwise && j < S; ++j) {
         std::fill(dkn + j * DK.sT, dkn + j * DK.sT + d, 0.f);
         std::fill(dvn + j * DV.sT, dvn + j * DV.sT + dv, 0.f);
       }
-      transpose(kn, K.sT, T, d, kt.data(), ld);
-      transpose(V.at(n), V.sT, T, dv, vt.data(), ld);
+      transpose(kn, K.sT, S, d, kt.data(), ld);
+      transpose(vn, V.sT, S, dv, vt.data(), ld);
       for (int64_t i = 0; i < T; ++i) {                                   // delta_i = dO_i . O_i
         float acc = 0.f;
         for (int64_t c = 0; c < dv; ++c) acc += gn[i * G.sT + c] * on[i * O.sT + c];
@@ -263,11 +349,13 @@ std::vector<torch::Tensor> causal_backward(torch::Tensor q, torch::Tensor k, tor
       for (int64_t i0 = 0; i0 < T; i0 += 4) {
         by_rows(T - i0, [&](auto rows) {
           constexpr int R = decltype(rows)::value;
+          int64_t L;
+          const Keep keep = block_keys(mrow, i0, R, S, L);
+          const int64_t keys = keep.n, w = up16(keys);
           float *p = P.data() + (rowwise ? 0 : i0 * ld), *ds = DS.data() + (rowwise ? 0 : i0 * ld);
-          const int64_t keys = i0 + R, w = up16(keys);
-          rows_bt<R>(qn + i0 * Q.sT, Q.sT, kt.data(), ld, d, keys, p, ld);           // scores again
-          softmax_rows(p, ld, R, i0, sc, const_cast<float*>(L + n * T + i0), true);  // p from the saved lse
-          rows_bt<R>(gn + i0 * G.sT, G.sT, vt.data(), ld, dv, keys, ds, ld);         // dP = dO V^T
+          rows_bt<R>(qn + i0 * Q.sT, Q.sT, kt.data() + L, ld, d, keys, p, ld);       // scores again
+          softmax_rows(p, ld, R, keep, sc, const_cast<float*>(LS + n * T + i0), true);   // p from the saved lse
+          rows_bt<R>(gn + i0 * G.sT, G.sT, vt.data() + L, ld, dv, keys, ds, ld);     // dP = dO V^T
           for (int r = 0; r < R; ++r) {                                              // dS = p (dP - delta) scale
             const __m512 dl = _mm512_set1_ps(delta[i0 + r]), s = _mm512_set1_ps(sc);
             for (int64_t j = 0; j < w; j += 16) {
@@ -276,10 +364,10 @@ std::vector<torch::Tensor> causal_backward(torch::Tensor q, torch::Tensor k, tor
             }
             for (int64_t j = w; j < ld; j += 16) _mm512_storeu_ps(ds + r * ld + j, _mm512_setzero_ps());
           }
-          rows_b<R>(ds, ld, 1, kn, K.sT, keys, d, DQ.at(n) + i0 * DQ.sT, DQ.sT);    // dQ = dS K
+          rows_b<R>(ds, ld, 1, kn + L * K.sT, K.sT, keys, d, DQ.at(n) + i0 * DQ.sT, DQ.sT);    // dQ = dS K
           if (rowwise) {
-            outer_add<R>(ds, ld, qn + i0 * Q.sT, Q.sT, d, keys, dkn, DK.sT);           // dK += dS^T Q
-            outer_add<R>(p, ld, gn + i0 * G.sT, G.sT, dv, keys, dvn, DV.sT);           // dV += P^T dO
+            outer_add<R>(ds, ld, qn + i0 * Q.sT, Q.sT, d, keys, dkn + L * DK.sT, DK.sT);       // dK += dS^T Q
+            outer_add<R>(p, ld, gn + i0 * G.sT, G.sT, dv, keys, dvn + L * DV.sT, DV.sT);       // dV += P^T dO
           }
         });
       }
@@ -324,59 +412,80 @@ def load(verbose: bool = True) -> bool:
     return "lib" in _state
 
 
-def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """The kernel serves this causal attention (q, k (B, T, H, d), v (B, T, H, dv)): float32 on the CPU, T <=
-    MAX_T, and the kernel built, or built now outside a compiled graph (compile_blocks builds it first)."""
+def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> bool:
+    """The kernel serves this attention: q (B, T, H, d), k (B, S, H, d), v (B, S, H, dv) float32 on the CPU with
+    1 < T, S <= MAX_T; causal (mask None, S = T) or under a boolean mask (B | 1, 1, T, S) or (T, S); and the kernel
+    built, or built now outside a compiled graph (compile_blocks builds it first)."""
+    T, S = q.shape[1], k.shape[1]
     if not (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.float32 and q.dim() == 4
-            and 1 < q.shape[1] <= MAX_T):
+            and 1 < T <= MAX_T and S <= MAX_T):
+        return False
+    if mask is None and S != T or mask is not None and (mask.dtype != torch.bool or mask.shape[-2:] != (T, S)
+                                                        or mask.dim() == 4 and mask.shape[1] != 1):
         return False
     return "lib" in _state or (not torch.compiler.is_compiling() and load())
 
 
+def _rows(mask: torch.Tensor | None, T: int) -> torch.Tensor | None:
+    """The mask as the kernel reads it: (B | 1, T, S), last dim contiguous."""
+    if mask is None:
+        return None
+    m = mask.reshape(-1, T, mask.shape[-1])
+    return m if m.stride(-1) == 1 else m.contiguous()
+
+
+def _last(*ts):
+    return [t if t.stride(-1) == 1 else t.contiguous() for t in ts]
+
+
 @torch.library.custom_op("nanoseek::causal_attention", mutates_args=())
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor,
-                                                                                                 torch.Tensor]:
-    """q, k (B, T, H, d), v (B, T, H, dv) float32 -> (out (B, T, H, dv), lse (B, H, T)): causal softmax(q k^T
-    scale) v, and each row's log-sum-exp of its scaled scores (what the backward recomputes p from)."""
-    o, lse = _state["lib"].causal_forward(*(t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v)), scale)
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                     mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (B, T, H, d), k (B, S, H, d), v (B, S, H, dv) float32 -> (out (B, T, H, dv), lse (B, H, T)): softmax(q k^T
+    scale) v, causal (mask None) or under mask (B | 1, 1, T, S) bool, True = may attend; and each row's log-sum-exp
+    of its scaled scores (what the backward recomputes p from; +inf for a row that may attend nothing: out 0)."""
+    o, lse = _state["lib"].causal_forward(*_last(q, k, v), scale, _rows(mask, q.shape[1]))
     return o, lse
 
 
 @causal_attention.register_fake
-def _(q, k, v, scale):
+def _(q, k, v, scale, mask=None):
     B, T, H, _ = q.shape
     return q.new_empty(B, T, H, v.shape[-1]), q.new_empty(B, H, T)
 
 
 @torch.library.custom_op("nanoseek::causal_attention_backward", mutates_args=())
 def causal_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
-                              grad: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                              grad: torch.Tensor, scale: float, mask: torch.Tensor | None = None
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The gradients of causal_attention's out with respect to q, k and v, given grad (B, T, H, dv)."""
-    last = [t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, o)]
     rows = q.shape[1] >= ROWS_BACKWARD_MIN_T and q.shape[-1] + v.shape[-1] <= ROWS_BACKWARD_MAX_WIDTH
-    dq, dk, dv = _state["lib"].causal_backward(*last, lse.contiguous(), grad.contiguous(), scale, rows)
+    dq, dk, dv = _state["lib"].causal_backward(*_last(q, k, v, o), lse.contiguous(), grad.contiguous(), scale,
+                                               _rows(mask, q.shape[1]), rows)
     return dq, dk, dv
 
 
 @causal_attention_backward.register_fake
-def _(q, k, v, o, lse, grad, scale):
-    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(v.shape)
+def _(q, k, v, o, lse, grad, scale, mask=None):
+    return q.new_empty(q.shape), q.new_empty(k.shape), q.new_empty(v.shape)
 
 
 def _context(ctx, inputs, output):
-    q, k, v, scale = inputs
+    q, k, v, scale, mask = inputs
     ctx.scale = scale
-    ctx.save_for_backward(q, k, v, *output)
+    ctx.save_for_backward(q, k, v, *output, mask)
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, o, lse = ctx.saved_tensors
-    return (*causal_attention_backward(q, k, v, o, lse, grad_out, ctx.scale), None)
+    q, k, v, o, lse, mask = ctx.saved_tensors
+    return (*causal_attention_backward(q, k, v, o, lse, grad_out, ctx.scale, mask), None, None)
 
 
 causal_attention.register_autograd(_backward, setup_context=_context)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Causal attention through the kernel (check applies() first): (B, T, H, d) x2, (B, T, H, dv) -> (B, T, H, dv)."""
-    return causal_attention(q, k, v, scale)[0]
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+              mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention through the kernel (check applies() first): q (B, T, H, d), k (B, S, H, d), v (B, S, H, dv),
+    causal or under mask -> (B, T, H, dv)."""
+    return causal_attention(q, k, v, scale, mask)[0]

@@ -40,8 +40,9 @@ def gather_selected(T: int, S: int, k: int) -> bool:
 # attention on the full path as two matmuls around a softmax that inductor fuses with the mask and the scale, without
 # the zero columns SDPA's kernel needs: at small heads (the cpu preset's 4 x 48, GRPO's 63 x 88 scores a row) SDPA's
 # CPU kernel runs at ~15-20 GFLOP/s (forward and backward of one layer, compiled: 13.0-13.4 vs 10.3-10.8 ms). It holds
-# the (B, H, T, S) scores for the backward, so only up to this many; above, SDPA's flash kernel. Causal attention on
-# the CPU runs model/cpu_attention.py's kernel (eager or compiled; SDPA where it does not apply).
+# the (B, H, T, S) scores for the backward, so only up to this many; above, SDPA's flash kernel. Both are the
+# fallbacks of model/cpu_attention.py's kernel, which runs attention on the CPU in float32, causal or masked, eager
+# or compiled, wherever it applies (a CPU with AVX-512, up to its MAX_T tokens).
 EXPLICIT_SCORES = 2**24
 
 
@@ -203,8 +204,8 @@ class MLA(nn.Module):
         k = torch.cat([k_nope, k_pe[:, :, None, :].expand(B, T, H, self.rope)], dim=-1)
         if prefix is not None:
             k, v, mask = prefix.update(layer, k, v)                   # (B, S, H, qk_dim), (B, S, H, v), (B, 1, T, S)
-        if mask is None and cpu_attention.applies(q, k, v):      # causal on the CPU: one fused kernel per head
-            return self.o_proj(cpu_attention.attention(q, k, v, self.softmax_scale).reshape(B, T, H * self.v_dim))
+        if cpu_attention.applies(q, k, v, mask):                 # on the CPU: one fused kernel per (row, head)
+            return self.o_proj(cpu_attention.attention(q, k, v, self.softmax_scale, mask).reshape(B, T, H * self.v_dim))
         if (torch.compiler.is_compiling() and q.device.type == "cpu" and mask is not None
                 and B * H * T * k.shape[1] <= EXPLICIT_SCORES):
             return self.o_proj(explicit_attention(q, k, v, mask, self.softmax_scale).reshape(B, T, H * self.v_dim))
