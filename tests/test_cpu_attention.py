@@ -1,6 +1,6 @@
-"""model/cpu_attention.py: the causal attention kernel for CPU training equals attention computed in float64, in
-values and gradients, at shapes off its vector widths and on strided inputs; MLA's full path runs it and trains as
-it does through SDPA; without the kernel SDPA stays."""
+"""model/cpu_attention.py: the attention kernel for CPU training equals attention computed in float64 (causal and
+under the masks training passes), in values and gradients, at shapes off its vector widths and on strided inputs;
+MLA's full path runs it and trains as it does through SDPA; without the kernel SDPA stays."""
 
 import os
 import shutil
