@@ -173,3 +173,18 @@ def test_without_the_kernel_mla_keeps_sdpa_and_builds_nothing(monkeypatch):
     assert not CA.applies(q[:, :1], k[:, :1], v[:, :1])
     monkeypatch.setattr(CA, "MAX_T", 4)
     assert not CA.applies(q, k, v)
+
+
+def test_a_failed_build_says_so_once_and_sdpa_trains(monkeypatch, capsys):
+    import torch.utils.cpp_extension as ext
+
+    def fail(*a, **k):
+        raise RuntimeError("Error building extension 'nanoseek_attention': c++: not found")
+
+    monkeypatch.setattr(CA, "_state", {})
+    monkeypatch.setattr(ext, "load_inline", fail)
+    q, k, _, v = inputs(1, 8, 2, 16, 8)
+    assert not CA.applies(q, k, v) and not CA.applies(q, k, v)
+    err = capsys.readouterr().err
+    assert err.count("attention kernel for CPU training not built") == 1 and "using SDPA" in err
+    assert "c++: not found" in err

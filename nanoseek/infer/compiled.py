@@ -117,8 +117,8 @@ def compile_blocks(model: torch.nn.Module, device: torch.device) -> str:
     if why:
         return f"--compile: {why}; training eager"
     use_disk_cache()
-    if device.type == "cpu":     # the graphs call the causal attention kernel only if it is built before they trace
-        cpu_attention.load()
+    if device.type == "cpu":     # the graphs call the attention kernel (model/cpu_attention.py) only if it is
+        cpu_attention.load()     # built before they trace
     blocks = [*model.layers, *getattr(model, "mtp", [])]
     for b in blocks:
         b.compile(dynamic=False)

@@ -404,9 +404,9 @@ def load(verbose: bool = True) -> bool:
     """Build (first time on this kind of CPU) or load the kernel; True when it runs here. Never raises."""
     if "lib" not in _state and "error" not in _state:
         lib = gemv.build("nanoseek_attention", SOURCE, ["causal_forward", "causal_backward", "has_avx512"],
-                         "causal attention kernel", _state, verbose)
+                         "attention kernel for CPU training", _state, verbose, instead="SDPA")
         if lib is not None and not lib.has_avx512():
-            _state["error"] = "this CPU has no AVX-512"
+            _state["error"] = "this CPU has no AVX-512 (F, BW, VL)"
         elif lib is not None:
             _state["lib"] = lib
     return "lib" in _state

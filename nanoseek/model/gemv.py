@@ -209,10 +209,11 @@ def load(verbose: bool = True) -> bool:
     return "lib" in _state
 
 
-def build(name: str, source: str, functions: list[str], what: str, state: dict, verbose: bool = True):
+def build(name: str, source: str, functions: list[str], what: str, state: dict, verbose: bool = True,
+          instead: str = "the library product"):
     """Build (first time on this kind of CPU) or load the C++ extension `name` (-O3 -march=native, in its own folder
     under kernel_dir(): torch's builder keeps one source file per folder); returns it, or None after setting
-    state["error"] and a one-line notice (no compiler, no ninja, a bad flag)."""
+    state["error"] and a one-line notice saying what runs instead (no compiler, no ninja, a bad flag)."""
     from torch.utils.cpp_extension import load_inline
     folder = os.path.join(kernel_dir(), name)
     os.makedirs(folder, exist_ok=True)
@@ -222,10 +223,10 @@ def build(name: str, source: str, functions: list[str], what: str, state: dict, 
     try:
         lib = load_inline(name, cpp_sources=source, functions=functions, build_directory=folder,
                           extra_cflags=["-O3", "-march=native", "-fopenmp-simd"], verbose=False)
-    except Exception as e:     # the library product (or SDPA) stays
+    except Exception as e:     # what ran before stays
         state["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
         if verbose:
-            print(f"nanoseek: {what} not built ({state['error'][:200]}); using the library product", file=sys.stderr)
+            print(f"nanoseek: {what} not built ({state['error'][:200]}); using {instead}", file=sys.stderr)
         return None
     if verbose and time.perf_counter() - t0 > 5:
         print(f"nanoseek: built the {what} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
