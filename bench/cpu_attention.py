@@ -49,10 +49,10 @@ def sdpa(q, k, v, scale, mask=None):
 
 
 def float64(q, k, v, scale, mask=None):
-    T = q.shape[1]
-    s = torch.einsum("bthd,bshd->bhts", q.double(), k.double()) * scale
-    s = s.masked_fill(~mask if mask is not None else torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
-    return torch.einsum("bhts,bshd->bthd", s.softmax(-1), v.double())
+    from nanoseek.model import mla
+    from nanoseek.model.dsa import causal_visible
+    mask = causal_visible(q.shape[1], k.shape[1], q.device) if mask is None else mask
+    return mla.explicit_attention(q.double(), k.double(), v.double(), mask, scale)
 
 
 def layer(args, shape: str) -> None:

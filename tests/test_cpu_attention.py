@@ -12,6 +12,7 @@ from conftest import randomize_, rel_err
 import nanoseek as ns
 from nanoseek.model import cpu_attention as CA
 from nanoseek.model import gemv
+from nanoseek.model.dsa import causal_visible
 
 
 @pytest.fixture(scope="module")
@@ -24,14 +25,12 @@ def kernel():
         pytest.skip(f"the causal attention kernel does not run here: {CA._state.get('error')}")
 
 
-def reference(q, k, v, scale, diagonal: int = 1, mask=None):
-    """softmax(q k^T scale) v in float64: under mask (B | 1, 1, T, S), else key j visible to query i when j < i +
-    diagonal (1: causal). A query that may see nothing gets 0."""
-    T, S = q.shape[1], k.shape[1]
+def reference(q, k, v, scale, mask=None):
+    """softmax(q k^T scale) v in float64, causal or under mask (B | 1, 1, T, S) or (T, S). A query that may see nothing
+    gets 0 with zero gradients (mla.explicit_attention's softmax would give NaN there, in values and gradients)."""
+    mask = causal_visible(q.shape[1], k.shape[1], q.device) if mask is None else mask
     s = torch.einsum("bthd,bshd->bhts", q.double(), k.double()) * scale
-    visible = torch.ones(T, S, dtype=torch.bool).tril(diagonal - 1) if mask is None else mask
-    out = torch.einsum("bhts,bshd->bthd", s.masked_fill(~visible, float("-inf")).softmax(-1).nan_to_num(), v.double())
-    return out
+    return torch.einsum("bhts,bshd->bthd", s.masked_fill(~mask, float("-inf")).softmax(-1).nan_to_num(), v.double())
 
 
 def inputs(B, T, H, d, dv, seed=0, S=None):
@@ -69,7 +68,8 @@ def test_values_and_gradients_equal_float64_attention(kernel, monkeypatch, shape
     scale = d ** -0.5 * 1.3
     out = check_against_float64(q, k, kv, v, scale)
     # negative control: attention that also hides each token from itself is far from the kernel's
-    assert (out.double() - reference(q, k, v, scale, diagonal=0)).abs().max() > 1e-2
+    hidden = torch.ones(T, T, dtype=torch.bool).tril(-1)
+    assert (out.double() - reference(q, k, v, scale, hidden)).abs().max() > 1e-2
 
 
 def test_masked_attention_equals_float64_attention(kernel):
