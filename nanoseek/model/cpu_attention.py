@@ -33,7 +33,8 @@ import torch
 
 from . import gemv
 
-SOURCE = r"""
+# What every CPU training kernel starts with (cpu_cross_entropy.py too): headers, NS_AVX512, e^x for 16 floats.
+PREAMBLE = r"""
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 #include <algorithm>
@@ -61,6 +62,19 @@ static inline __m512 exp16(__m512 x) {
 
 static inline int64_t up16(int64_t n) { return (n + 15) / 16 * 16; }
 static inline __mmask16 first(int64_t n) { return n >= 16 ? 0xFFFF : (__mmask16)((1u << n) - 1); }
+#endif
+
+bool has_avx512() {
+#if NS_AVX512
+  return true;
+#else
+  return false;
+#endif
+}
+"""
+
+SOURCE = PREAMBLE + r"""
+#if NS_AVX512
 static inline __mmask16 part(int u, int U, __mmask16 last) { return u == U - 1 ? last : 0xFFFF; }   // vector u of U
 
 // out[r * os + j] = sum_c a[r * as + c] * bt[c * ld + j], r < R, j < up16(n): R rows against a matrix held
@@ -260,14 +274,6 @@ static void check(const torch::Tensor& q, const torch::Tensor& k, const torch::T
   } else {
     TORCH_CHECK(k.size(1) == q.size(1), "causal attention: without a mask, as many keys as queries");
   }
-}
-
-bool has_avx512() {
-#if NS_AVX512
-  return true;
-#else
-  return false;
-#endif
 }
 
 // q (B, T, H, d), k (B, S, H, d), v (B, S, H, dv) -> o (B, T, H, dv), lse (B, H, T): softmax(q k^T * scale) v,

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .cpu_cross_entropy import cross_entropy   # F.cross_entropy; on the CPU in float32 one fused kernel
 from .dsa import DSA
 from .gqa import GQA
 from .layers import MLP, Linear, RMSNorm
@@ -243,7 +244,7 @@ class Transformer(nn.Module):
             h, rope = self.trunk(input_ids, positions, mask, dsa=dsa)
         logits = self.head(h)
         V = logits.shape[-1]
-        out = {"loss": F.cross_entropy(logits.reshape(-1, V).float(), targets.reshape(-1), ignore_index=ignore_index)}
+        out = {"loss": cross_entropy(logits.reshape(-1, V).float(), targets.reshape(-1), ignore_index=ignore_index)}
         mtp_dsa = None if dsa is None else DSA(sparse=dsa.sparse)
         out["mtp_loss"] = self._mtp_loss(input_ids, targets, streams[-1] if streams else h, rope, mask, documents,
                                          ignore_index, mtp_dsa, positions)
@@ -271,8 +272,8 @@ class Transformer(nn.Module):
             logits, h = self.mtp_forward(h[:, :T], input_ids[:, k + 1:k + 1 + T], pos_k, mask_k, depth=k, rope=rope_k,
                                          dsa=dsa)
             # sum / count rather than the mean: an all-ignored depth (short packed examples) gives 0, not 0/0 NaN
-            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                                 ignore_index=ignore_index, reduction="sum")
+            ce = cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                               ignore_index=ignore_index, reduction="sum")
             losses.append(ce / (labels != ignore_index).sum().clamp(min=1))
         return torch.stack(losses).mean() if losses else h.new_zeros(())
 
