@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .model import cpu_cross_entropy
+
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
 SCALE_REWARDS = ("group", "batch", "none")
 
@@ -109,13 +111,10 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
     logits = logits.float()
     if temperature and temperature != 1.0:
         logits = logits / temperature
-    # one log-softmax, gathered (its backward is one fused kernel: ~1.5x faster than logsumexp minus the gathered
-    # logit, and the entropy reads it too)
-    logp_all = torch.log_softmax(logits, dim=-1)                                   # (N, T, V)
-    logp = logp_all.gather(-1, tokens[..., None]).squeeze(-1)
-    with torch.no_grad():
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logp, entropy
+    # on the CPU one fused pass a row (model/cpu_cross_entropy.py: no (N, T, V) log-softmax kept for the backward);
+    # elsewhere one log-softmax, gathered, which the entropy reads too
+    logp, entropy = cpu_cross_entropy.logprobs(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1))
+    return logp.view(tokens.shape), entropy.view(tokens.shape)
 
 
 # ---------------------------------------------------------------------------------------------- the training forward
@@ -236,6 +235,8 @@ def compiled_group_logprobs(model, b: GroupBatch, temperature: float = 1.0):
     number of completions and every prompt / completion length): GRPO's training forward with --compile
     (train/grpo.py: training_compile). The same values as group_logprobs (tests/test_grpo_prefix.py)."""
     if "fn" not in _compiled:
+        if next(model.parameters()).device.type == "cpu":
+            cpu_cross_entropy.load()         # built before tracing, so that the graph calls it (token_logprobs)
         _compiled["fn"] = torch.compile(group_logprobs, dynamic=True)
     # no "duck" sizes: two sizes that happen to be equal in the first batch (3 prompt columns, 3 completions) are not
     # assumed equal ever after, which would cost a graph for the first batch where they differ

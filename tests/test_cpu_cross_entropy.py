@@ -82,6 +82,31 @@ def test_threads_give_the_same_bits_and_the_op_checks(kernel):
     torch.library.opcheck(CE.cross_entropy_rows, (x[:8], t[:8], -100))
 
 
+def test_logprobs_and_entropy_equal_log_softmax_gathered(kernel, monkeypatch):
+    """GRPO's token_logprobs (rl.py): log softmax(logits / temperature) at the tokens, with its gradient, and the
+    entropy, computed by the kernel in one pass a row."""
+    from nanoseek.rl import token_logprobs
+    x, t = logits_and_targets(3 * 7, 301)
+    logits, tokens = x.view(3, 7, 301), t.view(3, 7)
+    calls = []
+    real = CE.cross_entropy_rows
+    monkeypatch.setattr(CE, "cross_entropy_rows", lambda *a: calls.append(a[-1]) or real(*a))
+    logp, ent = token_logprobs(logits, tokens, temperature=0.7)
+    assert calls == [True] and logp.shape == ent.shape == (3, 7) and not ent.requires_grad
+    ref_all = torch.log_softmax(logits.double() / 0.7, -1)
+    ref = ref_all.gather(-1, tokens[..., None]).squeeze(-1)
+    ref_ent = -(ref_all.exp() * ref_all).sum(-1)
+    assert (logp.double() - ref).abs().max() < 1e-5 and (ent.double() - ref_ent).abs().max() < 1e-5
+    w = torch.randn(3, 7, generator=torch.Generator().manual_seed(2))
+    (g,) = torch.autograd.grad((logp * w).sum(), x)
+    (g_ref,) = torch.autograd.grad((ref * w.double()).sum(), x)
+    assert (g.double() - g_ref).abs().max() < 1e-6
+    # negative control: the log-probs and entropy at temperature 1 are told apart
+    at_one = torch.log_softmax(logits.double(), -1)
+    assert (ent.double() + (at_one.exp() * at_one).sum(-1)).abs().max() > 1e-3
+    assert (logp.double() - at_one.gather(-1, tokens[..., None]).squeeze(-1)).abs().max() > 1e-3
+
+
 def test_the_models_losses_run_the_kernel_and_train_as_torchs(kernel, monkeypatch):
     torch.manual_seed(0)
     model = ns.Transformer(ns.ModelConfig.preset("tiny")).train()          # MTP on: both losses through it

@@ -37,32 +37,38 @@ static void check(const torch::Tensor& x, const torch::Tensor& t, int64_t ignore
                 " is out of bounds for ", x.size(1), " classes");
 }
 
-// logits (N, V), targets (N,) -> loss (N,) = lse - logits[n, t] (0 where t == ignore), lse (N,) = log sum_j e^x_j
-std::vector<torch::Tensor> ce_forward(torch::Tensor x, torch::Tensor t, int64_t ignore) {
+// logits (N, V), targets (N,) -> loss (N,) = lse - logits[n, t] (0 where t == ignore), lse (N,) = log sum_j e^x_j,
+// and with entropy: H (N,) = lse - sum_j p_j x_j, the entropy of p = softmax(x) (else an empty tensor)
+std::vector<torch::Tensor> ce_forward(torch::Tensor x, torch::Tensor t, int64_t ignore, bool entropy) {
   check(x, t, ignore);
   const int64_t N = x.size(0), V = x.size(1), ld = x.stride(0);
   auto loss = torch::empty({N}, x.options()), lse = torch::empty({N}, x.options());
+  auto ent = torch::empty({entropy ? N : 0}, x.options());
 #if NS_AVX512
   const float* X = x.data_ptr<float>();
   const int64_t* T = t.data_ptr<int64_t>();
-  float *L = loss.data_ptr<float>(), *E = lse.data_ptr<float>();
+  float *L = loss.data_ptr<float>(), *E = lse.data_ptr<float>(), *H = ent.data_ptr<float>();
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
       const float* r = X + n * ld;
-      __m512 m = _mm512_set1_ps(-INFINITY), s = _mm512_setzero_ps();
+      __m512 m = _mm512_set1_ps(-INFINITY), s = _mm512_setzero_ps(), sx = _mm512_setzero_ps();
       for (int64_t j = 0; j < V; j += 16) m = _mm512_max_ps(m, _mm512_mask_loadu_ps(m, first(V - j), r + j));
       const float mx = _mm512_reduce_max_ps(m);
       m = _mm512_set1_ps(mx);
       for (int64_t j = 0; j < V; j += 16) {
         const __mmask16 k = first(V - j);
-        s = _mm512_add_ps(s, _mm512_maskz_mov_ps(k, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, r + j), m))));
+        const __m512 xj = _mm512_maskz_loadu_ps(k, r + j), e = _mm512_maskz_mov_ps(k, exp16(_mm512_sub_ps(xj, m)));
+        s = _mm512_add_ps(s, e);
+        if (entropy) sx = _mm512_fmadd_ps(e, xj, sx);
       }
-      E[n] = mx + std::log(_mm512_reduce_add_ps(s));
+      const float sum = _mm512_reduce_add_ps(s);
+      E[n] = mx + std::log(sum);
       L[n] = T[n] == ignore ? 0.f : E[n] - r[T[n]];
+      if (entropy) H[n] = E[n] - _mm512_reduce_add_ps(sx) / sum;
     }
   });
 #endif
-  return {loss, lse};
+  return {loss, lse, ent};
 }
 
 // grad (N,) of ce_forward's loss -> d logits (N, V) = (e^(x - lse) - onehot(t)) * grad[n], 0 on ignored rows
@@ -119,18 +125,20 @@ def applies(logits: torch.Tensor, targets: torch.Tensor) -> bool:
 
 
 @torch.library.custom_op("nanoseek::cross_entropy_rows", mutates_args=())
-def cross_entropy_rows(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits (N, V) float32, targets (N,) int64 -> (loss (N,), lse (N,)): each row's -log softmax(logits)[target]
-    (0 where the target is ignore_index) and its log-sum-exp."""
+def cross_entropy_rows(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, entropy: bool = False
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits (N, V) float32, targets (N,) int64 -> (loss (N,), lse (N,), entropy): each row's -log
+    softmax(logits)[target] (0 where the target is ignore_index), its log-sum-exp, and with entropy=True the
+    entropy of softmax(logits) per row (N,) (no gradient; else an empty tensor)."""
     x = logits if logits.stride(-1) == 1 else logits.contiguous()
-    loss, lse = _state["lib"].ce_forward(x, targets.contiguous(), ignore_index)
-    return loss, lse
+    loss, lse, ent = _state["lib"].ce_forward(x, targets.contiguous(), ignore_index, entropy)
+    return loss, lse, ent
 
 
 @cross_entropy_rows.register_fake
-def _(logits, targets, ignore_index):
-    return logits.new_empty(logits.shape[0]), logits.new_empty(logits.shape[0])
+def _(logits, targets, ignore_index, entropy=False):
+    N = logits.shape[0]
+    return logits.new_empty(N), logits.new_empty(N), logits.new_empty(N if entropy else 0)
 
 
 @torch.library.custom_op("nanoseek::cross_entropy_rows_backward", mutates_args=())
@@ -147,18 +155,30 @@ def _(logits, targets, lse, grad, ignore_index):
 
 
 def _context(ctx, inputs, output):
-    logits, targets, ignore_index = inputs
+    logits, targets, ignore_index, _ = inputs
     ctx.ignore_index = ignore_index
-    ctx.mark_non_differentiable(output[1])
+    ctx.mark_non_differentiable(output[1], output[2])
     ctx.save_for_backward(logits, targets, output[1])
 
 
-def _backward(ctx, grad_loss, grad_lse):
+def _backward(ctx, grad_loss, grad_lse, grad_entropy):
     logits, targets, lse = ctx.saved_tensors
-    return cross_entropy_rows_backward(logits, targets, lse, grad_loss, ctx.ignore_index), None, None
+    return cross_entropy_rows_backward(logits, targets, lse, grad_loss, ctx.ignore_index), None, None, None
 
 
 cross_entropy_rows.register_autograd(_backward, setup_context=_context)
+
+
+def logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log softmax(logits)[tokens] and the entropy of softmax(logits) (no gradient), per row: logits (N, V),
+    tokens (N,) -> two (N,). Through the kernel where applies(); else log_softmax, gathered."""
+    if applies(logits, tokens):
+        loss, _, entropy = cross_entropy_rows(logits, tokens, -100, True)
+        return -loss, entropy
+    logp_all = torch.log_softmax(logits, dim=-1)
+    with torch.no_grad():
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp_all.gather(-1, tokens[:, None]).squeeze(-1), entropy
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
