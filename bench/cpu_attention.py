@@ -92,9 +92,17 @@ def layer(args, shape: str) -> None:
 
 
 def step(args) -> None:
+    from nanoseek.model import cpu_attention
+    max_t = cpu_attention.MAX_T
+    ab_step(args, "kernel", {"SDPA": lambda: setattr(cpu_attention, "MAX_T", 0),
+                             "kernel": lambda: setattr(cpu_attention, "MAX_T", max_t)})
+
+
+def ab_step(args, on: str, switch: dict) -> None:
+    """The `cpu` preset's pretraining step in one process, switch[name]() called before each block of 3 steps of
+    that side (the sides in turn, round 0 a warm-up that also compiles); medians, and the ratio to side `on`."""
     import nanoseek as ns
     from nanoseek.infer.compiled import compile_blocks
-    from nanoseek.model import cpu_attention
     from nanoseek.train import optim
     from nanoseek.train.pretrain import train_step
     from nanoseek.train.runtime import Runtime, TrainModule
@@ -109,21 +117,21 @@ def step(args) -> None:
     module = TrainModule(model)
     opt = optim.fused_adamw(optim.param_groups(module, 0.1), lr=1e-4, betas=(0.9, 0.95), eps=1e-8)
     optim.add_bias_update(opt, optim.ExpertLoads(model, rt), 0.001)
-    states = {"SDPA": 0, "kernel": cpu_attention.MAX_T}
-    times = {n: [] for n in states}
+    times = {n: [] for n in switch}
     for rnd in range(args.rounds + 1):
-        for n, max_t in states.items():
-            cpu_attention.MAX_T = max_t
+        for n, turn in switch.items():
+            turn()
             for _ in range(3):
                 t0 = time.perf_counter()
                 train_step(module, opt, [(x, y)], mtp_lambda=0.0, grad_clip=1.0, rt=rt)
                 if rnd:                                                 # round 0: warm-up (and compiles)
                     times[n].append(time.perf_counter() - t0)
-    cpu_attention.MAX_T = states["kernel"]
+    switch[on]()
     med = {n: statistics.median(t) for n, t in times.items()}
-    print(f"pretraining step ({'compiled' if args.compile else 'eager'}, cpu preset, 8 x 128): SDPA "
-          f"{1e3 * med['SDPA']:.1f} ms, kernel {1e3 * med['kernel']:.1f} ms, {med['SDPA'] / med['kernel']:.2f}x "
-          f"({len(times['kernel'])} steps each)")
+    print(f"pretraining step ({'compiled' if args.compile else 'eager'}, cpu preset, 8 x 128): " + ", ".join(
+        f"{n} {1e3 * m:.1f} ms" for n, m in med.items()) + ", " + ", ".join(
+        f"{on} {m / med[on]:.2f}x faster than {n}" for n, m in med.items() if n != on) +
+        f" ({len(times[on])} steps each)")
 
 
 def main(argv=None) -> None:
