@@ -33,7 +33,8 @@ import torch
 
 from . import gemv
 
-# What every CPU training kernel starts with (cpu_cross_entropy.py too): headers, NS_AVX512, e^x for 16 floats.
+# What every CPU training kernel starts with (cpu_cross_entropy.py's too): headers, NS_AVX512, e^x for 16 floats,
+# has_avx512().
 PREAMBLE = r"""
 #include <ATen/Parallel.h>
 #include <torch/extension.h>

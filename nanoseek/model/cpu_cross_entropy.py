@@ -9,10 +9,12 @@ over N x V floats and two fresh 4 MB buffers, ~6 ms of a ~90 ms compiled `cpu` p
     forward:   m = max_j x_j;  lse = m + log sum_j e^(x_j - m);  loss = lse - x_t      (saved: lse, one float a row)
     backward:  dx_j = (e^(x_j - lse) - [j = t]) * grad           (one pass, written into one new (N, V) tensor)
 
-Rows whose target is ignore_index have loss 0 and gradient 0 (torch's ignore_index). e^x is cpu_attention's
-polynomial (relative error ~1e-7). AVX-512 only and built on first use like the attention kernel; elsewhere, or
-when not float32 on the CPU, `cross_entropy` is F.cross_entropy. tests/test_cpu_cross_entropy.py checks loss and
-gradient against F.cross_entropy.
+Rows whose target is ignore_index have loss 0 and gradient 0 (torch's ignore_index). With entropy=True the forward
+also returns each row's entropy, lse - sum_j p_j x_j, from the same pass (sum_j e^(x_j - m) x_j): `logprobs` serves
+GRPO's token log-probs (rl.token_logprobs) with it. e^x is cpu_attention's polynomial (relative error ~1e-7).
+AVX-512 only and built on first use like the attention kernel; elsewhere, or when not float32 on the CPU,
+`cross_entropy` is F.cross_entropy and `logprobs` a log-softmax, gathered. tests/test_cpu_cross_entropy.py checks
+both against torch in float64; bench/cross_entropy.py times them.
 """
 
 from __future__ import annotations
@@ -171,7 +173,8 @@ cross_entropy_rows.register_autograd(_backward, setup_context=_context)
 
 def logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """log softmax(logits)[tokens] and the entropy of softmax(logits) (no gradient), per row: logits (N, V),
-    tokens (N,) -> two (N,). Through the kernel where applies(); else log_softmax, gathered."""
+    tokens (N,) -> two (N,). Through the kernel where applies() (a token -100 reads as ignored: log-prob 0); else
+    log_softmax, gathered."""
     if applies(logits, tokens):
         loss, _, entropy = cross_entropy_rows(logits, tokens, -100, True)
         return -loss, entropy
@@ -185,7 +188,7 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
                   reduction: str = "mean") -> torch.Tensor:
     """F.cross_entropy(logits (N, V), targets (N,), ignore_index=, reduction=) with the same values and gradients;
     float32 on the CPU through the kernel ("mean": over the rows not ignored, NaN when all are, as torch's)."""
-    if not applies(logits, targets):
+    if reduction not in ("mean", "sum", "none") or not applies(logits, targets):     # (torch says what is wrong)
         return F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction=reduction)
     loss = cross_entropy_rows(logits, targets, ignore_index)[0]
     if reduction == "none":

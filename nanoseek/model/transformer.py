@@ -14,11 +14,10 @@ caller writes the forward again: `trunk` (embedding -> blocks -> final norm), `h
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .cpu_cross_entropy import cross_entropy   # F.cross_entropy; on the CPU in float32 one fused kernel
+from .cpu_cross_entropy import cross_entropy  # F.cross_entropy; on the CPU in float32 one fused kernel
 from .dsa import DSA
 from .gqa import GQA
 from .layers import MLP, Linear, RMSNorm
