@@ -179,12 +179,13 @@ def test_a_failed_build_says_so_once_and_sdpa_trains(monkeypatch, capsys):
     import torch.utils.cpp_extension as ext
 
     def fail(*a, **k):
-        raise RuntimeError("Error building extension 'nanoseek_attention': c++: not found")
+        raise RuntimeError("Error building extension 'nanoseek_training': c++: not found")
 
     monkeypatch.setattr(CA, "_state", {})
     monkeypatch.setattr(ext, "load_inline", fail)
     q, k, _, v = inputs(1, 8, 2, 16, 8)
     assert not CA.applies(q, k, v) and not CA.applies(q, k, v)
     err = capsys.readouterr().err
-    assert err.count("attention kernel for CPU training not built") == 1 and "using SDPA" in err
+    assert err.count("kernels for CPU training (attention, cross-entropy) not built") == 1
+    assert "using SDPA and F.cross_entropy" in err
     assert "c++: not found" in err

@@ -33,8 +33,8 @@ import torch
 
 from . import gemv
 
-# What every CPU training kernel starts with (cpu_cross_entropy.py's too): headers, NS_AVX512, e^x for 16 floats,
-# has_avx512().
+# What the CPU training kernels start with (this attention's, then cpu_cross_entropy.py's, in one extension): headers,
+# NS_AVX512, e^x for 16 floats, has_avx512().
 PREAMBLE = r"""
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
@@ -408,10 +408,14 @@ _state: dict = {}   # "lib": the built extension (with AVX-512), or "error": why
 
 
 def load(verbose: bool = True) -> bool:
-    """Build (first time on this kind of CPU) or load the kernel; True when it runs here. Never raises."""
+    """Build (first time on this kind of CPU) or load the kernels for CPU training: this attention and
+    cpu_cross_entropy's, one extension (one ~25 s build); True when they run here. Never raises."""
     if "lib" not in _state and "error" not in _state:
-        lib = gemv.build("nanoseek_attention", SOURCE, ["causal_forward", "causal_backward", "has_avx512"],
-                         "attention kernel for CPU training", _state, verbose, instead="SDPA")
+        from . import cpu_cross_entropy
+        lib = gemv.build("nanoseek_training", SOURCE + cpu_cross_entropy.SOURCE,
+                         ["causal_forward", "causal_backward", "ce_forward", "ce_backward", "has_avx512"],
+                         "kernels for CPU training (attention, cross-entropy)", _state, verbose,
+                         instead="SDPA and F.cross_entropy")
         if lib is not None and not lib.has_avx512():
             _state["error"] = "this CPU has no AVX-512 (F, BW, VL)"
         elif lib is not None:

@@ -12,9 +12,9 @@ over N x V floats and two fresh 4 MB buffers, ~6 ms of a ~90 ms compiled `cpu` p
 Rows whose target is ignore_index have loss 0 and gradient 0 (torch's ignore_index). With entropy=True the forward
 also returns each row's entropy, lse - sum_j p_j x_j, from the same pass (sum_j e^(x_j - m) x_j): `logprobs` serves
 GRPO's token log-probs (rl.token_logprobs) with it. e^x is cpu_attention's polynomial (relative error ~1e-7).
-AVX-512 only and built on first use like the attention kernel; elsewhere, or when not float32 on the CPU,
-`cross_entropy` is F.cross_entropy and `logprobs` a log-softmax, gathered. tests/test_cpu_cross_entropy.py checks
-both against torch in float64; bench/cross_entropy.py times them.
+AVX-512 only, built on first use in one extension with the attention kernel (cpu_attention.load); elsewhere, or
+when not float32 on the CPU, `cross_entropy` is F.cross_entropy and `logprobs` a log-softmax, gathered.
+tests/test_cpu_cross_entropy.py checks both against torch in float64; bench/cross_entropy.py times them.
 """
 
 from __future__ import annotations
@@ -22,10 +22,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import cpu_attention, gemv
+from . import cpu_attention
 
-SOURCE = cpu_attention.PREAMBLE + r"""
-static void check(const torch::Tensor& x, const torch::Tensor& t, int64_t ignore) {
+# Compiled after cpu_attention.SOURCE (its PREAMBLE: headers, NS_AVX512, exp16, first) into one extension.
+SOURCE = r"""
+static void check_ce(const torch::Tensor& x, const torch::Tensor& t, int64_t ignore) {
 #if !NS_AVX512
   TORCH_CHECK(false, "cross-entropy kernel: built without AVX-512");
 #endif
@@ -42,7 +43,7 @@ static void check(const torch::Tensor& x, const torch::Tensor& t, int64_t ignore
 // logits (N, V), targets (N,) -> loss (N,) = lse - logits[n, t] (0 where t == ignore), lse (N,) = log sum_j e^x_j,
 // and with entropy: H (N,) = lse - sum_j p_j x_j, the entropy of p = softmax(x) (else an empty tensor)
 std::vector<torch::Tensor> ce_forward(torch::Tensor x, torch::Tensor t, int64_t ignore, bool entropy) {
-  check(x, t, ignore);
+  check_ce(x, t, ignore);
   const int64_t N = x.size(0), V = x.size(1), ld = x.stride(0);
   auto loss = torch::empty({N}, x.options()), lse = torch::empty({N}, x.options());
   auto ent = torch::empty({entropy ? N : 0}, x.options());
@@ -75,7 +76,7 @@ std::vector<torch::Tensor> ce_forward(torch::Tensor x, torch::Tensor t, int64_t 
 
 // grad (N,) of ce_forward's loss -> d logits (N, V) = (e^(x - lse) - onehot(t)) * grad[n], 0 on ignored rows
 torch::Tensor ce_backward(torch::Tensor x, torch::Tensor t, torch::Tensor lse, torch::Tensor grad, int64_t ignore) {
-  check(x, t, ignore);
+  check_ce(x, t, ignore);
   TORCH_CHECK(lse.is_contiguous() && grad.is_contiguous() && lse.numel() == x.size(0) && grad.numel() == x.size(0),
               "cross entropy backward: lse and grad (N,) contiguous");
   const int64_t N = x.size(0), V = x.size(1), ld = x.stride(0);
@@ -107,14 +108,13 @@ _state: dict = {}   # "lib": the built extension (with AVX-512), or "error": why
 
 
 def load(verbose: bool = True) -> bool:
-    """Build (first time on this kind of CPU) or load the kernel; True when it runs here. Never raises."""
+    """Build (first time on this kind of CPU) or load the kernel, built with the attention kernel
+    (cpu_attention.load); True when it runs here. Never raises."""
     if "lib" not in _state and "error" not in _state:
-        lib = gemv.build("nanoseek_cross_entropy", SOURCE, ["ce_forward", "ce_backward", "has_avx512"],
-                         "cross-entropy kernel for CPU training", _state, verbose, instead="F.cross_entropy")
-        if lib is not None and not lib.has_avx512():
-            _state["error"] = "this CPU has no AVX-512 (F, BW, VL)"
-        elif lib is not None:
-            _state["lib"] = lib
+        if cpu_attention.load(verbose):
+            _state["lib"] = cpu_attention._state["lib"]
+        else:
+            _state["error"] = cpu_attention._state.get("error", "not built")
     return "lib" in _state
 
 
