@@ -407,13 +407,17 @@ ROWS_BACKWARD_MAX_WIDTH = 160
 _state: dict = {}   # "lib": the built extension (with AVX-512), or "error": why not
 
 
+# The other CPU training kernels compiled into the same extension (one build, not one each): (C++ source, function
+# names), added by their module when imported (cpu_cross_entropy.py); importing nanoseek.model imports them all.
+ALSO: list[tuple[str, tuple[str, ...]]] = []
+
+
 def load(verbose: bool = True) -> bool:
-    """Build (first time on this kind of CPU) or load the kernels for CPU training: this attention and
-    cpu_cross_entropy's, one extension (one ~25 s build); True when they run here. Never raises."""
+    """Build (first time on this kind of CPU) or load the kernels for CPU training: this attention and those in
+    ALSO, one extension (one ~45 s build); True when they run here. Never raises."""
     if "lib" not in _state and "error" not in _state:
-        from . import cpu_cross_entropy
-        lib = gemv.build("nanoseek_training", SOURCE + cpu_cross_entropy.SOURCE,
-                         ["causal_forward", "causal_backward", "ce_forward", "ce_backward", "has_avx512"],
+        lib = gemv.build("nanoseek_training", SOURCE + "".join(src for src, _ in ALSO),
+                         ["causal_forward", "causal_backward", "has_avx512", *(f for _, fs in ALSO for f in fs)],
                          "kernels for CPU training (attention, cross-entropy)", _state, verbose,
                          instead="SDPA and F.cross_entropy")
         if lib is not None and not lib.has_avx512():

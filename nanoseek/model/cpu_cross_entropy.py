@@ -104,6 +104,8 @@ torch::Tensor ce_backward(torch::Tensor x, torch::Tensor t, torch::Tensor lse, t
 }
 """
 
+if (SOURCE, ("ce_forward", "ce_backward")) not in cpu_attention.ALSO:       # built with the attention kernel
+    cpu_attention.ALSO.append((SOURCE, ("ce_forward", "ce_backward")))
 _state: dict = {}   # "lib": the built extension (with AVX-512), or "error": why not
 
 
@@ -111,10 +113,10 @@ def load(verbose: bool = True) -> bool:
     """Build (first time on this kind of CPU) or load the kernel, built with the attention kernel
     (cpu_attention.load); True when it runs here. Never raises."""
     if "lib" not in _state and "error" not in _state:
-        if cpu_attention.load(verbose):
+        if cpu_attention.load(verbose) and hasattr(cpu_attention._state["lib"], "ce_forward"):
             _state["lib"] = cpu_attention._state["lib"]
         else:
-            _state["error"] = cpu_attention._state.get("error", "not built")
+            _state["error"] = cpu_attention._state.get("error", "the CPU training extension was built without it")
     return "lib" in _state
 
 
