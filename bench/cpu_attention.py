@@ -55,6 +55,29 @@ def float64(q, k, v, scale, mask=None):
     return mla.explicit_attention(q.double(), k.double(), v.double(), mask, scale)
 
 
+def alternate(args, sides: dict) -> dict:
+    """sides: name -> a call to time; after one warm-up call each, the sides in turn, --iters calls a round for
+    --rounds rounds; the median per side."""
+    times = {n: [] for n in sides}
+    for f in sides.values():
+        f()
+    for _ in range(args.rounds):
+        for n, f in sides.items():
+            for _ in range(args.iters):
+                t0 = time.perf_counter()
+                f()
+                times[n].append(time.perf_counter() - t0)
+    return {n: statistics.median(t) for n, t in times.items()}
+
+
+def start(args, kernel) -> None:
+    """Threads as asked, the kernel module's extension built (or exit saying why not), the header line."""
+    torch.set_num_threads(args.threads)
+    if not kernel.load():
+        raise SystemExit(f"the kernel does not run here: {kernel._state.get('error')}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), float32")
+
+
 def layer(args, shape: str) -> None:
     from nanoseek.model import cpu_attention
     B, T, H, d, dv, *prefix = (int(x) for x in shape.split("x"))
@@ -71,19 +94,8 @@ def layer(args, shape: str) -> None:
     ref = float64(q, k, v, scale, mask)
     err = {n: (f(q, k, v, scale, mask).double() - ref).abs().max().item() for n, f in sides.items()}
 
-    def call(f):
-        torch.autograd.grad(f(q, k, v, scale, mask), (q, k, kv), grad)
-
-    times = {n: [] for n in sides}
-    for f in sides.values():
-        call(f)
-    for _ in range(args.rounds):
-        for n, f in sides.items():
-            for _ in range(args.iters):
-                t0 = time.perf_counter()
-                call(f)
-                times[n].append(time.perf_counter() - t0)
-    med = {n: statistics.median(t) for n, t in times.items()}
+    med = alternate(args, {n: (lambda f=f: torch.autograd.grad(f(q, k, v, scale, mask), (q, k, kv), grad))
+                           for n, f in sides.items()})
     pairs = T * (T + 1) / 2 + T * max(P - 4, 0)                            # (query, visible key) pairs per head
     flops = 2 * B * H * pairs * (3 * d + 3 * dv)                             # fwd: d + dv; bwd: dv + 2d + dv
     print(f"{shape:>18}: SDPA {1e3 * med['SDPA']:7.2f} ms ({flops / med['SDPA'] / 1e9:5.1f} GFLOP/s)  kernel "
@@ -136,11 +148,8 @@ def ab_step(args, on: str, switch: dict) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
     from nanoseek.model import cpu_attention
-    if not cpu_attention.load():
-        raise SystemExit(f"the kernel does not run here: {cpu_attention._state.get('error')}")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), float32")
+    start(args, cpu_attention)
     for shape in args.shapes.split(","):
         layer(args, shape)
     if args.step:

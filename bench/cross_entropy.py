@@ -16,11 +16,10 @@ on and off between blocks of 3 steps; --compile: every block compiled.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
+from cpu_attention import ab_step, alternate, start  # (bench/ is the script's folder)
 
 
 def parse_args(argv=None):
@@ -35,18 +34,14 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def alternate(args, sides: dict) -> dict:
-    """sides: name -> a call to time; medians after one warm-up call each."""
-    times = {n: [] for n in sides}
-    for f in sides.values():
-        f()
-    for _ in range(args.rounds):
-        for n, f in sides.items():
-            for _ in range(args.iters):
-                t0 = time.perf_counter()
-                f()
-                times[n].append(time.perf_counter() - t0)
-    return {n: statistics.median(t) for n, t in times.items()}
+_built: dict = {}   # the kernel's state once built (main), restored when switched back on
+
+
+def use_kernel(on: bool) -> None:
+    """Switch the cross-entropy kernel on or off (off: its callers take torch's path, as where it does not run)."""
+    from nanoseek.model import cpu_cross_entropy
+    cpu_cross_entropy._state.clear()
+    cpu_cross_entropy._state.update(_built if on else {"error": "switched off by the bench"})
 
 
 def loss(args, shape: str) -> None:
@@ -66,50 +61,32 @@ def loss(args, shape: str) -> None:
 
 def logprobs(args) -> None:
     from nanoseek import rl
-    from nanoseek.model import cpu_cross_entropy
     G, T, V = (int(x) for x in args.grpo.split("x"))
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(G, T, V, generator=g) * 3).requires_grad_()
     tokens = torch.randint(0, V, (G, T), generator=g)
     w = torch.randn(G, T, generator=g)
-    state = dict(cpu_cross_entropy._state)
-
-    def use(kernel: bool):
-        cpu_cross_entropy._state.clear()
-        cpu_cross_entropy._state.update(state if kernel else {"error": "switched off by the bench"})
 
     def call(kernel: bool):
-        use(kernel)
+        use_kernel(kernel)
         logp, _ = rl.token_logprobs(x, tokens, 0.9)
         torch.autograd.grad((logp * w).sum(), x)
 
     med = alternate(args, {"log-softmax": lambda: call(False), "kernel": lambda: call(True)})
-    use(True)
+    use_kernel(True)
     print(f"token log-probs + entropy {args.grpo}: log-softmax, gather {1e3 * med['log-softmax']:7.2f} ms  kernel "
           f"{1e3 * med['kernel']:7.2f} ms  speed-up {med['log-softmax'] / med['kernel']:.2f}x")
 
 
 def step(args) -> None:
-    from cpu_attention import ab_step
-
-    from nanoseek.model import cpu_cross_entropy
-    state = dict(cpu_cross_entropy._state)
-
-    def use(s):
-        cpu_cross_entropy._state.clear()
-        cpu_cross_entropy._state.update(s)
-
-    ab_step(args, "kernel", {"torch": lambda: use({"error": "switched off by the bench"}),
-                             "kernel": lambda: use(state)})
+    ab_step(args, "kernel", {"torch": lambda: use_kernel(False), "kernel": lambda: use_kernel(True)})
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
     from nanoseek.model import cpu_cross_entropy
-    if not cpu_cross_entropy.load():
-        raise SystemExit(f"the kernel does not run here: {cpu_cross_entropy._state.get('error')}")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), float32")
+    start(args, cpu_cross_entropy)
+    _built.update(cpu_cross_entropy._state)
     for shape in filter(None, args.shapes.split(",")):
         loss(args, shape)
     if args.grpo:

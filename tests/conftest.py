@@ -141,6 +141,19 @@ def corpus_tokenizer_dir(tmp_path_factory) -> str:
     return str(d)
 
 
+def require_cpu_kernel(module, what: str) -> None:
+    """module.load() (a C++ CPU kernel: cpu_attention, cpu_cross_entropy), else skip where it cannot run (no AVX-512
+    F/BW/VL, no C++ compiler) and fail where it should: a failed build on a machine that can build it is a defect."""
+    import os
+    import shutil
+    if module.load():
+        return
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    if all(f in flags for f in ("avx512f", "avx512bw", "avx512vl")) and shutil.which("c++"):
+        pytest.fail(f"the {what} did not build on an AVX-512 machine: {module._state.get('error')}")
+    pytest.skip(f"the {what} does not run here: {module._state.get('error')}")
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b|: the relative error the acceptance tests bound."""
     return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()

@@ -2,12 +2,9 @@
 under the masks training passes), in values and gradients, at shapes off its vector widths and on strided inputs;
 MLA's full path runs it and trains as it does through SDPA; without the kernel SDPA stays."""
 
-import os
-import shutil
-
 import pytest
 import torch
-from conftest import randomize_, rel_err
+from conftest import randomize_, rel_err, require_cpu_kernel
 
 import nanoseek as ns
 from nanoseek.model import cpu_attention as CA
@@ -17,12 +14,7 @@ from nanoseek.model.dsa import causal_visible
 
 @pytest.fixture(scope="module")
 def kernel():
-    if not CA.load():
-        # skipped only where it cannot run: no AVX-512 (BW, VL) or no C++ compiler; a failed build is a defect
-        flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
-        if all(f in flags for f in ("avx512f", "avx512bw", "avx512vl")) and shutil.which("c++"):
-            pytest.fail(f"the causal attention kernel did not build on an AVX-512 machine: {CA._state.get('error')}")
-        pytest.skip(f"the causal attention kernel does not run here: {CA._state.get('error')}")
+    require_cpu_kernel(CA, "causal attention kernel")
 
 
 def reference(q, k, v, scale, mask=None):

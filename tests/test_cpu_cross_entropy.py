@@ -2,12 +2,10 @@
 gradient (ignored targets, every reduction, vocabularies off the vector width, strided logits), the model's losses
 run it, bad targets raise as torch's do, and without the kernel F.cross_entropy stays."""
 
-import os
-import shutil
-
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import require_cpu_kernel
 
 import nanoseek as ns
 from nanoseek.model import cpu_cross_entropy as CE
@@ -16,12 +14,7 @@ from nanoseek.model import gemv
 
 @pytest.fixture(scope="module")
 def kernel():
-    if not CE.load():
-        # skipped only where it cannot run: no AVX-512 (BW, VL) or no C++ compiler; a failed build is a defect
-        flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
-        if all(f in flags for f in ("avx512f", "avx512bw", "avx512vl")) and shutil.which("c++"):
-            pytest.fail(f"the cross-entropy kernel did not build on an AVX-512 machine: {CE._state.get('error')}")
-        pytest.skip(f"the cross-entropy kernel does not run here: {CE._state.get('error')}")
+    require_cpu_kernel(CE, "cross-entropy kernel")
 
 
 def logits_and_targets(N, V, seed=0, ignore_every=0):
