@@ -9,6 +9,7 @@ Steps alternate in blocks so both sides see the same machine load; the median st
     .venv/bin/python bench/train_step.py [--preset cpu] [--batch 8] [--seq 128] [--steps 12] [--threads N]
     python3 bench/train_step.py --device cuda --preset small --batch 16 --seq 1024    # + MFU (bench/gpu.sh)
     .venv/bin/python bench/train_step.py --threads 1 --compile     # + our step with every block compiled
+    .venv/bin/python bench/train_step.py --threads 1 --compile --processes    # each side in its own process
 
 `--device cuda`: both models, the batch and the optimizers on the GPU, each timed step closed by
 torch.cuda.synchronize(). The step runs as `nanoseek pretrain` runs it there: bf16 autocast with float32 weights
@@ -17,13 +18,17 @@ utilisation: flops.flops_per_token (6 x activated parameters + attention, PaLM a
 GPU's dense bf16 peak (flops.PEAK_BF16_FLOPS; none for an unlisted GPU). `--no-transformers`: our step alone
 (no transformers installed, or only the MFU wanted). `--compile`: a third side, our step with every block compiled
 (`nanoseek pretrain --compile`, compiled.compile_blocks) on a copy of the same weights; its compile falls in the
-uncounted warm-up and is printed.
+uncounted warm-up and is printed. `--processes`: each side in its own Python process holding only its own model
+(this script again with a hidden --child), the blocks of steps still alternating: checks that sharing one process
+(its allocator, caches and three models) does not favour a side.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -46,6 +51,9 @@ def parse_args():
     ap.add_argument("--no-transformers", action="store_true", help="time our step only (no comparison)")
     ap.add_argument("--peak-tflops", type=float, default=0.0, help="MFU against this peak (TFLOP/s) instead of the "
                     "GPU's listed bf16 peak; on the CPU the MFU line is printed only with it")
+    ap.add_argument("--processes", action="store_true", help="each side in its own process (holding only its "
+                    "own model), steps still alternating in blocks; default: all sides in this process")
+    ap.add_argument("--child", default="", help=argparse.SUPPRESS)   # one side, for --processes
     args = ap.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no CUDA GPU here (torch.cuda.is_available() is False); "
@@ -58,18 +66,37 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
-    transformers = None if args.no_transformers else __import__("transformers")
+    names = ["nanoseek"] + ["transformers"] * (not args.no_transformers) + ["nanoseek+MTP"] * args.mtp \
+        + ["nanoseek compiled"] * args.compile
+    hf_version = "not used" if args.no_transformers else __import__("transformers").__version__
+    if args.child:
+        serve_side(args, dev)
+    elif args.processes:
+        report(args, ns_config(args), time_in_processes(args, names), dev, hf_version)
+    else:
+        sides = make_sides(args, dev, names)
+        report(args, ns_config(args), time_sides(sides, args.steps, dev), dev, hf_version)
 
+
+def ns_config(args):
+    import nanoseek as ns
+    return ns.ModelConfig.preset(args.preset, num_nextn_predict_layers=0)
+
+
+def make_sides(args, dev: torch.device, names: list[str], say=print) -> dict:
+    """The step function of each named side, ready to time (a compiled side has taken its first, compiling step).
+    Every side starts from the same weights (seed 0) and sees the same batch (seed 1)."""
     import nanoseek as ns
     from nanoseek.train import optim
     from nanoseek.train.pretrain import train_step
     from nanoseek.train.runtime import Runtime, TrainModule, autocast
 
     torch.manual_seed(0)
-    cfg = ns.ModelConfig.preset(args.preset, num_nextn_predict_layers=0)
+    cfg = ns_config(args)
     ours = ns.Transformer(cfg).train()
     hf = None
-    if transformers is not None:
+    if "transformers" in names:
+        import transformers
         with tempfile.TemporaryDirectory() as d:
             ns.save(ours, d)
             hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).train().to(dev)
@@ -82,19 +109,19 @@ def main() -> None:
     def adamw(model):   # what nanoseek pretrain steps with (fused; transformers' Trainer default too), both sides
         return optim.fused_adamw(optim.param_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.95), eps=1e-8)
 
-    module = TrainModule(ours)
-    opt_ours = adamw(module)
-    optim.add_bias_update(opt_ours, optim.ExpertLoads(ours, rt), 0.001)   # V3's bias update, as pretrain runs it
-
     # same weights and batch -> same loss before any step (checks the comparison is like for like)
-    if hf is not None:
-        with torch.no_grad():
-            l_ours = ours.losses(x, y)["loss"].item()
-            l_hf = F.cross_entropy(hf(input_ids=x).logits.flatten(0, 1).float(), y.flatten()).item()
-        print(f"loss before training: nanoseek {l_ours:.6f}  transformers {l_hf:.6f}")
+    with torch.no_grad():
+        before = {"nanoseek": ours.losses(x, y)["loss"].item()}
+        if hf is not None:
+            before["transformers"] = F.cross_entropy(hf(input_ids=x).logits.flatten(0, 1).float(), y.flatten()).item()
+    if any(k in names for k in before):
+        say("loss before training: " + "  ".join(f"{k} {v:.6f}" for k, v in before.items() if k in names))
 
-    def step_ours(mod=module, opt=opt_ours, lam=0.0):
-        train_step(mod, opt, [(x, y)], mtp_lambda=lam, grad_clip=1.0, rt=rt)
+    def ours_step(model, lam=0.0):
+        module = TrainModule(model)
+        opt = adamw(module)
+        optim.add_bias_update(opt, optim.ExpertLoads(model, rt), 0.001)   # V3's bias update, as pretrain runs it
+        return lambda: train_step(module, opt, [(x, y)], mtp_lambda=lam, grad_clip=1.0, rt=rt)
 
     def step_hf(opt_hf=adamw(hf) if hf is not None else None):
         with autocast(dev):        # bf16 on a GPU, as our step runs (runtime.autocast); nothing on the CPU
@@ -105,29 +132,68 @@ def main() -> None:
         opt_hf.step()
         opt_hf.zero_grad(set_to_none=True)
 
-    sides = {"nanoseek": step_ours} if hf is None else {"nanoseek": step_ours, "transformers": step_hf}
-    if args.mtp:
-        torch.manual_seed(0)
-        m2 = ns.Transformer(ns.ModelConfig.preset(args.preset)).train().to(dev)
-        mod2 = TrainModule(m2)
-        o2 = adamw(mod2)
-        optim.add_bias_update(o2, optim.ExpertLoads(m2, rt), 0.001)
-        sides["nanoseek+MTP"] = lambda: step_ours(mod2, o2, 0.3)
-    if args.compile:
-        import copy
+    sides = {}
+    for name in names:
+        if name == "nanoseek":
+            sides[name] = ours_step(ours)
+        elif name == "transformers":
+            sides[name] = step_hf
+        elif name == "nanoseek+MTP":
+            torch.manual_seed(0)
+            sides[name] = ours_step(ns.Transformer(ns.ModelConfig.preset(args.preset)).train().to(dev), 0.3)
+        elif name == "nanoseek compiled":
+            import copy
 
-        from nanoseek.infer.compiled import compile_blocks
-        m3 = copy.deepcopy(ours)
-        print(compile_blocks(m3, dev))
-        mod3 = TrainModule(m3)
-        o3 = adamw(mod3)
-        optim.add_bias_update(o3, optim.ExpertLoads(m3, rt), 0.001)
-        t0 = time.perf_counter()
-        step_ours(mod3, o3)                    # the first step compiles (inductor's disk cache may shorten it)
-        print(f"compiled blocks: first step {time.perf_counter() - t0:.1f} s")
-        sides["nanoseek compiled"] = lambda: step_ours(mod3, o3)
-    times = time_sides(sides, args.steps, dev)
-    report(args, cfg, times, dev, transformers.__version__ if transformers else "not used")
+            from nanoseek.infer.compiled import compile_blocks
+            m3 = copy.deepcopy(ours)
+            say(compile_blocks(m3, dev))
+            sides[name] = ours_step(m3)
+            t0 = time.perf_counter()
+            sides[name]()                      # the first step compiles (inductor's disk cache may shorten it)
+            say(f"compiled blocks: first step {time.perf_counter() - t0:.1f} s")
+    return sides
+
+
+def serve_side(args, dev: torch.device) -> None:
+    """--child NAME (what --processes starts): build that side alone, take two warm-up steps, say "ready", then
+    for each line n on stdin take n steps and print their times (seconds) on one line."""
+    step = make_sides(args, dev, [args.child], say=lambda s: print(s, file=sys.stderr, flush=True))[args.child]
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    step()
+    step()
+    print("ready", flush=True)
+    for line in sys.stdin:
+        times = []
+        for _ in range(int(line)):
+            sync()
+            t0 = time.perf_counter()
+            step()
+            sync()
+            times.append(time.perf_counter() - t0)
+        print(" ".join(f"{t:.6f}" for t in times), flush=True)
+
+
+def time_in_processes(args, names: list[str]) -> dict[str, list[float]]:
+    """--processes: each side in its own Python process (this script with --child), holding only its own model;
+    blocks of 3 steps per side in turn, as time_sides, so both see the same moments of the machine."""
+    argv = [a for a in sys.argv[1:] if a != "--processes"]
+    kids = {name: subprocess.Popen([sys.executable, __file__, *argv, "--child", name], stdin=subprocess.PIPE,
+                                   stdout=subprocess.PIPE, text=True) for name in names}
+    try:
+        for name, kid in kids.items():
+            if kid.stdout.readline().strip() != "ready":
+                raise SystemExit(f"--processes: the {name} side did not start (its error is above)")
+        times: dict[str, list[float]] = {k: [] for k in names}
+        for _ in range(max(1, args.steps // 3)):
+            for name, kid in kids.items():
+                kid.stdin.write("3\n")
+                kid.stdin.flush()
+                times[name] += [float(t) for t in kid.stdout.readline().split()]
+        return times
+    finally:
+        for kid in kids.values():
+            kid.stdin.close()
+            kid.wait()
 
 
 def time_sides(sides: dict, steps: int, dev: torch.device) -> dict[str, list[float]]:
