@@ -188,7 +188,10 @@ def time_in_processes(args, names: list[str]) -> dict[str, list[float]]:
             for name, kid in kids.items():
                 kid.stdin.write("3\n")
                 kid.stdin.flush()
-                times[name] += [float(t) for t in kid.stdout.readline().split()]
+                reply = kid.stdout.readline().split()
+                if len(reply) != 3:
+                    raise SystemExit(f"--processes: the {name} side stopped (its error is above)")
+                times[name] += [float(t) for t in reply]
         return times
     finally:
         for kid in kids.values():
