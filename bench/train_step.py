@@ -154,72 +154,74 @@ def make_sides(args, dev: torch.device, names: list[str], say=print) -> dict:
     return sides
 
 
+def timed(step, n: int, dev: torch.device) -> list[float]:
+    """n calls of step, each timed; on CUDA each timing starts and ends with a synchronize (the step's kernels are
+    done, not only queued)."""
+    times = []
+    for _ in range(n):
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def in_blocks(run: dict, steps: int) -> dict[str, list[float]]:
+    """run: side -> a call taking n that times n steps of that side; blocks of 3 steps per side in turn, so every
+    side sees the same moments of the machine."""
+    times: dict[str, list[float]] = {k: [] for k in run}
+    for _ in range(max(1, steps // 3)):
+        for name, steps_of in run.items():
+            times[name] += steps_of(3)
+    return times
+
+
+def time_sides(sides: dict, steps: int, dev: torch.device) -> dict[str, list[float]]:
+    """All sides in this process: two warm-up steps each (allocator, first-call overheads), then in_blocks."""
+    for fn in sides.values():
+        fn()
+        fn()
+    return in_blocks({name: (lambda n, fn=fn: timed(fn, n, dev)) for name, fn in sides.items()}, steps)
+
+
 def serve_side(args, dev: torch.device) -> None:
     """--child NAME (what --processes starts): build that side alone, take two warm-up steps, say "ready", then
     for each line n on stdin take n steps and print their times (seconds) on one line."""
     step = make_sides(args, dev, [args.child], say=lambda s: print(s, file=sys.stderr, flush=True))[args.child]
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     step()
     step()
     print("ready", flush=True)
     for line in sys.stdin:
-        times = []
-        for _ in range(int(line)):
-            sync()
-            t0 = time.perf_counter()
-            step()
-            sync()
-            times.append(time.perf_counter() - t0)
-        print(" ".join(f"{t:.6f}" for t in times), flush=True)
+        print(" ".join(f"{t:.6f}" for t in timed(step, int(line), dev)), flush=True)
 
 
 def time_in_processes(args, names: list[str]) -> dict[str, list[float]]:
-    """--processes: each side in its own Python process (this script with --child), holding only its own model;
-    blocks of 3 steps per side in turn, as time_sides, so both see the same moments of the machine."""
+    """--processes: each side in its own Python process (this script with --child, which warms up), holding only
+    its own model; in_blocks asks each in turn."""
     argv = [a for a in sys.argv[1:] if a != "--processes"]
     kids = {name: subprocess.Popen([sys.executable, __file__, *argv, "--child", name], stdin=subprocess.PIPE,
                                    stdout=subprocess.PIPE, text=True) for name in names}
+
+    def ask(name: str, n: int) -> list[float]:
+        kids[name].stdin.write(f"{n}\n")
+        kids[name].stdin.flush()
+        reply = kids[name].stdout.readline().split()
+        if len(reply) != n:
+            raise SystemExit(f"--processes: the {name} side stopped (its error is above)")
+        return [float(t) for t in reply]
+
     try:
         for name, kid in kids.items():
             if kid.stdout.readline().strip() != "ready":
                 raise SystemExit(f"--processes: the {name} side did not start (its error is above)")
-        times: dict[str, list[float]] = {k: [] for k in names}
-        for _ in range(max(1, args.steps // 3)):
-            for name, kid in kids.items():
-                kid.stdin.write("3\n")
-                kid.stdin.flush()
-                reply = kid.stdout.readline().split()
-                if len(reply) != 3:
-                    raise SystemExit(f"--processes: the {name} side stopped (its error is above)")
-                times[name] += [float(t) for t in reply]
-        return times
+        return in_blocks({name: (lambda n, name=name: ask(name, n)) for name in names}, args.steps)
     finally:
         for kid in kids.values():
             kid.stdin.close()
             kid.wait()
-
-
-def time_sides(sides: dict, steps: int, dev: torch.device) -> dict[str, list[float]]:
-    """Two warm-up steps per side, then blocks of 3 steps per side in turn; on CUDA each timing starts and ends
-    with a synchronize (the step's kernels are done, not only queued)."""
-    def sync():
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-
-    times: dict[str, list[float]] = {k: [] for k in sides}
-    for fn in sides.values():  # warm-up (allocator, first-call overheads)
-        fn()
-        fn()
-    block = 3
-    for _ in range(max(1, steps // block)):
-        for name, fn in sides.items():
-            for _ in range(block):
-                sync()
-                t0 = time.perf_counter()
-                fn()
-                sync()
-                times[name].append(time.perf_counter() - t0)
-    return times
 
 
 def report(args, cfg, times: dict[str, list[float]], dev: torch.device, hf_version: str) -> None:
