@@ -8,7 +8,7 @@ Steps alternate in blocks so both sides see the same machine load; the median st
 
     .venv/bin/python bench/train_step.py [--preset cpu] [--batch 8] [--seq 128] [--steps 12] [--threads N]
     python3 bench/train_step.py --device cuda --preset small --batch 16 --seq 1024    # + MFU (bench/gpu.sh)
-    .venv/bin/python bench/train_step.py --threads 1 --compile     # + our step with every block compiled
+    .venv/bin/python bench/train_step.py --threads 1 --compile     # + our step compiled (the whole loss)
     .venv/bin/python bench/train_step.py --threads 1 --compile --processes    # each side in its own process
 
 `--device cuda`: both models, the batch and the optimizers on the GPU, each timed step closed by
@@ -16,9 +16,10 @@ torch.cuda.synchronize(). The step runs as `nanoseek pretrain` runs it there: bf
 and optimizer state (runtime.autocast; transformers' step under the same autocast). It also prints the model FLOPs
 utilisation: flops.flops_per_token (6 x activated parameters + attention, PaLM appendix B) x tokens/s over the
 GPU's dense bf16 peak (flops.PEAK_BF16_FLOPS; none for an unlisted GPU). `--no-transformers`: our step alone
-(no transformers installed, or only the MFU wanted). `--compile`: a third side, our step with every block compiled
-(`nanoseek pretrain --compile`, compiled.compile_blocks) on a copy of the same weights; its compile falls in the
-uncounted warm-up and is printed. `--processes`: each side in its own Python process holding only its own model
+(no transformers installed, or only the MFU wanted). `--compile`: a third side, our step compiled as `nanoseek
+pretrain --compile` compiles it in one process (the whole loss as one graph, compiled.compile_losses; `--compile
+blocks`: every block its own graph, compiled.compile_blocks, as under torchrun) on a copy of the same weights; its
+compile falls in the uncounted warm-up and is printed. `--processes`: each side in its own Python process holding only its own model
 (this script again with a hidden --child), the blocks of steps still alternating: checks that sharing one process
 (its allocator, caches and three models) does not favour a side.
 """
@@ -46,8 +47,10 @@ def parse_args():
     ap.add_argument("--mtp", action="store_true", help="also time our step with the MTP module and loss on")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where both steps run (cuda: bf16 "
                     "autocast, as nanoseek pretrain trains on a GPU)")
-    ap.add_argument("--compile", action="store_true", help="also time our step with every block compiled "
-                    "(nanoseek pretrain --compile)")
+    ap.add_argument("--compile", nargs="?", const="whole", default="", choices=["whole", "blocks"],
+                    help="also time our step compiled: whole (default) = the whole loss as one graph, as nanoseek "
+                    "pretrain --compile in one process (compiled.compile_losses); blocks = every block its own graph, "
+                    "as under torchrun (compiled.compile_blocks)")
     ap.add_argument("--no-transformers", action="store_true", help="time our step only (no comparison)")
     ap.add_argument("--peak-tflops", type=float, default=0.0, help="MFU against this peak (TFLOP/s) instead of the "
                     "GPU's listed bf16 peak; on the CPU the MFU line is printed only with it")
@@ -67,7 +70,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
     names = ["nanoseek"] + ["transformers"] * (not args.no_transformers) + ["nanoseek+MTP"] * args.mtp \
-        + ["nanoseek compiled"] * args.compile
+        + ["nanoseek compiled"] * bool(args.compile)
     hf_version = "not used" if args.no_transformers else __import__("transformers").__version__
     if args.child:
         serve_side(args, dev)
@@ -144,13 +147,13 @@ def make_sides(args, dev: torch.device, names: list[str], say=print) -> dict:
         elif name == "nanoseek compiled":
             import copy
 
-            from nanoseek.infer.compiled import compile_blocks
+            from nanoseek.infer.compiled import compile_blocks, compile_losses
             m3 = copy.deepcopy(ours)
-            say(compile_blocks(m3, dev))
+            say((compile_losses if args.compile == "whole" else compile_blocks)(m3, dev))
             sides[name] = ours_step(m3)
             t0 = time.perf_counter()
             sides[name]()                      # the first step compiles (inductor's disk cache may shorten it)
-            say(f"compiled blocks: first step {time.perf_counter() - t0:.1f} s")
+            say(f"compiled ({args.compile}): first step {time.perf_counter() - t0:.1f} s")
     return sides
 
 

@@ -1,5 +1,7 @@
-"""The optional compiled training step (`nanoseek pretrain --compile`, compiled.compile_blocks): every block as one
-inductor graph, trained like the eager blocks, with the expert loads and the grouped experts inside the graph."""
+"""The optional compiled training step (`nanoseek pretrain --compile`): in one process the whole loss as one inductor
+graph, forward and backward (compiled.compile_losses); under torchrun every block its own graph
+(compiled.compile_blocks). Either trains like the eager model, with the expert loads and the grouped experts inside
+the graph."""
 
 import pytest
 import torch
@@ -28,14 +30,15 @@ def _gap(a: list[dict], b: list[dict]) -> float:
     return max(gaps)
 
 
-def test_compiled_blocks_train_like_eager_in_one_graph_per_kind_of_block(tmp_path, corpus_tokenizer_dir):
-    # tiny: a dense block, an MoE block (noaux_tc, bias update) and the MTP block; three steps of pretrain each way
+def test_compiled_pretraining_trains_like_eager_as_one_graph(tmp_path, corpus_tokenizer_dir):
+    # tiny: a dense block, an MoE block (noaux_tc, bias update), the MTP block, the head and both losses; three steps
+    # of pretrain each way
     eager = _run(tmp_path, corpus_tokenizer_dir, "eager")
     torch._dynamo.utils.counters.clear()
     compiled = _run(tmp_path, corpus_tokenizer_dir, "compiled", compile=True)
     counters = torch._dynamo.utils.counters
     assert not counters["graph_break"], dict(counters["graph_break"])      # hooks, loads, grouped experts: in graph
-    assert counters["stats"]["unique_graphs"] == 3, dict(counters["stats"])   # dense block, MoE block, MTP block
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])   # the whole loss, every step
     assert len(eager) == len(compiled) == 3
     assert _gap(eager, compiled) < 1e-5, (eager, compiled)
     # negative control: the same comparison sees a run whose learning rate differs by 1%
@@ -48,9 +51,11 @@ def test_without_a_compiler_training_stays_eager_and_says_why(monkeypatch):
 
     monkeypatch.setattr(compiled, "unavailable", lambda device: "no C++ compiler found (g++)")
     model = Transformer(ModelConfig.preset("tiny"))
-    note = compiled.compile_blocks(model, torch.device("cpu"))
-    assert "no C++ compiler" in note and "eager" in note
+    for compile in (compiled.compile_blocks, compiled.compile_losses):
+        note = compile(model, torch.device("cpu"))
+        assert "no C++ compiler" in note and "eager" in note
     assert all(b._compiled_call_impl is None for b in [*model.layers, *model.mtp])
+    assert "losses" not in vars(model)                                   # the class's own losses, not a compiled one
 
 
 def test_compiled_grouped_mm_has_the_kernels_values_gradients_and_shape_function():
@@ -97,8 +102,9 @@ def test_expert_loads_count_training_forwards_on_the_gates_once():
 
 
 @pytest.mark.slow   # one cold compile per family, 20-60 s each
-@pytest.mark.parametrize("preset", ["v4-tiny", "tiny-v3.2", "tiny-qwen2"])
-def test_compiled_blocks_of_the_other_families_train_like_eager(preset):
+@pytest.mark.parametrize("preset,how", [("tiny", "blocks"), ("v4-tiny", "blocks"), ("tiny-v3.2", "blocks"),
+                                        ("tiny-qwen2", "blocks"), ("tiny-qwen2", "whole")])
+def test_compiled_blocks_and_the_whole_loss_of_each_family_train_like_eager(preset, how):
     from nanoseek import ModelConfig, Transformer
     from nanoseek.infer import compiled
     from nanoseek.train.pretrain import train_step
@@ -108,8 +114,10 @@ def test_compiled_blocks_of_the_other_families_train_like_eager(preset):
     for compile in (False, True):
         torch.manual_seed(0)
         model = Transformer(ModelConfig.preset(preset)).train()
-        if compile:
+        if compile and how == "blocks":
             assert "blocks compiled" in compiled.compile_blocks(model, torch.device("cpu"))
+        elif compile:
+            assert "one graph" in compiled.compile_losses(model, torch.device("cpu"))
         module = TrainModule(model)
         opt = optim.adamw(module, 1e-3, 0.1)
         optim.add_bias_update(opt, optim.ExpertLoads(model, Runtime()), 0.001)
@@ -159,3 +167,34 @@ def test_compiled_mla_takes_explicit_attention_with_sdpas_values(monkeypatch):
     monkeypatch.setattr(mla, "EXPLICIT_SCORES", 0)       # above the bound: SDPA while compiling too (a new trace: dynamo
     compiled(ids, mask=mask)                             # guards on the bound's value)
     assert not calls
+
+
+def test_a_compiled_training_graph_computes_the_rope_angles_once_as_one_op():
+    # inside a training graph RotaryEmbedding's cos / sin are one opaque op (inlined, inductor would recompute them in
+    # every kernel reading them); outside a graph, and in an inference graph (decode), the same plain arithmetic
+    from nanoseek import ModelConfig
+    from nanoseek.model.rope import RotaryEmbedding, cos_sin, rope_angles
+
+    rotary = RotaryEmbedding(ModelConfig.preset("tiny"))
+    positions = torch.arange(12).expand(2, 12)
+    want = cos_sin(positions, rotary.inv_freq, rotary.attention_factor)
+    assert torch.equal(rotary(positions)[0], want[0]) and torch.equal(rotary(positions)[1], want[1])
+    assert all(torch.equal(a, b) for a, b in zip(rope_angles(positions, rotary.inv_freq, rotary.attention_factor), want))
+    torch.library.opcheck(rope_angles, (positions, rotary.inv_freq, rotary.attention_factor))
+
+    def ops_traced(grad: bool) -> set:
+        seen = set()
+
+        def backend(gm, example_inputs):
+            seen.update(str(n.target) for n in gm.graph.nodes if n.op in ("call_function", "call_method"))
+            return gm
+
+        torch._dynamo.reset()
+        with torch.set_grad_enabled(grad):
+            got = torch.compile(rotary, backend=backend, fullgraph=True)(positions)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        return seen
+
+    assert any("rope_angles" in t for t in ops_traced(True))
+    inference = ops_traced(False)                      # negative control: the same trace with the op left out
+    assert not any("rope_angles" in t for t in inference) and any("cos" in t for t in inference)

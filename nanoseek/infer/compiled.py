@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from ..errors import UsageError
-from ..model import cpu_attention, v4
+from ..model import cpu_attention, cpu_cross_entropy, v4
 from ..model.dsa import DSA
 
 # The "auto" rule (Engine(compile="auto")): compile once the decode steps an engine has run plus those in sight
@@ -123,6 +123,25 @@ def compile_blocks(model: torch.nn.Module, device: torch.device) -> str:
     for b in blocks:
         b.compile(dynamic=False)
     return f"--compile: {len(blocks)} blocks compiled (the first step compiles them; inductor cache: " \
+           f"{os.environ['TORCHINDUCTOR_CACHE_DIR']})"
+
+
+def compile_losses(model: torch.nn.Module, device: torch.device) -> str:
+    """torch.compile the whole of `model.losses` in place, forward and backward: embedding, every block, the head and
+    the loss as one graph (nanoGPT's way), with inductor's C++ wrapper on the CPU (the code that allocates buffers and
+    calls kernels is C++, not Python). For one process; DDP / FSDP2 want compile_blocks. On the `cpu` preset's step
+    it is ~1.1x compile_blocks (docs/benchmarks.md, "The whole loss as one graph"): no Python between blocks, and the
+    head and loss inside the graph. Shapes stay static; the first step compiles. Returns a line for the log."""
+    why = unavailable(device)
+    if why:
+        return f"--compile: {why}; training eager"
+    use_disk_cache()
+    if device.type == "cpu":       # the graph calls the CPU kernels (attention, cross-entropy) only if they are built
+        cpu_attention.load()       # before it traces
+        cpu_cross_entropy.load()
+    options = {"cpp_wrapper": True} if device.type == "cpu" else None
+    model.losses = torch.compile(model.losses, fullgraph=True, dynamic=False, options=options)
+    return f"--compile: the whole loss as one graph (the first step compiles it; inductor cache: " \
            f"{os.environ['TORCHINDUCTOR_CACHE_DIR']})"
 
 

@@ -101,8 +101,28 @@ class RotaryEmbedding(nn.Module):
         self.interleave = cfg.rope_interleave
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions[..., None].float() * self.inv_freq  # (B, T, d/2)
-        return freqs.cos() * self.attention_factor, freqs.sin() * self.attention_factor
+        training_graph = torch.compiler.is_compiling() and torch.is_grad_enabled()   # (a decode graph: a few rows)
+        return (rope_angles if training_graph else cos_sin)(positions, self.inv_freq, self.attention_factor)
+
+
+def cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions (B, T) and inverse frequencies (d/2,) -> factor * cos and factor * sin, each (B, T, d/2)."""
+    freqs = positions[..., None].float() * inv_freq  # (B, T, d/2)
+    return freqs.cos() * factor, freqs.sin() * factor
+
+
+# One opaque op inside a compiled training graph. Inlined, inductor recomputes cos and sin in every kernel that reads them (each
+# layer's q and k rotation, forward and backward), in loops that the interleaved rotation keeps scalar: ~4% of the
+# compiled `cpu` preset's training step (docs/benchmarks.md, "The whole loss as one graph").
+@torch.library.custom_op("nanoseek::rope_angles", mutates_args=())
+def rope_angles(positions: torch.Tensor, inv_freq: torch.Tensor, factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return cos_sin(positions, inv_freq, factor)
+
+
+@rope_angles.register_fake
+def _(positions, inv_freq, factor):
+    cos = positions.new_empty((*positions.shape, inv_freq.shape[0]), dtype=torch.float32)
+    return cos, torch.empty_like(cos)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
