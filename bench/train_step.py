@@ -18,8 +18,8 @@ utilisation: flops.flops_per_token (6 x activated parameters + attention, PaLM a
 GPU's dense bf16 peak (flops.PEAK_BF16_FLOPS; none for an unlisted GPU). `--no-transformers`: our step alone
 (no transformers installed, or only the MFU wanted). `--compile`: a third side, our step compiled as `nanoseek
 pretrain --compile` compiles it in one process (the whole loss as one graph, compiled.compile_losses; `--compile
-blocks`: every block its own graph, compiled.compile_blocks, as under torchrun) on a copy of the same weights; its
-compile falls in the uncounted warm-up and is printed. `--processes`: each side in its own Python process holding only its own model
+blocks`: every block its own graph, compiled.compile_blocks, as under torchrun; `--compile both`: a side each) on a
+copy of the same weights; its compile falls in the uncounted warm-up and is printed. `--processes`: each side in its own Python process holding only its own model
 (this script again with a hidden --child), the blocks of steps still alternating: checks that sharing one process
 (its allocator, caches and three models) does not favour a side.
 """
@@ -47,10 +47,10 @@ def parse_args():
     ap.add_argument("--mtp", action="store_true", help="also time our step with the MTP module and loss on")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where both steps run (cuda: bf16 "
                     "autocast, as nanoseek pretrain trains on a GPU)")
-    ap.add_argument("--compile", nargs="?", const="whole", default="", choices=["whole", "blocks"],
+    ap.add_argument("--compile", nargs="?", const="whole", default="", choices=["whole", "blocks", "both"],
                     help="also time our step compiled: whole (default) = the whole loss as one graph, as nanoseek "
                     "pretrain --compile in one process (compiled.compile_losses); blocks = every block its own graph, "
-                    "as under torchrun (compiled.compile_blocks)")
+                    "as under torchrun (compiled.compile_blocks); both = a side each")
     ap.add_argument("--no-transformers", action="store_true", help="time our step only (no comparison)")
     ap.add_argument("--peak-tflops", type=float, default=0.0, help="MFU against this peak (TFLOP/s) instead of the "
                     "GPU's listed bf16 peak; on the CPU the MFU line is printed only with it")
@@ -70,7 +70,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
     names = ["nanoseek"] + ["transformers"] * (not args.no_transformers) + ["nanoseek+MTP"] * args.mtp \
-        + ["nanoseek compiled"] * bool(args.compile)
+        + ["nanoseek compiled"] * (args.compile in ("whole", "both")) \
+        + ["nanoseek blocks"] * (args.compile in ("blocks", "both"))
     hf_version = "not used" if args.no_transformers else __import__("transformers").__version__
     if args.child:
         serve_side(args, dev)
@@ -144,16 +145,16 @@ def make_sides(args, dev: torch.device, names: list[str], say=print) -> dict:
         elif name == "nanoseek+MTP":
             torch.manual_seed(0)
             sides[name] = ours_step(ns.Transformer(ns.ModelConfig.preset(args.preset)).train().to(dev), 0.3)
-        elif name == "nanoseek compiled":
+        elif name in ("nanoseek compiled", "nanoseek blocks"):
             import copy
 
             from nanoseek.infer.compiled import compile_blocks, compile_losses
             m3 = copy.deepcopy(ours)
-            say((compile_losses if args.compile == "whole" else compile_blocks)(m3, dev))
+            say((compile_losses if name == "nanoseek compiled" else compile_blocks)(m3, dev))
             sides[name] = ours_step(m3)
             t0 = time.perf_counter()
             sides[name]()                      # the first step compiles (inductor's disk cache may shorten it)
-            say(f"compiled ({args.compile}): first step {time.perf_counter() - t0:.1f} s")
+            say(f"{name}: first step {time.perf_counter() - t0:.1f} s")
     return sides
 
 
@@ -238,8 +239,9 @@ def report(args, cfg, times: dict[str, list[float]], dev: torch.device, hf_versi
         print(f"  {k:<17} {tokens / v:10,.0f} tokens/s  (median step {1000 * v:7.1f} ms over {len(times[k])})")
     if "transformers" in med:
         print(f"ratio nanoseek / transformers: {med['transformers'] / med['nanoseek']:.2f}x training tokens/s")
-        if "nanoseek compiled" in med:
-            print(f"ratio nanoseek compiled / transformers: {med['transformers'] / med['nanoseek compiled']:.2f}x")
+        for k in ("nanoseek compiled", "nanoseek blocks"):
+            if k in med:
+                print(f"ratio {k} / transformers: {med['transformers'] / med[k]:.2f}x")
     if cuda or args.peak_tflops:
         report_mfu(cfg, args.seq, {k: tokens / v for k, v in med.items()}, dev, args.preset, args.peak_tflops)
 
