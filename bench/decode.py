@@ -15,12 +15,13 @@ streamer whose put() marks each step, the engine by its steps (the first step is
 batch * (new_tokens - 1) / decode time, best of --repeat interleaved runs; the ratio is engine / transformers.
 Each repetition notes the machine's load average (os.getloadavg, 1 minute).
 
-`--roofline`: the memory-bandwidth bound of batch-1 decode, measured in the same run. Bandwidth: the best of
-several single-thread sums over a float32 array far larger than the caches (torch and numpy), read at the start,
-before every repetition and at the end, and sustained over 1.5 s (a repetition's span); shares of each side's best
-run against the highest sustained and the highest single-sum readings (the strictest), and step by step: one more
-decode per side in which every step is followed by a sum over the same bytes, the median of sum time / step time
-(the same moment, like for like). Bytes per token:
+`--roofline`: the memory-bandwidth bound of batch-1 decode, measured in the same run. Bandwidth: the fastest
+single-thread read of a float32 array far larger than the caches, by every reader (torch's and numpy's sum, and a
+small probe kernel reading 1, 2, 4 or 8 far-apart streams at once: on some CPUs one stream reads well below what a
+core can pull), read at the start, before every repetition and at the end, and sustained over 1.5 s (a repetition's
+span) by the fastest reader; shares of each side's best run against the highest sustained and the highest single
+readings (the strictest), and step by step: one more decode per side in which every step is followed by a read of
+the same bytes, the median of read time / step time (the same moment, like for like). Bytes per token:
 every weight once (the embedding table counts one row unless tied to the head) plus the K/V (or latent) cache
 read at the mean decode context. Our side serves as `nanoseek serve` does: weights in decode_layout
 (--training-layout keeps nn.Linear's). Roofline tokens/s = bandwidth / bytes per token. `--profile`: torch profiler
@@ -121,8 +122,8 @@ def engine_decode_time(engine, prompts, n, profiler=None):
 
 
 def engine_step_shares(engine, prompts, n, buf) -> list[float]:
-    """One greedy decode of the prompts; after each decode step a sum over buf (as many bytes as a token reads):
-    sum time / step time per step, that step's share of the roofline at that moment."""
+    """One greedy decode of the prompts; after each decode step a read of buf (as many bytes as a token reads, by the
+    fastest reader): read time / step time per step, that step's share of the roofline at that moment."""
     import nanoseek as ns
     engine.reset_prefix_cache()
     for p in prompts.tolist():
@@ -133,14 +134,14 @@ def engine_step_shares(engine, prompts, n, buf) -> list[float]:
         t0 = time.perf_counter()
         engine.step()
         t1 = time.perf_counter()
-        buf.sum()
+        read(buf)
         shares.append((time.perf_counter() - t1) / (t1 - t0))
     return shares
 
 
 class PairedClock:
-    """A transformers streamer that runs a sum over buf after each step and keeps sum time / step time (the first
-    put is the prompt, the second ends the prefill: neither is a decode step)."""
+    """A transformers streamer that reads buf after each step and keeps read time / step time (the first put is the
+    prompt, the second ends the prefill: neither is a decode step)."""
 
     def __init__(self, buf):
         self.buf, self.puts, self.last, self.shares = buf, 0, 0.0, []
@@ -149,7 +150,7 @@ class PairedClock:
         t = time.perf_counter()
         self.puts += 1
         if self.puts > 2:
-            self.buf.sum()
+            read(self.buf)
             self.shares.append((time.perf_counter() - t) / (t - self.last))
         self.last = time.perf_counter()
 
@@ -165,31 +166,97 @@ def hf_step_shares(hf, prompts, n, buf) -> list[float]:
     return clock.shares
 
 
+# The roofline's reader: the fastest way one core reads a large array. A torch / numpy `sum` is one sequential stream;
+# on some CPUs (this session's Intel Xeon: ~11 GB/s by `sum`) one stream is held by the core's outstanding misses and
+# a loop over several far-apart streams reads faster, so a reader that beats `sum` (as the gemv kernel's two
+# streams do) would otherwise count above 100%. read_streams(x, S): S equal parts of x summed side by side, 16
+# floats a load. Built once per machine like the kernels (model/gemv.build); without it, `sum` alone.
+PROBE = r"""
+#include <torch/extension.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+template <int S>
+static double streams(const float* x, int64_t part) {
+  double total = 0;
+#if defined(__AVX512F__)
+  __m512 acc[S];
+  for (int s = 0; s < S; ++s) acc[s] = _mm512_setzero_ps();
+  for (int64_t i = 0; i + 16 <= part; i += 16)
+    for (int s = 0; s < S; ++s) acc[s] = _mm512_add_ps(acc[s], _mm512_loadu_ps(x + s * part + i));
+  for (int s = 0; s < S; ++s) total += _mm512_reduce_add_ps(acc[s]);
+#else
+  float acc[S][16] = {};
+  for (int64_t i = 0; i + 16 <= part; i += 16)
+    for (int s = 0; s < S; ++s)
+#pragma omp simd
+      for (int k = 0; k < 16; ++k) acc[s][k] += x[s * part + i + k];
+  for (int s = 0; s < S; ++s)
+    for (int k = 0; k < 16; ++k) total += acc[s][k];
+#endif
+  return total;
+}
+
+double read_streams(torch::Tensor x, int64_t s) {
+  TORCH_CHECK(x.is_contiguous() && x.scalar_type() == at::kFloat, "read_streams: a contiguous float32 tensor");
+  const float* p = x.data_ptr<float>();
+  const int64_t part = x.numel() / s;
+  switch (s) {
+    case 1: return streams<1>(p, part);
+    case 2: return streams<2>(p, part);
+    case 4: return streams<4>(p, part);
+    case 8: return streams<8>(p, part);
+  }
+  TORCH_CHECK(false, "read_streams: 1, 2, 4 or 8 streams");
+}
+"""
+_reader: dict = {}      # "name", "fn": the fastest reader, chosen by the first read_bandwidth(); "ways": GB/s of each
+
+
+def readers() -> dict:
+    """Each way of reading an array end to end on one core: name -> fn(x)."""
+    from nanoseek.model import gemv
+    ways = {"torch sum": lambda x: x.sum(), "numpy sum": lambda x: x.numpy().sum()}
+    lib = gemv.build("nanoseek_read_probe", PROBE, ["read_streams"], "read-bandwidth probe", {},
+                     instead="torch's and numpy's sum")
+    for n in (1, 2, 4, 8) if lib is not None else ():
+        ways[f"{n} stream{'s' * (n > 1)}"] = lambda x, n=n: lib.read_streams(x, n)
+    return ways
+
+
+def read(x: torch.Tensor) -> None:
+    """Read x once with the fastest reader (read_bandwidth chooses it; `sum` before)."""
+    _reader.get("fn", torch.sum)(x)
+
+
 def read_bandwidth(gib: float = 1.0, repeat: int = 5) -> tuple[float, float]:
-    """Single-thread read bandwidth in bytes/s: best of `repeat` sums over a float32 array of `gib` GiB (torch,
-    numpy), far larger than any cache. Returns (best, torch's best)."""
+    """Single-thread read bandwidth in bytes/s: best of `repeat` reads of a float32 array of `gib` GiB, far larger than
+    any cache, by every reader (sums and 1-8 streams). Returns (best, torch sum's best). The first call chooses
+    the fastest reader for sustained_bandwidth and the step-by-step shares."""
     x = torch.ones(int(gib * 2**30) // 4)
-    a = x.numpy()
-    best_t = best_n = 0.0
+    ways = readers()
+    best = dict.fromkeys(ways, 0.0)
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        x.sum()
-        best_t = max(best_t, x.numel() * 4 / (time.perf_counter() - t0))
-        t0 = time.perf_counter()
-        a.sum()
-        best_n = max(best_n, a.size * 4 / (time.perf_counter() - t0))
-    return max(best_t, best_n), best_t
+        for name, fn in ways.items():
+            t0 = time.perf_counter()
+            fn(x)
+            best[name] = max(best[name], x.numel() * 4 / (time.perf_counter() - t0))
+    if "fn" not in _reader:
+        name = max(best, key=best.get)
+        _reader.update(name=name, fn=ways[name], ways=best)
+    return max(best.values()), best["torch sum"]
 
 
 def sustained_bandwidth(seconds: float = 1.5, gib: float = 1.0) -> float:
-    """Single-thread read bandwidth in bytes/s sustained over `seconds` (back-to-back sums over `gib` GiB): the same
-    span as one timed decode repetition, so that both average over the machine's moments alike (a best single
-    sum catches its quietest ~30 ms)."""
+    """Single-thread read bandwidth in bytes/s sustained over `seconds` (back-to-back reads of `gib` GiB by the fastest
+    reader): the same span as one timed decode repetition, so that both average over the machine's moments alike
+    (a best single read catches its quietest ~30 ms)."""
     x = torch.ones(int(gib * 2**30) // 4)
-    x.sum()
+    read(x)
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
-        x.sum()
+        read(x)
         n += 1
     return n * x.numel() * 4 / (time.perf_counter() - t0)
 
@@ -245,7 +312,7 @@ def measure(model, hf, P: int, B: int, args, V: int):
         times["transformers"].append(hf_decode_time(hf, prompts, n))
     loads.append(load1())
     shares = {}
-    if roof:     # each decode step against a sum over the same bytes right after it (the same moment)
+    if roof:     # each decode step against a read of the same bytes right after it (the same moment)
         buf = torch.ones(int(bytes_per_token(model, P + n / 2)) // 4)
         shares = {k: engine_step_shares(engine, prompts, n, buf) for k, engine in engines.items()}
         shares["transformers"] = hf_step_shares(hf, prompts, n, buf)
@@ -316,8 +383,9 @@ def main(argv=None):
           + (f" device={torch.cuda.get_device_name()} dtype={args.dtype}" if args.device == "cuda" else ""))
     bw = read_bandwidth() if args.roofline else None
     if bw:
-        print(f"read bandwidth (1 thread, sum over 1 GiB): {bw[0] / 1e9:.2f} GB/s (torch {bw[1] / 1e9:.2f} GB/s), "
-              f"load={load1():.2f}")
+        print(f"read bandwidth (1 thread, 1 GiB): {bw[0] / 1e9:.2f} GB/s by {_reader['name']} (torch sum "
+              f"{bw[1] / 1e9:.2f} GB/s; " + ", ".join(f"{k} {v / 1e9:.2f}" for k, v in _reader["ways"].items())
+              + f"), load={load1():.2f}")
     extra = f" {'compiled tok/s':>15} {'ratio':>6}" if args.compile else ""
     print(f"{'prompt':>6} {'batch':>5} {'engine tok/s':>13} {'transformers tok/s':>19} {'ratio':>6}{extra}")
     rows = []
@@ -341,9 +409,9 @@ def main(argv=None):
 
 def report_roofline(model, context: float, tps: dict, start_bw: float, bws: list, shares: dict) -> None:
     """Shares of the roofline (bytes per token / bandwidth), two ways. (1) Each side's best tokens/s against the
-    highest bandwidth read during the run, sustained over 1.5 s and as a best single ~30 ms sum (before every
+    highest bandwidth read during the run, sustained over 1.5 s and as a best single ~30 ms read (before every
     repetition, at the start, now): the strictest bounds, since on this shared machine the bandwidth moves by
-    10-15% from minute to minute. (2) Step by step: each decode step against a sum over the same bytes run right
+    10-15% from minute to minute. (2) Step by step: each decode step against a read of the same bytes run right
     after it (shares[side], one ratio per step), the median: the same moment, like for like."""
     nbytes = bytes_per_token(model, context)
     peaks, sustained = [start_bw, read_bandwidth(repeat=3)[0], *(p for p, _ in bws)], [s for _, s in bws]
@@ -356,7 +424,7 @@ def report_roofline(model, context: float, tps: dict, start_bw: float, bws: list
               f"{min(readings) / 1e9:.2f}) -> {bw / nbytes:.2f} tok/s; {told}", flush=True)
     told = ", ".join(f"{k} {100 * statistics.median(v):.0f}% (quartiles {100 * statistics.quantiles(v)[0]:.0f}-"
                      f"{100 * statistics.quantiles(v)[2]:.0f}%)" for k, v in shares.items())
-    print(f"       step by step, each step against a sum over the same bytes right after it (median of "
+    print(f"       step by step, each step against a read of the same bytes right after it (median of "
           f"{len(next(iter(shares.values())))} steps): {told}", flush=True)
 
 
