@@ -168,7 +168,7 @@ def hf_step_shares(hf, prompts, n, buf) -> list[float]:
 
 # The roofline's reader: the fastest way one core reads a large array. A torch / numpy `sum` is one sequential stream;
 # on some CPUs (this session's Intel Xeon: ~11 GB/s by `sum`) one stream is held by the core's outstanding misses and
-# a loop over several far-apart streams reads faster, so a reader that beats `sum` (as the gemv kernel's two
+# a loop over several far-apart streams reads faster, so a reader that beats `sum` (as the gemv kernel's
 # streams do) would otherwise count above 100%. read_streams(x, S): S equal parts of x summed side by side, 16
 # floats a load. Built once per machine like the kernels (model/gemv.build); without it, `sum` alone.
 PROBE = r"""
@@ -211,18 +211,20 @@ double read_streams(torch::Tensor x, int64_t s) {
   TORCH_CHECK(false, "read_streams: 1, 2, 4 or 8 streams");
 }
 """
-_reader: dict = {}      # "name", "fn": the fastest reader, chosen by the first read_bandwidth(); "ways": GB/s of each
+_reader: dict = {}   # "all": the readers; "name", "fn": the fastest, chosen by the first read_bandwidth(); "ways": GB/s
 
 
 def readers() -> dict:
-    """Each way of reading an array end to end on one core: name -> fn(x)."""
-    from nanoseek.model import gemv
-    ways = {"torch sum": lambda x: x.sum(), "numpy sum": lambda x: x.numpy().sum()}
-    lib = gemv.build("nanoseek_read_probe", PROBE, ["read_streams"], "read-bandwidth probe", {},
-                     instead="torch's and numpy's sum")
-    for n in (1, 2, 4, 8) if lib is not None else ():
-        ways[f"{n} stream{'s' * (n > 1)}"] = lambda x, n=n: lib.read_streams(x, n)
-    return ways
+    """Each way of reading an array end to end on one core: name -> fn(x) (the probe built or loaded once)."""
+    if "all" not in _reader:
+        from nanoseek.model import gemv
+        ways = {"torch sum": lambda x: x.sum(), "numpy sum": lambda x: x.numpy().sum()}
+        lib = gemv.build("nanoseek_read_probe", PROBE, ["read_streams"], "read-bandwidth probe", {},
+                         instead="torch's and numpy's sum")
+        for n in (1, 2, 4, 8) if lib is not None else ():
+            ways[f"{n} stream{'s' * (n > 1)}"] = lambda x, n=n: lib.read_streams(x, n)
+        _reader["all"] = ways
+    return _reader["all"]
 
 
 def read(x: torch.Tensor) -> None:
