@@ -58,6 +58,20 @@ def test_without_a_compiler_training_stays_eager_and_says_why(monkeypatch):
     assert "losses" not in vars(model)                                   # the class's own losses, not a compiled one
 
 
+def test_deepseek_v4_compiles_block_by_block_where_a_whole_graph_would_break():
+    # V4's MTP reads the residual streams through hooks registered in each forward: compile_losses compiles its
+    # blocks instead (nothing compiles until the first step), and says so; a V3 model gets the whole loss
+    from nanoseek import ModelConfig, Transformer
+    from nanoseek.infer import compiled
+
+    v4 = Transformer(ModelConfig.preset("v4-tiny"))
+    assert "block by block" in compiled.compile_losses(v4, torch.device("cpu"))
+    assert "losses" not in vars(v4) and all(b._compiled_call_impl is not None for b in v4.layers)
+    v3 = Transformer(ModelConfig.preset("tiny"))
+    assert "one graph" in compiled.compile_losses(v3, torch.device("cpu"))
+    assert "losses" in vars(v3) and all(b._compiled_call_impl is None for b in v3.layers)
+
+
 def test_compiled_grouped_mm_has_the_kernels_values_gradients_and_shape_function():
     g = torch.Generator().manual_seed(0)
     E, S, d_in, d_out = 3, 12, 8, 4

@@ -131,10 +131,13 @@ def compile_losses(model: torch.nn.Module, device: torch.device) -> str:
     the loss as one graph (nanoGPT's way), with inductor's C++ wrapper on the CPU (the code that allocates buffers and
     calls kernels is C++, not Python). For one process; DDP / FSDP2 want compile_blocks. On the `cpu` preset's step
     it is ~1.1x compile_blocks (docs/benchmarks.md, "The whole loss as one graph"): no Python between blocks, and the
-    head and loss inside the graph. Shapes stay static; the first step compiles. Returns a line for the log."""
+    head and loss inside the graph. Shapes stay static; the first step compiles. Returns a line for the log.
+    deepseek_v4 goes block by block (its MTP reads the streams through hooks registered in each forward)."""
     why = unavailable(device)
     if why:
         return f"--compile: {why}; training eager"
+    if model.cfg.model_type == "deepseek_v4":
+        return compile_blocks(model, device) + " (deepseek_v4: block by block, its MTP hooks cut a whole graph)"
     use_disk_cache()
     if device.type == "cpu":       # the graph calls the CPU kernels (attention, cross-entropy) only if they are built
         cpu_attention.load()       # before it traces

@@ -71,8 +71,7 @@ class PretrainConfig:
     balance_alpha: float = 0.0001     # V3's sequence-wise balance loss weight alpha (the config's aux_loss_alpha)
     mtp_lambda: float = 0.3           # V3: 0.3 for the first 10T tokens, 0.1 after
     fsdp: bool = False                # FSDP2 fully_shard instead of DDP (under torchrun)
-    compile: bool = False             # torch.compile the step's forward + backward (infer/compiled.compile_losses,
-                                      # compile_blocks under torchrun or DSA; in the first step)
+    compile: bool = False             # torch.compile forward + backward (compiled.compile_losses / compile_blocks)
     tokenizer: str | None = None      # a tokenizer folder; None: train one on the data (vocab_size of the model)
     vocab_size: int | None = None     # override the preset's vocab_size (and the trained tokenizer's)
     corpus_docs: int = 4000           # documents of the embedded corpus when data is None
@@ -188,11 +187,8 @@ def train_step(module, optimizer, micro_batches, *, mtp_lambda: float, grad_clip
             (total / n).backward()
         out |= logs
         sums = sums + torch.stack(list(out.values())).detach().float()
-    if dsa == "sparse":
-        apart = [[p for name, p in module.named_parameters() if (".indexer." in name) == indexer] for indexer in (False, True)]
-        grad_norm = [optim.clip_grad(ps, grad_clip) for ps in apart][0]
-    else:
-        grad_norm = optim.clip_grad(module.parameters(), grad_clip)
+    apart = dsa == "sparse" and [[p for n, p in module.named_parameters() if (".indexer." in n) == ix] for ix in (0, 1)]
+    grad_norm = [optim.clip_grad(ps, grad_clip) for ps in (apart or [module.parameters()])][0]   # (names: DSA only)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return {**dict(zip(out, rt.all_reduce(sums / n, "mean").tolist())), "grad_norm": grad_norm}
@@ -214,10 +210,8 @@ def pretrain(cfg: PretrainConfig) -> Path:
         dsa = cfg.dsa or ("sparse" if mcfg.dsa else None)
         for name, p in model.named_parameters():   # frozen: no gradient, no optimizer state
             p.requires_grad_(trains(name, dsa))
-        if cfg.compile:   # one process: the whole loss as one graph; block by block under DDP / FSDP2, with DSA's
-            # records, and for deepseek_v4 (its MTP reads the streams through hooks registered in each forward)
-            whole = not rt.distributed and dsa is None and mcfg.model_type != "deepseek_v4"
-            run.print(f"[pretrain] {(compile_losses if whole else compile_blocks)(model, rt.device)}")
+        if cfg.compile:   # one process: the whole loss as one graph; block by block under DDP / FSDP2 and with DSA
+            run.print(f"[pretrain] {(compile_blocks if rt.distributed or dsa else compile_losses)(model, rt.device)}")
         module = runtime.parallelize(TrainModule(model), rt, cfg.fsdp, blocks=[*model.layers, *model.mtp])
         opt = optim.build(cfg.optimizer, module, cfg.lr, cfg.weight_decay)
         loads = optim.ExpertLoads(model, rt)
