@@ -19,9 +19,9 @@ GPU's dense bf16 peak (flops.PEAK_BF16_FLOPS; none for an unlisted GPU). `--no-t
 (no transformers installed, or only the MFU wanted). `--compile`: a third side, our step compiled as `nanoseek
 pretrain --compile` compiles it in one process (the whole loss as one graph, compiled.compile_losses; `--compile
 blocks`: every block its own graph, compiled.compile_blocks, as under torchrun; `--compile both`: a side each) on a
-copy of the same weights; its compile falls in the uncounted warm-up and is printed. `--processes`: each side in its own Python process holding only its own model
-(this script again with a hidden --child), the blocks of steps still alternating: checks that sharing one process
-(its allocator, caches and three models) does not favour a side.
+copy of the same weights; its compile falls in the uncounted warm-up and is printed. `--processes`: each side in
+its own Python process holding only its own model (this script again with a hidden --child), the blocks of steps
+still alternating: checks that sharing one process (its allocator, caches and three models) does not favour a side.
 """
 
 from __future__ import annotations

@@ -111,9 +111,9 @@ def cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, factor: float) -> t
     return freqs.cos() * factor, freqs.sin() * factor
 
 
-# One opaque op inside a compiled training graph. Inlined, inductor recomputes cos and sin in every kernel that reads them (each
-# layer's q and k rotation, forward and backward), in loops that the interleaved rotation keeps scalar: ~4% of the
-# compiled `cpu` preset's training step (docs/benchmarks.md, "The whole loss as one graph").
+# One opaque op inside a compiled training graph. Inlined, inductor recomputes cos and sin in every kernel that reads
+# them (each layer's q and k rotation, forward and backward), in loops that the interleaved rotation keeps scalar:
+# ~4% of the compiled `cpu` preset's training step (docs/benchmarks.md, "The whole loss as one graph").
 @torch.library.custom_op("nanoseek::rope_angles", mutates_args=())
 def rope_angles(positions: torch.Tensor, inv_freq: torch.Tensor, factor: float) -> tuple[torch.Tensor, torch.Tensor]:
     return cos_sin(positions, inv_freq, factor)
