@@ -106,6 +106,18 @@ def use_disk_cache() -> str:
     return os.environ["TORCHINDUCTOR_CACHE_DIR"]
 
 
+def prepare_training_graphs(device: torch.device) -> str | None:
+    """Why training graphs cannot be compiled here, or None once the disk cache is set and, on the CPU, the training
+    kernels (attention, cross-entropy: one extension) are built: a graph calls them only if they exist as it traces."""
+    why = unavailable(device)
+    if not why:
+        use_disk_cache()
+        if device.type == "cpu":
+            cpu_attention.load()
+            cpu_cross_entropy.load()
+    return why
+
+
 def compile_blocks(model: torch.nn.Module, device: torch.device) -> str:
     """torch.compile every transformer block of `model` in place (main layers and MTP blocks), torchtitan's way:
     per block, before DDP / FSDP2 wrap them, so a graph holds one layer's forward and backward and is compiled once
@@ -113,12 +125,9 @@ def compile_blocks(model: torch.nn.Module, device: torch.device) -> str:
     Shapes stay static (a pretraining run's batch never changes shape). Returns a line for the log; without a
     compiler the blocks stay eager and the line says why. The model itself is unchanged (same parameters, same
     state_dict names: a compiled block keeps its module, only its call goes through the graph)."""
-    why = unavailable(device)
+    why = prepare_training_graphs(device)
     if why:
         return f"--compile: {why}; training eager"
-    use_disk_cache()
-    if device.type == "cpu":     # the graphs call the attention kernel (model/cpu_attention.py) only if it is
-        cpu_attention.load()     # built before they trace
     blocks = [*model.layers, *getattr(model, "mtp", [])]
     for b in blocks:
         b.compile(dynamic=False)
@@ -133,15 +142,11 @@ def compile_losses(model: torch.nn.Module, device: torch.device) -> str:
     it is ~1.1x compile_blocks (docs/benchmarks.md, "The whole loss as one graph"): no Python between blocks, and the
     head and loss inside the graph. Shapes stay static; the first step compiles. Returns a line for the log.
     deepseek_v4 goes block by block (its MTP reads the streams through hooks registered in each forward)."""
-    why = unavailable(device)
-    if why:
-        return f"--compile: {why}; training eager"
     if model.cfg.model_type == "deepseek_v4":
         return compile_blocks(model, device) + " (deepseek_v4: block by block, its MTP hooks cut a whole graph)"
-    use_disk_cache()
-    if device.type == "cpu":       # the graph calls the CPU kernels (attention, cross-entropy) only if they are built
-        cpu_attention.load()       # before it traces
-        cpu_cross_entropy.load()
+    why = prepare_training_graphs(device)
+    if why:
+        return f"--compile: {why}; training eager"
     options = {"cpp_wrapper": True} if device.type == "cpu" else None
     model.losses = torch.compile(model.losses, fullgraph=True, dynamic=False, options=options)
     return f"--compile: the whole loss as one graph (the first step compiles it; inductor cache: " \
